@@ -1,0 +1,232 @@
+"""TrainConfig: the one schema behind the MCP tool input, the CLI config file and a run's saved config.json.
+
+Every model rejects unknown keys and names the accepted ones, so a typo never becomes a silent default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lmtuner_core.errors import LmtunerError, format_validation_error
+from lmtuner_core.methods import METHOD_NAMES, default_learning_rate
+
+Method = Literal["full", "freeze", "lora", "dora", "qlora", "lora-8bit", "lomo", "adalomo"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+DatasetFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text"]
+RopeType = Literal["linear", "dynamic", "ntk", "yarn", "llama3", "xpos"]
+Tracker = Literal["wandb", "tensorboard"]
+
+assert set(METHOD_NAMES) == set(Method.__args__), "methods.py and the Method literal must list the same methods"
+
+
+class StrictModel(BaseModel):
+    """Rejects unknown keys with the list of accepted ones (pydantic alone only says 'extra inputs')."""
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            accepted = list(cls.model_fields)
+            for key in data:
+                if key not in cls.model_fields:
+                    close = difflib.get_close_matches(str(key), accepted, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise ValueError(f"unknown key {key!r}{hint}; accepted keys: {', '.join(accepted)}")
+        return data
+
+
+class LoraSettings(StrictModel):
+    """Adapter shape for the LoRA family (lora, dora, qlora, lora-8bit)."""
+
+    r: int = Field(16, ge=1, le=1024, description="Rank of the update matrices. Example: 16. Larger = more capacity.")
+    alpha: int = Field(32, ge=1, le=4096, description="Scaling numerator (update scaled by alpha/r). Example: 32.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input. Example: 0.05.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Module names to adapt, e.g. ['q_proj', 'v_proj'], or 'all-linear' (every linear layer but the "
+        "output head; usually best).",
+    )
+
+
+class DeepSpeedSettings(StrictModel):
+    """ZeRO partitioning for several GPUs or for offloading to CPU memory."""
+
+    stage: int = Field(2, ge=0, le=3, description="ZeRO stage 0-3. Example: 2 (optimizer + gradients sharded).")
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory.")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (stage 3 only).")
+    config_file: str | None = Field(None, description="Your own DeepSpeed JSON, used instead of the generated one.")
+
+    @model_validator(mode="after")
+    def _params_offload_needs_stage3(self) -> DeepSpeedSettings:
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params needs stage 3; set stage: 3 or offload_params: false")
+        return self
+
+
+class RopeScaling(StrictModel):
+    """Extend the context window beyond what the model was trained on."""
+
+    type: RopeType = Field(description="Scaling method. Example: 'yarn'.")
+    factor: float = Field(gt=1.0, le=64.0, description="New context / trained context. Example: 4.0.")
+
+
+class DatasetSpec(StrictModel):
+    """Where the training data is and how to read it."""
+
+    path: str | None = Field(
+        None,
+        description="A .json/.jsonl/.csv/.parquet file or a folder of them. Example: 'data/train.jsonl'.",
+    )
+    name: str | None = Field(
+        None,
+        description="Name of an entry in a LLaMA-Factory dataset_info.json (instead of path). Example: "
+        "'alpaca_en_demo'.",
+    )
+    dataset_dir: str | None = Field(
+        None, description="Folder holding dataset_info.json, with `name`. Default: ./data, then the working dir."
+    )
+    format: DatasetFormat = Field(
+        "auto",
+        description="alpaca (instruction/input/output), sharegpt (conversations with from/value), messages "
+        "(OpenAI role/content), text (plain text, loss on every token), or auto (detected from the rows).",
+    )
+    columns: dict[str, str] | None = Field(
+        None,
+        description="Column mapping as in LLaMA-Factory: {'prompt': 'question', 'response': 'answer'}; keys: "
+        "prompt, query, response, system, history, messages, tools, text.",
+    )
+    eval_fraction: float = Field(0.0, ge=0.0, le=0.5, description="Share of rows held out for eval loss. Example: 0.05.")
+    max_rows: int | None = Field(None, ge=1, description="Use only the first N rows (for quick trials).")
+    skip_bad_rows: bool = Field(
+        False, description="Skip and count malformed rows instead of failing. Default: fail, naming the row."
+    )
+
+    @model_validator(mode="after")
+    def _path_or_name(self) -> DatasetSpec:
+        if (self.path is None) == (self.name is None):
+            raise ValueError("give exactly one of `path` (a data file) or `name` (a dataset_info.json entry)")
+        return self
+
+
+class TrainConfig(StrictModel):
+    """A complete fine-tuning job. Only `model` and `dataset` are required; the rest have practitioners' defaults."""
+
+    model: str = Field(
+        description="Local model folder (containing config.json) or Hugging Face hub id. Example: "
+        "'Qwen/Qwen2.5-0.5B-Instruct' or './models/tiny'.",
+        min_length=1,
+        max_length=4096,
+    )
+    dataset: DatasetSpec = Field(
+        description="Path to a data file (format detected), a dataset_info.json entry name, or an object. Example: "
+        "'data/train.jsonl' or {'path': 'data/train.jsonl', 'format': 'alpaca', 'eval_fraction': 0.05}."
+    )
+    method: Method = Field(
+        "lora",
+        description="full (all weights), freeze (last layers only), lora, dora, qlora (4-bit base + LoRA), "
+        "lora-8bit, lomo, adalomo. Example: 'lora'.",
+    )
+    output_dir: str | None = Field(
+        None, description="Where the final adapter/model is written. Default: $LMTUNER_HOME/runs/<job_id>/final."
+    )
+    num_epochs: float = Field(3.0, gt=0, le=1000, description="Passes over the data. Example: 3.")
+    max_steps: int | None = Field(
+        None, ge=1, le=10_000_000, description="Stop after this many optimizer steps; overrides num_epochs."
+    )
+    learning_rate: float | None = Field(
+        None, gt=0, le=1.0, description="Peak learning rate. Default by method: 2e-4 LoRA family, 2e-5 full."
+    )
+    batch_size: int = Field(4, ge=1, le=4096, description="Rows per device per step. Example: 4.")
+    gradient_accumulation_steps: int = Field(
+        4, ge=1, le=4096, description="Steps summed before each update; effective batch = batch_size × this × GPUs."
+    )
+    max_seq_len: int = Field(1024, ge=16, le=1_048_576, description="Rows are cut to this many tokens. Example: 2048.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA shape (LoRA-family methods).")
+    freeze_trainable_layers: int = Field(
+        2, ge=1, le=1000, description="With method 'freeze': how many of the last transformer layers train."
+    )
+    precision: Precision = Field("auto", description="auto = bf16 on GPUs that support it, else fp16; fp32 on CPU.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, ~30% slower."
+    )
+    deepspeed: DeepSpeedSettings | None = Field(None, description="ZeRO settings; omit for plain data parallel.")
+    rope_scaling: RopeScaling | None = Field(None, description="Context extension, e.g. {'type': 'yarn', 'factor': 4}.")
+    report_to: list[Tracker] = Field(default_factory=list, description="Experiment trackers: 'wandb', 'tensorboard'.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed for init, shuffling and dropout.")
+    resume_from: str | None = Field(None, description="A checkpoint folder to continue from.")
+    warmup_ratio: float = Field(0.03, ge=0.0, le=0.5, description="Share of steps spent warming up the LR.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0.0, le=1000.0, description="Gradient clipping norm.")
+    logging_steps: int | None = Field(
+        None, ge=1, le=100_000, description="Log loss every N steps. Default: about 20 points per run, at most 10."
+    )
+    save_steps: int = Field(500, ge=1, le=10_000_000, description="Checkpoint every N steps (and at the end).")
+    save_total_limit: int = Field(2, ge=1, le=1000, description="Checkpoints kept; older ones are deleted.")
+    assistant_only_loss: bool = Field(
+        True, description="For chat data, learn only the assistant's turns (not the prompts)."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the model folder/hub (only if trusted).")
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _dataset_shorthand(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_shorthand(cls, value: Any) -> Any:
+        if value is None or value == "none":
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _fill_method_defaults(self) -> TrainConfig:
+        if self.learning_rate is None:
+            # object.__setattr__: validate_assignment would re-enter this validator.
+            object.__setattr__(self, "learning_rate", default_learning_rate(self.method))
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+def parse_train_config(data: Any, *, source: str = "config") -> TrainConfig:
+    """Validates a dict (tool input, CLI file, config.json) into TrainConfig, or raises LmtunerError."""
+    if not isinstance(data, dict):
+        raise LmtunerError(f"{source} must be an object with keys such as model, dataset, method; got {type(data)}")
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise LmtunerError(f"invalid {source}: {format_validation_error(exc)}") from None
+
+
+def load_train_config_file(path: str | Path) -> TrainConfig:
+    """Reads a JSON or YAML config file (as written by `lmtuner propose` or by hand)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise LmtunerError(f"cannot read config file {path}: {exc.strerror}") from None
+    if path.suffix in {".yaml", ".yml"}:
+        import yaml  # only scripts with YAML configs pay for the import
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise LmtunerError(f"config file {path} is not valid YAML: {exc}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LmtunerError(f"config file {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    return parse_train_config(data, source=f"config file {path}")

@@ -1,0 +1,567 @@
+"""Training data: find it, read it, check every row, and turn it into chat messages or plain text.
+
+Reading and checking are plain Python (no torch, no `datasets`) so the server can refuse a broken file before
+spawning a job, and so a bad row is reported by its line number — `datasets`' JSON loader reports neither.
+Tokenization (`tokenize_examples`) runs in the training child and builds a `datasets.Dataset`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmtuner_core.config import DatasetSpec
+from lmtuner_core.errors import LmtunerError
+from lmtuner_core.paths import AllowedRoots
+
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+
+# LLaMA-Factory's sharegpt defaults (its `DatasetAttr`), so its dataset_info.json entries read the same here.
+SHAREGPT_TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system", "history": "history"}
+SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system", "tools": "tools"}
+HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+
+
+class DatasetError(LmtunerError):
+    """The data cannot be used as given; the message names the file, the row and the fix."""
+
+
+class RowError(ValueError):
+    """One row is malformed; the caller adds file and row number."""
+
+
+@dataclass
+class DataSource:
+    """A resolved dataset: which files, which format, and how columns/roles map."""
+
+    files: list[Path]
+    format: str  # alpaca | sharegpt | messages | text | auto
+    columns: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    label: str = ""  # how to name it in messages
+    registry_dir: Path | None = None  # the folder of dataset_info.json, for registry entries
+
+
+@dataclass
+class LoadedData:
+    """Examples in one normal form: {'messages': [...], 'tools': [...]|None} or {'text': str}."""
+
+    examples: list[dict[str, Any]]
+    format: str
+    source: DataSource
+    rows_read: int
+    skipped: list[str] = field(default_factory=list)  # one reason per skipped row
+
+
+# ---------------------------------------------------------------------------------------------- resolving
+
+
+def resolve_dataset(spec: DatasetSpec, roots: AllowedRoots) -> DataSource:
+    """Finds the files behind a DatasetSpec: a path, or a LLaMA-Factory dataset_info.json entry."""
+    if spec.path is not None:
+        path = roots.resolve(spec.path, "dataset.path")
+        if path.exists():
+            return DataSource(_data_files(path), spec.format, dict(spec.columns or {}), {}, label=str(path))
+        if _looks_like_entry_name(spec.path):
+            return _resolve_entry(spec.path, spec, roots)
+        raise DatasetError(
+            f"dataset: file {spec.path!r} not found (resolved to {path}); give a .json, .jsonl, .csv or .parquet "
+            "file, or the name of an entry in a dataset_info.json",
+            field="dataset.path",
+        )
+    return _resolve_entry(spec.name or "", spec, roots)
+
+
+def _looks_like_entry_name(value: str) -> bool:
+    return "/" not in value and "\\" not in value and not value.endswith(DATA_SUFFIXES)
+
+
+def _data_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix not in DATA_SUFFIXES:
+            raise DatasetError(
+                f"dataset: {path.name} has suffix {path.suffix!r}; accepted: {', '.join(DATA_SUFFIXES)}",
+                field="dataset.path",
+            )
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+    if not files:
+        raise DatasetError(f"dataset: folder {path} holds no {', '.join(DATA_SUFFIXES)} files", field="dataset.path")
+    return files
+
+
+def _resolve_entry(name: str, spec: DatasetSpec, roots: AllowedRoots) -> DataSource:
+    candidates = [spec.dataset_dir] if spec.dataset_dir else ["data", "."]
+    info_path = None
+    for folder in candidates:
+        candidate = roots.resolve(folder, "dataset.dataset_dir") / "dataset_info.json"
+        if candidate.is_file():
+            info_path = candidate
+            break
+    if info_path is None:
+        where = spec.dataset_dir or "./data or the working directory"
+        raise DatasetError(
+            f"dataset: {name!r} is not a file, and no dataset_info.json was found in {where}; give a file path, "
+            "or set dataset.dataset_dir to the folder holding dataset_info.json",
+            field="dataset",
+        )
+    try:
+        registry = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"dataset: cannot read {info_path}: {exc}", field="dataset.dataset_dir") from None
+    if name not in registry:
+        close = [n for n in registry if name.lower() in n.lower()][:5] or list(registry)[:8]
+        raise DatasetError(
+            f"dataset: {info_path} has no entry {name!r}; entries include: {', '.join(close)}", field="dataset.name"
+        )
+    entry = registry[name]
+    for key in HUB_KEYS:
+        if key in entry and "file_name" not in entry:
+            raise DatasetError(
+                f"dataset: entry {name!r} loads from a hub ({key}); lmtuner reads local files only — download it and "
+                "add a file_name",
+                field="dataset.name",
+            )
+    if entry.get("ranking"):
+        raise DatasetError(
+            f"dataset: entry {name!r} is preference data (ranking: true); supervised fine-tuning needs "
+            "instruction or chat data",
+            field="dataset.name",
+        )
+    file_path = roots.resolve(str(info_path.parent / entry["file_name"]), "dataset.file_name")
+    if not file_path.exists():
+        raise DatasetError(
+            f"dataset: entry {name!r} names {entry['file_name']!r}, which is not in {info_path.parent}",
+            field="dataset.name",
+        )
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in ("alpaca", "sharegpt"):
+        raise DatasetError(
+            f"dataset: entry {name!r} has formatting {formatting!r}; accepted: alpaca, sharegpt", field="dataset.name"
+        )
+    columns = dict(entry.get("columns") or {})
+    columns.update(spec.columns or {})
+    fmt = formatting if spec.format == "auto" else spec.format
+    # LLaMA-Factory's pre-training entries are alpaca with a prompt column and no response: plain text.
+    if fmt == "alpaca" and "prompt" in columns and "response" not in columns and "query" not in columns:
+        fmt, columns = "text", {"text": columns["prompt"]}
+    tags = dict(entry.get("tags") or {})
+    return DataSource(_data_files(file_path), fmt, columns, tags, f"{name} ({file_path})", info_path.parent)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yields (row number, row). For .jsonl and .csv the number is the line in the file; for .json arrays
+    and parquet it is the 1-based position. Raises DatasetError for a file that cannot be parsed at all."""
+    suffix = path.suffix
+    if suffix == ".jsonl" or (suffix == ".json" and _is_json_lines(path)):
+        yield from _iter_jsonl(path)
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DatasetError(
+                f"dataset {path.name}: not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}); fix the "
+                "file, or save one object per line as .jsonl",
+                field="dataset",
+            ) from None
+        except UnicodeDecodeError:
+            raise DatasetError(f"dataset {path.name}: not UTF-8 text", field="dataset") from None
+        if isinstance(data, dict):
+            # Some exports wrap rows: {"data": [...]}, {"train": [...]}.
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise DatasetError(
+                    f"dataset {path.name}: the top level is an object, not a list of rows; expected [{{...}}, ...]",
+                    field="dataset",
+                )
+            data = lists[0]
+        if not isinstance(data, list):
+            raise DatasetError(f"dataset {path.name}: expected a list of rows at the top level", field="dataset")
+        yield from enumerate(data, start=1)
+    elif suffix == ".csv":
+        yield from _iter_csv(path)
+    elif suffix == ".parquet":
+        yield from _iter_parquet(path)
+    else:
+        raise DatasetError(f"dataset {path.name}: unsupported suffix {suffix!r}", field="dataset")
+
+
+def _is_json_lines(path: Path) -> bool:
+    """A .json file whose first non-blank character is '{' followed by more objects on later lines."""
+    with path.open("rb") as fh:
+        head = fh.read(4096).lstrip()
+    return head.startswith(b"{") and b"\n{" in head.replace(b"\r\n", b"\n")
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open(encoding="utf-8", errors="strict") as fh:
+        line_no = 0
+        while True:
+            try:
+                line = fh.readline()
+            except UnicodeDecodeError:
+                raise DatasetError(
+                    f"dataset {path.name} line {line_no + 1}: not UTF-8 text", field="dataset"
+                ) from None
+            if not line:
+                return
+            line_no += 1
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield line_no, RowError(f"not JSON ({exc.msg} at column {exc.colno})")
+
+
+def _iter_csv(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        for row in reader:
+            if None in row:
+                yield reader.line_num, RowError("more fields than the header has columns")
+            else:
+                yield reader.line_num, row
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DatasetError("dataset: reading .parquet needs pyarrow (pip install pyarrow)", field="dataset") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise DatasetError(f"dataset {path.name}: not a readable parquet file ({exc})", field="dataset") from None
+    yield from enumerate(table.to_pylist(), start=1)
+
+
+# ---------------------------------------------------------------------------------------------- formats
+
+
+def detect_format(row: Any, columns: dict[str, str]) -> str:
+    """Names the format of a row from its keys, or raises RowError listing the formats accepted."""
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be an object, got {type(row).__name__}")
+    keys = set(row)
+    if columns.get("messages") in keys or "messages" in keys or "conversations" in keys:
+        turns = row.get(columns.get("messages") or ("messages" if "messages" in keys else "conversations"))
+        if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" in turns[0]:
+            return "sharegpt"
+        return "messages"
+    if columns.get("text") in keys or keys == {"text"} or ("text" in keys and "output" not in keys):
+        return "text"
+    if (columns.get("response") or "output") in keys or {"prompt", "completion"} <= keys:
+        return "alpaca"
+    raise RowError(
+        f"cannot tell the format from the keys {sorted(keys)}; expected alpaca (instruction/input/output), sharegpt "
+        "(conversations with from/value), messages (role/content) or text — or set dataset.format and "
+        "dataset.columns"
+    )
+
+
+def _text(row: dict, key: str | None, name: str, required: bool = False) -> str:
+    value = row.get(key) if key else None
+    if value is None:
+        if required:
+            raise RowError(f"missing {name!r} (column {key!r})")
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise RowError(f"{name!r} (column {key!r}) must be text, got {type(value).__name__}")
+    return value
+
+
+def alpaca_to_example(row: dict, columns: dict[str, str]) -> dict:
+    """instruction (+ input) → user, output → assistant; `history` pairs become earlier turns."""
+    if {"prompt", "completion"} <= set(row) and not columns:
+        columns = {"prompt": "prompt", "response": "completion"}
+    cols = {**ALPACA_COLUMNS, **columns}
+    prompt = _text(row, cols["prompt"], "instruction")
+    query = _text(row, cols["query"], "input")
+    if not prompt and not query:
+        raise RowError(f"both {cols['prompt']!r} and {cols['query']!r} are empty; one must hold the prompt")
+    response = _text(row, cols["response"], "output", required=True)
+    if not response.strip():
+        raise RowError(f"{cols['response']!r} is empty; there is nothing to learn from this row")
+    messages: list[dict] = []
+    system = _text(row, cols["system"], "system")
+    if system:
+        messages.append({"role": "system", "content": system})
+    history = row.get(cols["history"]) or []
+    if not isinstance(history, list):
+        raise RowError(f"{cols['history']!r} must be a list of [prompt, response] pairs")
+    for pair in history:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise RowError(f"{cols['history']!r} must be a list of [prompt, response] pairs of text")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    user = f"{prompt}\n\n{query}" if prompt and query else (prompt or query)
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
+    return {"messages": messages, "tools": None}
+
+
+def _tools(row: dict, key: str | None) -> list | None:
+    value = row.get(key) if key else None
+    if value in (None, "", []):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RowError(f"'tools' is not valid JSON ({exc.msg})") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise RowError("'tools' must be a list of tool (function) descriptions")
+    return value
+
+
+def _function_call(content: str) -> list[dict]:
+    """A sharegpt function_call turn ('{"name": ..., "arguments": ...}' or a list of them) → OpenAI tool_calls."""
+    try:
+        calls = json.loads(content)
+    except json.JSONDecodeError as exc:
+        raise RowError(f"a function_call turn is not JSON ({exc.msg})") from None
+    calls = calls if isinstance(calls, list) else [calls]
+    out = []
+    for call in calls:
+        if not isinstance(call, dict) or "name" not in call:
+            raise RowError('a function_call turn must be {"name": ..., "arguments": {...}}')
+        arguments = call.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass  # some datasets keep arguments as free text; keep it as given
+        out.append({"type": "function", "function": {"name": call["name"], "arguments": arguments}})
+    return out
+
+
+def sharegpt_to_example(row: dict, columns: dict[str, str], tags: dict[str, str]) -> dict:
+    """sharegpt turns (from/value, LLaMA-Factory tags) → OpenAI-style messages with tool calls and results."""
+    cols = {**SHAREGPT_COLUMNS, **columns}
+    tag = {**SHAREGPT_TAGS, **tags}
+    turns = row.get(cols["messages"])
+    if not isinstance(turns, list) or not turns:
+        raise RowError(f"{cols['messages']!r} must be a non-empty list of turns")
+    roles = {
+        tag["user_tag"]: "user",
+        tag["assistant_tag"]: "assistant",
+        tag["observation_tag"]: "tool",
+        tag["function_tag"]: "function_call",
+        tag["system_tag"]: "system",
+    }
+    messages: list[dict] = []
+    system = _text(row, cols["system"], "system")
+    if system:
+        messages.append({"role": "system", "content": system})
+    for i, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict):
+            raise RowError(f"turn {i} must be an object with {tag['role_tag']!r} and {tag['content_tag']!r}")
+        who = turn.get(tag["role_tag"])
+        if who not in roles:
+            raise RowError(f"turn {i} has {tag['role_tag']!r} = {who!r}; accepted: {', '.join(map(repr, roles))}")
+        content = turn.get(tag["content_tag"])
+        if not isinstance(content, str):
+            raise RowError(f"turn {i}: {tag['content_tag']!r} must be text")
+        role = roles[who]
+        if role == "function_call":
+            messages.append({"role": "assistant", "content": "", "tool_calls": _function_call(content)})
+        else:
+            messages.append({"role": role, "content": content})
+    return _checked({"messages": messages, "tools": _tools(row, cols["tools"])})
+
+
+def messages_to_example(row: dict, columns: dict[str, str]) -> dict:
+    """OpenAI chat format; also accepts role/content turns under 'conversations'."""
+    key = columns.get("messages") or ("messages" if "messages" in row else "conversations")
+    turns = row.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise RowError(f"{key!r} must be a non-empty list of {{role, content}} turns")
+    messages = []
+    for i, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict) or "role" not in turn:
+            raise RowError(f"turn {i} must be an object with 'role' and 'content'")
+        role = {"developer": "system", "human": "user", "gpt": "assistant"}.get(turn["role"], turn["role"])
+        if role not in ("system", "user", "assistant", "tool"):
+            raise RowError(f"turn {i} has role {turn['role']!r}; accepted: system, user, assistant, tool")
+        content = turn.get("content")
+        if content is None and turn.get("tool_calls"):
+            content = ""
+        if not isinstance(content, str):
+            raise RowError(f"turn {i}: 'content' must be text")
+        message = {"role": role, "content": content}
+        for extra in ("tool_calls", "tool_call_id", "name"):
+            if turn.get(extra) is not None:
+                message[extra] = turn[extra]
+        messages.append(message)
+    return _checked({"messages": messages, "tools": _tools(row, columns.get("tools") or "tools")})
+
+
+def _checked(example: dict) -> dict:
+    assistant = [m for m in example["messages"] if m["role"] == "assistant"]
+    if not any(m["content"].strip() or m.get("tool_calls") for m in assistant):
+        raise RowError("no assistant turn with content; there is nothing to learn from this row")
+    return example
+
+
+def text_to_example(row: dict, columns: dict[str, str]) -> dict:
+    key = columns.get("text") or "text"
+    text = _text(row, key, "text", required=True)
+    if not text.strip():
+        raise RowError(f"{key!r} is empty")
+    return {"text": text}
+
+
+def to_example(row: Any, fmt: str, source: DataSource) -> dict:
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be an object, got {type(row).__name__}")
+    if fmt == "alpaca":
+        return alpaca_to_example(row, source.columns)
+    if fmt == "sharegpt":
+        return sharegpt_to_example(row, source.columns, source.tags)
+    if fmt == "messages":
+        return messages_to_example(row, source.columns)
+    return text_to_example(row, source.columns)
+
+
+def load_examples(spec: DatasetSpec, roots: AllowedRoots, source: DataSource | None = None) -> LoadedData:
+    """Reads and checks every row. A bad row raises DatasetError naming file and line, unless the spec says
+    to skip bad rows; then it is counted in `skipped`."""
+    source = source or resolve_dataset(spec, roots)
+    fmt = source.format
+    examples: list[dict] = []
+    skipped: list[str] = []
+    rows_read = 0
+    for path in source.files:
+        unit = "line" if path.suffix in (".jsonl", ".csv") or _is_jsonl_file(path) else "row"
+        for number, row in iter_rows(path):
+            rows_read += 1
+            try:
+                if isinstance(row, RowError):
+                    raise row
+                if fmt == "auto":
+                    fmt = detect_format(row, source.columns)
+                examples.append(to_example(row, fmt, source))
+            except RowError as exc:
+                where = f"dataset {path.name} {unit} {number}"
+                if not spec.skip_bad_rows:
+                    raise DatasetError(
+                        f"{where}: {exc}; fix or remove that {unit}, or set dataset.skip_bad_rows: true",
+                        field="dataset",
+                    ) from None
+                skipped.append(f"{where}: {exc}")
+            if spec.max_rows and len(examples) >= spec.max_rows:
+                break
+        if spec.max_rows and len(examples) >= spec.max_rows:
+            break
+    if not examples:
+        detail = f" ({len(skipped)} rows skipped as malformed; first: {skipped[0]})" if skipped else ""
+        raise DatasetError(f"dataset {source.label}: no usable rows{detail}", field="dataset")
+    return LoadedData(examples, fmt, source, rows_read, skipped)
+
+
+def _is_jsonl_file(path: Path) -> bool:
+    return path.suffix == ".json" and _is_json_lines(path)
+
+
+def split_eval(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A reproducible held-out split; at least one row each side when a fraction is asked for."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+# ---------------------------------------------------------------------------------------------- tokenizing
+
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+def has_generation_markers(tokenizer: Any) -> bool:
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return bool(_GENERATION_TAG.search(template if isinstance(template, str) else json.dumps(template)))
+
+
+def tokenize_chat(example: dict, tokenizer: Any, assistant_only: bool, native_masks: bool) -> dict:
+    """input_ids and assistant_masks (1 = learn this token) for one conversation."""
+    messages, tools = example["messages"], example.get("tools")
+    if native_masks or not assistant_only:
+        out = tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=assistant_only
+        )
+        ids = list(out["input_ids"])
+        mask = list(out["assistant_masks"]) if assistant_only else [1] * len(ids)
+        return {"input_ids": ids, "assistant_masks": mask}
+    return _tokenize_by_prefixes(messages, tools, tokenizer)
+
+
+def _tokenize_by_prefixes(messages: list[dict], tools: list | None, tokenizer: Any) -> dict:
+    """Assistant masks for chat templates without {% generation %} markers (most hub templates).
+
+    Renders the conversation up to each assistant turn (with the generation prompt) and up to its end; the
+    characters in between are the assistant's, and tokens are marked through their character offsets.
+    """
+    full = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = tokenizer.apply_chat_template(messages[:i], tools=tools, tokenize=False, add_generation_prompt=True)
+        end = tokenizer.apply_chat_template(messages[: i + 1], tools=tools, tokenize=False)
+        if not full.startswith(end) or not end.startswith(start):
+            raise RowError(
+                "the model's chat template renders earlier turns differently as the conversation grows, so the "
+                "assistant's tokens cannot be located; set assistant_only_loss: false or use a template with "
+                "{% generation %} markers"
+            )
+        spans.append((len(start), len(end)))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(a < e and b > s for s, e in spans)) for a, b in enc["offset_mapping"]]
+    return {"input_ids": list(enc["input_ids"]), "assistant_masks": mask}
+
+
+def tokenize_text(example: dict, tokenizer: Any) -> dict:
+    """Plain text for continued pre-training: bos (if the model uses one) + text + eos, loss on every token."""
+    ids = tokenizer(example["text"], add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", True):
+        ids = [tokenizer.bos_token_id, *ids]
+    if tokenizer.eos_token_id is not None:
+        ids = [*ids, tokenizer.eos_token_id]
+    return {"input_ids": ids}
+
+
+def tokenize_examples(examples: list[dict], tokenizer: Any, *, assistant_only: bool = True):
+    """Returns a datasets.Dataset with input_ids (and assistant_masks for chat), ready for TRL's SFTTrainer."""
+    import datasets
+
+    if not examples:
+        return datasets.Dataset.from_dict({"input_ids": []})
+    if "text" in examples[0]:
+        rows = [tokenize_text(e, tokenizer) for e in examples]
+    else:
+        native = has_generation_markers(tokenizer)
+        rows = [tokenize_chat(e, tokenizer, assistant_only, native) for e in examples]
+    return datasets.Dataset.from_list(rows)

@@ -1,0 +1,115 @@
+"""Builders keyed by training method: load the base model and make the right parameters trainable.
+
+Adding a method means one builder here and one row in `methods.METHODS`; the recipe never branches on method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmtuner_core.config import TrainConfig
+from lmtuner_core.errors import LmtunerError
+
+
+def resolve_precision(requested: str) -> tuple[str, torch.dtype]:
+    """('bf16' | 'fp16' | 'fp32', compute dtype) for this machine; refuses what the hardware cannot do."""
+    cuda = torch.cuda.is_available()
+    if requested == "auto":
+        if cuda:
+            return ("bf16", torch.bfloat16) if torch.cuda.is_bf16_supported() else ("fp16", torch.float16)
+        return "fp32", torch.float32
+    if requested == "fp16" and not cuda:
+        raise LmtunerError("precision: 'fp16' needs a CUDA GPU and this machine has none; use 'auto' or 'fp32'")
+    if requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise LmtunerError("precision: this GPU has no bf16 support (compute capability < 8.0); use 'fp16' or 'auto'")
+    return requested, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[requested]
+
+
+def load_base_model(config: TrainConfig, precision: str, compute_dtype: torch.dtype) -> nn.Module:
+    """The causal LM in the dtype its method trains in: fp16 mixed precision keeps fp32 master weights."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if precision == "fp16" and config.method in ("full", "freeze") else compute_dtype
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            config.model, dtype=dtype, attn_implementation="sdpa", trust_remote_code=config.trust_remote_code
+        )
+    except OSError as exc:
+        raise LmtunerError(
+            f"model: cannot load {config.model!r} ({exc}); give a local folder written by save_pretrained, or a hub "
+            "id this machine can download or has cached"
+        ) from None
+
+
+def _full(model: nn.Module, config: TrainConfig) -> nn.Module:
+    model.requires_grad_(True)
+    return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks: the longest ModuleList in the model (layers, h, blocks, ...)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise LmtunerError("method 'freeze': cannot find the model's layer stack; use 'lora' or 'full'")
+    return max(lists, key=len)
+
+
+def _freeze(model: nn.Module, config: TrainConfig) -> nn.Module:
+    layers = decoder_layers(model)
+    n = min(config.freeze_trainable_layers, len(layers))
+    model.requires_grad_(False)
+    for layer in list(layers)[-n:]:
+        layer.requires_grad_(True)
+    return model
+
+
+def _lora(model: nn.Module, config: TrainConfig, *, use_dora: bool = False) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = config.lora
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_dora=use_dora,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    try:
+        wrapped = get_peft_model(model, peft_config)
+    except ValueError as exc:
+        raise LmtunerError(f"lora.target_modules: {exc}; 'all-linear' works for every model") from None
+    if config.gradient_checkpointing:
+        wrapped.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    return wrapped
+
+
+def _dora(model: nn.Module, config: TrainConfig) -> nn.Module:
+    return _lora(model, config, use_dora=True)
+
+
+METHOD_BUILDERS: dict[str, Callable[[nn.Module, TrainConfig], nn.Module]] = {
+    "full": _full,
+    "freeze": _freeze,
+    "lora": _lora,
+    "dora": _dora,
+}
+
+
+def apply_method(model: nn.Module, config: TrainConfig) -> nn.Module:
+    builder = METHOD_BUILDERS.get(config.method)
+    if builder is None:
+        raise LmtunerError(f"method: {config.method!r} has no builder in this version; use 'lora' or 'full'")
+    return builder(model, config)
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,230 @@
+"""SFTRecipe: supervised fine-tuning of a causal LM in one process, on TRL's SFTTrainer.
+
+Supports: methods full, freeze, lora and dora (builders in `model_setup`); chat data with the loss on
+assistant turns only (the chat template's {% generation %} markers, or prefix rendering when a template has
+none); plain text with the loss on every token; held-out eval loss; checkpoints every `save_steps`;
+stopping on SIGTERM with a checkpoint; `metrics.jsonl` and `state.json` for the server to read.
+Not supported yet: qlora, lora-8bit, lomo, adalomo, DeepSpeed, several processes, RoPE scaling — the config
+check refuses them before a job starts.
+
+Read top to bottom: setup() builds tokenizer → data → model → trainer; train(); save().
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from lmtuner_core.config import TrainConfig
+from lmtuner_core.data import has_generation_markers, load_examples, split_eval, tokenize_examples
+from lmtuner_core.errors import LmtunerError
+from lmtuner_core.methods import METHODS
+from lmtuner_core.model_setup import apply_method, count_parameters, load_base_model, resolve_precision
+from lmtuner_core.paths import AllowedRoots, RunDir
+from lmtuner_core.tiny_model import CHAT_TEMPLATE
+from lmtuner_core.train import StateFile
+
+
+class ProgressWriter(TrainerCallback):
+    """Writes each logged step to metrics.jsonl, keeps state.json current, and stops on request."""
+
+    def __init__(self, run: RunDir, state: StateFile, stop: threading.Event):
+        self.run = run
+        self.state = state
+        self.stop = stop
+        self.started = time.monotonic()
+        self.last_time = self.started
+        self.last_tokens = 0
+
+    def _append(self, record: dict) -> None:
+        with self.run.metrics.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = self.last_time = time.monotonic()
+        self.last_tokens = state.num_input_tokens_seen or 0
+        self.state.update(phase="training", total_steps=state.max_steps, step=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.state.update(
+            force=False, step=state.global_step, epoch=round(state.epoch or 0, 4),
+            train_seconds=round(time.monotonic() - self.started, 2),
+        )  # fmt: skip
+        if self.stop.is_set():
+            control.should_training_stop = True
+            control.should_save = True  # what is learned so far survives as a resumable checkpoint
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        now = time.monotonic()
+        record: dict = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "time": round(time.time(), 2)}
+        if "loss" in logs:
+            tokens = state.num_input_tokens_seen or 0
+            rate = (tokens - self.last_tokens) / (now - self.last_time) if now > self.last_time else None
+            self.last_time, self.last_tokens = now, tokens
+            record.update(
+                loss=logs["loss"], learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+                tokens_seen=tokens, tokens_per_second=round(rate, 1) if rate else None,
+            )  # fmt: skip
+        elif "eval_loss" in logs:
+            record["eval_loss"] = logs["eval_loss"]
+        else:
+            return
+        self._append(record)
+        print(f"[lmtuner] {json.dumps(record)}", flush=True)
+
+
+class SFTRecipe:
+    def __init__(self, config: TrainConfig, run: RunDir, state: StateFile, stop: threading.Event):
+        self.config = config
+        self.run = run
+        self.state = state
+        self.stop = stop
+
+    # -------------------------------------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        self._check_stop()
+        self.precision, self.compute_dtype = resolve_precision(self.config.precision)
+        torch.manual_seed(self.config.seed)
+        self._setup_tokenizer()
+        self._setup_data()
+        self._check_stop()
+        self._setup_model()
+        self._check_stop()
+        self._setup_trainer()
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise InterruptedError("stopped before training began")
+
+    def _setup_tokenizer(self) -> None:
+        self.state.update(phase="loading tokenizer")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.config.model, trust_remote_code=self.config.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise LmtunerError(f"model: cannot load the tokenizer of {self.config.model!r} ({exc})") from None
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+
+    def _setup_data(self) -> None:
+        self.state.update(phase="reading data")
+        loaded = load_examples(self.config.dataset, AllowedRoots(None))
+        is_chat = loaded.format != "text"
+        if is_chat and not self.tokenizer.chat_template:
+            print("[lmtuner] the model has no chat template; using ChatML (<|im_start|>role ... <|im_end|>)", flush=True)
+            self.tokenizer.chat_template = CHAT_TEMPLATE
+        train_rows, eval_rows = split_eval(loaded.examples, self.config.dataset.eval_fraction, self.config.seed)
+        self.state.update(phase="tokenizing")
+        started = time.monotonic()
+        assistant_only = self.config.assistant_only_loss
+        self.train_dataset = tokenize_examples(train_rows, self.tokenizer, assistant_only=assistant_only)
+        self.eval_dataset = tokenize_examples(eval_rows, self.tokenizer, assistant_only=assistant_only) if eval_rows else None
+        lengths = self.train_dataset["input_ids"]
+        truncated = sum(len(ids) > self.config.max_seq_len for ids in lengths)
+        how = "generation markers" if has_generation_markers(self.tokenizer) else "prefix rendering"
+        print(
+            f"[lmtuner] data: {loaded.format} from {loaded.source.label}; {len(train_rows)} train rows, "
+            f"{len(eval_rows)} eval rows, {len(loaded.skipped)} skipped, {truncated} cut at {self.config.max_seq_len} "
+            f"tokens; tokenized in {time.monotonic() - started:.1f}s"
+            + (f"; assistant-only loss via {how}" if is_chat and assistant_only else ""),
+            flush=True,
+        )
+        for reason in loaded.skipped[:20]:
+            print(f"[lmtuner] skipped {reason}", flush=True)
+        self.state.update(train_rows=len(train_rows), eval_rows=len(eval_rows), skipped_rows=len(loaded.skipped),
+                          truncated_rows=truncated, data_format=loaded.format)
+
+    def _setup_model(self) -> None:
+        self.state.update(phase="loading model")
+        model = load_base_model(self.config, self.precision, self.compute_dtype)
+        model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+        self.model = apply_method(model, self.config)
+        trainable, total = count_parameters(self.model)
+        print(
+            f"[lmtuner] model: {self.config.model} ({total / 1e6:.1f}M parameters), method {self.config.method}: "
+            f"{trainable / 1e6:.2f}M trainable ({100 * trainable / max(total, 1):.2f}%), precision {self.precision}",
+            flush=True,
+        )
+
+    def _logging_steps(self, rows: int) -> int:
+        if self.config.logging_steps:
+            return self.config.logging_steps
+        per_epoch = max(1, rows // (self.config.batch_size * self.config.gradient_accumulation_steps))
+        total = self.config.max_steps or int(per_epoch * self.config.num_epochs)
+        return max(1, min(10, total // 20))
+
+    def _setup_trainer(self) -> None:
+        config = self.config
+        has_eval = self.eval_dataset is not None
+        args = SFTConfig(
+            output_dir=str(self.run.checkpoints),
+            per_device_train_batch_size=config.batch_size,
+            per_device_eval_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            learning_rate=config.learning_rate,
+            num_train_epochs=config.num_epochs,
+            max_steps=config.max_steps or -1,
+            lr_scheduler_type=config.lr_scheduler,
+            warmup_steps=config.warmup_ratio,  # a float below 1 is a share of the total steps
+            weight_decay=config.weight_decay,
+            max_grad_norm=config.max_grad_norm,
+            logging_steps=self._logging_steps(len(self.train_dataset)),
+            logging_first_step=True,
+            save_strategy="steps",
+            save_steps=config.save_steps,
+            save_total_limit=config.save_total_limit,
+            eval_strategy="steps" if has_eval else "no",
+            eval_steps=self._logging_steps(len(self.train_dataset)) * 5 if has_eval else None,
+            seed=config.seed,
+            bf16=self.precision == "bf16",
+            fp16=self.precision == "fp16",
+            use_cpu=not torch.cuda.is_available(),
+            gradient_checkpointing=config.gradient_checkpointing,
+            report_to=config.report_to or "none",
+            max_length=config.max_seq_len,
+            packing=False,
+            include_num_input_tokens_seen="non_padding",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            save_only_model=False,
+        )
+        self.trainer = SFTTrainer(
+            model=self.model,
+            args=args,
+            train_dataset=self.train_dataset,
+            eval_dataset=self.eval_dataset,
+            processing_class=self.tokenizer,
+            callbacks=[ProgressWriter(self.run, self.state, self.stop)],
+        )
+
+    # -------------------------------------------------------------------------------------------- train / save
+
+    def train(self) -> bool:
+        """Runs training; returns True when it was stopped on request (a checkpoint is then saved)."""
+        self._check_stop()
+        resume = self.config.resume_from
+        self.trainer.train(resume_from_checkpoint=resume)
+        return self.stop.is_set()
+
+    def save(self) -> None:
+        """Writes the adapter (LoRA family) or the full model, with the tokenizer, in Hugging Face layout."""
+        self.state.update(phase="saving")
+        output = Path(self.config.output_dir or self.run.default_output)
+        output.mkdir(parents=True, exist_ok=True)
+        self.trainer.save_model(str(output))
+        self.tokenizer.save_pretrained(str(output))
+        artifact = {
+            "base_model": self.config.model,
+            "method": self.config.method,
+            "adapter": METHODS[self.config.method].adapter,
+            "job_run_dir": str(self.run.root),
+        }
+        (output / "lmtuner_artifact.json").write_text(json.dumps(artifact, indent=2), encoding="utf-8")

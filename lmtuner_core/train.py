@@ -1,0 +1,105 @@
+"""The training child: `python -m lmtuner_core.train RUN_DIR`.
+
+It installs its stop handler before the slow imports, runs the recipe, and always leaves a final state in
+RUN_DIR/state.json — completed, cancelled, or failed with a reason a person can act on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from lmtuner_core.errors import LmtunerError
+from lmtuner_core.paths import RunDir
+
+
+class StateFile:
+    """RUN_DIR/state.json, replaced atomically so a reader never sees half a file."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.data: dict = {"status": "running", "phase": "starting", "step": 0, "pid": os.getpid()}
+        self._last_write = 0.0
+
+    def update(self, *, force: bool = True, **values) -> None:
+        self.data.update(values)
+        now = time.monotonic()
+        if not force and now - self._last_write < 0.5:
+            return
+        self._last_write = now
+        self.data["updated_at"] = time.time()
+        tmp = self.run.state.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data), encoding="utf-8")
+        os.replace(tmp, self.run.state)
+
+
+def install_stop_handler() -> threading.Event:
+    """SIGTERM/SIGINT set a flag the recipe checks between steps, so cancelling saves a checkpoint."""
+    stop = threading.Event()
+
+    def handler(signum, _frame):
+        print(f"[lmtuner] received {signal.Signals(signum).name}: stopping after this step", flush=True)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def explain(exc: BaseException) -> str:
+    """A failure message with the fix for causes we recognise."""
+    text = f"{type(exc).__name__}: {exc}"
+    lowered = text.lower()
+    if "out of memory" in lowered:
+        return text + " — lower batch_size or max_seq_len, turn on gradient_checkpointing, or use lora/qlora"
+    if "no space left" in lowered:
+        return text + " — the disk is full: free space or set output_dir on a larger disk"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m lmtuner_core.train RUN_DIR", file=sys.stderr)
+        return 2
+    run = RunDir(Path(argv[0]).resolve())
+    stop = install_stop_handler()
+    state = StateFile(run)
+    state.update(phase="loading libraries")
+    try:
+        from lmtuner_core.config import TrainConfig
+        from lmtuner_core.recipe import SFTRecipe
+
+        config = TrainConfig.model_validate_json(run.config.read_text(encoding="utf-8"))
+        recipe = SFTRecipe(config, run, state, stop)
+        recipe.setup()
+        stopped = recipe.train()
+        if stopped:
+            state.update(status="cancelled", phase=None)
+            print("[lmtuner] cancelled; checkpoint saved", flush=True)
+            return 0
+        recipe.save()
+        state.update(status="completed", phase=None, output_dir=config.output_dir)
+        print(f"[lmtuner] completed; output in {config.output_dir}", flush=True)
+        return 0
+    except LmtunerError as exc:
+        print(f"[lmtuner] failed: {exc}", flush=True)
+        state.update(status="failed", error=str(exc))
+        return 1
+    except BaseException as exc:
+        if stop.is_set():
+            state.update(status="cancelled", phase=None)
+            return 0
+        traceback.print_exc()
+        state.update(status="failed", error=explain(exc))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
