@@ -102,7 +102,9 @@ class DatasetSpec(StrictModel):
         description="Column mapping as in LLaMA-Factory: {'prompt': 'question', 'response': 'answer'}; keys: "
         "prompt, query, response, system, history, messages, tools, text.",
     )
-    eval_fraction: float = Field(0.0, ge=0.0, le=0.5, description="Share of rows held out for eval loss. Example: 0.05.")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, le=0.5, description="Share of rows held out for eval loss. Example: 0.05."
+    )
     max_rows: int | None = Field(None, ge=1, description="Use only the first N rows (for quick trials).")
     skip_bad_rows: bool = Field(
         False, description="Skip and count malformed rows instead of failing. Default: fail, naming the row."

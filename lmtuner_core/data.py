@@ -7,6 +7,7 @@ Tokenization (`tokenize_examples`) runs in the training child and builds a `data
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import random
@@ -32,7 +33,13 @@ SHAREGPT_TAGS = {
     "function_tag": "function_call",
     "system_tag": "system",
 }
-ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system", "history": "history"}
+ALPACA_COLUMNS = {
+    "prompt": "instruction",
+    "query": "input",
+    "response": "output",
+    "system": "system",
+    "history": "history",
+}
 SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system", "tools": "tools"}
 HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 
@@ -218,9 +225,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 line = fh.readline()
             except UnicodeDecodeError:
-                raise DatasetError(
-                    f"dataset {path.name} line {line_no + 1}: not UTF-8 text", field="dataset"
-                ) from None
+                raise DatasetError(f"dataset {path.name} line {line_no + 1}: not UTF-8 text", field="dataset") from None
             if not line:
                 return
             line_no += 1
@@ -348,10 +353,9 @@ def _function_call(content: str) -> list[dict]:
             raise RowError('a function_call turn must be {"name": ..., "arguments": {...}}')
         arguments = call.get("arguments", {})
         if isinstance(arguments, str):
-            try:
+            # Some datasets keep arguments as free text; then it stays as given.
+            with contextlib.suppress(json.JSONDecodeError):
                 arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                pass  # some datasets keep arguments as free text; keep it as given
         out.append({"type": "function", "function": {"name": call["name"], "arguments": arguments}})
     return out
 

@@ -91,7 +91,9 @@ def check_config(config: TrainConfig, roots: AllowedRoots, run_dir: RunDir) -> t
     a process is spent on it. Returns the config as the child will see it, and warnings."""
     method = METHODS[config.method]
     if method.not_yet:
-        raise LmtunerError(f"method: {config.method!r} is not available in this version: {method.not_yet}", field="method")
+        raise LmtunerError(
+            f"method: {config.method!r} is not available in this version: {method.not_yet}", field="method"
+        )
     warnings: list[str] = []
     updates: dict = {"model": resolve_model(config.model, roots)}
     if config.model == updates["model"] and not config.model.startswith("/"):
@@ -102,8 +104,9 @@ def check_config(config: TrainConfig, roots: AllowedRoots, run_dir: RunDir) -> t
         warnings.append(f"{len(loaded.skipped)} malformed rows will be skipped; first: {loaded.skipped[0]}")
     spec = config.dataset
     if source.registry_dir is not None:  # a dataset_info.json entry: the child looks it up the same way
-        dataset = spec.model_copy(update={"name": spec.name or spec.path, "path": None,
-                                          "dataset_dir": str(source.registry_dir)})
+        dataset = spec.model_copy(
+            update={"name": spec.name or spec.path, "path": None, "dataset_dir": str(source.registry_dir)}
+        )
     else:
         dataset = spec.model_copy(update={"path": str(roots.resolve(spec.path or "", "dataset.path"))})
     updates["dataset"] = dataset
@@ -227,7 +230,9 @@ class JobService:
 
     def list(self, status: str | None = None) -> list[JobRecord]:
         if status is not None and status not in STATUSES:
-            raise LmtunerError(f"status: {status!r} is not a job status; accepted: {', '.join(STATUSES)}", field="status")
+            raise LmtunerError(
+                f"status: {status!r} is not a job status; accepted: {', '.join(STATUSES)}", field="status"
+            )
         records = [self.refresh(r) for r in self.store.list()]
         return [r for r in records if status is None or r.status == status]
 

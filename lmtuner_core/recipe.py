@@ -17,8 +17,10 @@ import threading
 import time
 from pathlib import Path
 
+import datasets
 import torch
-from transformers import AutoTokenizer, TrainerCallback
+import transformers
+from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from lmtuner_core.config import TrainConfig
@@ -91,6 +93,9 @@ class SFTRecipe:
 
     def setup(self) -> None:
         self._check_stop()
+        # train.log is read by people and agents: our own progress lines, not progress bars.
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
         self.precision, self.compute_dtype = resolve_precision(self.config.precision)
         torch.manual_seed(self.config.seed)
         self._setup_tokenizer()
@@ -107,7 +112,9 @@ class SFTRecipe:
     def _setup_tokenizer(self) -> None:
         self.state.update(phase="loading tokenizer")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(self.config.model, trust_remote_code=self.config.trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(
+                self.config.model, trust_remote_code=self.config.trust_remote_code
+            )
         except (OSError, ValueError) as exc:
             raise LmtunerError(f"model: cannot load the tokenizer of {self.config.model!r} ({exc})") from None
         if tokenizer.pad_token is None:
@@ -119,14 +126,18 @@ class SFTRecipe:
         loaded = load_examples(self.config.dataset, AllowedRoots(None))
         is_chat = loaded.format != "text"
         if is_chat and not self.tokenizer.chat_template:
-            print("[lmtuner] the model has no chat template; using ChatML (<|im_start|>role ... <|im_end|>)", flush=True)
+            print(
+                "[lmtuner] the model has no chat template; using ChatML (<|im_start|>role ... <|im_end|>)", flush=True
+            )
             self.tokenizer.chat_template = CHAT_TEMPLATE
         train_rows, eval_rows = split_eval(loaded.examples, self.config.dataset.eval_fraction, self.config.seed)
         self.state.update(phase="tokenizing")
         started = time.monotonic()
         assistant_only = self.config.assistant_only_loss
         self.train_dataset = tokenize_examples(train_rows, self.tokenizer, assistant_only=assistant_only)
-        self.eval_dataset = tokenize_examples(eval_rows, self.tokenizer, assistant_only=assistant_only) if eval_rows else None
+        self.eval_dataset = (
+            tokenize_examples(eval_rows, self.tokenizer, assistant_only=assistant_only) if eval_rows else None
+        )
         lengths = self.train_dataset["input_ids"]
         truncated = sum(len(ids) > self.config.max_seq_len for ids in lengths)
         how = "generation markers" if has_generation_markers(self.tokenizer) else "prefix rendering"
@@ -139,8 +150,13 @@ class SFTRecipe:
         )
         for reason in loaded.skipped[:20]:
             print(f"[lmtuner] skipped {reason}", flush=True)
-        self.state.update(train_rows=len(train_rows), eval_rows=len(eval_rows), skipped_rows=len(loaded.skipped),
-                          truncated_rows=truncated, data_format=loaded.format)
+        self.state.update(
+            train_rows=len(train_rows),
+            eval_rows=len(eval_rows),
+            skipped_rows=len(loaded.skipped),
+            truncated_rows=truncated,
+            data_format=loaded.format,
+        )
 
     def _setup_model(self) -> None:
         self.state.update(phase="loading model")
@@ -204,6 +220,7 @@ class SFTRecipe:
             processing_class=self.tokenizer,
             callbacks=[ProgressWriter(self.run, self.state, self.stop)],
         )
+        self.trainer.remove_callback(PrinterCallback)  # ProgressWriter logs each step as one JSON line
 
     # -------------------------------------------------------------------------------------------- train / save
 

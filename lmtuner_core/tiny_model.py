@@ -28,8 +28,14 @@ SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IM_START, IM_END)
 MARKER_FILE = "lmtuner_tiny.json"
 # Bump when the build output changes, so stale fixtures on disk are not mistaken for current ones.
 _FORMAT_VERSION = 1
-_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                   "generation_config.json", MARKER_FILE)
+_REQUIRED_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    MARKER_FILE,
+)
 _MIN_HEAD_DIM = 32  # vLLM's CPU attention backend rejects head_dim 16
 _MIN_VOCAB = 300  # 256 byte symbols + special tokens + a few merges
 
@@ -120,8 +126,38 @@ one two three four five six seven eight nine ten hundred thousand million first 
 """
 _WORDS = tuple(_WORD_TEXT.split())
 
-_SYLLABLE_ONSETS = ("b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z",
-                    "br", "ch", "cl", "dr", "fl", "gr", "pl", "qu", "sh", "st", "th", "tr")
+_SYLLABLE_ONSETS = (
+    "b",
+    "c",
+    "d",
+    "f",
+    "g",
+    "h",
+    "j",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "w",
+    "z",
+    "br",
+    "ch",
+    "cl",
+    "dr",
+    "fl",
+    "gr",
+    "pl",
+    "qu",
+    "sh",
+    "st",
+    "th",
+    "tr",
+)
 _SYLLABLE_VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "ee", "io", "ou", "y")
 _SYLLABLE_CODAS = ("", "", "", "n", "r", "s", "t", "l", "m", "nd", "st", "ng")
 # JSON, code and Q&A snippets, so the byte patterns of typical training data get merges too.
@@ -135,9 +171,18 @@ _SNIPPETS = (
 )
 
 
-def make_tiny_model(out_dir: str | Path, *, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
-                    num_kv_heads: int = 2, vocab_target: int = 1000, max_position_embeddings: int = 2048,
-                    seed: int = 0, overwrite: bool = False) -> Path:
+def make_tiny_model(
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_target: int = 1000,
+    max_position_embeddings: int = 2048,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
     """Returns out_dir after writing config.json, model.safetensors, tokenizer files and generation_config.json.
 
     Deterministic for a given set of arguments. A folder already holding a build with the same arguments is
@@ -145,8 +190,13 @@ def make_tiny_model(out_dir: str | Path, *, hidden_size: int = 128, num_layers: 
     """
     out = Path(out_dir)
     build_args = {
-        "hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": num_kv_heads,
-        "vocab_target": vocab_target, "max_position_embeddings": max_position_embeddings, "seed": seed,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads,
+        "vocab_target": vocab_target,
+        "max_position_embeddings": max_position_embeddings,
+        "seed": seed,
     }
     _validate_args(**build_args)
     if _is_matching_build(out, build_args):
@@ -169,11 +219,24 @@ def make_tiny_model(out_dir: str | Path, *, hidden_size: int = 128, num_layers: 
     return out
 
 
-def _validate_args(*, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int, vocab_target: int,
-                   max_position_embeddings: int, seed: int) -> None:
+def _validate_args(
+    *,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    vocab_target: int,
+    max_position_embeddings: int,
+    seed: int,
+) -> None:
     """Reject shapes that transformers or vLLM would only reject later, with a less helpful message."""
-    for name, value in (("hidden_size", hidden_size), ("num_layers", num_layers), ("num_heads", num_heads),
-                        ("num_kv_heads", num_kv_heads), ("max_position_embeddings", max_position_embeddings)):
+    for name, value in (
+        ("hidden_size", hidden_size),
+        ("num_layers", num_layers),
+        ("num_heads", num_heads),
+        ("num_kv_heads", num_kv_heads),
+        ("max_position_embeddings", max_position_embeddings),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -184,7 +247,8 @@ def _validate_args(*, hidden_size: int, num_layers: int, num_heads: int, num_kv_
     if head_dim < _MIN_HEAD_DIM:
         raise ValueError(
             f"head_dim = hidden_size // num_heads = {hidden_size} // {num_heads} = {head_dim} is below "
-            f"{_MIN_HEAD_DIM} (vLLM's CPU attention rejects it); raise hidden_size or lower num_heads")
+            f"{_MIN_HEAD_DIM} (vLLM's CPU attention rejects it); raise hidden_size or lower num_heads"
+        )
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
     if not isinstance(vocab_target, int) or isinstance(vocab_target, bool) or vocab_target < _MIN_VOCAB:
@@ -215,8 +279,10 @@ def _check_target(out: Path, overwrite: bool) -> None:
             return
         raise ValueError(f"out_dir {out} exists and is not a directory; pass overwrite=True to replace it")
     if any(out.iterdir()) and not overwrite:
-        raise ValueError(f"out_dir {out} exists and is not empty (and holds no tiny model built with these "
-                         "arguments); pass overwrite=True to replace it")
+        raise ValueError(
+            f"out_dir {out} exists and is not empty (and holds no tiny model built with these "
+            "arguments); pass overwrite=True to replace it"
+        )
 
 
 def _place(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -235,8 +301,7 @@ def _place(tmp: Path, out: Path, overwrite: bool) -> None:
 
 def _build(target: Path, build_args: dict[str, Any]) -> None:
     """Write tokenizer, model and generation config into `target`; the marker file goes last."""
-    tokenizer = _make_tokenizer(build_args["vocab_target"], build_args["max_position_embeddings"],
-                                build_args["seed"])
+    tokenizer = _make_tokenizer(build_args["vocab_target"], build_args["max_position_embeddings"], build_args["seed"])
     model = _make_model(tokenizer, build_args)
     with _quiet_progress_bars():
         tokenizer.save_pretrained(target)
@@ -257,10 +322,15 @@ def _make_tokenizer(vocab_target: int, max_length: int, seed: int) -> Any:
     # Like Llama 3: plain `tokenizer(text)` gets a bos; apply_chat_template encodes without special tokens
     # and takes the bos from the template instead.
     backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B:1", special_tokens=[(BOS_TOKEN, bos_id)])
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B:1", special_tokens=[(BOS_TOKEN, bos_id)]
+    )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
-        model_max_length=max_length, padding_side="right",
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=max_length,
+        padding_side="right",
         # The default clean-up rewrites " ." to "." and would break exact decode round-trips.
         clean_up_tokenization_spaces=False,
     )
@@ -281,7 +351,9 @@ def _train_bpe(vocab_target: int, seed: int) -> Any:
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tokenizer.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_target, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+            vocab_size=vocab_target,
+            special_tokens=list(SPECIAL_TOKENS),
+            show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is a token: no unknowns, ever
         )
         tokenizer.train_from_iterator(sentences + _pseudo_lines(extra_words), trainer=trainer)
@@ -307,13 +379,15 @@ def _sentence(rng: random.Random) -> str:
 
 def _pseudo_word(rng: random.Random) -> str:
     syllables = rng.randint(2, 4)
-    return "".join(rng.choice(_SYLLABLE_ONSETS) + rng.choice(_SYLLABLE_VOWELS) + rng.choice(_SYLLABLE_CODAS)
-                   for _ in range(syllables))
+    return "".join(
+        rng.choice(_SYLLABLE_ONSETS) + rng.choice(_SYLLABLE_VOWELS) + rng.choice(_SYLLABLE_CODAS)
+        for _ in range(syllables)
+    )
 
 
 def _pseudo_lines(words: list[str]) -> list[str]:
     """Pseudo-words repeated in short lines, so they count as frequent pairs for the trainer."""
-    return [" ".join(words[i:i + 8]) for i in range(0, len(words), 8)] * 2
+    return [" ".join(words[i : i + 8]) for i in range(0, len(words), 8)] * 2
 
 
 # -------------------------------------------------------------------------------------------------------- model
@@ -331,18 +405,27 @@ def _make_model(tokenizer: Any, build_args: dict[str, Any]) -> Any:
     vocab_size = len(tokenizer)
     assert max(tokenizer.get_vocab().values()) < vocab_size
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=build_args["num_layers"], num_attention_heads=build_args["num_heads"],
-        num_key_value_heads=build_args["num_kv_heads"], head_dim=hidden // build_args["num_heads"],
-        max_position_embeddings=build_args["max_position_embeddings"], bos_token_id=bos_id, eos_token_id=eos_id,
-        pad_token_id=pad_id, tie_word_embeddings=False, dtype="float32",
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=build_args["num_layers"],
+        num_attention_heads=build_args["num_heads"],
+        num_key_value_heads=build_args["num_kv_heads"],
+        head_dim=hidden // build_args["num_heads"],
+        max_position_embeddings=build_args["max_position_embeddings"],
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        tie_word_embeddings=False,
+        dtype="float32",
     )
     with torch.random.fork_rng(devices=[]):  # seed locally; leave the caller's RNG stream alone
         torch.manual_seed(build_args["seed"])
         model = LlamaForCausalLM(config).to(torch.float32).eval()
     # Chat turns end with <|im_end|>, plain text with <|end_of_text|>: generation must stop at either.
-    model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=[eos_id, im_end_id],
-                                               pad_token_id=pad_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=bos_id, eos_token_id=[eos_id, im_end_id], pad_token_id=pad_id
+    )
     return model
 
 

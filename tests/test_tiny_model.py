@@ -14,14 +14,16 @@ from lmtuner_core.tiny_model import IM_END, MARKER_FILE, make_tiny_model
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-TOOLS = [{
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +50,21 @@ def _masked_spans(input_ids: list[int], mask: list[int]) -> list[list[int]]:
 
 
 def _assistant_spans(tokenizer, messages: list[dict], **kwargs) -> list[str]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=True, **kwargs)
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **kwargs
+    )
     return [tokenizer.decode(span) for span in _masked_spans(out["input_ids"], out["assistant_masks"])]
 
 
 def test_build_writes_hf_layout(model_dir: Path) -> None:
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json", MARKER_FILE):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        MARKER_FILE,
+    ):
         assert (model_dir / name).is_file(), name
     marker = json.loads((model_dir / MARKER_FILE).read_text())
     assert marker["args"]["hidden_size"] == 128
@@ -72,9 +81,15 @@ def test_reloads_with_auto_classes(model_dir: Path, tokenizer) -> None:
     assert config.vocab_size >= len(tokenizer)
     assert 900 <= len(tokenizer) <= 1000  # about vocab_target
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
-        "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>")
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|pad|>",
+    )
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
-        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
     assert tokenizer.model_max_length == config.max_position_embeddings == 2048
     assert tokenizer.convert_tokens_to_ids(IM_END) in model.generation_config.eos_token_id
 
@@ -111,8 +126,11 @@ def test_assistant_mask_multi_turn_excludes_user_and_system(tokenizer) -> None:
         {"role": "assistant", "content": " You are welcome 🙂"},
     ]
     spans = _assistant_spans(tokenizer, messages)
-    assert spans == ["A high body temperature.<|im_end|>", "Rest and drink water.<|im_end|>",
-                     " You are welcome 🙂<|im_end|>"]
+    assert spans == [
+        "A high body temperature.<|im_end|>",
+        "Rest and drink water.<|im_end|>",
+        " You are welcome 🙂<|im_end|>",
+    ]
     masked_text = "".join(spans)
     for text in ("doctor", "fever", "treat", "Thanks", "assistant", "<|im_start|>"):
         assert text not in masked_text
@@ -130,8 +148,11 @@ def test_tools_and_tool_calls_rendered(tokenizer) -> None:
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "",
-         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
         {"role": "tool", "content": '{"temp": 21}'},
         {"role": "assistant", "content": "It is 21 degrees."},
     ]
@@ -141,25 +162,33 @@ def test_tools_and_tool_calls_rendered(tokenizer) -> None:
     assert text.count("<|im_start|>system") == 1  # the system prompt is merged into the tools block
     assert '<|im_start|>tool\n{"temp": 21}<|im_end|>' in text
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-    assert _assistant_spans(tokenizer, messages, tools=TOOLS) == [
-        call + "<|im_end|>", "It is 21 degrees.<|im_end|>"]
+    assert _assistant_spans(tokenizer, messages, tools=TOOLS) == [call + "<|im_end|>", "It is 21 degrees.<|im_end|>"]
 
 
 def test_tool_call_with_string_arguments_and_content(tokenizer) -> None:
-    messages = [{"role": "user", "content": "x"}, {
-        "role": "assistant", "content": "Checking.",
-        "tool_calls": [{"function": {"name": "a", "arguments": '{"k": 1}'}}, {"name": "b", "arguments": {}}],
-    }]
+    messages = [
+        {"role": "user", "content": "x"},
+        {
+            "role": "assistant",
+            "content": "Checking.",
+            "tool_calls": [{"function": {"name": "a", "arguments": '{"k": 1}'}}, {"name": "b", "arguments": {}}],
+        },
+    ]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    assert ('Checking.\n<tool_call>\n{"name": "a", "arguments": {"k": 1}}\n</tool_call>\n'
-            '<tool_call>\n{"name": "b", "arguments": {}}\n</tool_call><|im_end|>') in text
+    assert (
+        'Checking.\n<tool_call>\n{"name": "a", "arguments": {"k": 1}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "b", "arguments": {}}\n</tool_call><|im_end|>'
+    ) in text
 
 
-@pytest.mark.parametrize("text", [
-    "Héllo wörld — naïve café, 日本語のテキスト, emoji 🙂🚀, Ω≈ç√",
-    '{"instruction": "Übersetze", "output": "☃", "nested": {"list": [1, 2.5, null, true]}}\n',
-    "def f(x):\n\treturn {'a': x ** 2}  # comment\r\n    \x00\x7f",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Héllo wörld — naïve café, 日本語のテキスト, emoji 🙂🚀, Ω≈ç√",
+        '{"instruction": "Übersetze", "output": "☃", "nested": {"list": [1, 2.5, null, true]}}\n',
+        "def f(x):\n\treturn {'a': x ** 2}  # comment\r\n    \x00\x7f",
+    ],
+)
 def test_unicode_and_json_round_trip(tokenizer, text: str) -> None:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == text
@@ -207,12 +236,15 @@ def test_empty_existing_folder_is_used(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["empty"]  # no temporary build folder left behind
 
 
-@pytest.mark.parametrize(("kwargs", "named"), [
-    ({"hidden_size": 64, "num_heads": 4}, "num_heads"),
-    ({"hidden_size": 128, "num_heads": 3}, "num_heads"),
-    ({"num_heads": 4, "num_kv_heads": 3}, "num_kv_heads"),
-    ({"vocab_target": 100}, "vocab_target"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"hidden_size": 64, "num_heads": 4}, "num_heads"),
+        ({"hidden_size": 128, "num_heads": 3}, "num_heads"),
+        ({"num_heads": 4, "num_kv_heads": 3}, "num_kv_heads"),
+        ({"vocab_target": 100}, "vocab_target"),
+    ],
+)
 def test_bad_shapes_refused(tmp_path: Path, kwargs: dict, named: str) -> None:
     with pytest.raises(ValueError, match=named):
         make_tiny_model(tmp_path / "bad", **kwargs)

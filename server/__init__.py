@@ -1,0 +1,1 @@
+"""The MCP server (`lmtuner-mcp`) and the CLI (`lmtuner`)."""

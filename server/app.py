@@ -1,0 +1,113 @@
+"""Builds the MCP server: registers each tool function with its title and annotations, and turns our
+user-facing errors into tool errors the agent can read. Importing this module must not import torch."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.tools import Tool
+from mcp.types import ToolAnnotations
+
+from lmtuner_core import __version__
+from lmtuner_core.errors import LmtunerError
+from lmtuner_core.paths import AllowedRoots, lmtuner_home
+from tools import hardware, training
+from tools.context import ToolContext
+
+# pydantic's validation messages (which the SDK shows for schema violations) without documentation URLs.
+os.environ.setdefault("PYDANTIC_ERRORS_INCLUDE_URL", "0")
+
+INSTRUCTIONS = """\
+lmtuner fine-tunes language models on the user's machine. The usual flow:
+1. inspect_gpus — what hardware there is.
+2. Agree with the user on the base model, the data file and the goal; build a TrainConfig.
+3. start_training with dry_run: true — checks every path and every data row; show the user the resolved config.
+4. After the user confirms (training spends their GPU time), start_training — it returns a job_id at once.
+5. job_status with wait_seconds (e.g. 30) to follow loss and ETA without busy polling; list_jobs to see all.
+6. cancel_job to stop; it saves a checkpoint first.
+Read state (list_jobs, job_status) before starting new work, so two jobs do not fight over one GPU.
+Errors name the field to change and the values accepted."""
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    fn: Callable[..., Any]
+    title: str
+    read_only: bool
+    destructive: bool = False
+    idempotent: bool = False
+
+
+TOOLS = (
+    ToolSpec(hardware.inspect_gpus, "Inspect GPUs and machine", read_only=True, idempotent=True),
+    ToolSpec(training.start_training, "Start a fine-tuning job", read_only=False),
+    ToolSpec(training.job_status, "Job status and progress", read_only=True, idempotent=True),
+    ToolSpec(training.list_jobs, "List jobs", read_only=True, idempotent=True),
+    ToolSpec(training.cancel_job, "Cancel a job", read_only=False, destructive=True, idempotent=True),
+)
+
+
+def bind_tool(fn: Callable[..., Any], ctx: ToolContext) -> Callable[..., Any]:
+    """The tool function with `ctx` filled in and LmtunerError turned into ToolError. The signature (minus
+    ctx) is kept, with annotations evaluated, so the SDK derives the same JSON schema."""
+    signature = inspect.signature(fn, eval_str=True)
+    params = [p for name, p in signature.parameters.items() if name != "ctx"]
+
+    @functools.wraps(fn)
+    def tool(**kwargs: Any) -> Any:
+        try:
+            return fn(ctx, **kwargs)
+        except LmtunerError as exc:
+            raise ToolError(str(exc)) from None
+
+    tool.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    tool.__annotations__ = {p.name: p.annotation for p in params} | {"return": signature.return_annotation}
+    del tool.__wrapped__  # type: ignore[attr-defined]
+    return tool
+
+
+def build_server(
+    *, roots: list[str | Path] | None = None, home: Path | None = None, read_only: bool = False
+) -> MCPServer:
+    """The lmtuner MCP server. roots=None confines file arguments to the working directory and $LMTUNER_HOME."""
+    home = home or lmtuner_home()
+    allowed = AllowedRoots(roots if roots is not None else [Path.cwd(), home])
+    ctx = ToolContext(home=home, roots=allowed, read_only=read_only)
+    tools = [make_tool(spec, ctx) for spec in TOOLS if spec.read_only or not read_only]
+    return MCPServer(
+        "lmtuner",
+        title="lmtuner — fine-tune LLMs from your agent",
+        version=__version__,
+        instructions=INSTRUCTIONS,
+        tools=tools,
+    )
+
+
+def make_tool(spec: ToolSpec, ctx: ToolContext) -> Tool:
+    tool = Tool.from_function(
+        bind_tool(spec.fn, ctx),
+        name=spec.fn.__name__,
+        title=spec.title,
+        description=inspect.getdoc(spec.fn),
+        annotations=ToolAnnotations(
+            title=spec.title,
+            readOnlyHint=spec.read_only,
+            destructiveHint=spec.destructive,
+            idempotentHint=spec.idempotent,
+            openWorldHint=False,
+        ),
+    )
+    # Schema violations are reported by the SDK with pydantic's text; keep the caller's input out of it
+    # (it can be long, and may hold values the user would not want echoed into logs).
+    arg_model = tool.fn_metadata.arg_model
+    arg_model.model_config["hide_input_in_errors"] = True
+    arg_model.model_rebuild(force=True)
+    return tool

@@ -1,0 +1,168 @@
+"""`lmtuner`: the tools for scripts and terminals. Each command calls the same tool function the MCP server
+registers, so there is one implementation; output is JSON (`--json`) or a short human summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from lmtuner_core.config import load_train_config_file
+from lmtuner_core.errors import LmtunerError
+from lmtuner_core.jobs import JobProgress
+from lmtuner_core.paths import lmtuner_home
+from lmtuner_core.store import TERMINAL
+from tools import hardware, training
+from tools.context import ToolContext
+
+
+def _print(result: BaseModel, as_json: bool, summary: str) -> None:
+    print(result.model_dump_json(indent=2) if as_json else summary)
+
+
+def _progress_line(p: JobProgress) -> str:
+    total = p.total_steps or 0
+    width = 30
+    done = int(width * p.step / total) if total else 0
+    bar = "#" * done + "-" * (width - done)
+    loss = f"loss {p.loss:.4f}" if p.loss is not None else "loss -"
+    eta = f"eta {p.eta_seconds:.0f}s" if p.eta_seconds is not None else ""
+    phase = f"({p.phase})" if p.phase and p.phase != "training" else ""
+    return f"{p.job_id} {p.status:<9} [{bar}] {p.step}/{total or '?'} {loss} {eta} {phase}".rstrip()
+
+
+def follow(ctx: ToolContext, job_id: str, stream=sys.stdout) -> JobProgress:
+    """Redraws one progress line until the job ends; returns the final progress."""
+    while True:
+        progress = training.job_status(ctx, job_id, wait_seconds=5, log_lines=0)
+        line = _progress_line(progress)
+        if stream.isatty():
+            stream.write("\r" + line.ljust(110))
+        else:
+            stream.write(line + "\n")
+        stream.flush()
+        if progress.status in TERMINAL:
+            if stream.isatty():
+                stream.write("\n")
+            return training.job_status(ctx, job_id, log_lines=10)
+
+
+def cmd_train(ctx: ToolContext, args: argparse.Namespace) -> int:
+    config = load_train_config_file(args.config)
+    result = training.start_training(ctx, config, dry_run=args.dry_run)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    _print(result, args.json, f"job {result.job_id} {result.status}; run folder {result.run_dir}")
+    if args.follow and result.job_id:
+        final = follow(ctx, result.job_id)
+        return _report_end(final)
+    return 0
+
+
+def _report_end(progress: JobProgress) -> int:
+    if progress.status == "completed":
+        print(f"completed: output in {progress.output_dir}")
+        return 0
+    print(f"{progress.status}: {progress.error or ''}", file=sys.stderr)
+    return 1
+
+
+def cmd_status(ctx: ToolContext, args: argparse.Namespace) -> int:
+    if args.follow:
+        return _report_end(follow(ctx, args.job_id))
+    progress = training.job_status(ctx, args.job_id, log_lines=args.log_lines)
+    summary = _progress_line(progress) + ("\n" + "\n".join(progress.log_tail or []) if args.log_lines else "")
+    if progress.error:
+        summary += f"\nerror: {progress.error}"
+    _print(progress, args.json, summary)
+    return 0
+
+
+def cmd_jobs(ctx: ToolContext, args: argparse.Namespace) -> int:
+    result = training.list_jobs(ctx, args.status)
+    _print(result, args.json, "\n".join(_progress_line(p) for p in result.jobs) or "no jobs")
+    return 0
+
+
+def cmd_cancel(ctx: ToolContext, args: argparse.Namespace) -> int:
+    result = training.cancel_job(ctx, args.job_id, grace_seconds=args.grace)
+    _print(result, args.json, f"{result.job_id} {result.status}")
+    return 0
+
+
+def cmd_inspect(ctx: ToolContext, args: argparse.Namespace) -> int:
+    report = hardware.inspect_gpus(ctx)
+    gpus = ", ".join(f"{g.name} ({g.memory_free_mib}/{g.memory_total_mib} MiB free)" for g in report.gpus) or "none"
+    summary = (
+        f"GPUs: {gpus}\nCPU: {report.cpu.model}, {report.cpu.cores} cores\n"
+        f"RAM: {report.memory_available_mib}/{report.memory_total_mib} MiB available\n"
+        f"Disk: {report.disk_free_gib} GiB free"
+    )
+    _print(report, args.json, summary)
+    return 0
+
+
+def cmd_make_tiny_model(ctx: ToolContext, args: argparse.Namespace) -> int:
+    from lmtuner_core.tiny_model import make_tiny_model
+
+    try:
+        out = make_tiny_model(args.dir, overwrite=args.overwrite)
+    except ValueError as exc:
+        raise LmtunerError(str(exc)) from None
+    print(json.dumps({"model_dir": str(out)}) if args.json else f"tiny model written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmtuner", description="Fine-tune LLMs from scripts and terminals.")
+    parser.add_argument("--json", action="store_true", help="Print results as JSON.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="Start a job from a JSON/YAML TrainConfig file.")
+    p.add_argument("config", type=Path)
+    p.add_argument("--dry-run", action="store_true", help="Check everything, start nothing.")
+    p.add_argument("--follow", action="store_true", help="Show progress until the job ends.")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("status", help="Show a job's progress.")
+    p.add_argument("job_id")
+    p.add_argument("--follow", action="store_true", help="Live progress bar until the job ends.")
+    p.add_argument("--log-lines", type=int, default=0)
+    p.set_defaults(run=cmd_status)
+
+    p = sub.add_parser("jobs", help="List jobs.")
+    p.add_argument("--status", choices=["queued", "running", "completed", "failed", "cancelled"])
+    p.set_defaults(run=cmd_jobs)
+
+    p = sub.add_parser("cancel", help="Stop a job (it saves a checkpoint first).")
+    p.add_argument("job_id")
+    p.add_argument("--grace", type=float, default=20.0, help="Seconds to wait before killing it.")
+    p.set_defaults(run=cmd_cancel)
+
+    p = sub.add_parser("inspect", help="GPUs, CPU, memory, disk and library versions.")
+    p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("make-tiny-model", help="Build a tiny offline Llama + tokenizer (tests, demos).")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=cmd_make_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ctx = ToolContext(home=lmtuner_home())
+    try:
+        return args.run(ctx, args)
+    except LmtunerError as exc:
+        print(f"lmtuner: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""`lmtuner-mcp`: serve lmtuner's tools over stdio (what desktop and IDE agents launch)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lmtuner-mcp", description="lmtuner's MCP server (stdio by default).")
+    parser.add_argument(
+        "--root",
+        action="append",
+        metavar="DIR",
+        help="A folder file arguments may name (repeatable). Default: the working directory and $LMTUNER_HOME.",
+    )
+    parser.add_argument("--read-only", action="store_true", help="Expose only the tools that change nothing.")
+    parser.add_argument("--http", action="store_true", help="Serve Streamable HTTP at /mcp instead of stdio.")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1).")
+    parser.add_argument("--port", type=int, default=8765, help="HTTP port (default 8765).")
+    parser.add_argument("--token-file", metavar="FILE", help="File holding the HTTP bearer token.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.http:
+        print(
+            "lmtuner-mcp: the HTTP transport (with bearer-token auth) is not in this version yet; "
+            "run without --http for stdio",
+            file=sys.stderr,
+        )
+        return 2
+    from server.app import build_server
+
+    build_server(roots=args.root, read_only=args.read_only).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
