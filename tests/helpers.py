@@ -1,0 +1,73 @@
+"""Test helpers: drive a real `lmtuner-mcp` over stdio with the official SDK client."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import mcp
+from mcp.client.stdio import StdioServerParameters
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+def server_params(home: Path, roots: list[Path], cwd: Path | None = None) -> StdioServerParameters:
+    command = str(Path(sys.executable).parent / "lmtuner-mcp")
+    args = [arg for root in roots for arg in ("--root", str(root))]
+    env = {**os.environ, "LMTUNER_HOME": str(home)}
+    return StdioServerParameters(command=command, args=args, env=env, cwd=cwd)
+
+
+@asynccontextmanager
+async def stdio_client(home: Path, roots: list[Path]):
+    async with mcp.Client(server_params(home, roots)) as client:
+        yield client
+
+
+async def call_ok(client, tool: str, arguments: dict) -> dict:
+    result = await client.call_tool(tool, arguments)
+    assert not result.is_error, f"{tool} failed: {result.content[0].text}"
+    return result.structured_content
+
+
+async def call_error(client, tool: str, arguments: dict) -> str:
+    result = await client.call_tool(tool, arguments)
+    assert result.is_error, f"{tool} should have failed: {result.structured_content}"
+    return result.content[0].text
+
+
+async def wait_for_end(client, job_id: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = await call_ok(client, "job_status", {"job_id": job_id, "wait_seconds": 10})
+        if status["status"] in TERMINAL:
+            return status
+    raise AssertionError(f"job {job_id} did not finish within {timeout}s: {status}")
+
+
+def read_losses(run_dir: str) -> list[float]:
+    lines = Path(run_dir, "metrics.jsonl").read_text().splitlines()
+    return [record["loss"] for record in map(json.loads, lines) if "loss" in record]
+
+
+def quick_config(model: Path, dataset, **overrides) -> dict:
+    """A job small enough for CI: a few steps, short rows, a high learning rate so the loss visibly falls."""
+    config = {
+        "model": str(model),
+        "dataset": dataset if isinstance(dataset, dict) else str(dataset),
+        "method": "lora",
+        "max_steps": 12,
+        "batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 3e-3,
+        "max_seq_len": 128,
+        "logging_steps": 1,
+        "warmup_ratio": 0.0,
+        "lr_scheduler": "constant",
+    }
+    config.update(overrides)
+    return config

@@ -1,0 +1,99 @@
+"""The server as a product surface: start-up cost, tool schemas (snapshotted), annotations, read-only mode.
+
+Refresh the snapshots after a deliberate interface change with:
+    UPDATE_SNAPSHOTS=1 .venv/bin/python -m pytest tests/test_server.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import mcp
+import pytest
+
+from server.app import TOOLS, build_server
+
+SNAPSHOTS = Path(__file__).parent / "__toolsnaps__"
+
+
+def _list_tools(**kwargs) -> list:
+    async def scenario():
+        async with mcp.Client(build_server(**kwargs)) as client:
+            return (await client.list_tools()).tools
+
+    return anyio.run(scenario)
+
+
+def test_building_the_server_imports_neither_torch_nor_transformers():
+    code = (
+        "import sys; from server.app import build_server; build_server(); "
+        "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"server start-up imported {out.stdout.strip()}"
+
+
+def test_tool_schemas_match_snapshots(lmtuner_home):
+    tools = _list_tools(home=lmtuner_home)
+    assert [t.name for t in tools] == [spec.fn.__name__ for spec in TOOLS]
+    SNAPSHOTS.mkdir(exist_ok=True)
+    for tool in tools:
+        current = {"input": tool.input_schema, "output": tool.output_schema}
+        path = SNAPSHOTS / f"{tool.name}.json"
+        if os.environ.get("UPDATE_SNAPSHOTS") == "1" or not path.exists():
+            path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+        assert current == json.loads(path.read_text()), (
+            f"the JSON schema of {tool.name} changed; if that is deliberate, run with UPDATE_SNAPSHOTS=1"
+        )
+
+
+def test_every_field_of_every_tool_has_a_description(lmtuner_home):
+    def walk(schema: dict, where: str):
+        for name, prop in schema.get("properties", {}).items():
+            assert "description" in prop or "$ref" in prop, f"{where}.{name} has no description"
+        for name, sub in schema.get("$defs", {}).items():
+            walk(sub, f"{where}.$defs.{name}")
+
+    for tool in _list_tools(home=lmtuner_home):
+        assert tool.title and tool.description and len(tool.description) > 60, tool.name
+        walk(tool.input_schema, f"{tool.name}.input")
+
+
+def test_annotations_mark_reading_and_destroying(lmtuner_home):
+    tools = {t.name: t for t in _list_tools(home=lmtuner_home)}
+    assert tools["inspect_gpus"].annotations.read_only_hint is True
+    assert tools["job_status"].annotations.read_only_hint is True
+    assert tools["list_jobs"].annotations.read_only_hint is True
+    assert tools["start_training"].annotations.read_only_hint is False
+    assert tools["cancel_job"].annotations.destructive_hint is True
+
+
+def test_read_only_mode_exposes_only_tools_that_change_nothing(lmtuner_home):
+    names = {t.name for t in _list_tools(home=lmtuner_home, read_only=True)}
+    assert names == {"inspect_gpus", "job_status", "list_jobs"}
+
+
+def test_inspect_gpus_on_a_machine_without_gpus_is_an_answer_not_an_error(lmtuner_home):
+    async def scenario():
+        async with mcp.Client(build_server(home=lmtuner_home)) as client:
+            return await client.call_tool("inspect_gpus", {})
+
+    result = anyio.run(scenario)
+    assert not result.is_error
+    report = result.structured_content
+    assert report["cpu"]["cores"] >= 1 and report["memory_total_mib"] > 0 and report["disk_free_gib"] > 0
+    assert report["software"]["torch"]
+    if not report["gpus"]:
+        assert report["cuda_available"] is False
+
+
+@pytest.mark.parametrize("flag", ["--http"])
+def test_unavailable_transport_is_refused_with_a_reason(flag):
+    out = subprocess.run([sys.executable, "-m", "server.main", flag], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "not in this version" in out.stderr
