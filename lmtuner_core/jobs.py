@@ -167,7 +167,7 @@ class JobService:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "LMTUNER_HOME": str(self.home)}
         with run.log.open("ab") as log:
             child = subprocess.Popen(
-                [sys.executable, "-m", "lmtuner_core.train", str(run.root)],
+                [sys.executable, "-m", "lmtuner_core.supervisor", str(run.root)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=run.root, env=env, start_new_session=True,
             )  # fmt: skip
@@ -191,9 +191,11 @@ class JobService:
         run = RunDir(Path(record.run_dir))
         state = read_state(run)
         if state.get("status") in TERMINAL:
-            self._finish(record, state["status"], state.get("error"), _reap(record.pid))
+            _reap(record.pid)
+            self._finish(record, state["status"], state.get("error"), read_exit_code(run))
         elif record.pid is not None and not _alive(record.pid, record.pid_started_at):
-            code = _reap(record.pid)
+            _reap(record.pid)
+            code = read_exit_code(run)
             state = read_state(run)  # it may have written its final state just before exiting
             if state.get("status") in TERMINAL:
                 self._finish(record, state["status"], state.get("error"), code)
@@ -251,6 +253,14 @@ def read_state(run: RunDir) -> dict:
         return json.loads(run.state.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return {}  # not written yet, or caught mid-replace on a filesystem without atomic rename
+
+
+def read_exit_code(run: RunDir) -> int | None:
+    """The training process's exit code as its supervisor recorded it (negative: killed by that signal)."""
+    try:
+        return int(json.loads((run.root / "exit.json").read_text(encoding="utf-8"))["returncode"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def tail_lines(path: Path, n: int, max_bytes: int = 65536) -> list[str]:
@@ -357,16 +367,15 @@ def _alive(pid: int, started_at: float | None) -> bool:
         return False
 
 
-def _reap(pid: int | None) -> int | None:
-    """The exit code of a child we started (None for one started by an earlier server)."""
+def _reap(pid: int | None) -> None:
+    """Collects a finished child of this process so it does not linger as a zombie."""
     child = _CHILDREN.pop(pid, None) if pid is not None else None
     if child is None:
-        return None
+        return
     try:
-        return child.wait(timeout=5)
+        child.wait(timeout=5)
     except subprocess.TimeoutExpired:
         _CHILDREN[pid] = child  # type: ignore[index]
-        return None
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -1,0 +1,44 @@
+"""`python -m lmtuner_core.supervisor RUN_DIR`: runs the training child and records how it ended.
+
+Only a parent learns a child's exit status, and the server that started a job may be gone (restarted, or a
+CLI that exited). This small stdlib-only parent stays with the job and writes RUN_DIR/exit.json, so any
+later reader can say "killed by SIGKILL" instead of "ended somehow".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m lmtuner_core.supervisor RUN_DIR", file=sys.stderr)
+        return 2
+    run_dir = Path(argv[0])
+    child = subprocess.Popen([sys.executable, "-m", "lmtuner_core.train", str(run_dir)])
+
+    def forward(signum, _frame):
+        # A signal sent to the whole process group reaches the trainer too; one sent to this pid alone is
+        # passed on, so either way the trainer gets to save a checkpoint.
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = child.wait()
+    ended = {"returncode": code, "signal": signal.Signals(-code).name if code < 0 else None, "ended_at": time.time()}
+    tmp = run_dir / "exit.json.tmp"
+    tmp.write_text(json.dumps(ended), encoding="utf-8")
+    os.replace(tmp, run_dir / "exit.json")
+    return code if code >= 0 else 128 - code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The `lmtuner` CLI as a script would use it: real subprocesses, JSON output, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lmtuner_core.sample_data import write_demo_dataset
+from tests.helpers import quick_config
+
+LMTUNER = str(Path(sys.executable).parent / "lmtuner")
+
+
+def run_cli(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LMTUNER_HOME": str(home)}
+    out = subprocess.run([LMTUNER, *args], capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_make_tiny_model_then_dry_run_then_train_and_follow(tmp_path, lmtuner_home):
+    model_dir = tmp_path / "tiny"
+    made = json.loads(run_cli("--json", "make-tiny-model", str(model_dir), home=lmtuner_home).stdout)
+    assert Path(made["model_dir"], "config.json").is_file()
+
+    data = write_demo_dataset(tmp_path / "demo.jsonl", n=16)
+    config_file = tmp_path / "job.json"
+    config_file.write_text(json.dumps(quick_config(model_dir, data, max_steps=3)))
+    dry = json.loads(run_cli("--json", "train", str(config_file), "--dry-run", home=lmtuner_home).stdout)
+    assert dry["status"] == "dry_run" and dry["config"]["max_steps"] == 3
+
+    followed = run_cli("train", str(config_file), "--follow", home=lmtuner_home)
+    assert "completed: output in" in followed.stdout
+    jobs = json.loads(run_cli("--json", "jobs", home=lmtuner_home).stdout)["jobs"]
+    assert len(jobs) == 1 and jobs[0]["status"] == "completed" and jobs[0]["step"] == 3
+
+
+def test_bad_config_file_exits_2_with_the_field_named(tmp_path, lmtuner_home):
+    config_file = tmp_path / "job.json"
+    config_file.write_text(json.dumps({"model": "x", "dataset": "d.jsonl", "batch_size": 0}))
+    out = run_cli("train", str(config_file), home=lmtuner_home, check=False)
+    assert out.returncode == 2
+    assert "batch_size" in out.stderr and "greater than or equal to 1" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_killed_training_process_makes_the_job_failed_naming_the_signal(tiny_model, tmp_path, lmtuner_home):
+    data = write_demo_dataset(tmp_path / "demo.jsonl", n=16)
+    config_file = tmp_path / "job.json"
+    config_file.write_text(json.dumps(quick_config(tiny_model, data, max_steps=100_000)))
+    job_id = json.loads(run_cli("--json", "train", str(config_file), home=lmtuner_home).stdout)["job_id"]
+    state_file = lmtuner_home / "runs" / job_id / "state.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if state_file.exists() and json.loads(state_file.read_text()).get("step", 0) > 0:
+            break
+        time.sleep(0.5)
+    pid = json.loads(state_file.read_text())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    asked = time.monotonic()
+    status = json.loads(run_cli("--json", "status", job_id, home=lmtuner_home).stdout)
+    assert time.monotonic() - asked < 5
+    assert status["status"] == "failed"
+    assert "SIGKILL" in status["error"]
