@@ -81,11 +81,11 @@ class LoadedData:
 def resolve_dataset(spec: DatasetSpec, roots: AllowedRoots) -> DataSource:
     """Finds the files behind a DatasetSpec: a path, or a LLaMA-Factory dataset_info.json entry."""
     if spec.path is not None:
+        if _looks_like_entry_name(spec.path) and not Path(spec.path).exists():
+            return _resolve_entry(spec.path, spec, roots)
         path = roots.resolve(spec.path, "dataset.path")
         if path.exists():
             return DataSource(_data_files(path), spec.format, dict(spec.columns or {}), {}, label=str(path))
-        if _looks_like_entry_name(spec.path):
-            return _resolve_entry(spec.path, spec, roots)
         raise DatasetError(
             f"dataset: file {spec.path!r} not found (resolved to {path}); give a .json, .jsonl, .csv or .parquet "
             "file, or the name of an entry in a dataset_info.json",
@@ -95,7 +95,7 @@ def resolve_dataset(spec: DatasetSpec, roots: AllowedRoots) -> DataSource:
 
 
 def _looks_like_entry_name(value: str) -> bool:
-    return "/" not in value and "\\" not in value and not value.endswith(DATA_SUFFIXES)
+    return re.fullmatch(r"\w[\w.-]*", value) is not None and not value.endswith(DATA_SUFFIXES)
 
 
 def _data_files(path: Path) -> list[Path]:
@@ -138,12 +138,18 @@ def _resolve_entry(name: str, spec: DatasetSpec, roots: AllowedRoots) -> DataSou
         )
     entry = registry[name]
     for key in HUB_KEYS:
-        if key in entry and "file_name" not in entry:
+        if isinstance(entry, dict) and key in entry and "file_name" not in entry:
             raise DatasetError(
                 f"dataset: entry {name!r} loads from a hub ({key}); lmtuner reads local files only — download it and "
                 "add a file_name",
                 field="dataset.name",
             )
+    if not isinstance(entry, dict) or "file_name" not in entry:
+        raise DatasetError(
+            f"dataset: entry {name!r} in {info_path} has no file_name; an entry is an object such as "
+            '{"file_name": "data.json", "formatting": "alpaca"}',
+            field="dataset.name",
+        )
     if entry.get("ranking"):
         raise DatasetError(
             f"dataset: entry {name!r} is preference data (ranking: true); supervised fine-tuning needs "
@@ -182,7 +188,7 @@ def iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
         yield from _iter_jsonl(path)
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as exc:
             raise DatasetError(
                 f"dataset {path.name}: not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}); fix the "
@@ -214,21 +220,19 @@ def iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
 def _is_json_lines(path: Path) -> bool:
     """A .json file whose first non-blank character is '{' followed by more objects on later lines."""
     with path.open("rb") as fh:
-        head = fh.read(4096).lstrip()
+        head = fh.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
     return head.startswith(b"{") and b"\n{" in head.replace(b"\r\n", b"\n")
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8", errors="strict") as fh:
-        line_no = 0
-        while True:
+    # Bytes, decoded line by line: a text-mode reader decodes ahead in 8 KiB blocks, so its UnicodeDecodeError
+    # would name the wrong line.
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
             try:
-                line = fh.readline()
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError:
-                raise DatasetError(f"dataset {path.name} line {line_no + 1}: not UTF-8 text", field="dataset") from None
-            if not line:
-                return
-            line_no += 1
+                raise DatasetError(f"dataset {path.name} line {line_no}: not UTF-8 text", field="dataset") from None
             if not line.strip():
                 continue
             try:
@@ -238,7 +242,8 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _iter_csv(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8", newline="") as fh:
+    # utf-8-sig: Excel and Notepad start UTF-8 files with a BOM, which would otherwise join the first column name.
+    with path.open(encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh)
         for row in reader:
             if None in row:
@@ -335,6 +340,8 @@ def _tools(row: dict, key: str | None) -> list | None:
             raise RowError(f"'tools' is not valid JSON ({exc.msg})") from None
     if isinstance(value, dict):
         value = [value]
+    if value == []:  # glaive-style rows store "[]" for no tools; the normal form says None
+        return None
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise RowError("'tools' must be a list of tool (function) descriptions")
     return value
@@ -541,7 +548,9 @@ def _tokenize_by_prefixes(messages: list[dict], tools: list | None, tokenizer: A
                 "assistant's tokens cannot be located; set assistant_only_loss: false or use a template with "
                 "{% generation %} markers"
             )
-        spans.append((len(start), len(end)))
+        # The turn's trailing whitespace (ChatML's "\n" after <|im_end|>) separates turns; it is not the
+        # assistant's to learn, and templates with {% generation %} markers leave it out too.
+        spans.append((len(start), max(len(start), len(end.rstrip()))))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(a < e and b > s for s, e in spans)) for a, b in enc["offset_mapping"]]
     return {"input_ids": list(enc["input_ids"]), "assistant_masks": mask}
@@ -550,8 +559,11 @@ def _tokenize_by_prefixes(messages: list[dict], tools: list | None, tokenizer: A
 def tokenize_text(example: dict, tokenizer: Any) -> dict:
     """Plain text for continued pre-training: bos (if the model uses one) + text + eos, loss on every token."""
     ids = tokenizer(example["text"], add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", True):
-        ids = [tokenizer.bos_token_id, *ids]
+    bos = tokenizer.bos_token_id
+    # Ask the tokenizer itself: in transformers 5 `add_bos_token` is False for tokenizers whose tokenizer.json
+    # post-processor adds the bos (Llama 3 and the like), so the attribute alone would drop it.
+    if bos is not None and tokenizer("a")["input_ids"][:1] == [bos]:
+        ids = [bos, *ids]
     if tokenizer.eos_token_id is not None:
         ids = [*ids, tokenizer.eos_token_id]
     return {"input_ids": ids}

@@ -252,7 +252,7 @@ def test_rejected_values_are_not_echoed():
 def test_non_object_config_is_refused():
     with pytest.raises(LmtunerError, match="must be an object"):
         parse_train_config(["model", "dataset"])
-    with pytest.raises(LmtunerError, match="start_training.config must be an object"):
+    with pytest.raises(LmtunerError, match=r"start_training\.config must be an object"):
         parse_train_config("model: x", source="start_training.config")
 
 
