@@ -24,16 +24,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.http:
-        print(
-            "lmtuner-mcp: the HTTP transport (with bearer-token auth) is not in this version yet; "
-            "run without --http for stdio",
-            file=sys.stderr,
-        )
-        return 2
+    from lmtuner_core.errors import LmtunerError
+    from lmtuner_core.paths import lmtuner_home
     from server.app import build_server
 
-    build_server(roots=args.root, read_only=args.read_only).run()
+    server = build_server(roots=args.root, read_only=args.read_only)
+    if not args.http:
+        server.run()
+        return 0
+    from server.http import read_token, resolve_token, serve_http
+
+    try:
+        token, generated = resolve_token(args.host, read_token(args.token_file), lmtuner_home())
+    except LmtunerError as exc:
+        print(f"lmtuner-mcp: {exc}", file=sys.stderr)
+        return 2
+    if generated:
+        print(f"lmtuner-mcp: no LMTUNER_TOKEN or --token-file; generated a token in {lmtuner_home() / 'http-token'}",
+              file=sys.stderr)  # fmt: skip
+    print(f"lmtuner-mcp: serving http://{args.host}:{args.port}/mcp (bearer token required)", file=sys.stderr)
+    serve_http(server, host=args.host, port=args.port, token=token)
     return 0
 
 

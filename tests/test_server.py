@@ -14,7 +14,6 @@ from pathlib import Path
 
 import anyio
 import mcp
-import pytest
 
 from server.app import TOOLS, build_server
 
@@ -91,9 +90,3 @@ def test_inspect_gpus_on_a_machine_without_gpus_is_an_answer_not_an_error(lmtune
     assert report["software"]["torch"]
     if not report["gpus"]:
         assert report["cuda_available"] is False
-
-
-@pytest.mark.parametrize("flag", ["--http"])
-def test_unavailable_transport_is_refused_with_a_reason(flag):
-    out = subprocess.run([sys.executable, "-m", "server.main", flag], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "not in this version" in out.stderr
