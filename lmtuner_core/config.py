@@ -177,6 +177,11 @@ class TrainConfig(StrictModel):
     assistant_only_loss: bool = Field(
         True, description="For chat data, learn only the assistant's turns (not the prompts)."
     )
+    devices: list[int] | Literal["auto", "cpu"] = Field(
+        "auto",
+        description="GPU indices the job uses, e.g. [0, 1]; 'cpu'; or 'auto' (all visible GPUs, else the CPU). "
+        "A job whose devices are busy waits as 'queued'.",
+    )
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder/hub (only if trusted).")
 
     @field_validator("dataset", mode="before")

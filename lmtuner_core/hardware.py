@@ -120,15 +120,22 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def inspect_hardware(home: Path) -> HardwareReport:
-    """Reads the machine without importing torch, so it is cheap enough to call before every plan."""
-    notes: list[str] = []
+def list_gpus(notes: list[str] | None = None) -> list[GpuInfo]:
+    """The NVIDIA GPUs this process may use (CUDA_VISIBLE_DEVICES respected); empty without a driver."""
+    notes = [] if notes is None else notes
     gpus = _nvml_gpus(notes)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if gpus and visible is not None:
         allowed = {v.strip() for v in visible.split(",") if v.strip()}
         gpus = [g for g in gpus if str(g.index) in allowed]
         notes.append(f"CUDA_VISIBLE_DEVICES={visible!r} limits the GPUs listed")
+    return gpus
+
+
+def inspect_hardware(home: Path) -> HardwareReport:
+    """Reads the machine without importing torch, so it is cheap enough to call before every plan."""
+    notes: list[str] = []
+    gpus = list_gpus(notes)
     mem = psutil.virtual_memory()
     disk = shutil.disk_usage(home)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,60 +1,60 @@
-"""Jobs: check a config, start its training child, and read back what the child wrote.
+"""Jobs: check a config, queue it, start its training process when its devices are free, and reconcile.
 
-The server never trains. `submit` spawns `python -m lmtuner_core.train RUN_DIR` in its own session (process
-group) and returns; the child writes `state.json` and `metrics.jsonl`; `refresh` reconciles the SQLite
-record with the child's files and the process table whenever someone asks.
+The server never trains. A job is recorded `queued`; `schedule` claims queued jobs whose devices are free
+(in one SQLite write transaction, so two servers never start the same job or overbook a GPU) and spawns each
+under `lmtuner_core.supervisor` in its own session. Whoever looks next — a server, the CLI, or the
+supervisor of a job that just ended — concludes finished jobs from their run folders and starts the next.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
-
-import psutil
-from pydantic import BaseModel, Field
 
 from lmtuner_core.config import TrainConfig
 from lmtuner_core.data import load_examples, resolve_dataset
 from lmtuner_core.errors import LmtunerError, NotFoundError
 from lmtuner_core.methods import METHODS
 from lmtuner_core.paths import AllowedRoots, RunDir, check_job_id
+from lmtuner_core.processes import alive, exit_reason, reap, signal_group, spawn_supervised
+from lmtuner_core.progress import JobProgress, read_exit_code, read_progress, read_state
 from lmtuner_core.store import STATUSES, TERMINAL, JobRecord, JobStore
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-# Popen handles of children this process started, so their exit codes are collected (no zombies).
-_CHILDREN: dict[int, subprocess.Popen] = {}
+# A job claimed for starting but still without a process after this long lost its starter: queue it again.
+CLAIM_TIMEOUT_SECONDS = 60.0
 
 
-class JobProgress(BaseModel):
-    """What a job is doing, as read from the job store and its run folder."""
+def cpu_job_slots() -> int:
+    """How many CPU-only jobs run at once: $LMTUNER_MAX_CPU_JOBS, else one per 8 cores (at least one), since
+    two PyTorch processes on the same few cores each run far slower than half speed."""
+    configured = os.environ.get("LMTUNER_MAX_CPU_JOBS")
+    if configured:
+        try:
+            return max(1, int(configured))
+        except ValueError:
+            raise LmtunerError(f"LMTUNER_MAX_CPU_JOBS={configured!r} is not a whole number") from None
+    return max(1, (os.cpu_count() or 1) // 8)
 
-    job_id: str = Field(description="The job's id. Example: '20261128-215012-a3f9'.")
-    status: str = Field(description="queued | running | completed | failed | cancelled.")
-    phase: str | None = Field(None, description="What a running job is doing: loading, tokenizing, training, saving.")
-    step: int = Field(0, description="Optimizer steps done.")
-    total_steps: int | None = Field(None, description="Optimizer steps planned.")
-    epoch: float | None = Field(None, description="Passes over the data so far (fractional).")
-    loss: float | None = Field(None, description="Latest training loss.")
-    learning_rate: float | None = Field(None, description="Latest learning rate.")
-    tokens_per_second: float | None = Field(None, description="Non-padding tokens trained per second, recently.")
-    elapsed_seconds: float | None = Field(None, description="Seconds since the job started running.")
-    eta_seconds: float | None = Field(None, description="Estimated seconds to finish, from the step rate so far.")
-    eval_loss: float | None = Field(None, description="Latest loss on the held-out rows, if any.")
-    output_dir: str = Field(description="Where the final adapter or model is (or will be) written.")
-    checkpoints: list[str] = Field(default_factory=list, description="Checkpoint folders kept so far.")
-    error: str | None = Field(None, description="Why the job failed, with what to change.")
-    log_tail: list[str] | None = Field(None, description="Last lines of train.log.")
-    run_dir: str = Field(description="The job's folder: config.json, train.log, metrics.jsonl, checkpoints/.")
-    model: str = Field(description="Base model of the job.")
-    method: str = Field(description="Training method of the job.")
-    created_at: float = Field(description="When the job was submitted (Unix time).")
+
+def resolve_devices(requested: list[int] | str) -> str:
+    """The devices a job will hold, as the store keeps them: 'cpu' or '0,1'."""
+    from lmtuner_core.hardware import list_gpus
+
+    gpus = [g.index for g in list_gpus()]
+    if requested == "cpu":
+        return "cpu"
+    if requested == "auto":
+        return ",".join(map(str, gpus)) if gpus else "cpu"
+    missing = [i for i in requested if i not in gpus]
+    if missing:
+        have = ", ".join(map(str, gpus)) or "none"
+        raise LmtunerError(f"devices: GPU {missing[0]} does not exist here (GPUs: {have}); use 'auto'", field="devices")
+    return ",".join(map(str, sorted(set(requested))))
 
 
 def new_job_id() -> str:
@@ -144,38 +144,55 @@ class JobService:
     def run_dir(self, job_id: str) -> RunDir:
         return RunDir(self.home / "runs" / job_id)
 
+    # -------------------------------------------------------------------------------------------- submit
+
     def submit(self, config: TrainConfig, *, dry_run: bool = False) -> tuple[JobRecord | None, TrainConfig, list[str]]:
-        """Checks the config and, unless dry_run, records the job and starts its child process."""
+        """Checks the config and, unless dry_run, records the job and starts it if its devices are free."""
         job_id = new_job_id()
         run = self.run_dir(job_id)
         checked, warnings = check_config(config, self.roots, run)
+        devices = resolve_devices(checked.devices)
         if dry_run:
             return None, checked, warnings
-        run.root.mkdir(parents=True)
-        run.config.write_text(checked.to_json(), encoding="utf-8")
-        record = self.store.create(
-            job_id=job_id, run_dir=run.root, model=checked.model, method=checked.method,
-            output_dir=Path(checked.output_dir or run.default_output),
-        )  # fmt: skip
         try:
-            self._spawn(record, run)
+            run.root.mkdir(parents=True)
+            run.config.write_text(checked.to_json(), encoding="utf-8")
+        except OSError as exc:
+            raise LmtunerError(f"cannot write the run folder {run.root}: {exc.strerror}; free disk space") from None
+        self.store.create(
+            job_id=job_id, run_dir=run.root, model=checked.model, method=checked.method,
+            output_dir=Path(checked.output_dir or run.default_output), devices=devices,
+        )  # fmt: skip
+        self.schedule()
+        record = self.store.get(job_id)
+        if record is not None and record.status == "queued":
+            warnings.append(f"queued: devices {devices} are busy; the job starts when they are free")
+        return record, checked, warnings
+
+    def schedule(self) -> list[str]:
+        """Starts every queued job whose devices are free; returns their ids."""
+        for record in self.store.list(statuses=("running",)):
+            self.refresh(record, schedule=False)
+        started = []
+        for job_id in self.store.claim_startable(cpu_slots=cpu_job_slots()):
+            self._spawn(job_id)
+            started.append(job_id)
+        return started
+
+    def _spawn(self, job_id: str) -> None:
+        run = self.run_dir(job_id)
+        record = self.store.get(job_id)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "LMTUNER_HOME": str(self.home)}
+        if record is not None and record.devices != "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = record.devices
+        try:
+            pid, started_at = spawn_supervised(run, env)
         except OSError as exc:
             self.store.update(job_id, status="failed", finished_at=time.time(), error=f"could not start: {exc}")
-        return self.store.get(job_id), checked, warnings
+            return
+        self.store.update(job_id, started_at=time.time(), pid=pid, pid_started_at=started_at)
 
-    def _spawn(self, record: JobRecord, run: RunDir) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "LMTUNER_HOME": str(self.home)}
-        with run.log.open("ab") as log:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "lmtuner_core.supervisor", str(run.root)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=run.root, env=env, start_new_session=True,
-            )  # fmt: skip
-        _CHILDREN[child.pid] = child
-        self.store.update(
-            record.job_id, status="running", started_at=time.time(), pid=child.pid,
-            pid_started_at=_process_start_time(child.pid),
-        )  # fmt: skip
+    # -------------------------------------------------------------------------------------------- reading
 
     def get(self, job_id: str) -> JobRecord:
         check_job_id(job_id)
@@ -184,26 +201,39 @@ class JobService:
             raise NotFoundError(f"job_id: no job {job_id!r}; list_jobs shows the jobs there are", field="job_id")
         return self.refresh(record)
 
-    def refresh(self, record: JobRecord) -> JobRecord:
-        """Brings a non-final record up to date with the child's state file and the process table."""
+    def refresh(self, record: JobRecord, *, schedule: bool = True) -> JobRecord:
+        """Brings a non-final record up to date with the run folder and the process table; when a job has
+        ended, starts what was waiting for its devices."""
         if record.status in TERMINAL:
             return record
         run = RunDir(Path(record.run_dir))
-        state = read_state(run)
-        if state.get("status") in TERMINAL:
-            _reap(record.pid)
-            self._finish(record, state["status"], state.get("error"), read_exit_code(run))
-        elif record.pid is not None and not _alive(record.pid, record.pid_started_at):
-            _reap(record.pid)
-            code = read_exit_code(run)
-            state = read_state(run)  # it may have written its final state just before exiting
-            if state.get("status") in TERMINAL:
-                self._finish(record, state["status"], state.get("error"), code)
-            elif record.cancel_requested:
-                self._finish(record, "cancelled", None, code)
-            else:
-                self._finish(record, "failed", _exit_reason(code, run), code)
+        if record.status == "running" and record.pid is None:
+            claimed = record.claimed_at or record.created_at
+            if time.time() - claimed > CLAIM_TIMEOUT_SECONDS:  # its starter died between claim and spawn
+                self.store.update(record.job_id, only_if_status=("running",), status="queued", claimed_at=None)
+                if schedule:
+                    self.schedule()
+            return self.store.get(record.job_id) or record
+        if record.status == "queued":
+            return record
+        if read_state(run).get("status") in TERMINAL or not alive(record.pid, record.pid_started_at):  # type: ignore[arg-type]
+            reap(record.pid)
+            self.conclude(record)
+            if schedule:
+                self.schedule()
         return self.store.get(record.job_id) or record
+
+    def conclude(self, record: JobRecord) -> None:
+        """Records how a job whose process has ended (or is ending) finished."""
+        run = RunDir(Path(record.run_dir))
+        state = read_state(run)
+        code = read_exit_code(run)
+        if state.get("status") in TERMINAL:
+            self._finish(record, state["status"], state.get("error"), code)
+        elif record.cancel_requested:
+            self._finish(record, "cancelled", None, code)
+        else:
+            self._finish(record, "failed", exit_reason(code, run), code)
 
     def _finish(self, record: JobRecord, status: str, error: str | None, code: int | None) -> None:
         self.store.update(
@@ -211,191 +241,40 @@ class JobService:
             exit_code=code, finished_at=time.time(),
         )  # fmt: skip
 
-    def cancel(self, job_id: str, grace_seconds: float = 20.0) -> JobRecord:
-        """Asks the child to stop (SIGTERM: it saves a checkpoint and exits), then kills its process group if
-        it has not exited within grace_seconds."""
-        record = self.get(job_id)
-        if record.status in TERMINAL:
-            return record
-        self.store.update(job_id, cancel_requested=1)
-        if record.pid is None or not _alive(record.pid, record.pid_started_at):
-            self._finish(record, "cancelled", None, None)
-            return self.get(job_id)
-        _signal_group(record.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_seconds
-        while time.monotonic() < deadline and _alive(record.pid, record.pid_started_at):
-            time.sleep(0.1)
-        if _alive(record.pid, record.pid_started_at):
-            _signal_group(record.pid, signal.SIGKILL)
-            time.sleep(0.2)
-        record = self.refresh(self.store.get(job_id))  # type: ignore[arg-type]
-        if record.status == "failed":  # killed during cancel: that is what was asked for
-            self.store.update(job_id, status="cancelled", error=None)
-        return self.store.get(job_id)  # type: ignore[return-value]
-
     def list(self, status: str | None = None) -> list[JobRecord]:
         if status is not None and status not in STATUSES:
             raise LmtunerError(
                 f"status: {status!r} is not a job status; accepted: {', '.join(STATUSES)}", field="status"
             )
-        records = [self.refresh(r) for r in self.store.list()]
-        return [r for r in records if status is None or r.status == status]
+        self.schedule()
+        return self.store.list(statuses=(status,) if status else None)
 
     def progress(self, record: JobRecord, log_lines: int | None = 20) -> JobProgress:
-        return read_progress(record, log_lines)
+        progress = read_progress(record, log_lines)
+        if record.status == "queued":
+            progress.queue_position = self.store.queue_position(record)
+        return progress
 
+    # -------------------------------------------------------------------------------------------- cancel
 
-# ---------------------------------------------------------------------------------------------- reading
-
-
-def read_state(run: RunDir) -> dict:
-    try:
-        return json.loads(run.state.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}  # not written yet, or caught mid-replace on a filesystem without atomic rename
-
-
-def read_exit_code(run: RunDir) -> int | None:
-    """The training process's exit code as its supervisor recorded it (negative: killed by that signal)."""
-    try:
-        return int(json.loads((run.root / "exit.json").read_text(encoding="utf-8"))["returncode"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def tail_lines(path: Path, n: int, max_bytes: int = 65536) -> list[str]:
-    """The last n lines of a file, reading at most max_bytes from its end."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - max_bytes))
-            data = fh.read()
-    except OSError:
-        return []
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    if size > max_bytes and lines:
-        lines = lines[1:]  # the first line is probably cut
-    return lines[-n:] if n else []
-
-
-def latest_metrics(run: RunDir) -> tuple[dict, dict]:
-    """The newest training record and the newest eval record of metrics.jsonl."""
-    train: dict = {}
-    evaluation: dict = {}
-    for line in reversed(tail_lines(run.metrics, 400)):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not evaluation and "eval_loss" in record:
-            evaluation = record
-        if not train and "loss" in record:
-            train = record
-        if train and evaluation:
-            break
-    return train, evaluation
-
-
-def read_progress(record: JobRecord, log_lines: int | None = 20) -> JobProgress:
-    run = RunDir(Path(record.run_dir))
-    state = read_state(run)
-    train, evaluation = latest_metrics(run)
-    step = int(state.get("step") or train.get("step") or 0)
-    total = state.get("total_steps")
-    elapsed = None
-    if record.started_at:
-        elapsed = round((record.finished_at or time.time()) - record.started_at, 1)
-    eta = None
-    train_elapsed = state.get("train_seconds")
-    if record.status == "running" and total and step and train_elapsed:
-        eta = round((total - step) * train_elapsed / step, 1)
-    checkpoints = []
-    if run.checkpoints.is_dir():
-        checkpoints = sorted(
-            (str(p) for p in run.checkpoints.glob("checkpoint-*") if p.is_dir()),
-            key=lambda p: int(p.rsplit("-", 1)[1]) if p.rsplit("-", 1)[1].isdigit() else 0,
-        )
-    error = record.error
-    if record.status == "failed" and not error:
-        error = state.get("error")
-    return JobProgress(
-        job_id=record.job_id,
-        status=record.status,
-        phase=state.get("phase") if record.status == "running" else None,
-        step=step,
-        total_steps=total,
-        epoch=state.get("epoch", train.get("epoch")),
-        loss=train.get("loss"),
-        learning_rate=train.get("learning_rate"),
-        tokens_per_second=train.get("tokens_per_second"),
-        elapsed_seconds=elapsed,
-        eta_seconds=eta,
-        eval_loss=evaluation.get("eval_loss"),
-        output_dir=record.output_dir,
-        checkpoints=checkpoints,
-        error=error,
-        log_tail=None if log_lines is None else tail_lines(run.log, log_lines),
-        run_dir=record.run_dir,
-        model=record.model,
-        method=record.method,
-        created_at=record.created_at,
-    )
-
-
-# ---------------------------------------------------------------------------------------------- processes
-
-
-def _process_start_time(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
-def _alive(pid: int, started_at: float | None) -> bool:
-    """True while that very process runs: a recycled pid with another start time does not count."""
-    child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if started_at is not None and abs(proc.create_time() - started_at) > 1.0:
-            return False
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _reap(pid: int | None) -> None:
-    """Collects a finished child of this process so it does not linger as a zombie."""
-    child = _CHILDREN.pop(pid, None) if pid is not None else None
-    if child is None:
-        return
-    try:
-        child.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        _CHILDREN[pid] = child  # type: ignore[index]
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        os.kill(pid, sig)
-
-
-def _exit_reason(code: int | None, run: RunDir) -> str:
-    if code is not None and code < 0:
-        name = signal.Signals(-code).name
-        what = f"the training process was killed by {name}"
-        if name == "SIGKILL":
-            what += " (often the kernel's out-of-memory killer: try a smaller batch_size or max_seq_len, or LoRA)"
-    elif code is not None:
-        what = f"the training process exited with code {code} without reporting why"
-    else:
-        what = "the training process ended without writing its final state"
-    tail = [line for line in tail_lines(run.log, 5) if line.strip()]
-    return what + (f"; last log line: {tail[-1]}" if tail else "")
+    def cancel(self, job_id: str, grace_seconds: float = 20.0) -> JobRecord:
+        """Asks the training process to stop (SIGTERM: it saves a checkpoint and exits), then kills its process
+        group if it has not exited within grace_seconds. A queued job is simply taken off the queue."""
+        record = self.get(job_id)
+        if record.status in TERMINAL:
+            return record
+        self.store.update(job_id, cancel_requested=1)
+        if record.pid is None or not alive(record.pid, record.pid_started_at):
+            self._finish(record, "cancelled", None, None)
+            return self.get(job_id)
+        signal_group(record.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_seconds
+        while time.monotonic() < deadline and alive(record.pid, record.pid_started_at):
+            time.sleep(0.1)
+        if alive(record.pid, record.pid_started_at):
+            signal_group(record.pid, signal.SIGKILL)
+            time.sleep(0.2)
+        record = self.refresh(self.store.get(job_id))  # type: ignore[arg-type]
+        if record.status == "failed":  # killed during cancel: that is what was asked for
+            self.store.update(job_id, status="cancelled", error=None)
+        return self.store.get(job_id)  # type: ignore[return-value]

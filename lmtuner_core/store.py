@@ -31,10 +31,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     output_dir TEXT NOT NULL,
     error TEXT,
     exit_code INTEGER,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    devices TEXT NOT NULL DEFAULT 'cpu',
+    claimed_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 """
+
+
+_ADDED_COLUMNS = {"devices": "TEXT NOT NULL DEFAULT 'cpu'", "claimed_at": "REAL"}
 
 
 @dataclass
@@ -53,6 +58,8 @@ class JobRecord:
     error: str | None
     exit_code: int | None
     cancel_requested: int
+    devices: str  # 'cpu' or GPU indices '0,1'
+    claimed_at: float | None  # when a scheduler took it off the queue (before its process exists)
 
 
 _COLUMNS = [f.name for f in fields(JobRecord)]
@@ -63,6 +70,11 @@ class JobStore:
         self.path = home / "jobs.db"
         with self._connect() as db:
             db.executescript(_SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            # Columns added after the first release: older databases gain them in place.
+            for column, ddl in _ADDED_COLUMNS.items():
+                if column not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {ddl}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -74,12 +86,14 @@ class JobStore:
         finally:
             db.close()
 
-    def create(self, *, job_id: str, run_dir: Path, model: str, method: str, output_dir: Path) -> JobRecord:
+    def create(
+        self, *, job_id: str, run_dir: Path, model: str, method: str, output_dir: Path, devices: str = "cpu"
+    ) -> JobRecord:
         with self._connect() as db:
             db.execute(
-                "INSERT INTO jobs (job_id, status, created_at, run_dir, model, method, output_dir) "
-                "VALUES (?, 'queued', ?, ?, ?, ?, ?)",
-                (job_id, time.time(), str(run_dir), model, method, str(output_dir)),
+                "INSERT INTO jobs (job_id, status, created_at, run_dir, model, method, output_dir, devices) "
+                "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
+                (job_id, time.time(), str(run_dir), model, method, str(output_dir), devices),
             )
         return self.get(job_id)  # type: ignore[return-value]
 
@@ -88,15 +102,63 @@ class JobStore:
             row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return JobRecord(*row) if row else None
 
-    def list(self, status: str | None = None) -> list[JobRecord]:
+    def list(self, statuses: tuple[str, ...] | None = None) -> list[JobRecord]:
+        """Jobs, newest first, optionally only those in the given statuses."""
         query = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
         args: tuple = ()
-        if status:
-            query += " WHERE status = ?"
-            args = (status,)
+        if statuses:
+            query += f" WHERE status IN ({', '.join('?' * len(statuses))})"
+            args = statuses
         with self._connect() as db:
             rows = db.execute(query + " ORDER BY created_at DESC", args).fetchall()
         return [JobRecord(*row) for row in rows]
+
+    def queue_position(self, record: JobRecord) -> int:
+        """1 for the next queued job to start, 2 for the one after, ..."""
+        with self._connect() as db:
+            (ahead,) = db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND created_at < ?", (record.created_at,)
+            ).fetchone()
+        return ahead + 1
+
+    def claim_startable(self, cpu_slots: int) -> list[str]:
+        """Marks as running (not yet spawned) the queued jobs whose devices are free, oldest first, and returns
+        their ids. One IMMEDIATE transaction: concurrent schedulers in other processes wait instead of
+        double-booking a device."""
+        now = time.time()
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                busy_gpus: set[str] = set()
+                cpu_jobs = 0
+                for (devices,) in db.execute("SELECT devices FROM jobs WHERE status = 'running'"):
+                    if devices == "cpu":
+                        cpu_jobs += 1
+                    else:
+                        busy_gpus |= set(devices.split(","))
+                claimed = []
+                queued = db.execute("SELECT job_id, devices FROM jobs WHERE status = 'queued' ORDER BY created_at")
+                for job_id, devices in queued.fetchall():
+                    if devices == "cpu":
+                        if cpu_jobs >= cpu_slots:
+                            continue
+                        cpu_jobs += 1
+                    else:
+                        wanted = set(devices.split(","))
+                        free = not (wanted & busy_gpus)
+                        busy_gpus |= wanted  # held or reserved: later jobs do not jump ahead of this one
+                        if not free:
+                            continue
+                    db.execute(
+                        "UPDATE jobs SET status = 'running', claimed_at = ? WHERE job_id = ? AND status = 'queued'",
+                        (now, job_id),
+                    )
+                    claimed.append(job_id)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return claimed
 
     def update(self, job_id: str, *, only_if_status: tuple[str, ...] | None = None, **values) -> bool:
         """Sets columns; with only_if_status, only while the job is still in one of those states (so two

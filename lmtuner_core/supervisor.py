@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 
@@ -37,7 +38,24 @@ def main(argv: list[str] | None = None) -> int:
     tmp = run_dir / "exit.json.tmp"
     tmp.write_text(json.dumps(ended), encoding="utf-8")
     os.replace(tmp, run_dir / "exit.json")
+    conclude_and_start_next(run_dir)
     return code if code >= 0 else 128 - code
+
+
+def conclude_and_start_next(run_dir: Path) -> None:
+    """Records this job's end and starts whatever was queued for its devices, so a queue advances even when
+    no server or CLI is running. Failures here only cost promptness: the next reader does the same."""
+    try:
+        from lmtuner_core.jobs import JobService
+        from lmtuner_core.paths import AllowedRoots, lmtuner_home
+
+        service = JobService(lmtuner_home(), AllowedRoots(None))
+        record = service.store.get(run_dir.name)
+        if record is not None and record.status == "running":
+            service.conclude(record)
+        service.schedule()
+    except Exception:
+        traceback.print_exc()
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import sys
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import mcp
@@ -71,3 +73,47 @@ def quick_config(model: Path, dataset, **overrides) -> dict:
     }
     config.update(overrides)
     return config
+
+
+LMTUNER_MCP = str(Path(sys.executable).parent / "lmtuner-mcp")
+TOKEN = "test-token-7f3a"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def http_server(home: Path, *args: str, token: str | None = TOKEN, port: int | None = None):
+    port = port or free_port()
+    env = {**os.environ, "LMTUNER_HOME": str(home)}
+    env.pop("LMTUNER_TOKEN", None)
+    if token:
+        env["LMTUNER_TOKEN"] = token
+    log_path = home / f"server-{port}.log"  # a file, not a pipe: a long-lived server must never block on it
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([LMTUNER_MCP, "--http", "--port", str(port), *args], env=env, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/mcp", proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@asynccontextmanager
+async def http_client(url: str, token: str = TOKEN):
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+    async with http, mcp.Client(streamable_http_client(url, http_client=http)) as client:
+        yield client

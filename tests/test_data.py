@@ -184,8 +184,8 @@ def test_registry_entry_glaive_uses_its_sharegpt_columns(llamafactory, shared_ro
     source = resolve_dataset(spec, shared_roots)
     assert source.format == "sharegpt"
     assert source.columns == {"messages": "conversations", "tools": "tools"}
-    assert source.files == [llamafactory / "glaive_toolcall_en_demo.json"]
-    assert source.registry_dir == llamafactory
+    assert source.files == [(llamafactory / "glaive_toolcall_en_demo.json").resolve()]
+    assert source.registry_dir == llamafactory.resolve()
     assert "glaive_toolcall_en_demo" in source.label
     by_name = load_examples(spec, shared_roots)
     by_path = load(llamafactory / "glaive_toolcall_en_demo.json", shared_roots)

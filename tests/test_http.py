@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
-import time
-from contextlib import contextmanager
-from pathlib import Path
 
 import anyio
 import httpx2 as httpx
@@ -16,39 +11,7 @@ import mcp
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
-LMTUNER_MCP = str(Path(sys.executable).parent / "lmtuner-mcp")
-TOKEN = "test-token-7f3a"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def http_server(home: Path, *args: str, token: str | None = TOKEN):
-    port = free_port()
-    env = {**os.environ, "LMTUNER_HOME": str(home)}
-    env.pop("LMTUNER_TOKEN", None)
-    if token:
-        env["LMTUNER_TOKEN"] = token
-    proc = subprocess.Popen(
-        [LMTUNER_MCP, "--http", "--port", str(port), *args], env=env, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read()
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
+from tests.helpers import LMTUNER_MCP, TOKEN, free_port, http_server
 
 INIT = {
     "jsonrpc": "2.0",
@@ -60,7 +23,7 @@ HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "app
 
 
 def test_requests_without_or_with_a_wrong_token_get_401(lmtuner_home):
-    with http_server(lmtuner_home) as url:
+    with http_server(lmtuner_home) as (url, _):
         missing = httpx.post(url, json=INIT, headers=HEADERS)
         wrong = httpx.post(url, json=INIT, headers={**HEADERS, "Authorization": "Bearer nope"})
         foreign = httpx.post(
@@ -81,7 +44,7 @@ def test_sdk_client_with_the_token_lists_tools_and_calls_one(lmtuner_home):
             jobs = await client.call_tool("list_jobs", {})
             return [t.name for t in tools.tools], jobs
 
-    with http_server(lmtuner_home, "--read-only") as url:
+    with http_server(lmtuner_home, "--read-only") as (url, _):
         names, jobs = anyio.run(scenario, url)
     assert names == ["inspect_gpus", "job_status", "list_jobs"]
     assert not jobs.is_error and jobs.structured_content == {"jobs": []}
@@ -98,7 +61,7 @@ def test_non_loopback_address_without_a_token_is_refused(lmtuner_home):
 
 
 def test_loopback_without_a_configured_token_generates_one(lmtuner_home):
-    with http_server(lmtuner_home, token=None) as url:
+    with http_server(lmtuner_home, token=None) as (url, _):
         token_file = lmtuner_home / "http-token"
         token = token_file.read_text().strip()
         assert oct(token_file.stat().st_mode & 0o777) == "0o600" and len(token) >= 32

@@ -1,0 +1,136 @@
+"""What a job is doing, read from its run folder: state.json, metrics.jsonl, train.log, exit.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from lmtuner_core.paths import RunDir
+from lmtuner_core.store import JobRecord
+
+
+class JobProgress(BaseModel):
+    """What a job is doing, as read from the job store and its run folder."""
+
+    job_id: str = Field(description="The job's id. Example: '20261128-215012-a3f9'.")
+    status: str = Field(description="queued | running | completed | failed | cancelled.")
+    phase: str | None = Field(None, description="What a running job is doing: loading, tokenizing, training, saving.")
+    step: int = Field(0, description="Optimizer steps done.")
+    total_steps: int | None = Field(None, description="Optimizer steps planned.")
+    epoch: float | None = Field(None, description="Passes over the data so far (fractional).")
+    loss: float | None = Field(None, description="Latest training loss.")
+    learning_rate: float | None = Field(None, description="Latest learning rate.")
+    tokens_per_second: float | None = Field(None, description="Non-padding tokens trained per second, recently.")
+    elapsed_seconds: float | None = Field(None, description="Seconds since the job started running.")
+    eta_seconds: float | None = Field(None, description="Estimated seconds to finish, from the step rate so far.")
+    eval_loss: float | None = Field(None, description="Latest loss on the held-out rows, if any.")
+    output_dir: str = Field(description="Where the final adapter or model is (or will be) written.")
+    checkpoints: list[str] = Field(default_factory=list, description="Checkpoint folders kept so far.")
+    error: str | None = Field(None, description="Why the job failed, with what to change.")
+    log_tail: list[str] | None = Field(None, description="Last lines of train.log.")
+    run_dir: str = Field(description="The job's folder: config.json, train.log, metrics.jsonl, checkpoints/.")
+    model: str = Field(description="Base model of the job.")
+    method: str = Field(description="Training method of the job.")
+    created_at: float = Field(description="When the job was submitted (Unix time).")
+    devices: str = Field("cpu", description="What the job holds: 'cpu' or GPU indices such as '0,1'.")
+    queue_position: int | None = Field(None, description="For a queued job: 1 = next to start.")
+
+
+def read_state(run: RunDir) -> dict:
+    try:
+        return json.loads(run.state.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}  # not written yet, or caught mid-replace on a filesystem without atomic rename
+
+
+def read_exit_code(run: RunDir) -> int | None:
+    """The training process's exit code as its supervisor recorded it (negative: killed by that signal)."""
+    try:
+        return int(json.loads((run.root / "exit.json").read_text(encoding="utf-8"))["returncode"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def tail_lines(path: Path, n: int, max_bytes: int = 65536) -> list[str]:
+    """The last n lines of a file, reading at most max_bytes from its end."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read()
+    except OSError:
+        return []
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    if size > max_bytes and lines:
+        lines = lines[1:]  # the first line is probably cut
+    return lines[-n:] if n else []
+
+
+def latest_metrics(run: RunDir) -> tuple[dict, dict]:
+    """The newest training record and the newest eval record of metrics.jsonl."""
+    train: dict = {}
+    evaluation: dict = {}
+    for line in reversed(tail_lines(run.metrics, 400)):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not evaluation and "eval_loss" in record:
+            evaluation = record
+        if not train and "loss" in record:
+            train = record
+        if train and evaluation:
+            break
+    return train, evaluation
+
+
+def read_progress(record: JobRecord, log_lines: int | None = 20) -> JobProgress:
+    run = RunDir(Path(record.run_dir))
+    state = read_state(run)
+    train, evaluation = latest_metrics(run)
+    step = int(state.get("step") or train.get("step") or 0)
+    total = state.get("total_steps")
+    elapsed = None
+    if record.started_at:
+        elapsed = round((record.finished_at or time.time()) - record.started_at, 1)
+    eta = None
+    train_elapsed = state.get("train_seconds")
+    if record.status == "running" and total and step and train_elapsed:
+        eta = round((total - step) * train_elapsed / step, 1)
+    checkpoints = []
+    if run.checkpoints.is_dir():
+        checkpoints = sorted(
+            (str(p) for p in run.checkpoints.glob("checkpoint-*") if p.is_dir()),
+            key=lambda p: int(p.rsplit("-", 1)[1]) if p.rsplit("-", 1)[1].isdigit() else 0,
+        )
+    error = record.error
+    if record.status == "failed" and not error:
+        error = state.get("error")
+    return JobProgress(
+        job_id=record.job_id,
+        status=record.status,
+        phase=state.get("phase") if record.status == "running" else None,
+        step=step,
+        total_steps=total,
+        epoch=state.get("epoch", train.get("epoch")),
+        loss=train.get("loss"),
+        learning_rate=train.get("learning_rate"),
+        tokens_per_second=train.get("tokens_per_second"),
+        elapsed_seconds=elapsed,
+        eta_seconds=eta,
+        eval_loss=evaluation.get("eval_loss"),
+        output_dir=record.output_dir,
+        checkpoints=checkpoints,
+        error=error,
+        log_tail=None if log_lines is None else tail_lines(run.log, log_lines),
+        run_dir=record.run_dir,
+        model=record.model,
+        method=record.method,
+        created_at=record.created_at,
+        devices=record.devices,
+    )
