@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -114,6 +115,8 @@ def check_config(config: TrainConfig, roots: AllowedRoots, run_dir: RunDir) -> t
         dataset = spec.model_copy(update={"path": str(roots.resolve(spec.path or "", "dataset.path"))})
     updates["dataset"] = dataset
     output = roots.resolve(config.output_dir, "output_dir") if config.output_dir else run_dir.default_output
+    if config.output_dir:
+        check_writable(output, "output_dir")
     if output.exists() and any(output.iterdir()):
         raise LmtunerError(
             f"output_dir: {output} already holds files; choose an empty or new folder (nothing is overwritten)",
@@ -127,6 +130,22 @@ def check_config(config: TrainConfig, roots: AllowedRoots, run_dir: RunDir) -> t
         updates["resume_from"] = str(resume)
     checked = config.model_copy(update=updates)
     return TrainConfig.model_validate(checked.model_dump()), warnings
+
+
+def check_writable(folder: Path, field: str) -> None:
+    """Refuses a folder the job could not write to, by writing a probe file into its nearest existing
+    ancestor (so a check creates nothing). Root ignores permission bits, so only a real write tells."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lmtuner-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise LmtunerError(
+            f"{field}: cannot write to {folder} ({exc.strerror}); choose a folder on a writable disk", field=field
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------- running

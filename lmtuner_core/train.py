@@ -58,8 +58,15 @@ def explain(exc: BaseException) -> str:
     lowered = text.lower()
     if "out of memory" in lowered:
         return text + " — lower batch_size or max_seq_len, turn on gradient_checkpointing, or use lora/qlora"
-    if "no space left" in lowered:
+    if "no space left" in lowered or "disk quota" in lowered:
         return text + " — the disk is full: free space or set output_dir on a larger disk"
+    if "read-only file system" in lowered or "permission denied" in lowered:
+        return text + " — a folder the job writes to is not writable: choose another output_dir"
+    if ("nccl" in lowered or "gloo" in lowered) and ("timeout" in lowered or "timed out" in lowered):
+        return (
+            text + " — processes stopped hearing from each other: check that every node/GPU is up, or raise "
+            "the timeout (NCCL_TIMEOUT) for slow steps"
+        )
     return text
 
 
