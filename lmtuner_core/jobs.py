@@ -192,7 +192,9 @@ class JobService:
         """Starts every queued job whose devices are free; returns their ids."""
         for record in self.store.list(statuses=("running",)):
             self.refresh(record, schedule=False)
-        started = []
+        started: list[str] = []
+        if not self.store.count("queued"):
+            return started  # the common case: no write transaction needed
         for job_id in self.store.claim_startable(cpu_slots=cpu_job_slots()):
             self._spawn(job_id)
             started.append(job_id)

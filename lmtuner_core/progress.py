@@ -72,17 +72,22 @@ def tail_lines(path: Path, n: int, max_bytes: int = 65536) -> list[str]:
 
 
 def latest_metrics(run: RunDir) -> tuple[dict, dict]:
-    """The newest training record and the newest eval record of metrics.jsonl."""
+    """The newest training record and the newest eval record of metrics.jsonl (at most two JSON parses:
+    job_status is polled, often by many clients)."""
     train: dict = {}
     evaluation: dict = {}
     for line in reversed(tail_lines(run.metrics, 400)):
+        wanted_eval = not evaluation and '"eval_loss"' in line
+        wanted_train = not train and '"loss"' in line and not wanted_eval
+        if not (wanted_eval or wanted_train):
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if not evaluation and "eval_loss" in record:
+        if wanted_eval:
             evaluation = record
-        if not train and "loss" in record:
+        else:
             train = record
         if train and evaluation:
             break

@@ -69,6 +69,7 @@ class JobStore:
     def __init__(self, home: Path):
         self.path = home / "jobs.db"
         with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")  # persistent in the file: readers never block the writer
             db.executescript(_SCHEMA)
             have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
             # Columns added after the first release: older databases gain them in place.
@@ -80,8 +81,6 @@ class JobStore:
     def _connect(self) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA busy_timeout=30000")
             yield db
         finally:
             db.close()
@@ -112,6 +111,11 @@ class JobStore:
         with self._connect() as db:
             rows = db.execute(query + " ORDER BY created_at DESC", args).fetchall()
         return [JobRecord(*row) for row in rows]
+
+    def count(self, status: str) -> int:
+        with self._connect() as db:
+            (n,) = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,)).fetchone()
+        return n
 
     def queue_position(self, record: JobRecord) -> int:
         """1 for the next queued job to start, 2 for the one after, ..."""

@@ -16,6 +16,12 @@ import time
 import traceback
 from pathlib import Path
 
+TRAINING_NICENESS = 5
+
+
+def _lower_priority() -> None:
+    os.nice(TRAINING_NICENESS)
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -23,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m lmtuner_core.supervisor RUN_DIR", file=sys.stderr)
         return 2
     run_dir = Path(argv[0])
-    child = subprocess.Popen([sys.executable, "-m", "lmtuner_core.train", str(run_dir)])
+    # Slightly lower CPU priority for training: under contention the server's answers stay prompt, and with
+    # the CPU otherwise idle (or the work on a GPU) training loses nothing.
+    child = subprocess.Popen([sys.executable, "-m", "lmtuner_core.train", str(run_dir)], preexec_fn=_lower_priority)
 
     def forward(signum, _frame):
         # A signal sent to the whole process group reaches the trainer too; one sent to this pid alone is

@@ -110,10 +110,10 @@ def http_server(home: Path, *args: str, token: str | None = TOKEN, port: int | N
 
 
 @asynccontextmanager
-async def http_client(url: str, token: str = TOKEN):
+async def http_client(url: str, token: str | None = TOKEN):
     from mcp.client.streamable_http import streamable_http_client
     from mcp.shared._httpx_utils import create_mcp_http_client
 
-    http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+    http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"} if token else None)
     async with http, mcp.Client(streamable_http_client(url, http_client=http)) as client:
         yield client
