@@ -21,8 +21,9 @@ from lmtuner_core.data import load_examples, resolve_dataset
 from lmtuner_core.errors import LmtunerError, NotFoundError
 from lmtuner_core.methods import METHODS
 from lmtuner_core.paths import AllowedRoots, RunDir, check_job_id
-from lmtuner_core.processes import alive, exit_reason, reap, signal_group, spawn_supervised
+from lmtuner_core.processes import alive, exit_reason, reap, reap_finished, signal_group, spawn_supervised
 from lmtuner_core.progress import JobProgress, read_exit_code, read_progress, read_state
+from lmtuner_core.secrets import child_environment
 from lmtuner_core.store import STATUSES, TERMINAL, JobRecord, JobStore
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -190,6 +191,7 @@ class JobService:
 
     def schedule(self) -> list[str]:
         """Starts every queued job whose devices are free; returns their ids."""
+        reap_finished()
         for record in self.store.list(statuses=("running",)):
             self.refresh(record, schedule=False)
         started: list[str] = []
@@ -203,7 +205,9 @@ class JobService:
     def _spawn(self, job_id: str) -> None:
         run = self.run_dir(job_id)
         record = self.store.get(job_id)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "LMTUNER_HOME": str(self.home)}
+        env = child_environment(
+            {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "LMTUNER_HOME": str(self.home)}
+        )
         if record is not None and record.devices != "cpu":
             env["CUDA_VISIBLE_DEVICES"] = record.devices
         try:
@@ -217,6 +221,7 @@ class JobService:
 
     def get(self, job_id: str) -> JobRecord:
         check_job_id(job_id)
+        reap_finished()
         record = self.store.get(job_id)
         if record is None:
             raise NotFoundError(f"job_id: no job {job_id!r}; list_jobs shows the jobs there are", field="job_id")

@@ -49,6 +49,14 @@ def alive(pid: int, started_at: float | None) -> bool:
         return False
 
 
+def reap_finished() -> None:
+    """Collects every child of this process that has exited (a job concluded by its own supervisor is
+    never refreshed here as running, so nothing else would reap it)."""
+    for pid, child in list(_CHILDREN.items()):
+        if child.poll() is not None:
+            _CHILDREN.pop(pid, None)
+
+
 def reap(pid: int | None) -> None:
     """Collects a finished child of this process so it does not linger as a zombie."""
     child = _CHILDREN.pop(pid, None) if pid is not None else None

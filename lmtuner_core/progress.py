@@ -7,9 +7,10 @@ import os
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from lmtuner_core.paths import RunDir
+from lmtuner_core.secrets import redact
 from lmtuner_core.store import JobRecord
 
 
@@ -38,6 +39,8 @@ class JobProgress(BaseModel):
     created_at: float = Field(description="When the job was submitted (Unix time).")
     devices: str = Field("cpu", description="What the job holds: 'cpu' or GPU indices such as '0,1'.")
     queue_position: int | None = Field(None, description="For a queued job: 1 = next to start.")
+    # A loss-curve PNG to send as image content beside the structured result (job_status include_plot).
+    _plot_png: bytes | None = PrivateAttr(None)
 
 
 def read_state(run: RunDir) -> dict:
@@ -131,8 +134,8 @@ def read_progress(record: JobRecord, log_lines: int | None = 20) -> JobProgress:
         eval_loss=evaluation.get("eval_loss"),
         output_dir=record.output_dir,
         checkpoints=checkpoints,
-        error=error,
-        log_tail=None if log_lines is None else tail_lines(run.log, log_lines),
+        error=redact(error) if error else None,
+        log_tail=None if log_lines is None else [redact(line) for line in tail_lines(run.log, log_lines)],
         run_dir=record.run_dir,
         model=record.model,
         method=record.method,

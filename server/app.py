@@ -3,6 +3,7 @@ user-facing errors into tool errors the agent can read. Importing this module mu
 
 from __future__ import annotations
 
+import base64
 import functools
 import inspect
 import os
@@ -14,11 +15,14 @@ from typing import Any
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
-from mcp.types import ToolAnnotations
+from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 
 from lmtuner_core import __version__
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.paths import AllowedRoots, lmtuner_home
+from lmtuner_core.secrets import redact
+from server.prompts import register_prompts
+from server.resources import register_resources
 from tools import hardware, training
 from tools.context import ToolContext
 
@@ -32,6 +36,8 @@ lmtuner fine-tunes language models on the user's machine. The usual flow:
 3. start_training with dry_run: true — checks every path and every data row; show the user the resolved config.
 4. After the user confirms (training spends their GPU time), start_training — it returns a job_id at once.
 5. job_status with wait_seconds (e.g. 30) to follow loss and ETA without busy polling; list_jobs to see all.
+   include_plot: true returns the loss curve as an image; resources lmtuner://jobs/{job_id}/log, /metrics,
+   /config and /loss.png hold the same data.
 6. cancel_job to stop; it saves a checkpoint first.
 Read state (list_jobs, job_status) before starting new work, so two jobs do not fight over one GPU.
 Errors name the field to change and the values accepted."""
@@ -64,9 +70,19 @@ def bind_tool(fn: Callable[..., Any], ctx: ToolContext) -> Callable[..., Any]:
     @functools.wraps(fn)
     def tool(**kwargs: Any) -> Any:
         try:
-            return fn(ctx, **kwargs)
+            result = fn(ctx, **kwargs)
         except LmtunerError as exc:
-            raise ToolError(str(exc)) from None
+            raise ToolError(redact(str(exc))) from None
+        png = getattr(result, "_plot_png", None)
+        if png:  # structured result plus the picture, for hosts that show images
+            return CallToolResult(
+                content=[
+                    TextContent(type="text", text=result.model_dump_json(indent=2)),
+                    ImageContent(type="image", data=base64.b64encode(png).decode(), mime_type="image/png"),
+                ],
+                structured_content=result.model_dump(mode="json"),
+            )
+        return result
 
     tool.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     tool.__annotations__ = {p.name: p.annotation for p in params} | {"return": signature.return_annotation}
@@ -82,13 +98,16 @@ def build_server(
     allowed = AllowedRoots(roots if roots is not None else [Path.cwd(), home])
     ctx = ToolContext(home=home, roots=allowed, read_only=read_only)
     tools = [make_tool(spec, ctx) for spec in TOOLS if spec.read_only or not read_only]
-    return MCPServer(
+    server = MCPServer(
         "lmtuner",
         title="lmtuner — fine-tune LLMs from your agent",
         version=__version__,
         instructions=INSTRUCTIONS,
         tools=tools,
     )
+    register_resources(server, ctx)
+    register_prompts(server)
+    return server
 
 
 def make_tool(spec: ToolSpec, ctx: ToolContext) -> Tool:

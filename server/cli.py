@@ -12,8 +12,8 @@ from pydantic import BaseModel
 
 from lmtuner_core.config import load_train_config_file
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.jobs import JobProgress
 from lmtuner_core.paths import lmtuner_home
+from lmtuner_core.progress import JobProgress
 from lmtuner_core.store import TERMINAL
 from tools import hardware, training
 from tools.context import ToolContext

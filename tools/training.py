@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
 from lmtuner_core.config import TrainConfig
-from lmtuner_core.jobs import JobProgress
+from lmtuner_core.paths import RunDir
+from lmtuner_core.plots import loss_curve_png
+from lmtuner_core.progress import JobProgress
 from lmtuner_core.store import TERMINAL
 from tools.context import ToolContext
 
@@ -74,6 +77,9 @@ def job_status(
         ),
     ] = 0,
     log_lines: Annotated[int, Field(ge=0, le=500, description="How many lines of train.log to include.")] = 20,
+    include_plot: Annotated[
+        bool, Field(description="Also return the loss curve as a PNG image (show it to the user).")
+    ] = False,
 ) -> JobProgress:
     """Report a job: status, step/total_steps, loss, learning rate, tokens/s, elapsed and ETA, eval loss,
     checkpoints, output folder, the error with its fix if it failed, and the tail of its log."""
@@ -91,7 +97,10 @@ def job_status(
             progress.loss,
         ):
             break
-    return ctx.jobs.progress(record, log_lines=log_lines)
+    progress = ctx.jobs.progress(record, log_lines=log_lines)
+    if include_plot:
+        progress._plot_png = loss_curve_png(RunDir(Path(record.run_dir)), f"{record.job_id} ({record.method})")
+    return progress
 
 
 def list_jobs(
