@@ -59,6 +59,16 @@ def resolve_devices(requested: list[int] | str) -> str:
     return ",".join(map(str, sorted(set(requested))))
 
 
+def latest_checkpoint(run: RunDir) -> Path | None:
+    """The newest complete checkpoint (one the Trainer finished writing: it has trainer_state.json)."""
+    found = []
+    for path in run.checkpoints.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if step.isdigit() and (path / "trainer_state.json").is_file():
+            found.append((int(step), path))
+    return max(found)[1] if found else None
+
+
 def new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
@@ -280,6 +290,41 @@ class JobService:
         if record.status == "queued":
             progress.queue_position = self.store.queue_position(record)
         return progress
+
+    # -------------------------------------------------------------------------------------------- resume
+
+    def resume(self, job_id: str) -> tuple[JobRecord, TrainConfig]:
+        """Puts a failed or cancelled job back on the queue, to continue from its newest checkpoint with the
+        optimizer, scheduler and step count it had. Same job id, same run folder; metrics keep appending."""
+        record = self.get(job_id)
+        if record.status not in ("failed", "cancelled"):
+            hint = "start a new job with resume_from to train further" if record.status == "completed" else ""
+            raise LmtunerError(
+                f"job_id: job {job_id} is {record.status}; only failed or cancelled jobs resume"
+                + (f"; {hint}" if hint else ""),
+                field="job_id",
+            )
+        run = RunDir(Path(record.run_dir))
+        checkpoint = latest_checkpoint(run)
+        if checkpoint is None:
+            raise LmtunerError(
+                f"job_id: job {job_id} saved no checkpoint before it stopped, so there is nothing to resume; start "
+                "it again (a smaller save_steps keeps more progress next time)",
+                field="job_id",
+            )
+        config = TrainConfig.model_validate_json(run.config.read_text(encoding="utf-8"))
+        config = TrainConfig.model_validate({**config.model_dump(), "resume_from": str(checkpoint)})
+        run.config.write_text(config.to_json(), encoding="utf-8")
+        for stale in (run.state, run.root / "exit.json"):
+            stale.unlink(missing_ok=True)
+        with run.log.open("a", encoding="utf-8") as log:
+            log.write(f"[lmtuner] resuming from {checkpoint}\n")
+        self.store.update(
+            job_id, only_if_status=("failed", "cancelled"), status="queued", error=None, exit_code=None,
+            finished_at=None, pid=None, pid_started_at=None, cancel_requested=0, claimed_at=None,
+        )  # fmt: skip
+        self.schedule()
+        return self.store.get(job_id), config  # type: ignore[return-value]
 
     # -------------------------------------------------------------------------------------------- cancel
 

@@ -38,7 +38,7 @@ lmtuner fine-tunes language models on the user's machine. The usual flow:
 5. job_status with wait_seconds (e.g. 30) to follow loss and ETA without busy polling; list_jobs to see all.
    include_plot: true returns the loss curve as an image; resources lmtuner://jobs/{job_id}/log, /metrics,
    /config and /loss.png hold the same data.
-6. cancel_job to stop; it saves a checkpoint first.
+6. cancel_job to stop; it saves a checkpoint first. resume_job continues a cancelled or failed job from it.
 Read state (list_jobs, job_status) before starting new work, so two jobs do not fight over one GPU.
 Errors name the field to change and the values accepted."""
 
@@ -58,6 +58,7 @@ TOOLS = (
     ToolSpec(training.job_status, "Job status and progress", read_only=True, idempotent=True),
     ToolSpec(training.list_jobs, "List jobs", read_only=True, idempotent=True),
     ToolSpec(training.cancel_job, "Cancel a job", read_only=False, destructive=True, idempotent=True),
+    ToolSpec(training.resume_job, "Resume a failed or cancelled job", read_only=False),
 )
 
 

@@ -93,6 +93,14 @@ def cmd_cancel(ctx: ToolContext, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(ctx: ToolContext, args: argparse.Namespace) -> int:
+    result = training.resume_job(ctx, args.job_id)
+    _print(result, args.json, f"job {result.job_id} {result.status}; continuing from {result.config.resume_from}")
+    if args.follow:
+        return _report_end(follow(ctx, result.job_id))
+    return 0
+
+
 def cmd_inspect(ctx: ToolContext, args: argparse.Namespace) -> int:
     report = hardware.inspect_gpus(ctx)
     gpus = ", ".join(f"{g.name} ({g.memory_free_mib}/{g.memory_total_mib} MiB free)" for g in report.gpus) or "none"
@@ -141,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--grace", type=float, default=20.0, help="Seconds to wait before killing it.")
     p.set_defaults(run=cmd_cancel)
+
+    p = sub.add_parser("resume", help="Continue a failed or cancelled job from its newest checkpoint.")
+    p.add_argument("job_id")
+    p.add_argument("--follow", action="store_true", help="Show progress until the job ends.")
+    p.set_defaults(run=cmd_resume)
 
     p = sub.add_parser("inspect", help="GPUs, CPU, memory, disk and library versions.")
     p.set_defaults(run=cmd_inspect)

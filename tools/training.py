@@ -64,6 +64,17 @@ def start_training(
     )  # fmt: skip
 
 
+def resume_job(ctx: ToolContext, job_id: JobId) -> StartTrainingResult:
+    """Continue a failed or cancelled job from its newest checkpoint: the step count, optimizer and learning-rate
+    schedule pick up where they stopped, in the same run folder and under the same job_id. Returns at once, like
+    start_training; follow it with job_status."""
+    record, config = ctx.jobs.resume(job_id)
+    return StartTrainingResult(
+        job_id=record.job_id, status=record.status, run_dir=record.run_dir, output_dir=record.output_dir,
+        config=config, warnings=[f"continuing from {config.resume_from}"],
+    )  # fmt: skip
+
+
 def job_status(
     ctx: ToolContext,
     job_id: JobId,
