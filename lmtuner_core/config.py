@@ -163,6 +163,11 @@ class TrainConfig(StrictModel):
     report_to: list[Tracker] = Field(default_factory=list, description="Experiment trackers: 'wandb', 'tensorboard'.")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed for init, shuffling and dropout.")
     resume_from: str | None = Field(None, description="A checkpoint folder to continue from.")
+    optimizer: Literal["adamw", "adamw-8bit"] = Field(
+        "adamw",
+        description="For full/freeze/LoRA methods: 'adamw', or 'adamw-8bit' (bitsandbytes: optimizer states in 8 "
+        "bits, ~4x less optimizer memory). lomo/adalomo bring their own.",
+    )
     warmup_ratio: float = Field(0.03, ge=0.0, le=0.5, description="Share of steps spent warming up the LR.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule after warm-up."

@@ -182,6 +182,11 @@ class JobService:
         run = self.run_dir(job_id)
         checked, warnings = check_config(config, self.roots, run)
         devices = resolve_devices(checked.devices)
+        if checked.method == "adalomo" and devices == "cpu":
+            raise LmtunerError(
+                "method: 'adalomo' needs a CUDA GPU (lomo-optim keeps its state on the GPU); use 'lomo' on the CPU",
+                field="method",
+            )
         if dry_run:
             return None, checked, warnings
         try:

@@ -25,14 +25,10 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("freeze", 5e-5, False, "only the last layers train"),
         MethodSpec("lora", 2e-4, True, "low-rank adapters on a frozen base"),
         MethodSpec("dora", 2e-4, True, "LoRA with a learned magnitude per weight column"),
-        MethodSpec(
-            "qlora", 2e-4, True, "LoRA on a 4-bit NF4 base", not_yet="needs bitsandbytes support (coming); use 'lora'"
-        ),
-        MethodSpec(
-            "lora-8bit", 2e-4, True, "LoRA on an 8-bit base", not_yet="needs bitsandbytes support (coming); use 'lora'"
-        ),
-        MethodSpec("lomo", 1e-3, False, "full fine-tune with fused update", not_yet="coming; use 'full' or 'lora'"),
-        MethodSpec("adalomo", 5e-4, False, "LOMO with adaptive rates", not_yet="coming; use 'full' or 'lora'"),
+        MethodSpec("qlora", 2e-4, True, "LoRA on a 4-bit NF4 base (double quantization)"),
+        MethodSpec("lora-8bit", 2e-4, True, "LoRA on an 8-bit base"),
+        MethodSpec("lomo", 1e-3, False, "every weight, updated inside the backward pass: no optimizer state"),
+        MethodSpec("adalomo", 5e-4, False, "LOMO with adaptive per-parameter rates (needs a CUDA GPU)"),
     )
 }
 METHOD_NAMES = tuple(METHODS)

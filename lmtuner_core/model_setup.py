@@ -29,14 +29,41 @@ def resolve_precision(requested: str) -> tuple[str, torch.dtype]:
     return requested, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[requested]
 
 
+def quantization_config(config: TrainConfig, compute_dtype: torch.dtype) -> Any | None:
+    """bitsandbytes settings for the quantized-base methods (QLoRA: NF4 with double quantization, the
+    paper's recipe); None for the others."""
+    if config.method not in ("qlora", "lora-8bit"):
+        return None
+    try:
+        import bitsandbytes  # noqa: F401  (fail here, with a clear message, rather than deep in loading)
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise LmtunerError(f"method: {config.method!r} needs bitsandbytes (pip install bitsandbytes)") from None
+    if config.method == "lora-8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
 def load_base_model(config: TrainConfig, precision: str, compute_dtype: torch.dtype) -> nn.Module:
-    """The causal LM in the dtype its method trains in: fp16 mixed precision keeps fp32 master weights."""
+    """The causal LM in the dtype its method trains in: fp16 mixed precision keeps fp32 master weights;
+    qlora / lora-8bit load a bitsandbytes-quantized base."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.float32 if precision == "fp16" and config.method in ("full", "freeze") else compute_dtype
+    full_weights = config.method in ("full", "freeze", "lomo", "adalomo")
+    dtype = torch.float32 if precision == "fp16" and full_weights else compute_dtype
+    quantization = quantization_config(config, compute_dtype)
+    extra: dict[str, Any] = {}
+    if quantization is not None:
+        # bitsandbytes places the quantized weights itself: on the one GPU, or on the CPU without one.
+        extra = {"quantization_config": quantization, "device_map": {"": 0 if torch.cuda.is_available() else "cpu"}}
     try:
         return AutoModelForCausalLM.from_pretrained(
-            config.model, dtype=dtype, attn_implementation="sdpa", trust_remote_code=config.trust_remote_code
+            config.model, dtype=dtype, attn_implementation="sdpa", trust_remote_code=config.trust_remote_code, **extra
         )
     except OSError as exc:
         raise LmtunerError(
@@ -93,12 +120,38 @@ def _dora(model: nn.Module, config: TrainConfig) -> nn.Module:
     return _lora(model, config, use_dora=True)
 
 
+def _quantized_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """LoRA on a 4-bit or 8-bit base: peft first casts norms and the head for stable k-bit training."""
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    return _lora(model, config)
+
+
+def _lomo(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """LOMO / AdaLomo update every weight inside the backward pass (lomo-optim, chosen through the Trainer's
+    `optim`), so no gradient or optimizer state is kept for the whole model."""
+    try:
+        import lomo_optim  # noqa: F401
+    except ImportError:
+        raise LmtunerError(f"method: {config.method!r} needs lomo-optim (pip install lomo-optim)") from None
+    if config.method == "adalomo" and not torch.cuda.is_available():
+        raise LmtunerError("method: 'adalomo' needs a CUDA GPU (lomo-optim moves its state with .cuda()); use 'lomo'")
+    return _full(model, config)
+
+
 METHOD_BUILDERS: dict[str, Callable[[nn.Module, TrainConfig], nn.Module]] = {
     "full": _full,
     "freeze": _freeze,
     "lora": _lora,
     "dora": _dora,
+    "qlora": _quantized_lora,
+    "lora-8bit": _quantized_lora,
+    "lomo": _lomo,
+    "adalomo": _lomo,
 }
+# The Trainer's `optim` per method; AdamW (torch's fused-where-possible implementation) otherwise.
+METHOD_OPTIMIZERS = {"lomo": "lomo", "adalomo": "adalomo"}
 
 
 def apply_method(model: nn.Module, config: TrainConfig) -> nn.Module:

@@ -1,11 +1,12 @@
 """SFTRecipe: supervised fine-tuning of a causal LM in one process, on TRL's SFTTrainer.
 
-Supports: methods full, freeze, lora and dora (builders in `model_setup`); chat data with the loss on
+Supports: methods full, freeze, lora, dora (builders in `model_setup`); chat data with the loss on
 assistant turns only (the chat template's {% generation %} markers, or prefix rendering when a template has
 none); plain text with the loss on every token; held-out eval loss; checkpoints every `save_steps`;
 stopping on SIGTERM with a checkpoint; `metrics.jsonl` and `state.json` for the server to read.
-Not supported yet: qlora, lora-8bit, lomo, adalomo, DeepSpeed, several processes, RoPE scaling — the config
-check refuses them before a job starts.
+Also qlora / lora-8bit (bitsandbytes base + LoRA) and lomo / adalomo (lomo-optim via the Trainer's `optim`).
+Not supported yet: DeepSpeed, several processes, RoPE scaling — the config check refuses them before a job
+starts.
 
 Read top to bottom: setup() builds tokenizer → data → model → trainer; train(); save().
 """
@@ -27,10 +28,19 @@ from lmtuner_core.config import TrainConfig
 from lmtuner_core.data import has_generation_markers, load_examples, split_eval, tokenize_examples
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.methods import METHODS
-from lmtuner_core.model_setup import apply_method, count_parameters, load_base_model, resolve_precision
+from lmtuner_core.model_setup import (
+    METHOD_OPTIMIZERS,
+    apply_method,
+    count_parameters,
+    load_base_model,
+    resolve_precision,
+)
 from lmtuner_core.paths import AllowedRoots, RunDir
 from lmtuner_core.tiny_model import CHAT_TEMPLATE
 from lmtuner_core.train import StateFile
+
+# TrainConfig.optimizer -> the Trainer's `optim` name.
+OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit"}
 
 
 class ProgressWriter(TrainerCallback):
@@ -208,6 +218,7 @@ class SFTRecipe:
             max_length=config.max_seq_len,
             packing=False,
             include_num_input_tokens_seen="non_padding",
+            optim=METHOD_OPTIMIZERS.get(config.method, OPTIMIZERS[config.optimizer]),
             disable_tqdm=True,
             dataloader_num_workers=0,
             save_only_model=False,

@@ -111,7 +111,7 @@ def test_bad_inputs_are_tool_errors_and_the_server_keeps_answering(tiny_model, d
         ({**base, "model": str(no_config)}, ["model", "no config.json"]),
         ({**base, "dataset": str(broken)}, ["line 3", "not JSON", "skip_bad_rows"]),
         ({**base, "dataset": str(outside)}, ["outside the allowed folders", "--root"]),
-        ({**base, "method": "qlora"}, ["qlora", "not available"]),
+        ({**base, "method": "adalomo"}, ["adalomo", "needs a CUDA GPU", "'lomo'"]),
     ]
 
     async def scenario():
