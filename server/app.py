@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mcp.server.mcpserver import MCPServer
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
@@ -23,7 +24,7 @@ from lmtuner_core.paths import AllowedRoots, lmtuner_home
 from lmtuner_core.secrets import redact
 from server.prompts import register_prompts
 from server.resources import register_resources
-from tools import hardware, training
+from tools import data, hardware, training
 from tools.context import ToolContext
 
 # pydantic's validation messages (which the SDK shows for schema violations) without documentation URLs.
@@ -33,7 +34,8 @@ INSTRUCTIONS = """\
 lmtuner fine-tunes language models on the user's machine. The usual flow:
 1. inspect_gpus — what hardware there is.
 2. Agree with the user on the base model, the data file and the goal; build a TrainConfig.
-3. start_training with dry_run: true — checks every path and every data row; show the user the resolved config.
+3. analyze_dataset (with the model) to see row lengths and problems; max_seq_len ≈ its p95.
+   start_training with dry_run: true — checks every path and every data row; show the user the resolved config.
 4. After the user confirms (training spends their GPU time), start_training — it returns a job_id at once.
 5. job_status with wait_seconds (e.g. 30) to follow loss and ETA without busy polling; list_jobs to see all.
    include_plot: true returns the loss curve as an image; resources lmtuner://jobs/{job_id}/log, /metrics,
@@ -54,6 +56,7 @@ class ToolSpec:
 
 TOOLS = (
     ToolSpec(hardware.inspect_gpus, "Inspect GPUs and machine", read_only=True, idempotent=True),
+    ToolSpec(data.analyze_dataset, "Analyze a dataset", read_only=True, idempotent=True),
     ToolSpec(training.start_training, "Start a fine-tuning job", read_only=False),
     ToolSpec(training.job_status, "Job status and progress", read_only=True, idempotent=True),
     ToolSpec(training.list_jobs, "List jobs", read_only=True, idempotent=True),
@@ -66,10 +69,21 @@ def bind_tool(fn: Callable[..., Any], ctx: ToolContext) -> Callable[..., Any]:
     """The tool function with `ctx` filled in and LmtunerError turned into ToolError. The signature (minus
     ctx) is kept, with annotations evaluated, so the SDK derives the same JSON schema."""
     signature = inspect.signature(fn, eval_str=True)
-    params = [p for name, p in signature.parameters.items() if name != "ctx"]
+    params = [p for name, p in signature.parameters.items() if name not in ("ctx", "progress")]
+    reports_progress = "progress" in signature.parameters
+    if reports_progress:  # the SDK fills a Context-typed parameter and leaves it out of the schema
+        params.append(inspect.Parameter("mcp_context", inspect.Parameter.KEYWORD_ONLY, annotation=Context))
 
     @functools.wraps(fn)
     def tool(**kwargs: Any) -> Any:
+        if reports_progress:
+            mcp_context = kwargs.pop("mcp_context")
+
+            def progress(done: float, total: float, message: str) -> None:
+                # Tools run in a worker thread; the notification is sent from the event loop.
+                anyio.from_thread.run(mcp_context.report_progress, done, total, message)
+
+            kwargs["progress"] = progress
         try:
             result = fn(ctx, **kwargs)
         except LmtunerError as exc:

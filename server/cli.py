@@ -15,7 +15,7 @@ from lmtuner_core.errors import LmtunerError
 from lmtuner_core.paths import lmtuner_home
 from lmtuner_core.progress import JobProgress
 from lmtuner_core.store import TERMINAL
-from tools import hardware, training
+from tools import data, hardware, training
 from tools.context import ToolContext
 
 
@@ -101,6 +101,22 @@ def cmd_resume(ctx: ToolContext, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(ctx: ToolContext, args: argparse.Namespace) -> int:
+    def progress(done: float, total: float, message: str) -> None:
+        print(f"  {message}", file=sys.stderr)
+
+    result = data.analyze_dataset(ctx, args.dataset, model=args.model, progress=progress)
+    lengths = result.token_lengths
+    cuts = ", ".join(f"{k}: {v}" for k, v in result.truncated_at.items())
+    summary = (
+        f"{result.rows} rows, format {result.format} ({result.source})\n"
+        f"tokens ({result.tokenizer}): p50 {lengths.p50}, p95 {lengths.p95}, max {lengths.max}\n"
+        f"rows cut at max_seq_len {cuts}\n" + "".join(f"problem: {p}\n" for p in result.problems)
+    ).rstrip()
+    _print(result, args.json, summary)
+    return 0
+
+
 def cmd_inspect(ctx: ToolContext, args: argparse.Namespace) -> int:
     report = hardware.inspect_gpus(ctx)
     gpus = ", ".join(f"{g.name} ({g.memory_free_mib}/{g.memory_total_mib} MiB free)" for g in report.gpus) or "none"
@@ -154,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--follow", action="store_true", help="Show progress until the job ends.")
     p.set_defaults(run=cmd_resume)
+
+    p = sub.add_parser("analyze", help="Rows, format, token lengths and problems of a dataset.")
+    p.add_argument("dataset")
+    p.add_argument("--model", help="Count tokens with this model's tokenizer and chat template.")
+    p.set_defaults(run=cmd_analyze)
 
     p = sub.add_parser("inspect", help="GPUs, CPU, memory, disk and library versions.")
     p.set_defaults(run=cmd_inspect)

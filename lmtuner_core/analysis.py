@@ -1,0 +1,165 @@
+"""analyze_dataset: what a dataset holds before any GPU time is spent on it — rows, format, token lengths as
+the model will see them (its chat template included), what a max_seq_len would cut, and problems."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+
+from pydantic import BaseModel, Field
+
+from lmtuner_core.config import DatasetSpec
+from lmtuner_core.data import has_generation_markers, load_examples, resolve_dataset, tokenize_chat, tokenize_text
+from lmtuner_core.errors import LmtunerError
+from lmtuner_core.paths import AllowedRoots
+
+ProgressFn = Callable[[float, float, str], None]
+CUT_POINTS = (256, 512, 1024, 2048, 4096, 8192)
+MAX_TOKENIZED_ROWS = 20_000  # beyond this, an even sample keeps the call to seconds; the result says so
+CHARS_PER_TOKEN = 4.0  # the usual rule of thumb for English BPE, used only when no model is given
+
+
+class TokenLengths(BaseModel):
+    p50: int = Field(description="Median row length in tokens.")
+    p95: int = Field(description="95th percentile row length: a good max_seq_len.")
+    max: int = Field(description="Longest row in tokens.")
+    mean: float = Field(description="Mean row length in tokens.")
+
+
+class DatasetAnalysis(BaseModel):
+    rows: int = Field(description="Usable rows.")
+    format: str = Field(description="Detected format: alpaca, sharegpt, messages or text.")
+    source: str = Field(description="Which file(s) were read.")
+    tokenizer: str = Field(description="How tokens were counted: the model's tokenizer, or an estimate.")
+    token_lengths: TokenLengths = Field(description="Row lengths in tokens (chat template included).")
+    truncated_at: dict[str, int] = Field(
+        description="For each candidate max_seq_len, how many rows are longer and would be cut. Example: "
+        "{'1024': 12, '2048': 0}."
+    )
+    trained_token_share: float | None = Field(
+        None, description="Share of tokens the loss covers (assistant turns) for chat data; 1.0 for text."
+    )
+    skipped_rows: int = Field(0, description="Malformed rows (training would fail on the first unless skipped).")
+    duplicates: int = Field(0, description="Rows that repeat an earlier row exactly.")
+    sampled: bool = Field(
+        False, description=f"True when only an even sample of {MAX_TOKENIZED_ROWS} rows was tokenized."
+    )
+    problems: list[str] = Field(default_factory=list, description="What to fix or know, in plain sentences.")
+
+
+def _percentile(sorted_values: list[int], q: float) -> int:
+    if not sorted_values:
+        return 0
+    index = min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1)
+    return sorted_values[max(0, index)]
+
+
+def _estimate_tokens(example: dict) -> tuple[int, int]:
+    if "text" in example:
+        n = math.ceil(len(example["text"]) / CHARS_PER_TOKEN)
+        return n, n
+    total = trained = 0
+    for message in example["messages"]:
+        chars = len(message.get("content") or "") + len(json.dumps(message.get("tool_calls") or ""))
+        n = math.ceil(chars / CHARS_PER_TOKEN) + 4  # role markers
+        total += n
+        trained += n if message["role"] == "assistant" else 0
+    return total, trained
+
+
+def analyze_dataset(
+    spec: DatasetSpec, roots: AllowedRoots, model: str | None = None, progress: ProgressFn | None = None
+) -> DatasetAnalysis:
+    """Reads every row (bad ones counted, not fatal) and measures token lengths with the model's tokenizer."""
+    source = resolve_dataset(spec, roots)
+    loaded = load_examples(spec.model_copy(update={"skip_bad_rows": True}), roots, source)
+    examples = loaded.examples
+    problems: list[str] = []
+    if loaded.skipped:
+        problems.append(
+            f"{len(loaded.skipped)} malformed rows; training fails on the first unless dataset.skip_bad_rows is "
+            f"true. First: {loaded.skipped[0]}"
+        )
+    seen: set[str] = set()
+    duplicates = 0
+    for example in examples:
+        digest = hashlib.sha1(json.dumps(example, sort_keys=True).encode()).hexdigest()
+        duplicates += digest in seen
+        seen.add(digest)
+    if duplicates:
+        problems.append(f"{duplicates} rows repeat an earlier row exactly; duplicates weigh those examples double")
+
+    sampled = len(examples) > MAX_TOKENIZED_ROWS
+    measured = examples[:: math.ceil(len(examples) / MAX_TOKENIZED_ROWS)] if sampled else examples
+    lengths: list[int] = []
+    trained_tokens = 0
+    if model:
+        tokenizer = _load_tokenizer(model)
+        native = has_generation_markers(tokenizer)
+        label = f"the tokenizer of {model}" + (
+            "" if tokenizer.chat_template or loaded.format == "text" else " (ChatML)"
+        )
+    else:
+        label = f"estimate: characters / {CHARS_PER_TOKEN:g} (pass model for exact counts)"
+    step = max(1, len(measured) // 10)
+    for i, example in enumerate(measured):
+        if model:
+            if "text" in example:
+                ids = tokenize_text(example, tokenizer)["input_ids"]
+                n, trained = len(ids), len(ids)
+            else:
+                out = tokenize_chat(example, tokenizer, True, native)
+                n, trained = len(out["input_ids"]), sum(out["assistant_masks"])
+        else:
+            n, trained = _estimate_tokens(example)
+        lengths.append(n)
+        trained_tokens += trained
+        if progress and ((i + 1) % step == 0 or i + 1 == len(measured)):
+            progress(i + 1, len(measured), f"measured {i + 1} of {len(measured)} rows")
+    ordered = sorted(lengths)
+    truncated = {str(cut): sum(n > cut for n in ordered) for cut in CUT_POINTS}
+    if ordered and ordered[-1] > 4 * _percentile(ordered, 0.95):
+        problems.append(
+            f"the longest row ({ordered[-1]} tokens) is over 4x the 95th percentile ({_percentile(ordered, 0.95)}): "
+            "check it is not a concatenation or a data error"
+        )
+    total_tokens = sum(lengths)
+    share = round(trained_tokens / total_tokens, 4) if total_tokens else None
+    if share is not None and loaded.format != "text" and share < 0.05:
+        problems.append(
+            f"only {share:.1%} of tokens are assistant answers: the model learns from very little of each row"
+        )
+    return DatasetAnalysis(
+        rows=len(examples),
+        format=loaded.format,
+        source=loaded.source.label,
+        tokenizer=label,
+        token_lengths=TokenLengths(
+            p50=_percentile(ordered, 0.5),
+            p95=_percentile(ordered, 0.95),
+            max=ordered[-1] if ordered else 0,
+            mean=round(total_tokens / len(ordered), 1) if ordered else 0.0,
+        ),
+        truncated_at=truncated,
+        trained_token_share=share,
+        skipped_rows=len(loaded.skipped),
+        duplicates=duplicates,
+        sampled=sampled,
+        problems=problems,
+    )
+
+
+def _load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    from lmtuner_core.tiny_model import CHAT_TEMPLATE
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise LmtunerError(f"model: cannot load the tokenizer of {model!r} ({exc})", field="model") from None
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE  # what training would use for chat data
+    return tokenizer
