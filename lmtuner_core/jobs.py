@@ -106,9 +106,13 @@ def check_config(config: TrainConfig, roots: AllowedRoots, run_dir: RunDir) -> t
         raise LmtunerError(
             f"method: {config.method!r} is not available in this version: {method.not_yet}", field="method"
         )
-    for key in ("deepspeed", "rope_scaling"):
-        if getattr(config, key) is not None:
-            raise LmtunerError(f"{key}: not available in this version yet; remove it from the config", field=key)
+    if config.deepspeed is not None:
+        raise LmtunerError("deepspeed: not available in this version yet; remove it from the config", field="deepspeed")
+    if config.rope_scaling is not None and config.rope_scaling.type == "xpos":
+        raise LmtunerError(
+            "rope_scaling.type: 'xpos' is not available yet; use linear, dynamic, yarn, llama3 or ntk",
+            field="rope_scaling.type",
+        )
     warnings: list[str] = []
     updates: dict = {"model": resolve_model(config.model, roots)}
     if config.model == updates["model"] and not config.model.startswith("/"):

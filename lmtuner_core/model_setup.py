@@ -52,7 +52,9 @@ def quantization_config(config: TrainConfig, compute_dtype: torch.dtype) -> Any 
 def load_base_model(config: TrainConfig, precision: str, compute_dtype: torch.dtype) -> nn.Module:
     """The causal LM in the dtype its method trains in: fp16 mixed precision keeps fp32 master weights;
     qlora / lora-8bit load a bitsandbytes-quantized base."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmtuner_core.rope import apply_rope_scaling
 
     full_weights = config.method in ("full", "freeze", "lomo", "adalomo")
     dtype = torch.float32 if precision == "fp16" and full_weights else compute_dtype
@@ -62,8 +64,15 @@ def load_base_model(config: TrainConfig, precision: str, compute_dtype: torch.dt
         # bitsandbytes places the quantized weights itself: on the one GPU, or on the CPU without one.
         extra = {"quantization_config": quantization, "device_map": {"": 0 if torch.cuda.is_available() else "cpu"}}
     try:
+        model_config = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+        apply_rope_scaling(model_config, config.rope_scaling)
         return AutoModelForCausalLM.from_pretrained(
-            config.model, dtype=dtype, attn_implementation="sdpa", trust_remote_code=config.trust_remote_code, **extra
+            config.model,
+            config=model_config,
+            dtype=dtype,
+            attn_implementation="sdpa",
+            trust_remote_code=config.trust_remote_code,
+            **extra,
         )
     except OSError as exc:
         raise LmtunerError(

@@ -5,8 +5,8 @@ assistant turns only (the chat template's {% generation %} markers, or prefix re
 none); plain text with the loss on every token; held-out eval loss; checkpoints every `save_steps`;
 stopping on SIGTERM with a checkpoint; `metrics.jsonl` and `state.json` for the server to read.
 Also qlora / lora-8bit (bitsandbytes base + LoRA) and lomo / adalomo (lomo-optim via the Trainer's `optim`).
-Not supported yet: DeepSpeed, several processes, RoPE scaling — the config check refuses them before a job
-starts.
+RoPE scaling (linear, dynamic, yarn, llama3, ntk; see `rope`) is written into the model config at load.
+Not supported yet: DeepSpeed, several processes, xPos — the config check refuses them before a job starts.
 
 Read top to bottom: setup() builds tokenizer → data → model → trainer; train(); save().
 """
@@ -255,4 +255,9 @@ class SFTRecipe:
             "adapter": METHODS[self.config.method].adapter,
             "job_run_dir": str(self.run.root),
         }
+        if self.config.rope_scaling is not None:
+            # An adapter does not carry the base model's config: record the positions it was trained with.
+            base_config = self.trainer.model.config
+            artifact["rope_parameters"] = base_config.rope_parameters
+            artifact["max_position_embeddings"] = base_config.max_position_embeddings
         (output / "lmtuner_artifact.json").write_text(json.dumps(artifact, indent=2), encoding="utf-8")

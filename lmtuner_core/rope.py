@@ -1,0 +1,93 @@
+"""RoPE scaling: train (and later serve) a model beyond the context it was pre-trained on.
+
+transformers implements the position formulas; this module only writes the model config that selects them
+(`rope_parameters`, transformers 5.x). One function per type, found through ROPE_BUILDERS:
+- linear  — position interpolation (Chen et al. 2023): positions divided by `factor`.
+- dynamic — dynamic NTK: the base grows only once a sequence is longer than the trained context.
+- yarn    — NTK-by-parts with attention temperature (Peng et al. 2023).
+- llama3  — Llama 3.1's per-frequency-band scaling.
+- ntk     — static NTK-aware scaling, which transformers has no type for: rope_theta × factor^(d/(d−2)), written
+            here by hand (the formula from the "NTK-aware scaled RoPE" proposal, d = rotary dimension).
+xPos is not provided by any library and is not implemented yet: a config asking for it is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lmtuner_core.config import RopeScaling
+from lmtuner_core.errors import LmtunerError
+
+RopeResult = tuple[dict[str, Any], int]  # (rope_parameters, max_position_embeddings)
+
+
+def _linear(theta: float, factor: float, original: int, dim: int) -> RopeResult:
+    return {"rope_type": "linear", "rope_theta": theta, "factor": factor}, int(original * factor)
+
+
+def _dynamic(theta: float, factor: float, original: int, dim: int) -> RopeResult:
+    # The dynamic rule compares sequence length with max_position_embeddings, so that stays the trained value.
+    return {"rope_type": "dynamic", "rope_theta": theta, "factor": factor}, original
+
+
+def _yarn(theta: float, factor: float, original: int, dim: int) -> RopeResult:
+    parameters = {
+        "rope_type": "yarn",
+        "rope_theta": theta,
+        "factor": factor,
+        "original_max_position_embeddings": original,
+    }
+    return parameters, int(original * factor)
+
+
+def _llama3(theta: float, factor: float, original: int, dim: int) -> RopeResult:
+    parameters = {
+        "rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": original,
+    }  # fmt: skip
+    return parameters, int(original * factor)
+
+
+def _ntk(theta: float, factor: float, original: int, dim: int) -> RopeResult:
+    return {"rope_type": "default", "rope_theta": theta * factor ** (dim / (dim - 2))}, int(original * factor)
+
+
+ROPE_BUILDERS: dict[str, Callable[[float, float, int, int], RopeResult]] = {
+    "linear": _linear,
+    "dynamic": _dynamic,
+    "yarn": _yarn,
+    "llama3": _llama3,
+    "ntk": _ntk,
+}
+
+
+def scaled_rope(model_config: Any, rope: RopeScaling) -> RopeResult:
+    """The rope_parameters and max_position_embeddings that extend `model_config` by rope.factor."""
+    builder = ROPE_BUILDERS.get(rope.type)
+    if builder is None:
+        raise LmtunerError(
+            f"rope_scaling.type: {rope.type!r} is not available yet; use one of {', '.join(ROPE_BUILDERS)}",
+            field="rope_scaling.type",
+        )
+    current = dict(getattr(model_config, "rope_parameters", None) or {})
+    if current.get("rope_type", "default") != "default":
+        raise LmtunerError(
+            f"rope_scaling: the model already uses {current['rope_type']!r} RoPE scaling; scaling it again is not "
+            "supported — remove rope_scaling, or start from a model without scaling",
+            field="rope_scaling",
+        )
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    dim = int(head_dim * current.get("partial_rotary_factor", 1.0))
+    theta = float(current.get("rope_theta", getattr(model_config, "rope_theta", 10000.0)))
+    return builder(theta, rope.factor, int(model_config.max_position_embeddings), dim)
+
+
+def apply_rope_scaling(model_config: Any, rope: RopeScaling | None) -> Any:
+    """Writes the scaling into a transformers config (in place) and returns it."""
+    if rope is None:
+        return model_config
+    parameters, max_positions = scaled_rope(model_config, rope)
+    model_config.rope_parameters = parameters
+    model_config.max_position_embeddings = max_positions
+    return model_config

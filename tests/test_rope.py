@@ -1,0 +1,97 @@
+"""RoPE scaling: each type changes the positions the way its formula says, and the trained artifact keeps it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lmtuner_core.config import RopeScaling, parse_train_config
+from lmtuner_core.errors import LmtunerError
+from lmtuner_core.paths import AllowedRoots
+from lmtuner_core.rope import apply_rope_scaling
+from lmtuner_core.sample_data import write_demo_dataset
+from tests.helpers import quick_config
+from tools import training
+from tools.context import ToolContext
+
+
+def rotary(model_dir: Path, rope: RopeScaling | None):
+    config = apply_rope_scaling(AutoConfig.from_pretrained(model_dir), rope)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config)
+    return config, model
+
+
+def test_linear_divides_every_frequency_by_the_factor(tiny_model):
+    _, base = rotary(tiny_model, None)
+    config, scaled = rotary(tiny_model, RopeScaling(type="linear", factor=4))
+    assert config.max_position_embeddings == 4 * 2048
+    torch.testing.assert_close(scaled.model.rotary_emb.inv_freq, base.model.rotary_emb.inv_freq / 4)
+
+
+def test_ntk_scales_theta_by_factor_to_the_d_over_d_minus_2(tiny_model):
+    config, scaled = rotary(tiny_model, RopeScaling(type="ntk", factor=4))
+    dim = config.head_dim  # 32 for the tiny model
+    assert config.rope_parameters["rope_theta"] == pytest.approx(10000.0 * 4 ** (dim / (dim - 2)))
+    assert config.rope_parameters["rope_type"] == "default"
+    expected = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2).float() / dim))
+    torch.testing.assert_close(scaled.model.rotary_emb.inv_freq, expected)
+
+
+@pytest.mark.parametrize("kind", ["yarn", "llama3"])
+def test_yarn_and_llama3_keep_high_frequencies_and_stretch_low_ones(tiny_model, kind):
+    _, base = rotary(tiny_model, None)
+    config, scaled = rotary(tiny_model, RopeScaling(type=kind, factor=4))
+    assert config.rope_parameters["original_max_position_embeddings"] == 2048
+    before, after = base.model.rotary_emb.inv_freq, scaled.model.rotary_emb.inv_freq
+    assert after[0].item() == pytest.approx(before[0].item())  # the fastest rotation is untouched
+    assert after[-1].item() == pytest.approx(before[-1].item() / 4, rel=1e-3)  # the slowest is interpolated
+
+
+def test_dynamic_changes_nothing_inside_the_trained_context(tiny_model):
+    _, base = rotary(tiny_model, None)
+    config, scaled = rotary(tiny_model, RopeScaling(type="dynamic", factor=4))
+    ids = torch.randint(0, 900, (1, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(ids).logits, base(ids).logits)
+    assert config.max_position_embeddings == 2048
+
+
+def test_an_already_scaled_model_is_refused(tiny_model):
+    config = apply_rope_scaling(AutoConfig.from_pretrained(tiny_model), RopeScaling(type="yarn", factor=2))
+    with pytest.raises(LmtunerError, match="already uses 'yarn'"):
+        apply_rope_scaling(config, RopeScaling(type="linear", factor=2))
+
+
+def run(ctx, config):
+    started = training.start_training(ctx, parse_train_config(config))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        status = training.job_status(ctx, started.job_id, wait_seconds=10)
+        if status.status != "running":
+            return status
+    raise AssertionError("job did not finish")
+
+
+def test_trained_artifacts_carry_the_scaling(tiny_model, tmp_path, lmtuner_home):
+    data = write_demo_dataset(tmp_path / "demo.jsonl", n=16)
+    ctx = ToolContext(home=lmtuner_home, roots=AllowedRoots([tmp_path, tiny_model]))
+    rope = {"type": "yarn", "factor": 2.0}
+    full = run(ctx, quick_config(tiny_model, data, max_steps=2, method="full", rope_scaling=rope))
+    assert full.status == "completed", full.error
+    saved = json.loads(Path(full.output_dir, "config.json").read_text())
+    assert saved["rope_parameters"]["rope_type"] == "yarn" and saved["max_position_embeddings"] == 4096
+
+    lora = run(ctx, quick_config(tiny_model, data, max_steps=2, rope_scaling=rope))
+    assert lora.status == "completed", lora.error
+    artifact = json.loads(Path(lora.output_dir, "lmtuner_artifact.json").read_text())
+    assert artifact["rope_parameters"]["factor"] == 2.0 and artifact["max_position_embeddings"] == 4096
+
+    with pytest.raises(LmtunerError, match="'xpos' is not available yet"):
+        training.start_training(
+            ctx, parse_train_config(quick_config(tiny_model, data, rope_scaling={"type": "xpos", "factor": 2.0}))
+        )
