@@ -24,7 +24,7 @@ from lmtuner_core.paths import AllowedRoots, lmtuner_home
 from lmtuner_core.secrets import redact
 from server.prompts import register_prompts
 from server.resources import register_resources
-from tools import data, hardware, training
+from tools import data, hardware, inference, training
 from tools.context import ToolContext
 
 # pydantic's validation messages (which the SDK shows for schema violations) without documentation URLs.
@@ -41,6 +41,8 @@ lmtuner fine-tunes language models on the user's machine. The usual flow:
    include_plot: true returns the loss curve as an image; resources lmtuner://jobs/{job_id}/log, /metrics,
    /config and /loss.png hold the same data.
 6. cancel_job to stop; it saves a checkpoint first. resume_job continues a cancelled or failed job from it.
+7. generate with the base model and with the adapter (the job's output_dir) on the same prompts, to show the
+   user what changed.
 Read state (list_jobs, job_status) before starting new work, so two jobs do not fight over one GPU.
 Errors name the field to change and the values accepted."""
 
@@ -62,6 +64,7 @@ TOOLS = (
     ToolSpec(training.list_jobs, "List jobs", read_only=True, idempotent=True),
     ToolSpec(training.cancel_job, "Cancel a job", read_only=False, destructive=True, idempotent=True),
     ToolSpec(training.resume_job, "Resume a failed or cancelled job", read_only=False),
+    ToolSpec(inference.generate, "Generate with a model or adapter", read_only=True),
 )
 
 

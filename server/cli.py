@@ -15,7 +15,7 @@ from lmtuner_core.errors import LmtunerError
 from lmtuner_core.paths import lmtuner_home
 from lmtuner_core.progress import JobProgress
 from lmtuner_core.store import TERMINAL
-from tools import data, hardware, training
+from tools import data, hardware, inference, training
 from tools.context import ToolContext
 
 
@@ -117,6 +117,16 @@ def cmd_analyze(ctx: ToolContext, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(ctx: ToolContext, args: argparse.Namespace) -> int:
+    result = inference.generate(
+        ctx, args.model, prompts=args.prompt, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+    )  # fmt: skip
+    summary = "\n".join(f"> {p}\n{o.text}\n" for p, o in zip(args.prompt, result.outputs, strict=True))
+    _print(result, args.json, summary + f"({result.tokens_per_second} tokens/s, {result.engine})")
+    return 0
+
+
 def cmd_inspect(ctx: ToolContext, args: argparse.Namespace) -> int:
     report = hardware.inspect_gpus(ctx)
     gpus = ", ".join(f"{g.name} ({g.memory_free_mib}/{g.memory_total_mib} MiB free)" for g in report.gpus) or "none"
@@ -175,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset")
     p.add_argument("--model", help="Count tokens with this model's tokenizer and chat template.")
     p.set_defaults(run=cmd_analyze)
+
+    p = sub.add_parser("generate", help="Answer prompts with a model, optionally with an adapter.")
+    p.add_argument("model")
+    p.add_argument("--prompt", action="append", required=True, help="A prompt (repeatable).")
+    p.add_argument("--adapter", help="A LoRA-family job's output_dir.")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("inspect", help="GPUs, CPU, memory, disk and library versions.")
     p.set_defaults(run=cmd_inspect)

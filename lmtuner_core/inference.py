@@ -1,0 +1,137 @@
+"""generate with the embedded engine: transformers + the model's chat template, an optional PEFT adapter,
+batched, greedy or sampled, stopping at the model's end tokens.
+
+One model stays loaded between calls (the agent usually asks several questions of the same model); asking
+for another one replaces it. The vLLM engine arrives with the serving work; asking for it says so.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from lmtuner_core.errors import LmtunerError
+
+ProgressFn = Callable[[float, float, str], None]
+_LOADED: dict[str, Any] = {}  # {"key": (model, adapter), "model": ..., "tokenizer": ...}
+_LOCK = threading.Lock()  # one generation at a time: the loaded model is shared
+
+
+class GeneratedText(BaseModel):
+    text: str = Field(description="The generated continuation (special tokens removed).")
+    tokens: int = Field(description="How many tokens were generated.")
+    finish_reason: str = Field(description="'stop' (an end token) or 'length' (max_new_tokens reached).")
+
+
+class GenerateResult(BaseModel):
+    outputs: list[GeneratedText] = Field(description="One output per prompt or conversation, in order.")
+    engine: str = Field(description="Which engine generated: 'transformers' here.")
+    tokens_per_second: float = Field(description="Generated tokens per second over the whole call.")
+    model: str = Field(description="The base model used.")
+    adapter: str | None = Field(None, description="The adapter applied, if any.")
+
+
+def _load(model_ref: str, adapter: str | None):
+    """(model, tokenizer), reusing the loaded pair when it is the same model and adapter."""
+    key = (model_ref, adapter)
+    if _LOADED.get("key") == key:
+        return _LOADED["model"], _LOADED["tokenizer"]
+    _LOADED.clear()  # free the previous model before loading the next
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lmtuner_core.tiny_model import CHAT_TEMPLATE
+
+    transformers.utils.logging.disable_progress_bar()  # a server's stderr is a log, not a terminal
+
+    cuda = torch.cuda.is_available()
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    config = AutoConfig.from_pretrained(model_ref)
+    if adapter:
+        artifact = Path(adapter, "lmtuner_artifact.json")
+        if artifact.is_file():  # the adapter was trained with extended positions: use the same ones
+            recorded = json.loads(artifact.read_text(encoding="utf-8"))
+            if recorded.get("rope_parameters"):
+                config.rope_parameters = recorded["rope_parameters"]
+                config.max_position_embeddings = recorded["max_position_embeddings"]
+    model = AutoModelForCausalLM.from_pretrained(model_ref, config=config, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(adapter or model_ref)  # a trained adapter saves its tokenizer
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.to("cuda" if cuda else "cpu").eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # decoder-only batches are padded on the left so every row ends at the prompt
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    _LOADED.update(key=key, model=model, tokenizer=tokenizer)
+    return model, tokenizer
+
+
+def generate(
+    model_ref: str,
+    conversations: list[list[dict]],
+    *,
+    adapter: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> GenerateResult:
+    """Answers each conversation (a list of {role, content}) with the assistant's next turn."""
+    import torch
+
+    with _LOCK:
+        try:
+            model, tokenizer = _load(model_ref, adapter)
+        except OSError as exc:
+            raise LmtunerError(f"model: cannot load {model_ref!r} ({exc})", field="model") from None
+        eos = model.generation_config.eos_token_id
+        end_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        torch.manual_seed(seed)
+        outputs: list[GeneratedText] = []
+        generated = 0
+        started = time.perf_counter()
+        for first in range(0, len(conversations), batch_size):
+            batch = conversations[first : first + batch_size]
+            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in batch]
+            inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+            if temperature > 0:
+                options.update(do_sample=True, temperature=temperature, top_p=top_p)
+            else:
+                options.update(do_sample=False, temperature=None, top_p=None)  # greedy: no sampling knobs
+            with torch.no_grad():
+                out = model.generate(**inputs, **options)
+            for row in out[:, inputs["input_ids"].shape[1] :].tolist():
+                stop = next((i for i, t in enumerate(row) if t in end_ids), None)
+                new = row[:stop] if stop is not None else [t for t in row if t != tokenizer.pad_token_id]
+                generated += len(new)
+                outputs.append(
+                    GeneratedText(
+                        text=tokenizer.decode(new, skip_special_tokens=True),
+                        tokens=len(new),
+                        finish_reason="stop" if stop is not None else "length",
+                    )
+                )
+            if progress:
+                progress(len(outputs), len(conversations), f"generated {len(outputs)} of {len(conversations)}")
+        elapsed = time.perf_counter() - started
+    return GenerateResult(
+        outputs=outputs,
+        engine="transformers",
+        tokens_per_second=round(generated / elapsed, 1) if elapsed > 0 else 0.0,
+        model=model_ref,
+        adapter=adapter,
+    )

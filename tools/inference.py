@@ -1,0 +1,76 @@
+"""generate: try a base model or a fine-tuned adapter on prompts or conversations."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field
+
+from lmtuner_core.errors import LmtunerError
+from lmtuner_core.inference import GenerateResult, ProgressFn
+from lmtuner_core.inference import generate as run_generation
+from lmtuner_core.jobs import resolve_model
+from tools.context import ToolContext
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "tool"] = Field(description="Who speaks. Example: 'user'.")
+    content: str = Field(max_length=200_000, description="What they say.")
+
+
+def generate(
+    ctx: ToolContext,
+    model: Annotated[str, Field(description="Base model: local folder or hub id. Example: './models/tiny'.")],
+    prompts: Annotated[
+        list[Annotated[str, Field(max_length=200_000)]] | None,
+        Field(max_length=256, description="Single-turn user prompts. Example: ['What is 3 plus 4?']."),
+    ] = None,
+    messages: Annotated[
+        list[list[Message]] | None,
+        Field(max_length=256, description="Conversations to continue, each a list of {role, content}."),
+    ] = None,
+    adapter: Annotated[
+        str | None, Field(description="A trained adapter folder (a job's output_dir) to apply on the base.")
+    ] = None,
+    max_new_tokens: Annotated[int, Field(ge=1, le=8192, description="Most tokens to generate per answer.")] = 256,
+    temperature: Annotated[float, Field(ge=0, le=2, description="0 = greedy (repeatable); 0.7 = varied.")] = 0.0,
+    top_p: Annotated[float, Field(gt=0, le=1, description="Nucleus sampling mass (with temperature > 0).")] = 1.0,
+    engine: Annotated[
+        Literal["auto", "transformers", "vllm"],
+        Field(description="'auto' and 'transformers' run in this process; 'vllm' needs serve_model (planned)."),
+    ] = "auto",
+    progress: ProgressFn | None = None,
+) -> GenerateResult:
+    """Generate answers from a model, optionally with a fine-tuned adapter, using the model's chat template:
+    the quickest way to show the user what training changed (ask the same prompts with and without the
+    adapter). Give `prompts` (single questions) or `messages` (whole conversations), not both. The model stays
+    loaded for the next call."""
+    if (prompts is None) == (messages is None):
+        raise LmtunerError("give exactly one of `prompts` (a list of strings) or `messages` (a list of conversations)")
+    if engine == "vllm":
+        raise LmtunerError("engine: 'vllm' needs a running vLLM server (serve_model), not in this version; use 'auto'")
+    conversations = (
+        [[{"role": "user", "content": p}] for p in prompts]
+        if prompts is not None
+        else [[m.model_dump() for m in conversation] for conversation in messages or []]
+    )
+    if not conversations or any(not c for c in conversations):
+        raise LmtunerError("prompts/messages: give at least one non-empty prompt or conversation")
+    adapter_path = None
+    if adapter:
+        adapter_path = ctx.roots.resolve(adapter, "adapter")
+        if not (adapter_path / "adapter_config.json").is_file():
+            raise LmtunerError(
+                f"adapter: {adapter_path} has no adapter_config.json; give the output_dir of a LoRA-family job "
+                "(a full fine-tune's output_dir is a model: pass it as `model` instead)",
+                field="adapter",
+            )
+    return run_generation(
+        resolve_model(model, ctx.roots),
+        conversations,
+        adapter=str(adapter_path) if adapter_path else None,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        progress=progress,
+    )
