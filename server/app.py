@@ -65,6 +65,7 @@ TOOLS = (
     ToolSpec(training.cancel_job, "Cancel a job", read_only=False, destructive=True, idempotent=True),
     ToolSpec(training.resume_job, "Resume a failed or cancelled job", read_only=False),
     ToolSpec(inference.generate, "Generate with a model or adapter", read_only=True),
+    ToolSpec(inference.merge_adapter, "Merge an adapter into its base model", read_only=False),
 )
 
 
@@ -113,7 +114,8 @@ def build_server(
 ) -> MCPServer:
     """The lmtuner MCP server. roots=None confines file arguments to the working directory and $LMTUNER_HOME."""
     home = home or lmtuner_home()
-    allowed = AllowedRoots(roots if roots is not None else [Path.cwd(), home])
+    # The server's own run folders are always readable: an agent passes a job's output_dir to generate/merge.
+    allowed = AllowedRoots([*roots, home / "runs"] if roots is not None else [Path.cwd(), home])
     ctx = ToolContext(home=home, roots=allowed, read_only=read_only)
     tools = [make_tool(spec, ctx) for spec in TOOLS if spec.read_only or not read_only]
     server = MCPServer(

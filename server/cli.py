@@ -127,6 +127,12 @@ def cmd_generate(ctx: ToolContext, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(ctx: ToolContext, args: argparse.Namespace) -> int:
+    result = inference.merge_adapter(ctx, args.model, args.adapter, args.output_dir)
+    _print(result, args.json, f"merged model in {result.output_dir} ({result.size_bytes / 2**20:.1f} MiB)")
+    return 0
+
+
 def cmd_inspect(ctx: ToolContext, args: argparse.Namespace) -> int:
     report = hardware.inspect_gpus(ctx)
     gpus = ", ".join(f"{g.name} ({g.memory_free_mib}/{g.memory_total_mib} MiB free)" for g in report.gpus) or "none"
@@ -193,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("merge", help="Merge an adapter into its base model (a standalone HF model).")
+    p.add_argument("model")
+    p.add_argument("adapter")
+    p.add_argument("output_dir")
+    p.set_defaults(run=cmd_merge)
 
     p = sub.add_parser("inspect", help="GPUs, CPU, memory, disk and library versions.")
     p.set_defaults(run=cmd_inspect)

@@ -1,4 +1,4 @@
-"""generate: try a base model or a fine-tuned adapter on prompts or conversations."""
+"""generate and merge_adapter: try a model or a fine-tuned adapter, and turn an adapter into a plain model."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field
 
 from lmtuner_core.errors import LmtunerError
+from lmtuner_core.export import MergeResult
+from lmtuner_core.export import merge_adapter as run_merge
 from lmtuner_core.inference import GenerateResult, ProgressFn
 from lmtuner_core.inference import generate as run_generation
-from lmtuner_core.jobs import resolve_model
+from lmtuner_core.jobs import check_writable, resolve_model
 from tools.context import ToolContext
 
 
@@ -74,3 +76,20 @@ def generate(
         top_p=top_p,
         progress=progress,
     )
+
+
+def merge_adapter(
+    ctx: ToolContext,
+    model: Annotated[str, Field(description="The base model the adapter was trained on. Example: './models/tiny'.")],
+    adapter: Annotated[str, Field(description="The adapter folder: a LoRA-family job's output_dir.")],
+    output_dir: Annotated[str, Field(description="A new or empty folder for the merged model. Example: 'merged'.")],
+) -> MergeResult:
+    """Merge a trained adapter into its base model and save a standalone Hugging Face model (safetensors,
+    config, tokenizer) that vLLM and other tools load without peft. Takes the base's full-precision size on
+    disk; the merged model behaves as base + adapter."""
+    adapter_path = ctx.roots.resolve(adapter, "adapter")
+    if not (adapter_path / "adapter_config.json").is_file():
+        raise LmtunerError(f"adapter: {adapter_path} has no adapter_config.json", field="adapter")
+    output = ctx.roots.resolve(output_dir, "output_dir")
+    check_writable(output, "output_dir")
+    return run_merge(resolve_model(model, ctx.roots), adapter_path, output)
