@@ -8,6 +8,7 @@ supervisor of a job that just ended — concludes finished jobs from their run f
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import secrets
@@ -29,6 +30,7 @@ from lmtuner_core.store import STATUSES, TERMINAL, JobRecord, JobStore
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # A job claimed for starting but still without a process after this long lost its starter: queue it again.
 CLAIM_TIMEOUT_SECONDS = 60.0
+TRACKER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
 
 
 def cpu_job_slots() -> int:
@@ -57,6 +59,20 @@ def resolve_devices(requested: list[int] | str) -> str:
         have = ", ".join(map(str, gpus)) or "none"
         raise LmtunerError(f"devices: GPU {missing[0]} does not exist here (GPUs: {have}); use 'auto'", field="devices")
     return ",".join(map(str, sorted(set(requested))))
+
+
+def tracker_environment(run: RunDir, env: dict[str, str]) -> dict[str, str]:
+    """Where the trackers write: inside the run folder, named after the job. wandb runs offline unless the user
+    has a key (or chose a mode); the key itself stays in the environment, never in files we write."""
+    extra = {
+        "TENSORBOARD_LOGGING_DIR": str(run.root / "tensorboard"),
+        "WANDB_DIR": str(run.root),
+        "WANDB_NAME": run.root.name,
+        "WANDB_PROJECT": env.get("WANDB_PROJECT", "lmtuner"),
+    }
+    if "WANDB_MODE" not in env and not env.get("WANDB_API_KEY"):
+        extra["WANDB_MODE"] = "offline"
+    return extra
 
 
 def latest_checkpoint(run: RunDir) -> Path | None:
@@ -108,6 +124,13 @@ def check_config(config: TrainConfig, roots: AllowedRoots, run_dir: RunDir) -> t
         )
     if config.deepspeed is not None:
         raise LmtunerError("deepspeed: not available in this version yet; remove it from the config", field="deepspeed")
+    for tracker in config.report_to:
+        if importlib.util.find_spec(TRACKER_PACKAGES[tracker]) is None:
+            raise LmtunerError(
+                f"report_to: {tracker!r} needs the {TRACKER_PACKAGES[tracker]} package (pip install "
+                f"{TRACKER_PACKAGES[tracker]}); or remove it — metrics.jsonl is always written",
+                field="report_to",
+            )
     if config.rope_scaling is not None and config.rope_scaling.type == "xpos":
         raise LmtunerError(
             "rope_scaling.type: 'xpos' is not available yet; use linear, dynamic, yarn, llama3 or ntk",
@@ -229,6 +252,7 @@ class JobService:
         )
         if record is not None and record.devices != "cpu":
             env["CUDA_VISIBLE_DEVICES"] = record.devices
+        env.update(tracker_environment(run, env))
         try:
             pid, started_at = spawn_supervised(run, env)
         except OSError as exc:
