@@ -24,7 +24,7 @@ from lmtuner_core.paths import AllowedRoots, lmtuner_home
 from lmtuner_core.secrets import redact
 from server.prompts import register_prompts
 from server.resources import register_resources
-from tools import data, hardware, inference, training
+from tools import data, evaluation, hardware, inference, training
 from tools.context import ToolContext
 
 # pydantic's validation messages (which the SDK shows for schema violations) without documentation URLs.
@@ -65,6 +65,7 @@ TOOLS = (
     ToolSpec(training.cancel_job, "Cancel a job", read_only=False, destructive=True, idempotent=True),
     ToolSpec(training.resume_job, "Resume a failed or cancelled job", read_only=False),
     ToolSpec(inference.generate, "Generate with a model or adapter", read_only=True),
+    ToolSpec(evaluation.evaluate, "Evaluate a model, adapter or predictions file", read_only=True),
     ToolSpec(inference.merge_adapter, "Merge an adapter into its base model", read_only=False),
 )
 

@@ -1,0 +1,129 @@
+"""evaluate: score a model (or adapter, or a file of existing predictions) against reference answers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field
+
+from lmtuner_core.config import DatasetSpec
+from lmtuner_core.data import iter_rows, load_examples
+from lmtuner_core.errors import LmtunerError
+from lmtuner_core.inference import ProgressFn
+from lmtuner_core.inference import generate as run_generation
+from lmtuner_core.jobs import resolve_model
+from lmtuner_core.metrics import Scores, score
+from tools.context import ToolContext
+
+MetricName = Literal["bleu_2", "bleu_4", "meteor", "nist_2", "nist_4", "rouge_l"]
+PREDICTION_KEYS = ("prediction", "predict", "output", "text")  # ours, LLaMA-Factory's, LMTuner's, plain
+
+
+class Sample(BaseModel):
+    prompt: str
+    reference: str
+    prediction: str
+
+
+class EvaluateResult(Scores):
+    base: Scores | None = Field(None, description="The base model's scores on the same rows (compare_base).")
+    source: str = Field(description="Where predictions came from: the model (+adapter) or a predictions file.")
+    samples: list[Sample] = Field(default_factory=list, description="The first three rows, to read side by side.")
+
+
+def _pairs(spec: DatasetSpec, ctx: ToolContext, max_samples: int) -> tuple[list[list[dict]], list[str], list[str]]:
+    """(conversations up to the last answer, prompt texts, reference answers) from a chat-like dataset."""
+    loaded = load_examples(spec.model_copy(update={"max_rows": max_samples}), ctx.roots)
+    if loaded.format == "text":
+        raise LmtunerError("dataset: evaluate needs prompt/answer rows (alpaca, sharegpt, messages), not plain text")
+    conversations, prompts, references = [], [], []
+    for example in loaded.examples:
+        messages = example["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        conversations.append(messages[:last])
+        prompts.append("\n".join(m["content"] for m in messages[:last] if m["role"] == "user"))
+        references.append(messages[last]["content"])
+    return conversations, prompts, references
+
+
+def _read_predictions(ctx: ToolContext, path: str, n: int) -> tuple[list[str], list[str] | None]:
+    resolved = ctx.roots.resolve(path, "predictions")
+    if not resolved.is_file():
+        raise LmtunerError(f"predictions: file {path!r} not found", field="predictions")
+    texts, prompts = [], []
+    for number, row in iter_rows(resolved):
+        if isinstance(row, Exception) or not isinstance(row, dict):
+            raise LmtunerError(f"predictions {resolved.name} row {number}: not a JSON object", field="predictions")
+        key = next((k for k in PREDICTION_KEYS if isinstance(row.get(k), str)), None)
+        if key is None:
+            raise LmtunerError(
+                f"predictions {resolved.name} row {number}: no text field; expected one of "
+                f"{', '.join(PREDICTION_KEYS)}",
+                field="predictions",
+            )
+        texts.append(row[key])
+        prompts.append(row.get("input") or row.get("prompt") or "")
+        if len(texts) == n:
+            break
+    return texts, prompts if any(prompts) else None
+
+
+def evaluate(
+    ctx: ToolContext,
+    model: Annotated[str, Field(description="Base model (local folder or hub id). Example: './models/tiny'.")],
+    dataset: Annotated[
+        str | DatasetSpec,
+        Field(
+            description="Rows with reference answers: a held-out file, e.g. 'data/test.jsonl' (never the training "
+            "file)."
+        ),
+    ],
+    adapter: Annotated[str | None, Field(description="Adapter to evaluate: a LoRA-family job's output_dir.")] = None,
+    predictions: Annotated[
+        str | None,
+        Field(
+            description="Score this file of existing predictions (jsonl, field prediction/predict/output/text, "
+            "row by row with the dataset) instead of generating."
+        ),
+    ] = None,
+    max_samples: Annotated[int, Field(ge=1, le=5000, description="Rows to score (the first N).")] = 50,
+    compare_base: Annotated[bool, Field(description="Also score the base model without the adapter.")] = False,
+    strip_prompt: Annotated[
+        bool, Field(description="Score a prediction that starts by repeating its prompt on the answer only.")
+    ] = True,
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096, description="Longest generated answer.")] = 128,
+    metrics: Annotated[
+        list[MetricName] | None, Field(description="Accepted for the contract; all six metrics are always returned.")
+    ] = None,
+    progress: ProgressFn | None = None,
+) -> EvaluateResult:
+    """Score answers against references with BLEU-2/4, METEOR (WordNet synonyms), NIST-2/4 and ROUGE-L, on words
+    (the result names the tokenization). Generates with the model (+adapter, greedy) for the first max_samples
+    rows of a held-out dataset, or scores a file of existing predictions. compare_base scores the base model
+    too, so the user sees what fine-tuning changed."""
+    spec = DatasetSpec.model_validate({"path": dataset} if isinstance(dataset, str) else dataset.model_dump())
+    conversations, prompts, references = _pairs(spec, ctx, max_samples)
+    model_ref = resolve_model(model, ctx.roots)
+    adapter_path = str(ctx.roots.resolve(adapter, "adapter")) if adapter else None
+
+    def scored(texts: list[str], prompt_texts: list[str] | None) -> Scores:
+        return score(texts, references[: len(texts)], home=ctx.home, prompts=prompt_texts, strip_prompt=strip_prompt)
+
+    if predictions:
+        texts, file_prompts = _read_predictions(ctx, predictions, len(references))
+        result = scored(texts, file_prompts or prompts[: len(texts)])
+        source = f"predictions file {predictions}"
+    else:
+        generated = run_generation(model_ref, conversations, adapter=adapter_path, max_new_tokens=max_new_tokens,
+                                   progress=progress)  # fmt: skip
+        texts = [o.text for o in generated.outputs]
+        result = scored(texts, prompts)
+        source = f"{model_ref}" + (f" + adapter {adapter_path}" if adapter_path else "") + " (greedy, transformers)"
+    base = None
+    if compare_base and adapter_path and not predictions:
+        base_outputs = run_generation(model_ref, conversations, max_new_tokens=max_new_tokens)
+        base = scored([o.text for o in base_outputs.outputs], prompts)
+    samples = [
+        Sample(prompt=prompts[i], reference=references[i], prediction=texts[i]) for i in range(min(3, len(texts)))
+    ]
+    return EvaluateResult(**result.model_dump(), base=base, source=source, samples=samples)
