@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 from lmtuner_core.config import TrainConfig
 from lmtuner_core.data import load_examples, resolve_dataset
 from lmtuner_core.errors import LmtunerError, NotFoundError
@@ -59,6 +61,40 @@ def resolve_devices(requested: list[int] | str) -> str:
         have = ", ".join(map(str, gpus)) or "none"
         raise LmtunerError(f"devices: GPU {missing[0]} does not exist here (GPUs: {have}); use 'auto'", field="devices")
     return ",".join(map(str, sorted(set(requested))))
+
+
+def preflight(config: TrainConfig, devices: str, *, refuse: bool) -> list[str]:
+    """Estimates the job's memory on the devices it will use; refuses (refuse=True) or warns when it does not
+    fit. A model whose config.json is not local cannot be estimated: that is a warning, not a refusal."""
+    from lmtuner_core.hardware import list_gpus
+    from lmtuner_core.planner import HardwareSpec, check_fits
+
+    try:
+        from lmtuner_core.memory import load_shape
+
+        shape = load_shape(config.model)
+    except LmtunerError as exc:
+        return [f"memory not checked: {exc}"]
+    if devices == "cpu":
+        ram = psutil.virtual_memory()
+        hardware = HardwareSpec(memory_total_mib=ram.total // 2**20, memory_available_mib=ram.available // 2**20)
+    else:
+        wanted = {int(i) for i in devices.split(",")}
+        hardware = HardwareSpec(gpus=[g for g in list_gpus() if g.index in wanted])
+    fits, memory = check_fits(shape, config, hardware)
+    if fits:
+        return []
+    where = "per GPU" if devices != "cpu" else "of RAM"
+    message = (
+        f"needs about {memory.per_gpu_gib:.1f} GiB {where} but {memory.budget_gib:.1f} GiB is usable (weights "
+        f"{memory.weights_gib:.1f}, gradients {memory.gradients_gib:.1f}, optimizer {memory.optimizer_gib:.1f}, "
+        f"activations {memory.activations_gib:.1f}, logits {memory.logits_gib:.1f}, overhead {memory.overhead_gib:.1f}"
+        " GiB); propose_config finds a setting that fits (qlora, a smaller batch_size or max_seq_len, "
+        "gradient_checkpointing)"
+    )
+    if refuse:
+        raise LmtunerError(f"memory: this job {message}; or set force: true to start it anyway", field="config")
+    return [f"memory: this job {message}"]
 
 
 def tracker_environment(run: RunDir, env: dict[str, str]) -> dict[str, str]:
@@ -114,7 +150,9 @@ def resolve_model(value: str, roots: AllowedRoots, field: str = "model") -> str:
     return str(path)
 
 
-def check_config(config: TrainConfig, roots: AllowedRoots, run_dir: RunDir) -> tuple[TrainConfig, list[str]]:
+def check_config(
+    config: TrainConfig, roots: AllowedRoots, run_dir: RunDir, *, dry_run: bool = False
+) -> tuple[TrainConfig, list[str]]:
     """Resolves every path (inside the allowed roots) and reads the data once, so a bad job is refused before
     a process is spent on it. Returns the config as the child will see it, and warnings."""
     method = METHODS[config.method]
@@ -122,8 +160,7 @@ def check_config(config: TrainConfig, roots: AllowedRoots, run_dir: RunDir) -> t
         raise LmtunerError(
             f"method: {config.method!r} is not available in this version: {method.not_yet}", field="method"
         )
-    if config.deepspeed is not None:
-        raise LmtunerError("deepspeed: not available in this version yet; remove it from the config", field="deepspeed")
+
     for tracker in config.report_to:
         if importlib.util.find_spec(TRACKER_PACKAGES[tracker]) is None:
             raise LmtunerError(
@@ -137,6 +174,11 @@ def check_config(config: TrainConfig, roots: AllowedRoots, run_dir: RunDir) -> t
             field="rope_scaling.type",
         )
     warnings: list[str] = []
+    if config.deepspeed is not None:
+        message = "deepspeed: launching with DeepSpeed is not available in this version yet"
+        if not dry_run:
+            raise LmtunerError(message + "; remove it from the config to start", field="deepspeed")
+        warnings.append(message + ": this plan is valid but cannot start until it is")
     updates: dict = {"model": resolve_model(config.model, roots)}
     if config.model == updates["model"] and not config.model.startswith("/"):
         warnings.append(f"model {config.model!r} is a hub id: the training process downloads it unless it is cached")
@@ -203,12 +245,16 @@ class JobService:
 
     # -------------------------------------------------------------------------------------------- submit
 
-    def submit(self, config: TrainConfig, *, dry_run: bool = False) -> tuple[JobRecord | None, TrainConfig, list[str]]:
-        """Checks the config and, unless dry_run, records the job and starts it if its devices are free."""
+    def submit(
+        self, config: TrainConfig, *, dry_run: bool = False, force: bool = False
+    ) -> tuple[JobRecord | None, TrainConfig, list[str]]:
+        """Checks the config and its memory need and, unless dry_run, records the job and starts it if its
+        devices are free. A job that would not fit its devices is refused unless force."""
         job_id = new_job_id()
         run = self.run_dir(job_id)
-        checked, warnings = check_config(config, self.roots, run)
+        checked, warnings = check_config(config, self.roots, run, dry_run=dry_run)
         devices = resolve_devices(checked.devices)
+        warnings += preflight(checked, devices, refuse=not (dry_run or force))
         if checked.method == "adalomo" and devices == "cpu":
             raise LmtunerError(
                 "method: 'adalomo' needs a CUDA GPU (lomo-optim keeps its state on the GPU); use 'lomo' on the CPU",

@@ -15,7 +15,7 @@ from lmtuner_core.errors import LmtunerError
 from lmtuner_core.paths import lmtuner_home
 from lmtuner_core.progress import JobProgress
 from lmtuner_core.store import TERMINAL
-from tools import data, hardware, inference, training
+from tools import data, hardware, inference, planning, training
 from tools.context import ToolContext
 
 
@@ -133,6 +133,26 @@ def cmd_merge(ctx: ToolContext, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_propose(ctx: ToolContext, args: argparse.Namespace) -> int:
+    plan = planning.propose_config(
+        ctx, args.model, args.dataset, method=args.method, max_seq_len=args.max_seq_len,
+        target_context=args.target_context, goal=args.goal,
+    )  # fmt: skip
+    if args.write:
+        args.write.write_text(plan.config.to_json(), encoding="utf-8")
+    m = plan.memory
+    summary = "\n".join(
+        [f"{'fits' if plan.fits else 'does NOT fit'}: {m.per_gpu_gib:.1f} of {m.budget_gib:.1f} GiB per device "
+         f"(weights {m.weights_gib:.1f}, gradients {m.gradients_gib:.1f}, optimizer {m.optimizer_gib:.1f}, "
+         f"activations {m.activations_gib:.1f}, logits {m.logits_gib:.1f}, overhead {m.overhead_gib:.1f})"]
+        + [f"- {line}" for line in plan.rationale]
+        + [f"! {w}" for w in plan.warnings]
+        + ([f"config written to {args.write} (lmtuner train {args.write})"] if args.write else [])
+    )  # fmt: skip
+    _print(plan, args.json, summary)
+    return 0
+
+
 def cmd_inspect(ctx: ToolContext, args: argparse.Namespace) -> int:
     report = hardware.inspect_gpus(ctx)
     gpus = ", ".join(f"{g.name} ({g.memory_free_mib}/{g.memory_total_mib} MiB free)" for g in report.gpus) or "none"
@@ -205,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("output_dir")
     p.set_defaults(run=cmd_merge)
+
+    p = sub.add_parser("propose", help="Plan a config that fits this machine, with reasons.")
+    p.add_argument("model")
+    p.add_argument("dataset")
+    p.add_argument("--method")
+    p.add_argument("--max-seq-len", type=int)
+    p.add_argument("--target-context", type=int)
+    p.add_argument("--goal")
+    p.add_argument("--write", type=Path, help="Write the proposed config to this JSON file.")
+    p.set_defaults(run=cmd_propose)
 
     p = sub.add_parser("inspect", help="GPUs, CPU, memory, disk and library versions.")
     p.set_defaults(run=cmd_inspect)

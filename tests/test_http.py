@@ -46,7 +46,15 @@ def test_sdk_client_with_the_token_lists_tools_and_calls_one(lmtuner_home):
 
     with http_server(lmtuner_home, "--read-only") as (url, _):
         names, jobs = anyio.run(scenario, url)
-    assert names == ["inspect_gpus", "analyze_dataset", "job_status", "list_jobs", "generate", "evaluate"]
+    assert names == [
+        "inspect_gpus",
+        "analyze_dataset",
+        "propose_config",
+        "job_status",
+        "list_jobs",
+        "generate",
+        "evaluate",
+    ]
     assert not jobs.is_error and jobs.structured_content == {"jobs": []}
 
 

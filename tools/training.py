@@ -44,6 +44,9 @@ def start_training(
     dry_run: Annotated[
         bool, Field(description="Check everything and return the resolved config; start nothing.")
     ] = False,
+    force: Annotated[
+        bool, Field(description="Start even if the memory estimate says the job does not fit its devices.")
+    ] = False,
 ) -> StartTrainingResult:
     """Start a fine-tuning job and return its job_id at once; training runs in a separate process.
 
@@ -52,7 +55,7 @@ def start_training(
     user first (it spends their GPU time). `dry_run: true` checks and returns the resolved config without
     starting. Then poll job_status. Example config:
     {"model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "data/train.jsonl", "method": "lora", "num_epochs": 3}"""
-    record, checked, warnings = ctx.jobs.submit(config, dry_run=dry_run)
+    record, checked, warnings = ctx.jobs.submit(config, dry_run=dry_run, force=force)
     if record is None:
         return StartTrainingResult(
             job_id=None, status="dry_run", run_dir=None, output_dir=checked.output_dir or "", config=checked,

@@ -1,0 +1,459 @@
+"""Per-GPU training memory, estimated from a model's config.json alone (never its weights), for the planner.
+
+Written by hand because no library does this: accelerate's `estimate-memory` and DeepSpeed's ZeRO estimators
+instantiate the model (torch + transformers) and count only weights and optimizer states, not activations,
+logits, quantized bases or LoRA. This module imports only the standard library and pydantic, so the server can
+load it cheaply.
+
+Every term is counted in bytes and reported in GiB (2**30 bytes), unrounded; each formula sits next to the line
+that computes it, with why. The `*_gib` terms of a `MemoryEstimate` are what one GPU holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from lmtuner_core.errors import LmtunerError
+
+GIB = 2**30
+LOAD_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes per weight as loaded, and per activation element
+NF4_BITS = 4 + 0.127  # QLoRA paper: 4-bit NF4 plus 0.127 bits/param of double-quantized block constants
+LORA_BYTES = 4  # adapters (and DoRA magnitudes) are kept in fp32 for stable updates
+CUDA_CONTEXT_GIB = 0.75  # CUDA context, cuBLAS workspaces and kernels: present before any tensor
+CPU_BASE_GIB = 0.3  # Python, torch and the tokenizer when training on CPU / without CUDA
+FRAGMENTATION = 0.10  # the caching allocator rarely packs tensors tightly: ~10% of what they need
+
+
+class ModelShape(BaseModel):
+    """The dimensions of a decoder-only transformer that its training memory depends on, from config.json."""
+
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    param_count: int  # computed exactly from the shape by `shape_from_config`
+    qkv_bias: bool = False  # Qwen2 puts biases on q, k and v (not on o)
+
+
+class MemoryEstimate(BaseModel):
+    """Training memory by term; every `*_gib` but `total_gib` and `cpu_offload_gib` is per GPU."""
+
+    total_gib: float  # per_gpu_gib × num_gpus: the GPU side only
+    per_gpu_gib: float
+    weights_gib: float
+    gradients_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    logits_gib: float
+    overhead_gib: float
+    cpu_offload_gib: float  # optimizer states / weights moved to CPU RAM, all ranks together
+    trainable_params: int
+    total_params: int  # the base model plus any adapter
+    notes: list[str]
+
+
+# --- the parameter layout ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Linear:
+    name: str  # module path inside one transformer block, as PEFT's target_modules matches it
+    fan_in: int
+    fan_out: int
+    bias: bool
+
+
+def _is_gpt2(shape: ModelShape) -> bool:
+    return shape.model_type == "gpt2"
+
+
+def _block_linears(shape: ModelShape) -> list[_Linear]:
+    """The linear layers of one transformer block."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    if _is_gpt2(shape):  # Conv1D layers, all with biases; q, k and v are one fused projection
+        return [
+            _Linear("attn.c_attn", h, 3 * h, True),
+            _Linear("attn.c_proj", h, h, True),
+            _Linear("mlp.c_fc", h, i, True),
+            _Linear("mlp.c_proj", i, h, True),
+        ]
+    q_dim = shape.num_heads * shape.head_dim
+    kv_dim = shape.num_kv_heads * shape.head_dim
+    b = shape.qkv_bias
+    return [
+        _Linear("self_attn.q_proj", h, q_dim, b),
+        _Linear("self_attn.k_proj", h, kv_dim, b),
+        _Linear("self_attn.v_proj", h, kv_dim, b),
+        _Linear("self_attn.o_proj", q_dim, h, False),
+        _Linear("mlp.gate_proj", h, i, False),  # SwiGLU: down(silu(gate(x)) * up(x))
+        _Linear("mlp.up_proj", h, i, False),
+        _Linear("mlp.down_proj", i, h, False),
+    ]
+
+
+def _block_params(shape: ModelShape) -> int:
+    h = shape.hidden_size
+    linear = sum(x.fan_in * x.fan_out + (x.fan_out if x.bias else 0) for x in _block_linears(shape))
+    norms = 4 * h if _is_gpt2(shape) else 2 * h  # two norms per block; LayerNorm has weight + bias, RMSNorm weight
+    return linear + norms
+
+
+def _outer_matrices(shape: ModelShape) -> list[tuple[int, int]]:
+    """The 2-D parameters outside the blocks as (rows, cols)."""
+    h = shape.hidden_size
+    out = [(shape.vocab_size, h)]  # token embeddings
+    if _is_gpt2(shape):
+        out.append((shape.max_position_embeddings, h))  # learned position embeddings
+    if not shape.tie_word_embeddings:
+        out.append((shape.vocab_size, h))  # lm_head; a tied head is the embedding matrix itself
+    return out
+
+
+def _matrices(shape: ModelShape) -> list[tuple[int, int]]:
+    """Every 2-D parameter as (rows, cols); the rest of the model is 1-D (norms, biases)."""
+    return _outer_matrices(shape) + [(x.fan_out, x.fan_in) for x in _block_linears(shape)] * shape.num_layers
+
+
+def _count_params(shape: ModelShape) -> int:
+    final_norm = 2 * shape.hidden_size if _is_gpt2(shape) else shape.hidden_size  # GPT-2's ln_f has a bias
+    return sum(r * c for r, c in _outer_matrices(shape)) + shape.num_layers * _block_params(shape) + final_norm
+
+
+# --- reading config.json ----------------------------------------------------------------------------------------
+
+
+def _require(config: dict, key: str, model_type: str) -> int:
+    value = config.get(key)
+    if value is None:
+        raise LmtunerError(
+            f"config.json: '{key}' is missing, and a {model_type} model's memory cannot be estimated without it; "
+            "pass the model's complete config.json",
+            field="model",
+        )
+    return int(value)
+
+
+def shape_from_config(config: dict) -> ModelShape:
+    """The model's shape and exact parameter count from its config.json (Llama-like or GPT-2)."""
+    if "hidden_size" not in config and "n_embd" not in config and isinstance(config.get("text_config"), dict):
+        config = {**config["text_config"], "model_type": config["text_config"].get("model_type", "llama")}
+    model_type = str(config.get("model_type") or "llama")
+    experts = config.get("num_local_experts") or config.get("num_experts")
+    if experts:
+        raise LmtunerError(
+            f"config.json: mixture-of-experts models ({experts} experts) are not supported by the memory estimate; "
+            "use a dense model or plan memory by hand",
+            field="model",
+        )
+    if model_type == "gpt2" or ("n_embd" in config and "hidden_size" not in config):
+        h = _require(config, "n_embd", "gpt2")
+        heads = _require(config, "n_head", "gpt2")
+        shape = ModelShape(
+            model_type="gpt2",
+            hidden_size=h,
+            intermediate_size=int(config.get("n_inner") or 4 * h),  # n_inner null means 4 × n_embd
+            num_layers=_require(config, "n_layer", "gpt2"),
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=h // heads,
+            vocab_size=int(config.get("vocab_size") or 50257),
+            max_position_embeddings=int(config.get("n_positions") or config.get("n_ctx") or 1024),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),  # GPT-2's head is the embedding
+            param_count=0,
+        )
+    else:  # Llama, Mistral, Qwen2 and any config with their keys
+        h = _require(config, "hidden_size", model_type)
+        heads = _require(config, "num_attention_heads", model_type)
+        shape = ModelShape(
+            model_type=model_type,
+            hidden_size=h,
+            intermediate_size=_require(config, "intermediate_size", model_type),
+            num_layers=_require(config, "num_hidden_layers", model_type),
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),  # absent: plain multi-head attention
+            head_dim=int(config.get("head_dim") or h // heads),
+            vocab_size=_require(config, "vocab_size", model_type),
+            max_position_embeddings=int(config.get("max_position_embeddings") or 2048),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            param_count=0,
+            qkv_bias=model_type == "qwen2",
+        )
+    return shape.model_copy(update={"param_count": _count_params(shape)})
+
+
+def _hub_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def load_shape(model_ref: str) -> ModelShape:
+    """The shape of a model given as a local folder (or config.json path) or a hub id found in the HF cache."""
+    path = Path(model_ref).expanduser()
+    candidates = [path] if path.is_file() else [path / "config.json"]
+    cache = _hub_cache()
+    if model_ref.count("/") == 1 and not path.exists():
+        snapshots = cache / f"models--{model_ref.replace('/', '--')}" / "snapshots"
+        candidates = sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise LmtunerError(
+            f"model '{model_ref}': no config.json in that folder or in the Hugging Face cache ({cache}); the "
+            f"memory estimate needs the model's config.json locally: download it (`huggingface-cli download "
+            f"{model_ref} config.json`) or pass a folder that contains it",
+            field="model",
+        )
+    try:
+        config = json.loads(found.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LmtunerError(f"model '{model_ref}': {found} is not readable JSON ({exc}); re-download it") from exc
+    if not isinstance(config, dict):
+        raise LmtunerError(f"model '{model_ref}': {found} is not a JSON object; re-download it", field="model")
+    return shape_from_config(config)
+
+
+# --- the estimate -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _MethodMemory:
+    trains: str  # "all" weights, the "last_layers", or an "adapter" on a frozen base
+    base_quant: str | None = None  # "nf4" or "int8" for the frozen base's block linears
+    magnitude: bool = False  # DoRA: a magnitude vector of size fan_out per adapted layer
+    fused: str | None = None  # "lomo" / "adalomo": update inside backward, no stored gradients
+
+
+MEMORY_BY_METHOD: dict[str, _MethodMemory] = {
+    "full": _MethodMemory("all"),
+    "freeze": _MethodMemory("last_layers"),
+    "lora": _MethodMemory("adapter"),
+    "dora": _MethodMemory("adapter", magnitude=True),
+    "qlora": _MethodMemory("adapter", base_quant="nf4"),
+    "lora-8bit": _MethodMemory("adapter", base_quant="int8"),
+    "lomo": _MethodMemory("all", fused="lomo"),
+    "adalomo": _MethodMemory("all", fused="adalomo"),
+}
+OPTIMIZER_BYTES = {"adamw": 8, "adamw-8bit": 2}  # 2 states (m, v) × 4 bytes in fp32, or × 1 byte quantized
+
+
+def _adapted(shape: ModelShape, targets: str | list[str]) -> list[_Linear]:
+    """The block linears LoRA wraps, once per block."""
+    linears = _block_linears(shape)
+    if targets == "all-linear":
+        return linears
+    names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
+
+    def matches(layer: _Linear, t: str) -> bool:  # PEFT matches by suffix; "q" is short for "q_proj"
+        return layer.name == t or layer.name.endswith(f".{t}") or layer.name.endswith(f".{t}_proj")
+
+    unknown = [t for t in names if not any(matches(x, t) for x in linears)]
+    if unknown or not names:
+        valid = ", ".join(sorted({x.name.rsplit(".", 1)[1] for x in linears}))
+        raise LmtunerError(
+            f"lora_targets: {unknown or names!r} matches no linear layer of a {shape.model_type} model; "
+            f"use 'all-linear' or some of {valid}",
+            field="lora_targets",
+        )
+    return [x for x in linears if any(matches(x, t) for t in names)]
+
+
+def _check(name: str, value: object, allowed: Collection[object]) -> None:
+    if value not in allowed:
+        raise LmtunerError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}", field=name)
+
+
+def estimate_memory(
+    shape: ModelShape,
+    *,
+    method: str,
+    precision: str,
+    batch_size: int,
+    seq_len: int,
+    lora_r: int = 16,
+    lora_targets: str | list[str] = "all-linear",
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw",
+    num_gpus: int = 1,
+    zero_stage: int = 0,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    freeze_trainable_layers: int = 2,
+    on_gpu: bool = True,
+) -> MemoryEstimate:
+    """What training `shape` with these settings holds on each GPU, term by term."""
+    _check("method", method, MEMORY_BY_METHOD)
+    _check("precision", precision, LOAD_BYTES)
+    _check("optimizer", optimizer, OPTIMIZER_BYTES)
+    _check("zero_stage", zero_stage, (0, 1, 2, 3))
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("lora_r", lora_r), ("num_gpus", num_gpus)):
+        if value < 1:
+            raise LmtunerError(f"{name}: {value} must be at least 1", field=name)
+    if offload_params and zero_stage != 3:
+        raise LmtunerError("offload_params: needs zero_stage 3 (only stage 3 partitions weights)", field="zero_stage")
+    if offload_optimizer and zero_stage == 0:
+        raise LmtunerError("offload_optimizer: needs zero_stage 1, 2 or 3", field="zero_stage")
+
+    m = MEMORY_BY_METHOD[method]
+    notes: list[str] = []
+    h, L, V = shape.hidden_size, shape.num_layers, shape.vocab_size
+    kv_dim = shape.num_kv_heads * shape.head_dim
+    load = LOAD_BYTES[precision]  # bytes per frozen weight and per activation element (autocast compute dtype)
+    total = shape.param_count
+    linears = _block_linears(shape)
+    block_linear_weights = L * sum(x.fan_in * x.fan_out for x in linears)  # what bitsandbytes quantizes
+
+    # Trainable parameters and the dtype they are kept in.
+    layers_with_grad = L  # blocks whose activations backward needs
+    adapter = 0
+    if m.trains == "adapter":
+        adapted = _adapted(shape, lora_targets)
+        # LoRA: A (r × in) + B (out × r) per adapted layer = r × (in + out); DoRA adds a magnitude of size out.
+        adapter = L * sum(lora_r * (x.fan_in + x.fan_out) + (x.fan_out if m.magnitude else 0) for x in adapted)
+        trainable, trainable_bytes, trainable_base = adapter, LORA_BYTES, 0
+        notes.append(
+            f"{method} r={lora_r} on {len(adapted)} linear layers per block: {adapter:,} trainable fp32 parameters "
+            f"({100 * adapter / total:.2f}% of the model)"
+        )
+    else:
+        if m.trains == "last_layers":
+            n = min(freeze_trainable_layers, L)
+            if n < freeze_trainable_layers:
+                notes.append(f"freeze_trainable_layers {freeze_trainable_layers} > {L} layers: all {L} train")
+            trainable = n * _block_params(shape)  # the last n blocks; embeddings, head and final norm stay frozen
+            layers_with_grad = n  # backward stops at the first trainable block: earlier ones save nothing
+        else:
+            trainable = total
+        trainable_base = trainable
+        # bf16: pure bf16 weights; fp16 mixed precision keeps fp32 master weights (fp16 updates underflow);
+        # LOMO trains in the load dtype with loss scaling: that is how it avoids a master copy.
+        trainable_bytes = load if (m.fused or precision == "bf16") else 4
+        if precision == "fp16" and not m.fused:
+            notes.append("fp16 mixed precision: trainable weights and their gradients are kept in fp32")
+
+    # Weights.
+    other = total - block_linear_weights  # embeddings, lm_head, norms, biases: never quantized
+    if m.base_quant == "nf4":
+        # qlora: block linears at 4.127 bits (NF4 + double-quantized constants); the rest in the load dtype.
+        weights = block_linear_weights * NF4_BITS / 8 + other * load
+        notes.append(
+            "qlora: block linear weights in 4-bit NF4 with double quantization (4.127 bits/param); embeddings, "
+            f"lm_head and norms stay {precision}"
+        )
+    elif m.base_quant == "int8":
+        # LLM.int8: 1 byte per linear weight plus one fp32 scale per output row (bitsandbytes' SCB).
+        weights = block_linear_weights + L * sum(x.fan_out for x in linears) * 4 + other * load
+    else:
+        # frozen weights in the load dtype; trainable ones in their training dtype (fp32 masters under fp16)
+        weights = (total - trainable_base) * load + trainable_base * trainable_bytes
+    weights += adapter * LORA_BYTES  # adapters live next to the base, in fp32
+
+    # Gradients: one per trainable parameter, in its dtype. LOMO/AdaLomo fuse the update into backward and free
+    # each gradient right away, so at most the largest single parameter's gradient exists at once.
+    if m.fused:
+        largest = max(r * c for r, c in _matrices(shape))
+        gradients = largest * trainable_bytes
+    else:
+        gradients = trainable * trainable_bytes
+
+    # Optimizer states.
+    if m.fused == "lomo":
+        optimizer_bytes = 0  # plain SGD inside backward: no state
+    elif m.fused == "adalomo":
+        # Adafactor-style factored second moment: a row and a column vector in fp32 per 2-D parameter;
+        # 1-D parameters (norms, biases) keep a full fp32 second moment, as AdaLomo's code does.
+        matrices = _matrices(shape)
+        one_d = total - sum(r * c for r, c in matrices)
+        optimizer_bytes = sum(r + c for r, c in matrices) * 4 + one_d * 4
+        if optimizer != "adamw":
+            notes.append(f"optimizer '{optimizer}' is ignored: adalomo brings its own")
+    else:
+        # AdamW: m and v per trainable parameter in fp32 (8 bytes); 8-bit AdamW quantizes both (2 bytes).
+        # torch's AdamW on a pure-bf16 model keeps them in bf16 (4 bytes); counting fp32 is the safe upper bound
+        # and what DeepSpeed and mixed precision do.
+        optimizer_bytes = trainable * OPTIMIZER_BYTES[optimizer]
+    if m.fused == "lomo" and optimizer != "adamw":
+        notes.append(f"optimizer '{optimizer}' is ignored: lomo updates with plain SGD inside backward")
+
+    # Activations saved for backward, per token per block, in elements of the compute dtype, with SDPA/flash
+    # attention (no seq × seq score matrix is kept, only a per-row logsumexp, negligible):
+    #   attention: norm input h + fp32 norm copy (HF RMSNorm upcasts: worth another h) + normed q/k/v input h
+    #              + q h + k, v 2·kv_dim + attention output (o_proj input) h              = 5h + 2·kv_dim
+    #   MLP:       norm input h + fp32 copy h + normed gate/up input h
+    #              + gate i + up i + silu(gate) i + silu(gate)·up (down input) i          = 3h + 4i
+    #   total (8h + 2·kv_dim + 4i) per token per block. GPT-2's MLP (fc, gelu) saves less; this is its upper
+    #   bound. LoRA adds dropout copies of each adapted input and r-sized intermediates: small next to these,
+    #   ignored.
+    per_token_block = 8 * h + 2 * kv_dim + 4 * shape.intermediate_size
+    tokens = batch_size * seq_len
+    if gradient_checkpointing:
+        # Only each block's input (h per token) is kept; one block's activations are rebuilt at a time in backward.
+        activations = tokens * (layers_with_grad * h + per_token_block) * load
+    else:
+        activations = tokens * layers_with_grad * per_token_block * load
+
+    # Logits: batch × seq × vocab in fp32 for the loss, plus their gradient of the same size (× 2).
+    logits = tokens * V * 4 * 2
+
+    # ZeRO: stage 1 shards optimizer states over the GPUs, stage 2 also gradients, stage 3 also weights.
+    # Activations and logits belong to each GPU's own micro-batch and are not sharded.
+    n = num_gpus
+    if zero_stage and n == 1:
+        notes.append("ZeRO over one GPU shards nothing; only offloading changes memory")
+    cpu = 0.0
+    optimizer_gpu = optimizer_bytes / n if zero_stage >= 1 else optimizer_bytes
+    gradients_gpu = gradients / n if zero_stage >= 2 else gradients
+    weights_gpu = weights / n if zero_stage >= 3 else weights
+    if offload_optimizer:
+        cpu += optimizer_bytes  # all ranks' shards together in host RAM
+        optimizer_gpu = 0
+    if offload_params:
+        cpu += weights
+        # the GPU still gathers one block (or the embedding) at a time to compute with it
+        weights_gpu = max(_block_params(shape), V * h) * load
+    if cpu:
+        notes.append(f"{cpu / GIB:.1f} GiB of CPU RAM holds the offloaded states (all ranks together)")
+
+    # Overhead: the CUDA context (or the CPU process) plus ~10% allocator fragmentation on everything else.
+    held = weights_gpu + gradients_gpu + optimizer_gpu + activations + logits
+    overhead = (CUDA_CONTEXT_GIB if on_gpu else CPU_BASE_GIB) * GIB + FRAGMENTATION * held
+    per_gpu = held + overhead
+
+    if logits > activations:
+        notes.append(
+            f"logits (batch × seq × {V:,}-token vocabulary in fp32, and their gradient) outweigh the activations; "
+            "a smaller batch_size or seq_len shrinks them"
+        )
+    if not gradient_checkpointing and activations > 0.3 * per_gpu:
+        saved = tokens * (layers_with_grad * h + per_token_block) * load
+        notes.append(
+            f"gradient_checkpointing would cut activations from {activations / GIB:.1f} to {saved / GIB:.1f} GiB"
+        )
+
+    return MemoryEstimate(
+        total_gib=per_gpu * n / GIB,
+        per_gpu_gib=per_gpu / GIB,
+        weights_gib=weights_gpu / GIB,
+        gradients_gib=gradients_gpu / GIB,
+        optimizer_gib=optimizer_gpu / GIB,
+        activations_gib=activations / GIB,
+        logits_gib=logits / GIB,
+        overhead_gib=overhead / GIB,
+        cpu_offload_gib=cpu / GIB,
+        trainable_params=trainable,
+        total_params=total + adapter,
+        notes=notes,
+    )

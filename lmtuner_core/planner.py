@@ -1,0 +1,315 @@
+"""propose_config: from a model, a dataset and a machine, a TrainConfig that fits, with the reasons.
+
+The judgement LMTuner put in a GPT-4 prompt as a prose table lives here as code: the memory model
+(`lmtuner_core.memory`) prices each candidate, and the planner walks from the configuration a practitioner
+would want to the cheapest one that still fits, explaining each step in plain words.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pydantic import BaseModel, Field
+
+from lmtuner_core.config import DatasetSpec, TrainConfig
+from lmtuner_core.errors import LmtunerError
+from lmtuner_core.hardware import GpuInfo
+from lmtuner_core.memory import MemoryEstimate, ModelShape, estimate_memory
+from lmtuner_core.methods import default_learning_rate
+
+USABLE_GPU_SHARE = 0.92  # what a job can really use: the rest goes to other processes and the driver
+USABLE_RAM_SHARE = 0.80
+TARGET_EFFECTIVE_BATCH = 16  # rows per optimizer step: a common, stable choice for SFT
+BATCH_SIZES = (8, 4, 2, 1)
+
+
+class HardwareSpec(BaseModel):
+    """The machine to plan for: inspect_gpus output, or a description of another machine."""
+
+    gpus: list[GpuInfo] = Field(default_factory=list, description="GPUs (empty: CPU only).")
+    memory_total_mib: int = Field(65536, description="System RAM in MiB (for CPU training and offload).")
+    memory_available_mib: int | None = Field(None, description="RAM free now, in MiB (default: 80% of the total).")
+    model_config = {"extra": "ignore"}  # inspect_gpus output has more fields; they do not matter here
+
+
+class MemoryBreakdown(BaseModel):
+    total_gib: float = Field(description="All GPUs together (or RAM on CPU), GiB.")
+    per_gpu_gib: float = Field(description="What one GPU (or the CPU's RAM) must hold, GiB.")
+    weights_gib: float
+    gradients_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    logits_gib: float
+    overhead_gib: float
+    cpu_offload_gib: float = Field(0.0, description="Moved to CPU RAM by DeepSpeed offload, GiB.")
+    budget_gib: float = Field(description="What one device can give the job, GiB.")
+
+
+class Alternative(BaseModel):
+    summary: str = Field(description="What would change. Example: 'qlora, batch 4'.")
+    per_gpu_gib: float
+    fits: bool
+
+
+class Proposal(BaseModel):
+    config: TrainConfig = Field(description="Ready for start_training.")
+    memory: MemoryBreakdown
+    fits: bool = Field(description="Whether the config fits the hardware's memory.")
+    rationale: list[str] = Field(description="Why each choice, in plain words.")
+    alternatives: list[Alternative] = Field(description="Other options and their memory.")
+    warnings: list[str] = Field(description="What the user should know before starting.")
+
+
+@dataclass
+class Candidate:
+    method: str
+    batch_size: int
+    gradient_checkpointing: bool
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    optimizer: str = "adamw"
+
+    def summary(self) -> str:
+        parts = [self.method, f"batch {self.batch_size}"]
+        if self.gradient_checkpointing:
+            parts.append("gradient checkpointing")
+        if self.zero_stage:
+            parts.append(f"ZeRO-{self.zero_stage}")
+        if self.offload_optimizer:
+            parts.append("optimizer offload")
+        if self.offload_params:
+            parts.append("parameter offload")
+        if self.optimizer != "adamw":
+            parts.append(self.optimizer)
+        return ", ".join(parts)
+
+
+def _budget_gib(hardware: HardwareSpec) -> tuple[float, bool]:
+    """(GiB one device can give, on_gpu)."""
+    if hardware.gpus:
+        smallest = min(g.memory_total_mib for g in hardware.gpus)
+        return smallest * USABLE_GPU_SHARE / 1024, True
+    available = hardware.memory_available_mib or int(hardware.memory_total_mib * USABLE_RAM_SHARE)
+    return available * USABLE_RAM_SHARE / 1024, False
+
+
+def _precision(hardware: HardwareSpec) -> str:
+    if not hardware.gpus:
+        return "fp32"
+    return "bf16" if all(g.bf16_supported for g in hardware.gpus) else "fp16"
+
+
+def _estimate(shape: ModelShape, c: Candidate, precision: str, seq_len: int, gpus: int, on_gpu: bool) -> MemoryEstimate:
+    return estimate_memory(
+        shape, method=c.method, precision=precision, batch_size=c.batch_size, seq_len=seq_len,
+        gradient_checkpointing=c.gradient_checkpointing, optimizer=c.optimizer, num_gpus=max(1, gpus),
+        zero_stage=c.zero_stage, offload_optimizer=c.offload_optimizer, offload_params=c.offload_params,
+        on_gpu=on_gpu,
+    )  # fmt: skip
+
+
+def _candidates(method: str | None, gpus: int, params: int) -> list[Candidate]:
+    """From the most comfortable to the most frugal. Without a requested method: LoRA first (the usual
+    best trade-off), QLoRA when LoRA does not fit; full fine-tuning only when asked for."""
+    methods = [method] if method else ["lora", "qlora"]
+    out: list[Candidate] = []
+    for m in methods:
+        zero_options = [(0, False, False)]
+        if m in ("full", "freeze") and gpus > 1:
+            zero_options = [(0, False, False), (2, False, False), (3, False, False), (3, True, False), (3, True, True)]
+        elif m in ("full", "freeze"):
+            zero_options = [(0, False, False)]
+        for zero, off_opt, off_par in zero_options:
+            for checkpointing in (False, True):
+                for batch in BATCH_SIZES:
+                    out.append(Candidate(m, batch, checkpointing, zero, off_opt, off_par))
+        if m == "full":  # last resort for a single device: 8-bit optimizer states
+            out += [Candidate(m, b, True, optimizer="adamw-8bit") for b in BATCH_SIZES]
+    return out
+
+
+def _seq_len(p95: int | None, requested: int | None, model_context: int, target_context: int | None) -> int:
+    if requested:
+        return requested
+    context = max(model_context, target_context or 0)
+    if p95 is None:
+        return min(1024, context)
+    return max(128, min(context, 64 * math.ceil(p95 / 64)))
+
+
+def propose(
+    *,
+    model: str,
+    shape: ModelShape,
+    dataset: DatasetSpec,
+    hardware: HardwareSpec,
+    rows: int | None = None,
+    p95_tokens: int | None = None,
+    method: str | None = None,
+    max_seq_len: int | None = None,
+    target_context: int | None = None,
+    goal: str | None = None,
+) -> Proposal:
+    """Plans a job; not fitting is an answer (fits: false plus the smallest change that would fit)."""
+    budget, on_gpu = _budget_gib(hardware)
+    precision = _precision(hardware)
+    gpus = len(hardware.gpus)
+    rationale: list[str] = []
+    warnings: list[str] = []
+    if goal and "full" in goal.lower() and method is None:
+        method = "full"
+        rationale.append("You asked for a full fine-tune, so every weight trains.")
+    seq_len = _seq_len(p95_tokens, max_seq_len, shape.max_position_embeddings, target_context)
+    rope = None
+    if target_context and target_context > shape.max_position_embeddings:
+        factor = round(target_context / shape.max_position_embeddings, 2)
+        rope = {"type": "yarn", "factor": factor}
+        seq_len = max(seq_len, min(target_context, seq_len))
+        rationale.append(
+            f"The model was trained on {shape.max_position_embeddings} tokens; YaRN scaling by {factor}x stretches its "
+            f"positions to {target_context} (it keeps short-range behaviour better than plain interpolation)."
+        )
+        if p95_tokens is not None and p95_tokens < shape.max_position_embeddings:
+            warnings.append(
+                f"Your rows are short (95% under {p95_tokens} tokens): the model will not learn to use the longer "
+                "context from them; add long examples."
+            )
+    if p95_tokens is not None and not max_seq_len:
+        rationale.append(
+            f"Rows are cut at {seq_len} tokens: 95% of your rows ({p95_tokens} tokens or fewer) fit whole."
+        )
+    device_words = f"{gpus}x {hardware.gpus[0].name}" if gpus else "the CPU (no GPU found)"
+    rationale.append(
+        f"Planning for {device_words}: {budget:.1f} GiB usable per device, "
+        + ("bf16 precision (supported by these GPUs)." if precision == "bf16" else
+           "fp16 precision (these GPUs lack bf16)." if precision == "fp16" else "fp32 (CPUs train in full precision).")
+    )  # fmt: skip
+    if not gpus:
+        warnings.append("Training on a CPU is only practical for small models (well under 1B parameters).")
+
+    tried: list[tuple[Candidate, MemoryEstimate]] = []
+    chosen = None
+    for candidate in _candidates(method, gpus, shape.param_count):
+        estimate = _estimate(shape, candidate, precision, seq_len, gpus, on_gpu)
+        tried.append((candidate, estimate))
+        if estimate.per_gpu_gib <= budget:
+            chosen = (candidate, estimate)
+            break
+    fits = chosen is not None
+    if chosen is None:
+        chosen = min(tried, key=lambda pair: pair[1].per_gpu_gib)
+        smallest = _smallest_fix(shape, chosen[0], precision, seq_len, gpus, on_gpu, budget, hardware)
+        warnings.append(
+            f"Nothing fits {budget:.1f} GiB per device: the leanest option needs {chosen[1].per_gpu_gib:.1f} GiB. "
+            + smallest
+        )
+    candidate, estimate = chosen
+    if candidate.method in ("lora", "dora"):
+        rationale.append(
+            "LoRA trains small adapter matrices (r=16 on every linear layer) on a frozen model: a fraction of the "
+            "memory of full fine-tuning, and usually as good for teaching a task or style."
+        )
+    elif candidate.method == "qlora":
+        rationale.append(
+            "LoRA alone does not fit, so the frozen model is stored in 4 bits (QLoRA): about a quarter of the "
+            "memory, with little loss in quality."
+        )
+    if candidate.gradient_checkpointing:
+        rationale.append("Gradient checkpointing recomputes activations during the backward pass: ~30% slower, "
+                         "much less memory.")  # fmt: skip
+    if candidate.zero_stage:
+        rationale.append(f"DeepSpeed ZeRO-{candidate.zero_stage} shares the training state across the {gpus} GPUs.")
+    accumulation = max(1, math.ceil(TARGET_EFFECTIVE_BATCH / (candidate.batch_size * max(1, gpus))))
+    rationale.append(
+        f"Batch {candidate.batch_size} per device x {accumulation} accumulation steps"
+        + (f" x {gpus} GPUs" if gpus > 1 else "")
+        + f" = {candidate.batch_size * accumulation * max(1, gpus)} rows per update."
+    )
+    epochs = 3 if (rows or 0) < 2000 else 2 if (rows or 0) < 20000 else 1
+    if rows is not None:
+        rationale.append(f"{epochs} epochs over {rows} rows: small datasets need a few passes, large ones one.")
+    config_data: dict = {
+        "model": model,
+        "dataset": dataset.model_dump(exclude_none=True),
+        "method": candidate.method,
+        "num_epochs": epochs,
+        "learning_rate": default_learning_rate(candidate.method),
+        "batch_size": candidate.batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "max_seq_len": seq_len,
+        "precision": precision,
+        "gradient_checkpointing": candidate.gradient_checkpointing,
+        "optimizer": candidate.optimizer,
+    }
+    if rope:
+        config_data["rope_scaling"] = rope
+    if candidate.zero_stage:
+        config_data["deepspeed"] = {
+            "stage": candidate.zero_stage, "offload_optimizer": candidate.offload_optimizer,
+            "offload_params": candidate.offload_params,
+        }  # fmt: skip
+        warnings.append(
+            "DeepSpeed launching is not available in this version of lmtuner yet; the plan shows the memory."
+        )
+    try:
+        config = TrainConfig.model_validate(config_data)
+    except ValueError as exc:
+        raise LmtunerError(f"the planner built an invalid config ({exc}); please report this") from None
+    alternatives = _alternatives(shape, candidate, precision, seq_len, gpus, on_gpu, budget)
+    return Proposal(
+        config=config, memory=_breakdown(estimate, budget), fits=fits, rationale=rationale,
+        alternatives=alternatives, warnings=warnings,
+    )  # fmt: skip
+
+
+def _breakdown(estimate: MemoryEstimate, budget: float) -> MemoryBreakdown:
+    return MemoryBreakdown(
+        total_gib=estimate.total_gib, per_gpu_gib=estimate.per_gpu_gib, weights_gib=estimate.weights_gib,
+        gradients_gib=estimate.gradients_gib, optimizer_gib=estimate.optimizer_gib,
+        activations_gib=estimate.activations_gib, logits_gib=estimate.logits_gib, overhead_gib=estimate.overhead_gib,
+        cpu_offload_gib=estimate.cpu_offload_gib, budget_gib=round(budget, 2),
+    )  # fmt: skip
+
+
+def _alternatives(shape, chosen: Candidate, precision, seq_len, gpus, on_gpu, budget) -> list[Alternative]:
+    options = [
+        Candidate("full", 1, True, 3 if gpus > 1 else 0, gpus > 1, False),
+        Candidate("lora", 4, False),
+        Candidate("qlora", 4, False),
+        Candidate("qlora", 1, True),
+    ]
+    out = []
+    for option in options:
+        if option.summary() == chosen.summary():
+            continue
+        estimate = _estimate(shape, option, precision, seq_len, gpus, on_gpu)
+        out.append(Alternative(summary=option.summary(), per_gpu_gib=estimate.per_gpu_gib,
+                               fits=estimate.per_gpu_gib <= budget))  # fmt: skip
+    return out
+
+
+def _smallest_fix(shape, leanest: Candidate, precision, seq_len, gpus, on_gpu, budget, hardware) -> str:
+    """The smallest single change that would fit: a shorter max_seq_len, or a bigger / second device."""
+    length = seq_len
+    while length > 128:
+        length //= 2
+        if _estimate(shape, leanest, precision, length, gpus, on_gpu).per_gpu_gib <= budget:
+            return f"Cutting rows at {length} tokens would fit with {leanest.summary()}."
+    needed = _estimate(shape, leanest, precision, seq_len, gpus, on_gpu).per_gpu_gib / USABLE_GPU_SHARE
+    return f"It would fit on a GPU with at least {math.ceil(needed)} GiB of memory, or with a smaller model."
+
+
+def check_fits(shape: ModelShape, config: TrainConfig, hardware: HardwareSpec) -> tuple[bool, MemoryBreakdown]:
+    """The pre-flight of start_training: does this config fit the devices it will use?"""
+    budget, on_gpu = _budget_gib(hardware)
+    deepspeed = config.deepspeed
+    candidate = Candidate(
+        config.method, config.batch_size, config.gradient_checkpointing,
+        deepspeed.stage if deepspeed else 0, bool(deepspeed and deepspeed.offload_optimizer),
+        bool(deepspeed and deepspeed.offload_params), config.optimizer,
+    )  # fmt: skip
+    precision = config.precision if config.precision != "auto" else _precision(hardware)
+    estimate = _estimate(shape, candidate, precision, config.max_seq_len, len(hardware.gpus), on_gpu)
+    return estimate.per_gpu_gib <= budget, _breakdown(estimate, budget)

@@ -1,0 +1,106 @@
+"""propose_config scenarios through the MCP client, on config.json files written from published dimensions;
+every proposal is accepted by start_training's dry run as it is; the pre-flight refuses what cannot fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anyio
+import mcp
+import pytest
+
+from lmtuner_core.sample_data import write_demo_dataset
+from server.app import build_server
+from tests.helpers import call_error, call_ok
+
+LLAMA3_8B = {
+    "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "architectures": ["LlamaForCausalLM"],
+}  # fmt: skip
+LLAMA3_70B = {**LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+              "num_attention_heads": 64}  # fmt: skip
+QWEN25_05B = {
+    "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+    "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0, "tie_word_embeddings": True, "architectures": ["Qwen2ForCausalLM"],
+}  # fmt: skip
+
+
+def gpu(name: str, mib: int, index: int = 0) -> dict:
+    return {"index": index, "name": name, "memory_total_mib": mib, "memory_free_mib": mib,
+            "compute_capability": "8.9", "bf16_supported": True}  # fmt: skip
+
+
+@pytest.fixture
+def workspace(tmp_path) -> Path:
+    for name, config in {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B, "qwen2.5-0.5b": QWEN25_05B}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    write_demo_dataset(tmp_path / "train.jsonl", n=200)
+    return tmp_path
+
+
+SCENARIOS = {
+    "8b-on-24gb": ("llama3-8b", {"gpus": [gpu("RTX 4090", 24564)]}, {}),
+    "70b-on-80gb": ("llama3-70b", {"gpus": [gpu("H100 80GB", 81559)]}, {}),
+    "70b-on-16gb": ("llama3-70b", {"gpus": [gpu("T4-class 16GB", 16384)]}, {}),
+    "8b-full-on-8x80gb": ("llama3-8b", {"gpus": [gpu("H100 80GB", 81559, i) for i in range(8)]}, {"method": "full"}),
+    "0.5b-on-cpu": ("qwen2.5-0.5b", {"gpus": [], "memory_total_mib": 32768}, {}),
+    "8b-target-context-4x": ("llama3-8b", {"gpus": [gpu("A100 80GB", 81920)]}, {"target_context": 32768}),
+}
+
+
+def propose_and_dry_run(home, workspace, model, hardware, extra):
+    async def scenario():
+        async with mcp.Client(build_server(home=home, roots=[workspace])) as client:
+            args = {"model": str(workspace / model), "dataset": str(workspace / "train.jsonl"), "hardware": hardware}
+            plan = await call_ok(client, "propose_config", {**args, **extra})
+            dry = await call_ok(client, "start_training", {"config": plan["config"], "dry_run": True})
+            return plan, dry
+
+    return anyio.run(scenario)
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_scenario(name, workspace, lmtuner_home):
+    model, hardware, extra = SCENARIOS[name]
+    plan, dry = propose_and_dry_run(lmtuner_home, workspace, model, hardware, extra)
+    config, memory = plan["config"], plan["memory"]
+    assert dry["status"] == "dry_run" and dry["config"]["method"] == config["method"]
+    assert plan["rationale"] and all(isinstance(line, str) and line for line in plan["rationale"])
+    if name == "8b-on-24gb":
+        assert plan["fits"] and config["method"] in ("lora", "qlora") and config["precision"] == "bf16"
+        assert memory["per_gpu_gib"] <= memory["budget_gib"] < 24
+    elif name == "70b-on-80gb":
+        assert plan["fits"] and config["method"] == "qlora"
+    elif name == "70b-on-16gb":
+        assert not plan["fits"] and memory["per_gpu_gib"] > memory["budget_gib"]
+        assert any("would fit" in w for w in plan["warnings"])
+    elif name == "8b-full-on-8x80gb":
+        assert plan["fits"] and config["method"] == "full"
+        assert config["batch_size"] * config["gradient_accumulation_steps"] * 8 >= 16
+    elif name == "0.5b-on-cpu":
+        assert plan["fits"] and config["precision"] == "fp32"
+    elif name == "8b-target-context-4x":
+        assert config["rope_scaling"] == {"type": "yarn", "factor": 4.0}
+        assert any("YaRN" in line for line in plan["rationale"])
+    for alternative in plan["alternatives"]:
+        assert alternative["per_gpu_gib"] > 0
+
+
+def test_start_training_refuses_a_job_that_cannot_fit_unless_forced(workspace, lmtuner_home):
+    config = {"model": str(workspace / "llama3-70b"), "dataset": str(workspace / "train.jsonl"), "method": "full"}
+
+    async def scenario():
+        async with mcp.Client(build_server(home=lmtuner_home, roots=[workspace])) as client:
+            refused = await call_error(client, "start_training", {"config": config})
+            dry = await call_ok(client, "start_training", {"config": config, "dry_run": True})
+            jobs = await call_ok(client, "list_jobs", {})
+            return refused, dry, jobs
+
+    refused, dry, jobs = anyio.run(scenario)
+    assert "memory: this job needs about" in refused and "force: true" in refused and "propose_config" in refused
+    assert any(w.startswith("memory: this job needs") for w in dry["warnings"])
+    assert jobs["jobs"] == []

@@ -1,0 +1,74 @@
+"""propose_config: a right-sized TrainConfig for a model, a dataset and a machine, with reasons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from lmtuner_core.memory import load_shape
+from pydantic import Field
+
+from lmtuner_core.analysis import ProgressFn
+from lmtuner_core.analysis import analyze_dataset as analyze
+from lmtuner_core.config import DatasetSpec, Method
+from lmtuner_core.hardware import inspect_hardware
+from lmtuner_core.jobs import resolve_model
+from lmtuner_core.planner import HardwareSpec, Proposal, propose
+from tools.context import ToolContext
+
+
+def this_machine(ctx: ToolContext) -> HardwareSpec:
+    report = inspect_hardware(ctx.home)
+    return HardwareSpec(
+        gpus=report.gpus, memory_total_mib=report.memory_total_mib, memory_available_mib=report.memory_available_mib
+    )
+
+
+def propose_config(
+    ctx: ToolContext,
+    model: Annotated[
+        str,
+        Field(
+            description="Local model folder or hub id (its config.json must be local or "
+            "cached). Example: 'Qwen/Qwen2.5-7B-Instruct'."
+        ),
+    ],
+    dataset: Annotated[
+        str | DatasetSpec, Field(description="The training data, as in TrainConfig. Example: 'data/train.jsonl'.")
+    ],
+    hardware: Annotated[
+        HardwareSpec | None,
+        Field(
+            description="Plan for another machine: inspect_gpus output or {'gpus': [{index, name, "
+            "memory_total_mib, memory_free_mib, compute_capability, bf16_supported}]}. Default: this one."
+        ),
+    ] = None,
+    method: Annotated[Method | None, Field(description="Force a method; default: the best that fits.")] = None,
+    max_seq_len: Annotated[int | None, Field(ge=16, le=1_048_576, description="Force the row length cut.")] = None,
+    target_context: Annotated[
+        int | None, Field(ge=16, le=4_194_304, description="Context (tokens) the tuned model must handle.")
+    ] = None,
+    goal: Annotated[str | None, Field(max_length=4000, description="What the user wants, in their words.")] = None,
+    progress: ProgressFn | None = None,
+) -> Proposal:
+    """Propose a TrainConfig that fits the hardware: method (LoRA, QLoRA when LoRA does not fit, full when
+    asked), precision, batch size and accumulation, gradient checkpointing, ZeRO across GPUs, max_seq_len from
+    the data's token lengths (about the 95th percentile), and RoPE scaling when target_context exceeds the
+    model's context. Returns the config (ready for start_training), the memory breakdown per device, fits,
+    plain-language rationale, alternatives with their memory, and warnings. Not fitting is an answer (fits:
+    false and the smallest change that would fit). Explain the rationale to the user before starting."""
+    model_ref = resolve_model(model, ctx.roots)
+    shape = load_shape(model_ref)
+    spec = DatasetSpec.model_validate({"path": dataset} if isinstance(dataset, str) else dataset.model_dump())
+    # Exact token counts need the tokenizer; a folder with only config.json (or a hub id) gets an estimate.
+    local_model = any((Path(model_ref) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    analysis = analyze(spec, ctx.roots, model_ref if local_model else None, progress)
+    plan = propose(
+        model=model_ref, shape=shape, dataset=spec, hardware=hardware or this_machine(ctx), rows=analysis.rows,
+        p95_tokens=analysis.token_lengths.p95, method=method, max_seq_len=max_seq_len, target_context=target_context,
+        goal=goal,
+    )  # fmt: skip
+    if not local_model:
+        plan.warnings.append(f"Token lengths are estimated ({analysis.tokenizer}): the model's tokenizer is not local.")
+    plan.warnings += [f"Data: {p}" for p in analysis.problems]
+    return plan
