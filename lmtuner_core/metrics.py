@@ -88,8 +88,10 @@ def score(
     import sacrebleu
     from nltk.translate.meteor_score import meteor_score
     from nltk.translate.nist_score import corpus_nist
+    from absl import logging as absl_logging
     from rouge_score import rouge_scorer
 
+    absl_logging.set_verbosity(absl_logging.WARNING)  # rouge-score logs "Using default tokenizer" on every use
     ensure_wordnet(home)
     stripped = 0
     cleaned = []
