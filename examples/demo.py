@@ -2,8 +2,8 @@
 
 It builds a tiny Llama and a small chat dataset, launches `lmtuner-mcp` over stdio with the official MCP SDK
 client (the initialize handshake a desktop host performs), calls inspect_gpus, asks propose_config for a plan,
-starts the LoRA job it proposes, follows it with job_status, saves the loss curve, compares generate with and without the
-adapter, and scores both on held-out rows with evaluate.
+starts the LoRA job it proposes, follows it with job_status, saves the loss curve, compares generate with and
+without the adapter, and scores both on held-out rows with evaluate.
 """
 
 from __future__ import annotations
