@@ -86,9 +86,9 @@ def score(
             f"metrics: {len(predictions)} predictions for {len(references)} references; they must pair one to one"
         )
     import sacrebleu
+    from absl import logging as absl_logging
     from nltk.translate.meteor_score import meteor_score
     from nltk.translate.nist_score import corpus_nist
-    from absl import logging as absl_logging
     from rouge_score import rouge_scorer
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # rouge-score logs "Using default tokenizer" on every use
