@@ -33,16 +33,9 @@ class HardwareSpec(BaseModel):
     model_config = {"extra": "ignore"}  # inspect_gpus output has more fields; they do not matter here
 
 
-class MemoryBreakdown(BaseModel):
-    total_gib: float = Field(description="All GPUs together (or RAM on CPU), GiB.")
-    per_gpu_gib: float = Field(description="What one GPU (or the CPU's RAM) must hold, GiB.")
-    weights_gib: float
-    gradients_gib: float
-    optimizer_gib: float
-    activations_gib: float
-    logits_gib: float
-    overhead_gib: float
-    cpu_offload_gib: float = Field(0.0, description="Moved to CPU RAM by DeepSpeed offload, GiB.")
+class MemoryBreakdown(MemoryEstimate):
+    """The estimate of memory.py, plus what the device can give (GiB)."""
+
     budget_gib: float = Field(description="What one device can give the job, GiB.")
 
 
@@ -265,12 +258,7 @@ def propose(
 
 
 def _breakdown(estimate: MemoryEstimate, budget: float) -> MemoryBreakdown:
-    return MemoryBreakdown(
-        total_gib=estimate.total_gib, per_gpu_gib=estimate.per_gpu_gib, weights_gib=estimate.weights_gib,
-        gradients_gib=estimate.gradients_gib, optimizer_gib=estimate.optimizer_gib,
-        activations_gib=estimate.activations_gib, logits_gib=estimate.logits_gib, overhead_gib=estimate.overhead_gib,
-        cpu_offload_gib=estimate.cpu_offload_gib, budget_gib=round(budget, 2),
-    )  # fmt: skip
+    return MemoryBreakdown(**estimate.model_dump(), budget_gib=round(budget, 2))
 
 
 def _alternatives(shape, chosen: Candidate, precision, seq_len, gpus, on_gpu, budget) -> list[Alternative]:

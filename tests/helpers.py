@@ -15,6 +15,16 @@ import mcp
 from mcp.client.stdio import StdioServerParameters
 
 TERMINAL = ("completed", "failed", "cancelled")
+# What --read-only serves: the tools that change nothing, in registration order.
+READ_ONLY_TOOLS = [
+    "inspect_gpus",
+    "analyze_dataset",
+    "propose_config",
+    "job_status",
+    "list_jobs",
+    "generate",
+    "evaluate",
+]
 
 
 def server_params(home: Path, roots: list[Path], cwd: Path | None = None) -> StdioServerParameters:

@@ -11,7 +11,7 @@ import mcp
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
-from tests.helpers import LMTUNER_MCP, TOKEN, free_port, http_server
+from tests.helpers import LMTUNER_MCP, READ_ONLY_TOOLS, TOKEN, free_port, http_server
 
 INIT = {
     "jsonrpc": "2.0",
@@ -46,15 +46,7 @@ def test_sdk_client_with_the_token_lists_tools_and_calls_one(lmtuner_home):
 
     with http_server(lmtuner_home, "--read-only") as (url, _):
         names, jobs = anyio.run(scenario, url)
-    assert names == [
-        "inspect_gpus",
-        "analyze_dataset",
-        "propose_config",
-        "job_status",
-        "list_jobs",
-        "generate",
-        "evaluate",
-    ]
+    assert names == READ_ONLY_TOOLS
     assert not jobs.is_error and jobs.structured_content == {"jobs": []}
 
 

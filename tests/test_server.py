@@ -16,6 +16,7 @@ import anyio
 import mcp
 
 from server.app import TOOLS, build_server
+from tests.helpers import READ_ONLY_TOOLS
 
 SNAPSHOTS = Path(__file__).parent / "__toolsnaps__"
 
@@ -76,15 +77,7 @@ def test_annotations_mark_reading_and_destroying(lmtuner_home):
 
 def test_read_only_mode_exposes_only_tools_that_change_nothing(lmtuner_home):
     names = {t.name for t in _list_tools(home=lmtuner_home, read_only=True)}
-    assert names == {
-        "inspect_gpus",
-        "analyze_dataset",
-        "propose_config",
-        "job_status",
-        "list_jobs",
-        "generate",
-        "evaluate",
-    }
+    assert names == set(READ_ONLY_TOOLS)
 
 
 def test_inspect_gpus_on_a_machine_without_gpus_is_an_answer_not_an_error(lmtuner_home):
