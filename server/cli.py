@@ -15,7 +15,7 @@ from lmtuner_core.errors import LmtunerError
 from lmtuner_core.paths import lmtuner_home
 from lmtuner_core.progress import JobProgress
 from lmtuner_core.store import TERMINAL
-from tools import data, hardware, inference, planning, training
+from tools import data, evaluation, hardware, inference, planning, training
 from tools.context import ToolContext
 
 
@@ -153,6 +153,22 @@ def cmd_propose(ctx: ToolContext, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(ctx: ToolContext, args: argparse.Namespace) -> int:
+    result = evaluation.evaluate(
+        ctx, args.model, args.dataset, adapter=args.adapter, predictions=args.predictions,
+        max_samples=args.max_samples, compare_base=args.compare_base,
+    )  # fmt: skip
+
+    def line(label: str, s) -> str:
+        return (f"{label}: BLEU-2 {s.bleu_2:.2f}  BLEU-4 {s.bleu_4:.2f}  METEOR {s.meteor:.3f}  NIST-4 {s.nist_4:.3f}  "
+                f"ROUGE-L {s.rouge_l:.3f}  (n={s.n})")  # fmt: skip
+
+    summary = line(result.source, result) + (f"\n{line('base', result.base)}" if result.base else "")
+    summary += f"\ntokenization: {result.tokenization}; prompts stripped: {result.prompts_stripped}"
+    _print(result, args.json, summary)
+    return 0
+
+
 def cmd_inspect(ctx: ToolContext, args: argparse.Namespace) -> int:
     report = hardware.inspect_gpus(ctx)
     gpus = ", ".join(f"{g.name} ({g.memory_free_mib}/{g.memory_total_mib} MiB free)" for g in report.gpus) or "none"
@@ -235,6 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--goal")
     p.add_argument("--write", type=Path, help="Write the proposed config to this JSON file.")
     p.set_defaults(run=cmd_propose)
+
+    p = sub.add_parser("evaluate", help="BLEU/METEOR/NIST/ROUGE-L of a model, adapter or predictions file.")
+    p.add_argument("model")
+    p.add_argument("dataset")
+    p.add_argument("--adapter")
+    p.add_argument("--predictions", help="Score this file of predictions instead of generating.")
+    p.add_argument("--max-samples", type=int, default=50)
+    p.add_argument("--compare-base", action="store_true")
+    p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("inspect", help="GPUs, CPU, memory, disk and library versions.")
     p.set_defaults(run=cmd_inspect)

@@ -69,3 +69,18 @@ def test_a_killed_training_process_makes_the_job_failed_naming_the_signal(tiny_m
     assert time.monotonic() - asked < 5
     assert status["status"] == "failed"
     assert "SIGKILL" in status["error"]
+
+
+def test_propose_and_evaluate_from_the_command_line(tiny_model, tmp_path, lmtuner_home, shared_data):
+    data = write_demo_dataset(tmp_path / "demo.jsonl", n=32)
+    written = tmp_path / "proposed.json"
+    plan = json.loads(run_cli("--json", "propose", str(tiny_model), str(data), "--write", str(written),
+                              home=lmtuner_home).stdout)  # fmt: skip
+    assert plan["fits"] and json.loads(written.read_text())["method"] == plan["config"]["method"]
+    dry = json.loads(run_cli("--json", "train", str(written), "--dry-run", home=lmtuner_home).stdout)
+    assert dry["status"] == "dry_run"
+
+    medical = shared_data / "lmtuner-medical"
+    scores = run_cli("evaluate", str(tiny_model), str(medical / "test.jsonl"), "--predictions",
+                     str(medical / "lmtuner_predictions.jsonl"), "--max-samples", "100", home=lmtuner_home)  # fmt: skip
+    assert "BLEU-4 1.02" in scores.stdout and "prompts stripped: 61" in scores.stdout
