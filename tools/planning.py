@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from lmtuner_core.memory import load_shape
 from pydantic import Field
 
 from lmtuner_core.analysis import ProgressFn
@@ -13,6 +12,7 @@ from lmtuner_core.analysis import analyze_dataset as analyze
 from lmtuner_core.config import DatasetSpec, Method
 from lmtuner_core.hardware import inspect_hardware
 from lmtuner_core.jobs import resolve_model
+from lmtuner_core.memory import load_shape
 from lmtuner_core.planner import HardwareSpec, Proposal, propose
 from tools.context import ToolContext
 
