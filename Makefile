@@ -24,11 +24,11 @@ demo: install
 	$(PY) -m examples.demo
 
 test: install
-	$(PY) -m ruff check .
+	$(PY) -m ruff check --no-cache .
 	$(PY) -m pytest -q
 
 lint: install
-	$(PY) -m ruff check .
+	$(PY) -m ruff check --no-cache .
 	$(PY) -m ruff format --check .
 
 clean:
