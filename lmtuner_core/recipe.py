@@ -69,6 +69,8 @@ class ProgressWriter(TrainerCallback):
             train_seconds=round(time.monotonic() - self.started, 2),
         )  # fmt: skip
         if self.stop.is_set():
+            if not control.should_training_stop:
+                print(f"[lmtuner] stop requested: saving a checkpoint at step {state.global_step}", flush=True)
             control.should_training_stop = True
             control.should_save = True  # what is learned so far survives as a resumable checkpoint
 

@@ -44,7 +44,7 @@ def install_stop_handler() -> threading.Event:
     stop = threading.Event()
 
     def handler(signum, _frame):
-        print(f"[lmtuner] received {signal.Signals(signum).name}: stopping after this step", flush=True)
+        # Only set the flag: printing from a signal handler can re-enter a stdout write the main thread was in.
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)
