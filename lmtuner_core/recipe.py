@@ -13,7 +13,9 @@ Read top to bottom: setup() builds tokenizer → data → model → trainer; tra
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -71,6 +73,8 @@ class ProgressWriter(TrainerCallback):
         if self.stop.is_set():
             if not control.should_training_stop:
                 print(f"[lmtuner] stop requested: saving a checkpoint at step {state.global_step}", flush=True)
+                # If stopping ever stalls, train.log shows where every thread was (the server kills after its grace).
+                faulthandler.dump_traceback_later(15, exit=False, file=sys.stdout)
             control.should_training_stop = True
             control.should_save = True  # what is learned so far survives as a resumable checkpoint
 
