@@ -212,6 +212,11 @@ class TrainConfig(StrictModel):
         return self.model_dump_json(indent=2)
 
 
+def dataset_spec(value: str | DatasetSpec) -> DatasetSpec:
+    """A tool's dataset argument (a path or entry name, or a DatasetSpec) as a DatasetSpec, as TrainConfig reads it."""
+    return value if isinstance(value, DatasetSpec) else DatasetSpec.model_validate({"path": value})
+
+
 def parse_train_config(data: Any, *, source: str = "config") -> TrainConfig:
     """Validates a dict (tool input, CLI file, config.json) into TrainConfig, or raises LmtunerError."""
     if not isinstance(data, dict):

@@ -3,7 +3,6 @@ vLLM, llama.cpp converters and every other tool can load without peft."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -29,6 +28,8 @@ def merge_adapter(model_ref: str, adapter: Path, output_dir: Path) -> MergeResul
     from peft import PeftConfig, PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from lmtuner_core.rope import apply_recorded_rope
+
     transformers.utils.logging.disable_progress_bar()
     if output_dir.exists() and any(output_dir.iterdir()):
         raise LmtunerError(f"output_dir: {output_dir} already holds files; choose an empty or new folder")
@@ -36,13 +37,7 @@ def merge_adapter(model_ref: str, adapter: Path, output_dir: Path) -> MergeResul
         PeftConfig.from_pretrained(str(adapter))
     except ValueError as exc:
         raise LmtunerError(f"adapter: {adapter} is not a PEFT adapter ({exc})", field="adapter") from None
-    config = AutoConfig.from_pretrained(model_ref)
-    artifact = adapter / "lmtuner_artifact.json"
-    if artifact.is_file():
-        recorded = json.loads(artifact.read_text(encoding="utf-8"))
-        if recorded.get("rope_parameters"):
-            config.rope_parameters = recorded["rope_parameters"]
-            config.max_position_embeddings = recorded["max_position_embeddings"]
+    config = apply_recorded_rope(AutoConfig.from_pretrained(model_ref), adapter)
     base = AutoModelForCausalLM.from_pretrained(model_ref, config=config, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -7,11 +7,9 @@ for another one replaces it. The vLLM engine arrives with the serving work; aski
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -47,6 +45,7 @@ def _load(model_ref: str, adapter: str | None):
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from lmtuner_core.rope import apply_recorded_rope
     from lmtuner_core.tiny_model import CHAT_TEMPLATE
 
     transformers.utils.logging.disable_progress_bar()  # a server's stderr is a log, not a terminal
@@ -55,12 +54,7 @@ def _load(model_ref: str, adapter: str | None):
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
     config = AutoConfig.from_pretrained(model_ref)
     if adapter:
-        artifact = Path(adapter, "lmtuner_artifact.json")
-        if artifact.is_file():  # the adapter was trained with extended positions: use the same ones
-            recorded = json.loads(artifact.read_text(encoding="utf-8"))
-            if recorded.get("rope_parameters"):
-                config.rope_parameters = recorded["rope_parameters"]
-                config.max_position_embeddings = recorded["max_position_embeddings"]
+        apply_recorded_rope(config, adapter)
     model = AutoModelForCausalLM.from_pretrained(model_ref, config=config, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(adapter or model_ref)  # a trained adapter saves its tokenizer
     if adapter:

@@ -13,7 +13,9 @@ xPos is not provided by any library and is not implemented yet: a config asking 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lmtuner_core.config import RopeScaling
@@ -90,4 +92,16 @@ def apply_rope_scaling(model_config: Any, rope: RopeScaling | None) -> Any:
     parameters, max_positions = scaled_rope(model_config, rope)
     model_config.rope_parameters = parameters
     model_config.max_position_embeddings = max_positions
+    return model_config
+
+
+def apply_recorded_rope(model_config: Any, adapter: str | Path) -> Any:
+    """Gives a base config the positions an adapter was trained with, as recorded in its lmtuner_artifact.json
+    (an adapter does not carry the base model's config)."""
+    artifact = Path(adapter, "lmtuner_artifact.json")
+    if artifact.is_file():
+        recorded = json.loads(artifact.read_text(encoding="utf-8"))
+        if recorded.get("rope_parameters"):
+            model_config.rope_parameters = recorded["rope_parameters"]
+            model_config.max_position_embeddings = recorded["max_position_embeddings"]
     return model_config

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from lmtuner_core.analysis import DatasetAnalysis, ProgressFn
 from lmtuner_core.analysis import analyze_dataset as analyze
-from lmtuner_core.config import DatasetSpec
+from lmtuner_core.config import DatasetSpec, dataset_spec
 from lmtuner_core.jobs import resolve_model
 from tools.context import ToolContext
 
@@ -35,6 +35,6 @@ def analyze_dataset(
     the model's chat template), how many rows each max_seq_len would cut, the share of tokens that are trained
     on, malformed and duplicate rows, and problems in plain sentences. Use it to pick max_seq_len (about p95)
     and to catch data errors before spending GPU time."""
-    spec = DatasetSpec.model_validate({"path": dataset} if isinstance(dataset, str) else dataset.model_dump())
+    spec = dataset_spec(dataset)
     model_ref = resolve_model(model, ctx.roots) if model else None
     return analyze(spec, ctx.roots, model_ref, progress)

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from lmtuner_core.config import DatasetSpec
+from lmtuner_core.config import DatasetSpec, dataset_spec
 from lmtuner_core.data import iter_rows, load_examples
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.inference import ProgressFn
@@ -101,7 +101,7 @@ def evaluate(
     (the result names the tokenization). Generates with the model (+adapter, greedy) for the first max_samples
     rows of a held-out dataset, or scores a file of existing predictions. compare_base scores the base model
     too, so the user sees what fine-tuning changed."""
-    spec = DatasetSpec.model_validate({"path": dataset} if isinstance(dataset, str) else dataset.model_dump())
+    spec = dataset_spec(dataset)
     conversations, prompts, references = _pairs(spec, ctx, max_samples)
     model_ref = resolve_model(model, ctx.roots)
     adapter_path = str(ctx.roots.resolve(adapter, "adapter")) if adapter else None

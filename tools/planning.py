@@ -9,7 +9,7 @@ from pydantic import Field
 
 from lmtuner_core.analysis import ProgressFn
 from lmtuner_core.analysis import analyze_dataset as analyze
-from lmtuner_core.config import DatasetSpec, Method
+from lmtuner_core.config import DatasetSpec, Method, dataset_spec
 from lmtuner_core.hardware import inspect_hardware
 from lmtuner_core.jobs import resolve_model
 from lmtuner_core.memory import load_shape
@@ -59,7 +59,7 @@ def propose_config(
     false and the smallest change that would fit). Explain the rationale to the user before starting."""
     model_ref = resolve_model(model, ctx.roots)
     shape = load_shape(model_ref)
-    spec = DatasetSpec.model_validate({"path": dataset} if isinstance(dataset, str) else dataset.model_dump())
+    spec = dataset_spec(dataset)
     # Exact token counts need the tokenizer; a folder with only config.json (or a hub id) gets an estimate.
     local_model = any((Path(model_ref) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     analysis = analyze(spec, ctx.roots, model_ref if local_model else None, progress)
