@@ -29,6 +29,24 @@ def resolve_precision(requested: str) -> tuple[str, torch.dtype]:
     return requested, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[requested]
 
 
+def resolve_liger(requested: bool | str) -> tuple[bool, str]:
+    """(use Liger kernels, why) for this machine; refuses `true` where they cannot run."""
+    import importlib.util
+
+    if requested is False:
+        return False, "off (liger: false)"
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("no CUDA GPU (Triton has no CPU driver)")
+    if importlib.util.find_spec("liger_kernel") is None:
+        missing.append("liger-kernel is not installed (pip install 'lmtuner[cuda]')")
+    if not missing:
+        return True, "on"
+    if requested == "auto":
+        return False, f"off (liger: auto; {' and '.join(missing)})"
+    raise LmtunerError(f"liger: true cannot run here: {' and '.join(missing)}; use 'auto' or false", field="liger")
+
+
 def quantization_config(config: TrainConfig, compute_dtype: torch.dtype) -> Any | None:
     """bitsandbytes settings for the quantized-base methods (QLoRA: NF4 with double quantization, the
     paper's recipe); None for the others."""
@@ -54,7 +72,7 @@ def load_base_model(config: TrainConfig, precision: str, compute_dtype: torch.dt
     qlora / lora-8bit load a bitsandbytes-quantized base."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lmtuner_core.rope import apply_rope_scaling
+    from lmtuner_core.rope import apply_rope_scaling, attention_implementation
 
     full_weights = config.method in ("full", "freeze", "lomo", "adalomo")
     dtype = torch.float32 if precision == "fp16" and full_weights else compute_dtype
@@ -70,7 +88,7 @@ def load_base_model(config: TrainConfig, precision: str, compute_dtype: torch.dt
             config.model,
             config=model_config,
             dtype=dtype,
-            attn_implementation="sdpa",
+            attn_implementation=attention_implementation(model_config),  # SDPA, or xPos when the config has it
             trust_remote_code=config.trust_remote_code,
             **extra,
         )

@@ -8,7 +8,9 @@ transformers implements the position formulas; this module only writes the model
 - llama3  — Llama 3.1's per-frequency-band scaling.
 - ntk     — static NTK-aware scaling, which transformers has no type for: rope_theta × factor^(d/(d−2)), written
             here by hand (the formula from the "NTK-aware scaled RoPE" proposal, d = rotary dimension).
-xPos is not provided by any library and is not implemented yet: a config asking for it is refused.
+- xpos    — RoPE with an exponential decay (Sun et al. 2022), hand-written in `xpos` since no library has it;
+            positions are not interpolated, the context limit grows by `factor`.
+The trained artifact keeps the positions: a full model's config.json, an adapter's lmtuner_artifact.json.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from lmtuner_core.config import RopeScaling
 from lmtuner_core.errors import LmtunerError
+from lmtuner_core.xpos import ATTENTION_NAME, CONFIG_KEY, enable_xpos, restore_xpos, xpos_parameters
 
 RopeResult = tuple[dict[str, Any], int]  # (rope_parameters, max_position_embeddings)
 
@@ -55,12 +58,18 @@ def _ntk(theta: float, factor: float, original: int, dim: int) -> RopeResult:
     return {"rope_type": "default", "rope_theta": theta * factor ** (dim / (dim - 2))}, int(original * factor)
 
 
+def _xpos(theta: float, factor: float, original: int, dim: int) -> RopeResult:
+    # Plain RoPE frequencies; the decay lives in the attention (see xpos.py), selected by apply_rope_scaling.
+    return {"rope_type": "default", "rope_theta": theta}, int(original * factor)
+
+
 ROPE_BUILDERS: dict[str, Callable[[float, float, int, int], RopeResult]] = {
     "linear": _linear,
     "dynamic": _dynamic,
     "yarn": _yarn,
     "llama3": _llama3,
     "ntk": _ntk,
+    "xpos": _xpos,
 }
 
 
@@ -73,9 +82,10 @@ def scaled_rope(model_config: Any, rope: RopeScaling) -> RopeResult:
             field="rope_scaling.type",
         )
     current = dict(getattr(model_config, "rope_parameters", None) or {})
-    if current.get("rope_type", "default") != "default":
+    already = "xpos" if xpos_parameters(model_config) else current.get("rope_type", "default")
+    if already != "default":
         raise LmtunerError(
-            f"rope_scaling: the model already uses {current['rope_type']!r} RoPE scaling; scaling it again is not "
+            f"rope_scaling: the model already uses {already!r} RoPE scaling; scaling it again is not "
             "supported — remove rope_scaling, or start from a model without scaling",
             field="rope_scaling",
         )
@@ -90,9 +100,27 @@ def apply_rope_scaling(model_config: Any, rope: RopeScaling | None) -> Any:
     if rope is None:
         return model_config
     parameters, max_positions = scaled_rope(model_config, rope)
+    if rope.type == "xpos":
+        enable_xpos(model_config)
     model_config.rope_parameters = parameters
     model_config.max_position_embeddings = max_positions
     return model_config
+
+
+def attention_implementation(model_config: Any) -> str:
+    """The attention a config loads with: xPos's when the config records it (registering it), else SDPA."""
+    return ATTENTION_NAME if xpos_parameters(restore_xpos(model_config)) else "sdpa"
+
+
+def recorded_positions(model_config: Any) -> dict[str, Any]:
+    """What an adapter's lmtuner_artifact.json keeps of its base config so inference uses the same positions."""
+    recorded = {
+        "rope_parameters": model_config.rope_parameters,
+        "max_position_embeddings": model_config.max_position_embeddings,
+    }
+    if xpos_parameters(model_config):
+        recorded[CONFIG_KEY] = xpos_parameters(model_config)
+    return recorded
 
 
 def apply_recorded_rope(model_config: Any, adapter: str | Path) -> Any:
@@ -104,4 +132,6 @@ def apply_recorded_rope(model_config: Any, adapter: str | Path) -> Any:
         if recorded.get("rope_parameters"):
             model_config.rope_parameters = recorded["rope_parameters"]
             model_config.max_position_embeddings = recorded["max_position_embeddings"]
-    return model_config
+        if recorded.get(CONFIG_KEY):
+            setattr(model_config, CONFIG_KEY, recorded[CONFIG_KEY])
+    return restore_xpos(model_config)  # also for a full xPos model whose config.json records it
