@@ -15,7 +15,7 @@ from lmtuner_core.errors import LmtunerError
 from lmtuner_core.paths import lmtuner_home
 from lmtuner_core.progress import JobProgress
 from lmtuner_core.store import TERMINAL
-from tools import data, evaluation, hardware, inference, planning, training
+from tools import data, evaluation, hardware, inference, planning, serving, training
 from tools.context import ToolContext
 
 
@@ -133,6 +133,42 @@ def cmd_merge(ctx: ToolContext, args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapter_pairs(values: list[str] | None) -> dict[str, str]:
+    adapters: dict[str, str] = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise LmtunerError(f"--adapter: {value!r} is not NAME=PATH, e.g. --adapter medical=runs/JOB/final")
+        adapters[name] = path
+    return adapters
+
+
+def _server_line(s) -> str:
+    names = ", ".join([s.served_model_name, *s.adapters])
+    return f"{s.server_id} {s.status:<8} {s.base_url}  models: {names}" + (f"  error: {s.error}" if s.error else "")
+
+
+def cmd_serve(ctx: ToolContext, args: argparse.Namespace) -> int:
+    result = serving.serve_model(
+        ctx, args.model, adapters=_adapter_pairs(args.adapter) or None, port=args.port,
+        served_model_name=args.served_model_name, max_model_len=args.max_model_len, dtype=args.dtype,
+    )  # fmt: skip
+    _print(result, args.json, _server_line(result) + f"\nready in {result.startup_seconds} s; log {result.log_path}")
+    return 0
+
+
+def cmd_stop_serving(ctx: ToolContext, args: argparse.Namespace) -> int:
+    result = serving.stop_serving(ctx, args.server_id, grace_seconds=args.grace)
+    _print(result, args.json, _server_line(result))
+    return 0
+
+
+def cmd_servers(ctx: ToolContext, args: argparse.Namespace) -> int:
+    result = serving.list_servers(ctx, args.status)
+    _print(result, args.json, "\n".join(_server_line(s) for s in result.servers) or "no servers")
+    return 0
+
+
 def cmd_propose(ctx: ToolContext, args: argparse.Namespace) -> int:
     plan = planning.propose_config(
         ctx, args.model, args.dataset, method=args.method, max_seq_len=args.max_seq_len,
@@ -241,6 +277,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("output_dir")
     p.set_defaults(run=cmd_merge)
+
+    p = sub.add_parser("serve", help="Serve a model (and adapters) with vLLM's OpenAI-compatible API.")
+    p.add_argument("model")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="A LoRA adapter to serve (repeatable).")
+    p.add_argument("--port", type=int)
+    p.add_argument("--served-model-name")
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.set_defaults(run=cmd_serve)
+
+    p = sub.add_parser("stop-serving", help="Stop a vLLM server (every process of it).")
+    p.add_argument("server_id")
+    p.add_argument("--grace", type=float, default=10.0, help="Seconds to wait before killing it.")
+    p.set_defaults(run=cmd_stop_serving)
+
+    p = sub.add_parser("servers", help="List vLLM servers.")
+    p.add_argument("--status", choices=["starting", "running", "stopped", "failed"])
+    p.set_defaults(run=cmd_servers)
 
     p = sub.add_parser("propose", help="Plan a config that fits this machine, with reasons.")
     p.add_argument("model")

@@ -24,6 +24,7 @@ READ_ONLY_TOOLS = [
     "list_jobs",
     "generate",
     "evaluate",
+    "list_servers",
 ]
 
 
