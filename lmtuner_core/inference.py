@@ -2,14 +2,21 @@
 batched, greedy or sampled, stopping at the model's end tokens.
 
 One model stays loaded between calls (the agent usually asks several questions of the same model); asking
-for another one replaces it. The vLLM engine arrives with the serving work; asking for it says so.
+for another one replaces it. `generate_with_server` sends the same conversations to a vLLM server of ours
+(lmtuner_core.serving) through its OpenAI-compatible /v1/chat/completions, concurrently, and returns the same
+result shape.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -29,10 +36,11 @@ class GeneratedText(BaseModel):
 
 class GenerateResult(BaseModel):
     outputs: list[GeneratedText] = Field(description="One output per prompt or conversation, in order.")
-    engine: str = Field(description="Which engine generated: 'transformers' here.")
+    engine: str = Field(description="Which engine generated: 'transformers' (in process) or 'vllm' (a server).")
     tokens_per_second: float = Field(description="Generated tokens per second over the whole call.")
     model: str = Field(description="The base model used.")
     adapter: str | None = Field(None, description="The adapter applied, if any.")
+    server_id: str | None = Field(None, description="The vLLM server that answered (engine 'vllm').")
 
 
 def _load(model_ref: str, adapter: str | None):
@@ -128,4 +136,74 @@ def generate(
         tokens_per_second=round(generated / elapsed, 1) if elapsed > 0 else 0.0,
         model=model_ref,
         adapter=adapter,
+    )
+
+
+def _chat_completion(url: str, body: dict, timeout: float) -> dict:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", errors="replace")[:500]
+        with contextlib.suppress(ValueError, AttributeError):
+            detail = json.loads(detail).get("error", {}).get("message", detail)
+        raise LmtunerError(f"engine 'vllm': the server refused the request (HTTP {exc.code}: {detail})") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConnectionError(f"engine 'vllm': no answer from {url} ({exc})") from exc
+
+
+def generate_with_server(
+    base_url: str,
+    served_name: str,
+    conversations: list[list[dict]],
+    *,
+    model_ref: str,
+    adapter: str | None = None,
+    server_id: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    concurrency: int = 32,
+    timeout: float = 600.0,
+    progress: ProgressFn | None = None,
+) -> GenerateResult:
+    """Answers each conversation through a vLLM server's /v1/chat/completions, up to `concurrency` requests at
+    once (vLLM batches them). Raises ConnectionError when the server does not answer at all."""
+    url = base_url.rstrip("/") + "/chat/completions"
+    done = 0
+    done_lock = threading.Lock()
+
+    def one(conversation: list[dict]) -> GeneratedText:
+        nonlocal done
+        body = {"model": served_name, "messages": conversation, "max_tokens": max_new_tokens,
+                "temperature": temperature, "top_p": top_p if temperature > 0 else 1.0, "seed": seed}  # fmt: skip
+        reply = _chat_completion(url, body, timeout)
+        choice = reply["choices"][0]
+        tokens = int(reply.get("usage", {}).get("completion_tokens") or 0)
+        if progress:
+            with done_lock:
+                done += 1
+                progress(done, len(conversations), f"generated {done} of {len(conversations)}")
+        return GeneratedText(
+            text=choice["message"].get("content") or "",
+            tokens=tokens,
+            finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
+        )
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(conversations)))) as pool:
+        outputs = list(pool.map(one, conversations))
+    elapsed = time.perf_counter() - started
+    generated = sum(o.tokens for o in outputs)
+    return GenerateResult(
+        outputs=outputs,
+        engine="vllm",
+        tokens_per_second=round(generated / elapsed, 1) if elapsed > 0 else 0.0,
+        model=model_ref,
+        adapter=adapter,
+        server_id=server_id,
     )

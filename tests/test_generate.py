@@ -76,7 +76,7 @@ def test_adapter_changes_the_answers_and_bad_requests_are_refused(tiny_model, tr
     assert tuned["adapter"] == status.output_dir
     assert base["outputs"][0]["text"] != tuned["outputs"][0]["text"]
     assert "exactly one of `prompts`" in both
-    assert "vllm" in vllm and "use 'auto'" in vllm
+    assert "engine: 'vllm' needs a running server" in vllm and "serve_model" in vllm
     assert "no adapter_config.json" in not_adapter
 
 

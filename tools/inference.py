@@ -9,9 +9,10 @@ from pydantic import BaseModel, Field
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.export import MergeResult
 from lmtuner_core.export import merge_adapter as run_merge
-from lmtuner_core.inference import GenerateResult, ProgressFn
+from lmtuner_core.inference import GenerateResult, ProgressFn, generate_with_server
 from lmtuner_core.inference import generate as run_generation
 from lmtuner_core.jobs import check_writable, resolve_model
+from lmtuner_core.serving import ServerService
 from tools.context import ToolContext
 
 
@@ -39,18 +40,19 @@ def generate(
     top_p: Annotated[float, Field(gt=0, le=1, description="Nucleus sampling mass (with temperature > 0).")] = 1.0,
     engine: Annotated[
         Literal["auto", "transformers", "vllm"],
-        Field(description="'auto' and 'transformers' run in this process; 'vllm' needs serve_model (planned)."),
+        Field(
+            description="'transformers' runs in this process; 'vllm' sends the requests to a running serve_model "
+            "server of this model (and adapter); 'auto' uses such a server when one runs, else transformers."
+        ),
     ] = "auto",
     progress: ProgressFn | None = None,
 ) -> GenerateResult:
     """Generate answers from a model, optionally with a fine-tuned adapter, using the model's chat template:
     the quickest way to show the user what training changed (ask the same prompts with and without the
-    adapter). Give `prompts` (single questions) or `messages` (whole conversations), not both. The model stays
-    loaded for the next call."""
+    adapter). Give `prompts` (single questions) or `messages` (whole conversations), not both. In process the
+    model stays loaded for the next call; for many prompts, serve_model first and generate goes through vLLM."""
     if (prompts is None) == (messages is None):
         raise LmtunerError("give exactly one of `prompts` (a list of strings) or `messages` (a list of conversations)")
-    if engine == "vllm":
-        raise LmtunerError("engine: 'vllm' needs a running vLLM server (serve_model), not in this version; use 'auto'")
     conversations = (
         [[{"role": "user", "content": p}] for p in prompts]
         if prompts is not None
@@ -67,10 +69,33 @@ def generate(
                 "(a full fine-tune's output_dir is a model: pass it as `model` instead)",
                 field="adapter",
             )
+    model_ref = resolve_model(model, ctx.roots)
+    adapter_ref = str(adapter_path) if adapter_path else None
+    if engine != "transformers":
+        found = ServerService(ctx.home, ctx.roots).find(model_ref, adapter_ref)
+        if found is None and engine == "vllm":
+            raise LmtunerError(
+                f"engine: 'vllm' needs a running server of {model_ref}"
+                + (f" with adapter {adapter_ref}" if adapter_ref else "")
+                + " (start one with serve_model, see list_servers), or use engine 'auto' or 'transformers'",
+                field="engine",
+            )
+        if found is not None:
+            record, served_name = found
+            try:
+                return generate_with_server(
+                    record.base_url, served_name, conversations, model_ref=model_ref, adapter=adapter_ref,
+                    server_id=record.server_id, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    progress=progress,
+                )  # fmt: skip
+            except ConnectionError as exc:
+                if engine == "vllm":
+                    raise LmtunerError(f"{exc}; check it with list_servers", field="engine") from None
+                # auto: the server went away between the lookup and the request; answer in process instead
     return run_generation(
-        resolve_model(model, ctx.roots),
+        model_ref,
         conversations,
-        adapter=str(adapter_path) if adapter_path else None,
+        adapter=adapter_ref,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
