@@ -158,6 +158,11 @@ class TrainConfig(StrictModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, ~30% slower."
     )
+    liger: bool | Literal["auto"] = Field(
+        "auto",
+        description="Liger Triton kernels (fused RMSNorm, RoPE, SwiGLU, cross-entropy: less memory, faster). 'auto' = "
+        "on when CUDA and liger-kernel are present; true needs both (Triton has no CPU driver); false = off.",
+    )
     deepspeed: DeepSpeedSettings | None = Field(None, description="ZeRO settings; omit for plain data parallel.")
     rope_scaling: RopeScaling | None = Field(None, description="Context extension, e.g. {'type': 'yarn', 'factor': 4}.")
     report_to: list[Tracker] = Field(default_factory=list, description="Experiment trackers: 'wandb', 'tensorboard'.")

@@ -98,16 +98,25 @@ def preflight(config: TrainConfig, devices: str, *, refuse: bool) -> list[str]:
 
 
 def tracker_environment(run: RunDir, env: dict[str, str]) -> dict[str, str]:
-    """Where the trackers write: inside the run folder, named after the job. wandb runs offline unless the user
-    has a key (or chose a mode); the key itself stays in the environment, never in files we write."""
-    extra = {
-        "TENSORBOARD_LOGGING_DIR": str(run.root / "tensorboard"),
-        "WANDB_DIR": str(run.root),
-        "WANDB_NAME": run.root.name,
-        "WANDB_PROJECT": env.get("WANDB_PROJECT", "lmtuner"),
-    }
-    if "WANDB_MODE" not in env and not env.get("WANDB_API_KEY"):
-        extra["WANDB_MODE"] = "offline"
+    """Settings for the trackers the run's config.json asks for (none for the others): they write inside the run
+    folder, named after the job. wandb runs offline unless the user has a key (or chose a mode); the key itself
+    stays in the environment, never in files we write."""
+    import json
+
+    try:
+        report_to = json.loads(run.config.read_text(encoding="utf-8")).get("report_to") or []
+    except (OSError, ValueError):
+        report_to = []  # no readable config: the child fails on it with its own message
+    extra: dict[str, str] = {}
+    if "tensorboard" in report_to:
+        extra["TENSORBOARD_LOGGING_DIR"] = str(run.root / "tensorboard")
+    if "wandb" in report_to:
+        extra.update(
+            WANDB_DIR=str(run.root), WANDB_NAME=run.root.name, WANDB_PROJECT=env.get("WANDB_PROJECT", "lmtuner"),
+            WANDB_CACHE_DIR=str(run.root / "wandb" / "cache"), WANDB_DATA_DIR=str(run.root / "wandb" / "data"),
+        )  # fmt: skip
+        if "WANDB_MODE" not in env and not env.get("WANDB_API_KEY"):
+            extra["WANDB_MODE"] = "offline"
     return extra
 
 
@@ -168,11 +177,6 @@ def check_config(
                 f"{TRACKER_PACKAGES[tracker]}); or remove it — metrics.jsonl is always written",
                 field="report_to",
             )
-    if config.rope_scaling is not None and config.rope_scaling.type == "xpos":
-        raise LmtunerError(
-            "rope_scaling.type: 'xpos' is not available yet; use linear, dynamic, yarn, llama3 or ntk",
-            field="rope_scaling.type",
-        )
     warnings: list[str] = []
     if config.deepspeed is not None:
         message = "deepspeed: launching with DeepSpeed is not available in this version yet"

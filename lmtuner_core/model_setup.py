@@ -84,11 +84,15 @@ def load_base_model(config: TrainConfig, precision: str, compute_dtype: torch.dt
     try:
         model_config = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
         apply_rope_scaling(model_config, config.rope_scaling)
+        attention = attention_implementation(model_config)  # SDPA, or xPos when the config has it
+        if attention != "sdpa" and precision == "fp16":
+            # xPos key scales grow up to 3.5^(n/512): float16 overflows past ~4500 positions (see xpos.py)
+            raise LmtunerError("precision: xPos needs bf16 or fp32, not fp16; set precision 'fp32'", field="precision")
         return AutoModelForCausalLM.from_pretrained(
             config.model,
             config=model_config,
             dtype=dtype,
-            attn_implementation=attention_implementation(model_config),  # SDPA, or xPos when the config has it
+            attn_implementation=attention,
             trust_remote_code=config.trust_remote_code,
             **extra,
         )

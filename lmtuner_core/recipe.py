@@ -5,8 +5,9 @@ assistant turns only (the chat template's {% generation %} markers, or prefix re
 none); plain text with the loss on every token; held-out eval loss; checkpoints every `save_steps`;
 stopping on SIGTERM with a checkpoint; `metrics.jsonl` and `state.json` for the server to read.
 Also qlora / lora-8bit (bitsandbytes base + LoRA) and lomo / adalomo (lomo-optim via the Trainer's `optim`).
-RoPE scaling (linear, dynamic, yarn, llama3, ntk; see `rope`) is written into the model config at load.
-Not supported yet: DeepSpeed, several processes, xPos — the config check refuses them before a job starts.
+RoPE scaling (linear, dynamic, yarn, llama3, ntk, xpos; see `rope`, `xpos`) is written into the model config at load.
+Liger kernels when CUDA and liger-kernel are present (`liger`, through SFTConfig.use_liger_kernel).
+Not supported yet: DeepSpeed, several processes — the config check refuses them before a job starts.
 
 Read top to bottom: setup() builds tokenizer → data → model → trainer; train(); save().
 """
@@ -35,11 +36,14 @@ from lmtuner_core.model_setup import (
     apply_method,
     count_parameters,
     load_base_model,
+    resolve_liger,
     resolve_precision,
 )
 from lmtuner_core.paths import AllowedRoots, RunDir
+from lmtuner_core.rope import recorded_positions
 from lmtuner_core.tiny_model import CHAT_TEMPLATE
 from lmtuner_core.train import StateFile
+from lmtuner_core.xpos import xpos_parameters
 
 # TrainConfig.optimizer -> the Trainer's `optim` name.
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit"}
@@ -113,6 +117,8 @@ class SFTRecipe:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
         self.precision, self.compute_dtype = resolve_precision(self.config.precision)
+        self.liger, liger_why = resolve_liger(self.config.liger)
+        print(f"[lmtuner] liger kernels: {liger_why}", flush=True)
         torch.manual_seed(self.config.seed)
         self._setup_tokenizer()
         self._setup_data()
@@ -220,6 +226,7 @@ class SFTRecipe:
             fp16=self.precision == "fp16",
             use_cpu=not torch.cuda.is_available(),
             gradient_checkpointing=config.gradient_checkpointing,
+            use_liger_kernel=self.liger,
             report_to=config.report_to or "none",
             max_length=config.max_seq_len,
             packing=False,
@@ -261,9 +268,8 @@ class SFTRecipe:
             "adapter": METHODS[self.config.method].adapter,
             "job_run_dir": str(self.run.root),
         }
-        if self.config.rope_scaling is not None:
+        base_config = self.trainer.model.config
+        if self.config.rope_scaling is not None or xpos_parameters(base_config):
             # An adapter does not carry the base model's config: record the positions it was trained with.
-            base_config = self.trainer.model.config
-            artifact["rope_parameters"] = base_config.rope_parameters
-            artifact["max_position_embeddings"] = base_config.max_position_embeddings
+            artifact.update(recorded_positions(base_config))
         (output / "lmtuner_artifact.json").write_text(json.dumps(artifact, indent=2), encoding="utf-8")

@@ -1,4 +1,5 @@
-"""RoPE scaling: each type changes the positions the way its formula says, and the trained artifact keeps it."""
+"""RoPE scaling: each type changes the positions the way its formula says, trains on rows longer than the model's
+context, and the trained artifact keeps it (xPos's own tests: test_xpos.py)."""
 
 from __future__ import annotations
 
@@ -86,12 +87,63 @@ def test_trained_artifacts_carry_the_scaling(tiny_model, tmp_path, lmtuner_home)
     saved = json.loads(Path(full.output_dir, "config.json").read_text())
     assert saved["rope_parameters"]["rope_type"] == "yarn" and saved["max_position_embeddings"] == 4096
 
-    lora = run(ctx, quick_config(tiny_model, data, max_steps=2, rope_scaling=rope))
-    assert lora.status == "completed", lora.error
-    artifact = json.loads(Path(lora.output_dir, "lmtuner_artifact.json").read_text())
-    assert artifact["rope_parameters"]["factor"] == 2.0 and artifact["max_position_embeddings"] == 4096
 
-    with pytest.raises(LmtunerError, match="'xpos' is not available yet"):
-        training.start_training(
-            ctx, parse_train_config(quick_config(tiny_model, data, rope_scaling={"type": "xpos", "factor": 2.0}))
-        )
+SHORT_CONTEXT = 64  # the model's trained context in the long-sequence tests
+WORDS = ("the", "model", "reads", "a", "long", "story", "about", "rivers", "and", "mountains", "where", "each")
+
+
+@pytest.fixture(scope="module")
+def short_context_model(tmp_path_factory) -> Path:
+    from lmtuner_core.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("short") / "tiny64", max_position_embeddings=SHORT_CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def long_rows(tmp_path_factory, short_context_model) -> Path:
+    """Plain-text rows each longer than twice the model's context."""
+    from transformers import AutoTokenizer
+
+    rows = [" ".join(f"{WORDS[(i + r) % len(WORDS)]} {i}" for i in range(60)) for r in range(8)]
+    tokenizer = AutoTokenizer.from_pretrained(short_context_model)
+    assert min(len(tokenizer(row)["input_ids"]) for row in rows) > 2 * SHORT_CONTEXT + 20
+    path = tmp_path_factory.mktemp("long") / "long.jsonl"
+    path.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn", "llama3", "ntk", "xpos"])
+def test_each_type_trains_beyond_the_trained_context_and_generate_uses_its_positions(
+    kind, short_context_model, long_rows, tmp_path, lmtuner_home
+):
+    from lmtuner_core import inference
+
+    ctx = ToolContext(home=lmtuner_home, roots=AllowedRoots([tmp_path, long_rows.parent, short_context_model]))
+    config = quick_config(
+        short_context_model, long_rows, max_steps=2, batch_size=2, max_seq_len=4 * SHORT_CONTEXT,
+        rope_scaling={"type": kind, "factor": 4.0},
+    )  # fmt: skip
+    status = run(ctx, config)
+    assert status.status == "completed", status.error
+    records = [json.loads(line) for line in Path(status.run_dir, "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if "loss" in r]
+    assert len(trained) == 2 and all(r["loss"] == r["loss"] for r in trained)  # finite, not NaN
+    # 2 steps × 2 rows: every row was far longer than the model's trained context
+    assert trained[-1]["tokens_seen"] > 4 * 2 * SHORT_CONTEXT
+    log = Path(status.run_dir, "train.log").read_text()
+    assert "liger kernels: off (liger: auto; no CUDA GPU" in log
+
+    artifact = json.loads(Path(status.output_dir, "lmtuner_artifact.json").read_text())
+    expected = apply_rope_scaling(AutoConfig.from_pretrained(short_context_model), RopeScaling(type=kind, factor=4))
+    assert artifact["rope_parameters"] == expected.rope_parameters
+    assert artifact["max_position_embeddings"] == expected.max_position_embeddings
+    model, _ = inference._load(str(short_context_model), status.output_dir)  # what generate loads
+    try:
+        base = model.get_base_model()
+        assert base.config.rope_parameters == expected.rope_parameters
+        reference = AutoModelForCausalLM.from_pretrained(short_context_model, config=expected)
+        torch.testing.assert_close(base.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
+        assert (base.config._attn_implementation == "lmtuner_xpos") == (kind == "xpos")
+        assert ("lmtuner_xpos" in artifact) == (kind == "xpos")
+    finally:
+        inference._LOADED.clear()
