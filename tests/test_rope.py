@@ -147,3 +147,17 @@ def test_each_type_trains_beyond_the_trained_context_and_generate_uses_its_posit
         assert ("lmtuner_xpos" in artifact) == (kind == "xpos")
     finally:
         inference._LOADED.clear()
+
+
+def test_liger_is_off_on_the_cpu_unless_asked_for_and_then_refused():
+    from lmtuner_core.model_setup import resolve_liger
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU behaviour")
+    assert resolve_liger(False) == (False, "off (liger: false)")
+    on, why = resolve_liger("auto")
+    assert not on and why.startswith("off (liger: auto; no CUDA GPU (Triton has no CPU driver)")
+    with pytest.raises(LmtunerError, match=r"liger: true cannot run here: no CUDA GPU .*; use 'auto' or false"):
+        resolve_liger(True)
+    with pytest.raises(LmtunerError, match="liger"):
+        parse_train_config({"model": "m", "dataset": "d.jsonl", "liger": "sometimes"})
