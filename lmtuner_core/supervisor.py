@@ -29,25 +29,73 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m lmtuner_core.supervisor RUN_DIR", file=sys.stderr)
         return 2
     run_dir = Path(argv[0])
+    command, env = training_command(run_dir)
     # Slightly lower CPU priority for training: under contention the server's answers stay prompt, and with
     # the CPU otherwise idle (or the work on a GPU) training loses nothing.
-    child = subprocess.Popen([sys.executable, "-m", "lmtuner_core.train", str(run_dir)], preexec_fn=_lower_priority)
+    child = subprocess.Popen(command, env=env, preexec_fn=_lower_priority)
+    signalled = []
 
     def forward(signum, _frame):
         # A signal sent to the whole process group reaches the trainer too; one sent to this pid alone is
-        # passed on, so either way the trainer gets to save a checkpoint.
+        # passed on, so either way the trainer gets to save a checkpoint. (torchrun passes it to its workers.)
+        signalled.append(signum)
         if child.poll() is None:
             child.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     code = child.wait()
+    if code != 0 and not signalled:
+        record_rank_failure(run_dir, code)
     ended = {"returncode": code, "signal": signal.Signals(-code).name if code < 0 else None, "ended_at": time.time()}
     tmp = run_dir / "exit.json.tmp"
     tmp.write_text(json.dumps(ended), encoding="utf-8")
     os.replace(tmp, run_dir / "exit.json")
     conclude_and_start_next(run_dir)
     return code if code >= 0 else 128 - code
+
+
+def training_command(run_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """The training command (one process, or torchrun for several) and its environment, from config.json."""
+    from lmtuner_core import distributed  # stdlib only at import time
+
+    try:
+        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}  # the trainer itself reports an unreadable config in state.json
+    devices = os.environ.get("LMTUNER_DEVICES", "cpu")
+    home = Path(os.environ.get("LMTUNER_HOME") or "~/.lmtuner").expanduser()
+    port = distributed.free_port()
+    env = {**os.environ, **distributed.launch_environment(config, devices, home, port)}
+    return distributed.launch_command(sys.executable, run_dir, config, devices, port), env
+
+
+def record_rank_failure(run_dir: Path, code: int) -> None:
+    """With several processes, one failing makes torchrun stop the others: rank 0 then records 'cancelled'
+    (or nothing). The job failed, with the failing rank's reason (train.py writes failure-rank-N.json)."""
+    state_path = run_dir / "state.json"
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        state = {}
+    if state.get("status") == "failed":
+        return
+    reasons = []
+    for path in sorted(run_dir.glob("failure-rank-*.json")):
+        try:
+            failure = json.loads(path.read_text(encoding="utf-8"))
+            reasons.append(f"rank {failure['rank']}: {failure['error']}")
+        except (OSError, ValueError, KeyError):
+            continue
+    if not reasons:
+        if state.get("status") != "cancelled":
+            return  # died without a word: the job is concluded from exit.json and the log's last line
+        # Rank 0 saw a stop it was not asked for: torchrun stopping it because another process died.
+        reasons.append(f"another training process died (launcher exit code {code}); see train.log")
+    state.update(status="failed", phase=None, error="; ".join(reasons), updated_at=time.time())
+    tmp = run_dir / "state.json.tmp"
+    tmp.write_text(json.dumps(state), encoding="utf-8")
+    os.replace(tmp, state_path)
 
 
 def conclude_and_start_next(run_dir: Path) -> None:
