@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -67,6 +68,37 @@ class DeepSpeedSettings(StrictModel):
     def _params_offload_needs_stage3(self) -> DeepSpeedSettings:
         if self.offload_params and self.stage != 3:
             raise ValueError("offload_params needs stage 3; set stage: 3 or offload_params: false")
+        return self
+
+
+HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$|^\[?[0-9A-Fa-f:.]+\]?$")
+
+
+class NodeSettings(StrictModel):
+    """Several machines training as one job: start the same config on every node, each with its own rank."""
+
+    count: int = Field(1, ge=1, le=1024, description="How many nodes (machines) take part. Example: 2.")
+    rank: int = Field(0, ge=0, le=1023, description="This node's rank, 0 to count-1; node 0 hosts the rendezvous.")
+    master_addr: str = Field(
+        "127.0.0.1",
+        max_length=253,
+        description="Hostname or IP address of node 0, reachable from every node. Example: '10.0.0.5'.",
+    )
+    master_port: int = Field(
+        29500, ge=1024, le=65535, description="Free TCP port on node 0 for the rendezvous. Example: 29500."
+    )
+
+    @field_validator("master_addr")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if value.startswith("-") or not HOSTNAME.match(value):
+            raise ValueError(f"{value!r} is not a hostname or IP address (e.g. 'node0', '10.0.0.5', '::1')")
+        return value
+
+    @model_validator(mode="after")
+    def _rank_below_count(self) -> NodeSettings:
+        if self.rank >= self.count:
+            raise ValueError(f"rank {self.rank} must be below count {self.count} (ranks are 0 to {self.count - 1})")
         return self
 
 
@@ -163,7 +195,20 @@ class TrainConfig(StrictModel):
         description="Liger Triton kernels (fused RMSNorm, RoPE, SwiGLU, cross-entropy: less memory, faster). 'auto' = "
         "on when CUDA and liger-kernel are present; true needs both (Triton has no CPU driver); false = off.",
     )
-    deepspeed: DeepSpeedSettings | None = Field(None, description="ZeRO settings; omit for plain data parallel.")
+    deepspeed: DeepSpeedSettings | None = Field(
+        None,
+        description="ZeRO settings, e.g. {'stage': 3, 'offload_optimizer': true}; omit for plain data parallel.",
+    )
+    processes_per_node: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+        "auto",
+        description="Training processes on this node (data parallel, one per GPU). 'auto' = one per GPU in "
+        "`devices`, 1 on the CPU. Example: 2 (on the CPU: 2 processes with the gloo backend).",
+    )
+    nodes: NodeSettings | None = Field(
+        None,
+        description="Multi-node training: {'count': 2, 'rank': 0, 'master_addr': '10.0.0.5', 'master_port': 29500}"
+        " on node 0 and the same with rank 1 on the other. Omit for one machine.",
+    )
     rope_scaling: RopeScaling | None = Field(None, description="Context extension, e.g. {'type': 'yarn', 'factor': 4}.")
     report_to: list[Tracker] = Field(default_factory=list, description="Experiment trackers: 'wandb', 'tensorboard'.")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed for init, shuffling and dropout.")

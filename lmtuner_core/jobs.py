@@ -21,6 +21,7 @@ import psutil
 
 from lmtuner_core.config import TrainConfig
 from lmtuner_core.data import load_examples, resolve_dataset
+from lmtuner_core.distributed import write_deepspeed_config
 from lmtuner_core.errors import LmtunerError, NotFoundError
 from lmtuner_core.methods import METHODS
 from lmtuner_core.paths import AllowedRoots, RunDir, check_job_id
@@ -178,12 +179,9 @@ def check_config(
                 field="report_to",
             )
     warnings: list[str] = []
-    if config.deepspeed is not None:
-        message = "deepspeed: launching with DeepSpeed is not available in this version yet"
-        if not dry_run:
-            raise LmtunerError(message + "; remove it from the config to start", field="deepspeed")
-        warnings.append(message + ": this plan is valid but cannot start until it is")
     updates: dict = {"model": resolve_model(config.model, roots)}
+    if config.deepspeed is not None:
+        updates["deepspeed"] = check_deepspeed(config, roots)
     if config.model == updates["model"] and not config.model.startswith("/"):
         warnings.append(f"model {config.model!r} is a hub id: the training process downloads it unless it is cached")
     source = resolve_dataset(config.dataset, roots)
@@ -214,6 +212,42 @@ def check_config(
         updates["resume_from"] = str(resume)
     checked = config.model_copy(update=updates)
     return TrainConfig.model_validate(checked.model_dump()), warnings
+
+
+def check_deepspeed(config: TrainConfig, roots: AllowedRoots):
+    """The deepspeed settings with a user's config_file resolved (inside the allowed roots) and read as JSON."""
+    from lmtuner_core.distributed import read_user_deepspeed_config
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise LmtunerError(
+            "deepspeed: the deepspeed package is not installed (pip install 'lmtuner[train]'); or remove deepspeed",
+            field="deepspeed",
+        )
+    settings = config.deepspeed
+    if settings is None or settings.config_file is None:
+        return settings
+    path = roots.resolve(settings.config_file, "deepspeed.config_file")
+    try:
+        read_user_deepspeed_config(path)
+    except ValueError as exc:
+        raise LmtunerError(
+            f"deepspeed.config_file: {exc}; give a DeepSpeed JSON file, or omit config_file to have one generated",
+            field="deepspeed.config_file",
+        ) from None
+    return settings.model_copy(update={"config_file": str(path)})
+
+
+def check_processes(config: TrainConfig, devices: str) -> None:
+    """More processes than GPUs would put two on one GPU: refused, naming what fits."""
+    from lmtuner_core.distributed import count_devices, processes_per_node
+
+    gpus = count_devices(devices)
+    if gpus and processes_per_node(config.model_dump(), devices) > gpus:
+        raise LmtunerError(
+            f"processes_per_node: {config.processes_per_node} processes but the job has {gpus} GPU(s) ({devices}); "
+            f"use at most {gpus}, or 'auto'",
+            field="processes_per_node",
+        )
 
 
 def check_writable(folder: Path, field: str) -> None:
@@ -258,6 +292,7 @@ class JobService:
         run = self.run_dir(job_id)
         checked, warnings = check_config(config, self.roots, run, dry_run=dry_run)
         devices = resolve_devices(checked.devices)
+        check_processes(checked, devices)
         warnings += preflight(checked, devices, refuse=not (dry_run or force))
         if checked.method == "adalomo" and devices == "cpu":
             raise LmtunerError(
@@ -269,6 +304,7 @@ class JobService:
         try:
             run.root.mkdir(parents=True)
             run.config.write_text(checked.to_json(), encoding="utf-8")
+            write_deepspeed_config(checked.model_dump(), run.root, on_gpu=devices != "cpu")
         except OSError as exc:
             raise LmtunerError(f"cannot write the run folder {run.root}: {exc.strerror}; free disk space") from None
         self.store.create(
@@ -302,6 +338,7 @@ class JobService:
         )
         if record is not None and record.devices != "cpu":
             env["CUDA_VISIBLE_DEVICES"] = record.devices
+        env["LMTUNER_DEVICES"] = record.devices if record is not None else "cpu"  # the supervisor's launch plan
         env.update(tracker_environment(run, env))
         try:
             pid, started_at = spawn_supervised(run, env)

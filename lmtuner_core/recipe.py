@@ -7,7 +7,8 @@ stopping on SIGTERM with a checkpoint; `metrics.jsonl` and `state.json` for the 
 Also qlora / lora-8bit (bitsandbytes base + LoRA) and lomo / adalomo (lomo-optim via the Trainer's `optim`).
 RoPE scaling (linear, dynamic, yarn, llama3, ntk, xpos; see `rope`, `xpos`) is written into the model config at load.
 Liger kernels when CUDA and liger-kernel are present (`liger`, through SFTConfig.use_liger_kernel).
-Not supported yet: DeepSpeed, several processes — the config check refuses them before a job starts.
+DeepSpeed ZeRO 0-3 (+ CPU offload) from RUN_DIR/deepspeed.json, and several processes under torchrun (see
+`distributed`): every process trains, only global rank 0 writes metrics.jsonl and the final artifacts.
 
 Read top to bottom: setup() builds tokenizer → data → model → trainer; train(); save().
 """
@@ -29,6 +30,7 @@ from trl import SFTConfig, SFTTrainer
 
 from lmtuner_core.config import TrainConfig
 from lmtuner_core.data import has_generation_markers, load_examples, split_eval, tokenize_examples
+from lmtuner_core.distributed import DEEPSPEED_FILE
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.methods import METHODS
 from lmtuner_core.model_setup import (
@@ -42,7 +44,7 @@ from lmtuner_core.model_setup import (
 from lmtuner_core.paths import AllowedRoots, RunDir
 from lmtuner_core.rope import recorded_positions
 from lmtuner_core.tiny_model import CHAT_TEMPLATE
-from lmtuner_core.train import StateFile
+from lmtuner_core.train import StateFile, process_rank
 from lmtuner_core.xpos import xpos_parameters
 
 # TrainConfig.optimizer -> the Trainer's `optim` name.
@@ -74,6 +76,8 @@ class ProgressWriter(TrainerCallback):
             force=False, step=state.global_step, epoch=round(state.epoch or 0, 4),
             train_seconds=round(time.monotonic() - self.started, 2),
         )  # fmt: skip
+        if args.world_size > 1:
+            self._agree_on_stop(args)
         if self.stop.is_set():
             if not control.should_training_stop:
                 print(f"[lmtuner] stop requested: saving a checkpoint at step {state.global_step}", flush=True)
@@ -82,7 +86,19 @@ class ProgressWriter(TrainerCallback):
             control.should_training_stop = True
             control.should_save = True  # what is learned so far survives as a resumable checkpoint
 
+    def _agree_on_stop(self, args) -> None:
+        """Processes get SIGTERM a moment apart: all stop at the same step (the first one that any process saw
+        the request), or the others would wait forever in the next step's collective."""
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.stop.is_set() else 0.0], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            self.stop.set()
+
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:
+            return  # one metrics.jsonl per job, written by global rank 0
         logs = logs or {}
         now = time.monotonic()
         record: dict = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "time": round(time.time(), 2)}
@@ -202,6 +218,10 @@ class SFTRecipe:
     def _setup_trainer(self) -> None:
         config = self.config
         has_eval = self.eval_dataset is not None
+        deepspeed_file = self.run.root / DEEPSPEED_FILE
+        deepspeed = str(deepspeed_file) if config.deepspeed is not None else None
+        if deepspeed is not None and not deepspeed_file.is_file():
+            raise LmtunerError(f"deepspeed: {deepspeed_file} is missing; start the job again", field="deepspeed")
         args = SFTConfig(
             output_dir=str(self.run.checkpoints),
             per_device_train_batch_size=config.batch_size,
@@ -224,7 +244,11 @@ class SFTRecipe:
             seed=config.seed,
             bf16=self.precision == "bf16",
             fp16=self.precision == "fp16",
-            use_cpu=not torch.cuda.is_available(),
+            # With DeepSpeed the accelerator is chosen by DeepSpeed (DS_ACCELERATOR=cpu), not by use_cpu.
+            use_cpu=not torch.cuda.is_available() and deepspeed is None,
+            deepspeed=deepspeed,
+            # gloo for several processes on the CPU; naming a backend for one process would start a process group.
+            ddp_backend="gloo" if not torch.cuda.is_available() and process_rank()[2] > 1 else None,
             gradient_checkpointing=config.gradient_checkpointing,
             use_liger_kernel=self.liger,
             report_to=config.report_to or "none",
@@ -260,7 +284,9 @@ class SFTRecipe:
         self.state.update(phase="saving")
         output = Path(self.config.output_dir or self.run.default_output)
         output.mkdir(parents=True, exist_ok=True)
-        self.trainer.save_model(str(output))
+        self.trainer.save_model(str(output))  # every process: ZeRO-3 gathers the partitioned weights
+        if not self.trainer.is_world_process_zero():
+            return
         self.tokenizer.save_pretrained(str(output))
         artifact = {
             "base_model": self.config.model,

@@ -6,6 +6,7 @@ RUN_DIR/state.json — completed, cancelled, or failed with a reason a person ca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,16 +20,25 @@ from lmtuner_core.errors import LmtunerError
 from lmtuner_core.paths import RunDir
 
 
-class StateFile:
-    """RUN_DIR/state.json, replaced atomically so a reader never sees half a file."""
+def process_rank() -> tuple[int, int, int]:
+    """(global rank, local rank, world size) as torchrun sets them; (0, 0, 1) for a single process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
-    def __init__(self, run: RunDir):
+
+class StateFile:
+    """RUN_DIR/state.json, replaced atomically so a reader never sees half a file. With several processes only
+    the first process of each node writes it (enabled=False elsewhere: the values are kept, not written)."""
+
+    def __init__(self, run: RunDir, enabled: bool = True):
         self.run = run
+        self.enabled = enabled
         self.data: dict = {"status": "running", "phase": "starting", "step": 0, "pid": os.getpid()}
         self._last_write = 0.0
 
     def update(self, *, force: bool = True, **values) -> None:
         self.data.update(values)
+        if not self.enabled:
+            return
         now = time.monotonic()
         if not force and now - self._last_write < 0.5:
             return
@@ -70,6 +80,28 @@ def explain(exc: BaseException) -> str:
     return text
 
 
+def die_with_launcher() -> None:
+    """Under torchrun each worker is in its own session, so a SIGKILL to the job's process group (a cancel
+    past its grace) reaches the launcher only: ask Linux to kill this worker when its parent dies.
+    Hand-written with ctypes (prctl PR_SET_PDEATHSIG): no library we use exposes it."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def record_failure(run: RunDir, rank: int, error: str) -> None:
+    """A process other than the one writing state.json leaves its reason for the supervisor to report."""
+    with contextlib.suppress(OSError):
+        (run.root / f"failure-rank-{rank}.json").write_text(
+            json.dumps({"rank": rank, "error": error}), encoding="utf-8"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -77,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run = RunDir(Path(argv[0]).resolve())
     stop = install_stop_handler()
-    state = StateFile(run)
+    die_with_launcher()
+    rank, local_rank, world_size = process_rank()
+    state = StateFile(run, enabled=local_rank == 0)
     state.update(phase="loading libraries")
     try:
         from lmtuner_core.config import TrainConfig
@@ -92,12 +126,17 @@ def main(argv: list[str] | None = None) -> int:
             print("[lmtuner] cancelled; checkpoint saved", flush=True)
             return 0
         recipe.save()
-        state.update(status="completed", phase=None, output_dir=config.output_dir)
-        print(f"[lmtuner] completed; output in {config.output_dir}", flush=True)
+        if rank == 0:
+            state.update(status="completed", phase=None, output_dir=config.output_dir)
+            print(f"[lmtuner] completed; output in {config.output_dir}", flush=True)
+        else:  # another node's first process: the model and metrics are written by node 0's job
+            state.update(status="completed", phase=None, note="the output is written by the job of node rank 0")
         return 0
     except LmtunerError as exc:
         print(f"[lmtuner] failed: {exc}", flush=True)
         state.update(status="failed", error=str(exc))
+        if world_size > 1:
+            record_failure(run, rank, str(exc))
         return 1
     except BaseException as exc:
         if stop.is_set():
@@ -105,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         traceback.print_exc()
         state.update(status="failed", error=explain(exc))
+        if world_size > 1:
+            record_failure(run, rank, explain(exc))
         return 1
 
 
