@@ -184,6 +184,8 @@ def generate_with_server(
         reply = _chat_completion(url, body, timeout)
         choice = reply["choices"][0]
         tokens = int(reply.get("usage", {}).get("completion_tokens") or 0)
+        if choice.get("finish_reason") == "stop" and not isinstance(choice.get("stop_reason"), str) and tokens:
+            tokens -= 1  # vLLM counts the end token; the transformers engine (and GeneratedText.tokens) does not
         if progress:
             with done_lock:
                 done += 1
