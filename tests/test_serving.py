@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 import urllib.request
@@ -23,6 +24,7 @@ from lmtuner_core.config import parse_train_config
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.paths import AllowedRoots
 from lmtuner_core.sample_data import write_demo_dataset
+from lmtuner_core.servers_store import ServerStore
 from lmtuner_core.serving import LORA_RANKS, build_command, max_lora_rank
 from server.app import build_server
 from tests.helpers import call_ok, quick_config
@@ -89,6 +91,20 @@ def test_bad_requests_are_refused_before_anything_starts(work, tiny_model, monke
     with pytest.raises(LmtunerError, match="engine: 'vllm' needs a running server"):
         inference.generate(ctx, str(tiny_model), prompts=["hi"], engine="vllm")
     assert serving.list_servers(ctx).servers == []  # nothing was recorded for the refused requests
+
+
+def test_a_server_whose_process_died_is_listed_as_failed(tmp_path):
+    ctx = ToolContext(home=tmp_path, roots=AllowedRoots([tmp_path]))
+    store = ServerStore(tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    store.create(server_id="srv-20260101-000000-0001", host="127.0.0.1", port=1, model="/m", served_model_name="m",
+                 adapters={}, python=sys.executable, log_path=tmp_path / "server.log")  # fmt: skip
+    store.update("srv-20260101-000000-0001", status="running", pid=gone.pid, pid_started_at=time.time() - 5)
+    (listed,) = serving.list_servers(ctx).servers
+    assert listed.status == "failed" and "ended without stop_serving" in listed.error
+    assert serving.list_servers(ctx, "running").servers == []
+    assert serving.stop_serving(ctx, listed.server_id).status == "failed"  # nothing left to stop; record kept
 
 
 @pytest.fixture(scope="module")
