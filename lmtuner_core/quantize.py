@@ -205,8 +205,8 @@ def quantize(
                            field="output_dir")  # fmt: skip
     python = None
     if method == "gptq-w4a16":  # refuse before any slow work
-        python = gptq_python()
         group_size = pick_group_size(model_ref, group_size)
+        python = gptq_python()
     steps = 3 + (adapter is not None)
 
     def report(step: int, message: str) -> None:
