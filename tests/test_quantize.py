@@ -47,7 +47,7 @@ def work(tiny_model, tmp_path_factory):
     data = write_demo_dataset(folder / "demo.jsonl", n=64)
     (folder / "home").mkdir()
     ctx = ToolContext(home=folder / "home", roots=AllowedRoots([folder, tiny_model]))
-    job = training.start_training(ctx, parse_train_config(quick_config(tiny_model, data, max_steps=30)))
+    job = training.start_training(ctx, parse_train_config(quick_config(tiny_model, data, max_steps=12)))
     while (status := training.job_status(ctx, job.job_id, wait_seconds=10)).status == "running":
         time.sleep(0.1)
     assert status.status == "completed", status.error
