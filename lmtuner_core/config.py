@@ -190,6 +190,17 @@ class TrainConfig(StrictModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, ~30% slower."
     )
+    packing: bool = Field(
+        True,
+        description="Pack several rows into each max_seq_len sequence (best fit), position ids restarting per row so "
+        "rows never attend to each other: the same trained tokens with little padding, in fewer steps (batch_size "
+        "then counts packs). Example: true; false for one row per sequence.",
+    )
+    group_by_length: bool = Field(
+        True,
+        description="With packing off: batch rows of similar length together so less padding is computed "
+        "(order stays random between batches). Example: true.",
+    )
     liger: bool | Literal["auto"] = Field(
         "auto",
         description="Liger Triton kernels (fused RMSNorm, RoPE, SwiGLU, cross-entropy: less memory, faster). 'auto' = "

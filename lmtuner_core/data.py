@@ -581,3 +581,70 @@ def tokenize_examples(examples: list[dict], tokenizer: Any, *, assistant_only: b
         native = has_generation_markers(tokenizer)
         rows = [tokenize_chat(e, tokenizer, assistant_only, native) for e in examples]
     return datasets.Dataset.from_list(rows)
+
+
+# ---------------------------------------------------------------------------------------------- fitting and packing
+
+
+def fit_to_length(dataset: Any, max_len: int) -> tuple[Any, int, int]:
+    """Cuts rows to `max_len` tokens (keeping the start) and drops rows left with nothing to learn.
+
+    Done once here rather than in TRL, so packed and unpacked training see exactly the same rows and tokens: TRL
+    drops fully masked rows only when it does not pack. Returns (dataset, rows cut, rows dropped).
+    """
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    cut = sum(n > max_len for n in lengths)
+    if "assistant_masks" in dataset.column_names:
+        # Position 0 is never predicted (the model shifts labels by one): a row learns only from positions 1..
+        keep = [i for i, mask in enumerate(dataset["assistant_masks"]) if any(mask[1:max_len])]
+    else:
+        keep = [i for i, n in enumerate(lengths) if n > 1]
+    dropped = len(lengths) - len(keep)
+    if dropped:
+        dataset = dataset.select(keep)
+    if cut:
+        columns = [c for c in ("input_ids", "assistant_masks") if c in dataset.column_names]
+        dataset = dataset.map(lambda row: {c: row[c][:max_len] for c in columns})
+    return dataset, cut, dropped
+
+
+def trained_token_count(dataset: Any) -> int:
+    """Tokens the loss is taken on in one epoch of unpacked rows: masked-in positions after the first of each row."""
+    if "assistant_masks" in dataset.column_names:
+        return sum(sum(mask[1:]) for mask in dataset["assistant_masks"])
+    return sum(max(0, len(ids) - 1) for ids in dataset["input_ids"])
+
+
+class PackedRowsCollator:
+    """Batches packed rows (TRL's best-fit-decreasing packs, with a `seq_lengths` column) for SDPA and eager attention.
+
+    Hand-written: TRL's padding-free collator flattens the whole batch into one sequence of batch × max_len tokens,
+    which under SDPA builds one dense (batch·max_len)² mask and spends attention compute across packs. Here each pack
+    stays its own row, padded to the longest pack in the batch; position ids restart at 0 for every packed row and
+    no attention_mask is passed, so transformers' masking_utils derives a block-diagonal causal mask from the
+    position ids (`find_packed_sequence_indices`): a packed row never attends to another. Labels are -100 at each
+    row's first position (so no row learns to predict another's first token) and on the padding.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        width = max(len(e["input_ids"]) for e in examples)
+        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), -100, dtype=torch.long)
+        # Padding gets position 0 at every slot: each pad token is then a sequence of its own, seen by nothing.
+        position_ids = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, example in enumerate(examples):
+            ids = torch.as_tensor(example["input_ids"], dtype=torch.long)
+            input_ids[row, : len(ids)] = ids
+            labels[row, : len(ids)] = torch.as_tensor(example.get("labels", example["input_ids"]), dtype=torch.long)
+            lengths = example.get("seq_lengths") or [len(ids)]
+            start = 0
+            for length in lengths:
+                position_ids[row, start : start + length] = torch.arange(length)
+                start += length
+        labels[position_ids == 0] = -100
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}

@@ -29,7 +29,14 @@ from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from lmtuner_core.config import TrainConfig
-from lmtuner_core.data import has_generation_markers, load_examples, split_eval, tokenize_examples
+from lmtuner_core.data import (
+    PackedRowsCollator,
+    fit_to_length,
+    has_generation_markers,
+    load_examples,
+    split_eval,
+    tokenize_examples,
+)
 from lmtuner_core.distributed import DEEPSPEED_FILE
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.methods import METHODS
@@ -49,6 +56,9 @@ from lmtuner_core.xpos import xpos_parameters
 
 # TrainConfig.optimizer -> the Trainer's `optim` name.
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit"}
+# Attention implementations that build a block-diagonal mask from restarting position ids (transformers'
+# masking_utils for sdpa/eager, cu_seq_lens for flash); others (remote code, xPos) train unpacked.
+PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 
 class ProgressWriter(TrainerCallback):
@@ -176,8 +186,19 @@ class SFTRecipe:
         self.eval_dataset = (
             tokenize_examples(eval_rows, self.tokenizer, assistant_only=assistant_only) if eval_rows else None
         )
-        lengths = self.train_dataset["input_ids"]
-        truncated = sum(len(ids) > self.config.max_seq_len for ids in lengths)
+        # Cut and drop once, here, so packed and unpacked runs train on exactly the same rows and tokens.
+        self.train_dataset, truncated, emptied = fit_to_length(self.train_dataset, self.config.max_seq_len)
+        if self.eval_dataset is not None:
+            self.eval_dataset = fit_to_length(self.eval_dataset, self.config.max_seq_len)[0]
+        if emptied:
+            print(
+                f"[lmtuner] {emptied} rows left out: nothing to learn within {self.config.max_seq_len} tokens",
+                flush=True,
+            )
+        if len(self.train_dataset) == 0:
+            raise LmtunerError(
+                "max_seq_len: no row has a token to learn from within it; raise max_seq_len", field="max_seq_len"
+            )
         how = "generation markers" if has_generation_markers(self.tokenizer) else "prefix rendering"
         print(
             f"[lmtuner] data: {loaded.format} from {loaded.source.label}; {len(train_rows)} train rows, "
@@ -253,7 +274,10 @@ class SFTRecipe:
             use_liger_kernel=self.liger,
             report_to=config.report_to or "none",
             max_length=config.max_seq_len,
-            packing=False,
+            packing=self.packing,
+            packing_strategy="bfd",  # best fit decreasing: whole rows, a row longer than max_length is cut
+            # Packing off: rows of similar length share a batch, so less padding is computed.
+            train_sampling_strategy="group_by_length" if config.group_by_length and not self.packing else "random",
             include_num_input_tokens_seen="non_padding",
             optim=METHOD_OPTIMIZERS.get(config.method, OPTIMIZERS[config.optimizer]),
             disable_tqdm=True,
@@ -269,6 +293,15 @@ class SFTRecipe:
             callbacks=[ProgressWriter(self.run, self.state, self.stop)],
         )
         self.trainer.remove_callback(PrinterCallback)  # ProgressWriter logs each step as one JSON line
+        if self.packing:
+            # TRL's padding-free collator would flatten the batch into one batch × max_length row (see data.py).
+            self.trainer.data_collator = PackedRowsCollator(self.tokenizer.pad_token_id)
+
+    @property
+    def packing(self) -> bool:
+        """Packing where it is exact: attention that reads packed rows from position ids (SDPA, eager, flash)."""
+        attention = getattr(self.model.config, "_attn_implementation", None)
+        return self.config.packing and not self.config.trust_remote_code and attention in PACKING_ATTENTION
 
     # -------------------------------------------------------------------------------------------- train / save
 
