@@ -23,6 +23,18 @@ def _lower_priority() -> None:
     os.nice(TRAINING_NICENESS)
 
 
+def _launcher_setup() -> None:
+    """For torchrun: lower priority, and die with this supervisor (prctl PR_SET_PDEATHSIG, hand-written with
+    ctypes: no stdlib call exposes it), since the launcher runs in its own session (see main)."""
+    _lower_priority()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -32,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     command, env = training_command(run_dir)
     # Slightly lower CPU priority for training: under contention the server's answers stay prompt, and with
     # the CPU otherwise idle (or the work on a GPU) training loses nothing.
-    child = subprocess.Popen(command, env=env, preexec_fn=_lower_priority)
+    if command[2] == "torch.distributed.run":
+        # torchrun in its own session: a cancel's SIGTERM to our process group then reaches it once, through
+        # forward() (a second one would cut its graceful stop of the workers short); it passes it on to each
+        # worker, which saves a checkpoint. A SIGKILL to our group kills us, then it, then its workers.
+        child = subprocess.Popen(command, env=env, preexec_fn=_launcher_setup, start_new_session=True)
+    else:
+        child = subprocess.Popen(command, env=env, preexec_fn=_lower_priority)
     signalled = []
 
     def forward(signum, _frame):
