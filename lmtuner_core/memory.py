@@ -26,8 +26,14 @@ LOAD_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes per weight as loaded, an
 NF4_BITS = 4 + 0.127  # QLoRA paper: 4-bit NF4 plus 0.127 bits/param of double-quantized block constants
 LORA_BYTES = 4  # adapters (and DoRA magnitudes) are kept in fp32 for stable updates
 CUDA_CONTEXT_GIB = 0.75  # CUDA context, cuBLAS workspaces and kernels: present before any tensor
-CPU_BASE_GIB = 0.3  # Python, torch and the tokenizer when training on CPU / without CUDA
+CPU_PROCESS_GIB = 0.42  # measured: RSS of a process that imported torch, transformers, peft, bitsandbytes (421 MiB)
+CPU_RUNTIME_GIB = 0.03  # measured on the tiny model: thread pools, lazy imports and kernel caches of the 1st step
 FRAGMENTATION = 0.10  # the caching allocator rarely packs tensors tightly: ~10% of what they need
+
+
+def cpu_process_bytes() -> float:
+    """What a training process holds on the CPU before it loads a model: Python and its imported libraries."""
+    return CPU_PROCESS_GIB * GIB
 
 
 class ModelShape(BaseModel):
@@ -57,7 +63,9 @@ class MemoryEstimate(BaseModel):
     optimizer_gib: float
     activations_gib: float
     logits_gib: float
-    overhead_gib: float
+    overhead_gib: float  # runtime_gib + allocator_gib
+    runtime_gib: float = 0.0  # fixed: the CUDA context, or the CPU process with its imports and thread pools
+    allocator_gib: float = 0.0  # held by the allocator beyond live tensors: CUDA fragmentation, glibc's free lists
     cpu_offload_gib: float  # optimizer states / weights moved to CPU RAM, all ranks together
     trainable_params: int
     total_params: int  # the base model plus any adapter
@@ -271,6 +279,68 @@ def _adapted(shape: ModelShape, targets: str | list[str]) -> list[_Linear]:
     return [x for x in linears if any(matches(x, t) for t in names)]
 
 
+def _linear_input(layer: _Linear) -> str:
+    """Which tensor a block linear reads: q, k and v (and gate and up) share one input."""
+    if layer.name.endswith(("q_proj", "k_proj", "v_proj", "c_attn")):
+        return "attn_in"
+    if layer.name.endswith(("gate_proj", "up_proj", "c_fc")):
+        return "mlp_in"
+    return "attn_out" if layer.name.startswith(("self_attn.", "attn.")) else "mlp_mid"
+
+
+def _activation_bytes_per_token(
+    shape: ModelShape,
+    load: int,
+    base_trains: bool,
+    adapted: list[_Linear],
+    lora_r: int,
+    lora_dropout: float,
+    on_gpu: bool,
+) -> float:
+    """Bytes one block keeps for backward per token, as HF's Llama block and PEFT's LoRA layers save them: counted
+    with torch.autograd.graph.saved_tensors_hooks on CPU in fp32 and under bf16 autocast (tests/test_memory.py
+    checks it against the tiny model). `load` is the compute dtype's size (2 under autocast)."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    q_dim, kv_dim = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    # Each norm keeps its input in fp32 (RMSNorm upcasts: 4 bytes × h; in fp32 it is the input itself), and,
+    # only when its weight trains, the normalized input it multiplies that weight with.
+    norm = 4 * h + (load * h if base_trains else 0)
+    if _is_gpt2(shape):
+        # Derived from the code, not measured: fused q, k, v and SDPA's output (4h), GELU's input (i), and the
+        # two residual dropouts' masks.
+        core = 2 * norm + load * (4 * h + i) + 2 * h * (1 if on_gpu else 4)
+    else:
+        # SDPA (flash / memory-efficient) keeps q, k, v after RoPE and its output, which is o_proj's input; no
+        # seq × seq matrix, only a per-row logsumexp. SwiGLU keeps gate (SiLU's input), silu(gate) and up.
+        core = 2 * norm + load * (2 * q_dim + 2 * kv_dim) + load * 3 * i
+    sizes = {"attn_in": h, "attn_out": q_dim, "mlp_in": h, "mlp_mid": i}
+    # A linear keeps its input only when its own weight trains (a frozen F.linear keeps just the weight). CUDA's
+    # fused dropout keeps a 1-byte mask; the CPU kernel multiplies by a noise tensor of the input's dtype (fp32).
+    mask = 1 if on_gpu else 4
+    extra = 0
+    for name, size in sizes.items():
+        readers = [x for x in adapted if _linear_input(x) == name]
+        # One shared copy: a training base linear's input, or (fp32, no dropout) the input lora_A reads as is.
+        # SDPA's output is o_proj's input and is already in `core`.
+        if name != "attn_out" and (base_trains or (readers and not lora_dropout and load == 4)):
+            extra += load * size
+        for _ in readers:
+            # LoRA: lora_B keeps lora_A's r-wide output. Each adapted layer has its own dropout (a mask and its
+            # output); adapters are fp32, so a 16-bit input is cast up by PEFT and back down by autocast for the
+            # matmul, which keeps that 16-bit copy, one per adapted layer.
+            extra += load * lora_r
+            if lora_dropout:
+                extra += size * (mask + load)
+            elif load < 4:
+                extra += size * load
+    return core + extra
+
+
+def _glibc_retained(activations: float, tokens: int, shape: ModelShape, load: int) -> float:
+    """Bytes glibc malloc keeps resident after torch frees them, in a CPU training process (placeholder)."""
+    return 0.0
+
+
 def _check(name: str, value: object, allowed: Collection[object]) -> None:
     if value not in allowed:
         raise LmtunerError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}", field=name)
@@ -285,6 +355,7 @@ def estimate_memory(
     seq_len: int,
     lora_r: int = 16,
     lora_targets: str | list[str] = "all-linear",
+    lora_dropout: float = 0.05,
     gradient_checkpointing: bool = False,
     optimizer: str = "adamw",
     num_gpus: int = 1,
@@ -310,7 +381,6 @@ def estimate_memory(
     m = MEMORY_BY_METHOD[method]
     notes: list[str] = []
     h, L, V = shape.hidden_size, shape.num_layers, shape.vocab_size
-    kv_dim = shape.num_kv_heads * shape.head_dim
     load = LOAD_BYTES[precision]  # bytes per frozen weight and per activation element (autocast compute dtype)
     total = shape.param_count
     linears = _block_linears(shape)
@@ -381,32 +451,38 @@ def estimate_memory(
         if optimizer != "adamw":
             notes.append(f"optimizer '{optimizer}' is ignored: adalomo brings its own")
     else:
-        # AdamW: m and v per trainable parameter in fp32 (8 bytes); 8-bit AdamW quantizes both (2 bytes).
-        # torch's AdamW on a pure-bf16 model keeps them in bf16 (4 bytes); counting fp32 is the safe upper bound
-        # and what DeepSpeed and mixed precision do.
-        optimizer_bytes = trainable * OPTIMIZER_BYTES[optimizer]
+        # AdamW: m and v per trainable parameter, in the parameter's dtype (torch creates them with zeros_like):
+        # fp32 adapters and fp16 masters 8 bytes, a pure-bf16 model 4; 8-bit AdamW quantizes both (2 bytes).
+        # DeepSpeed's ZeRO optimizer keeps an fp32 master copy and fp32 m, v of 16-bit weights (12 bytes).
+        per_param = OPTIMIZER_BYTES[optimizer] * trainable_bytes // 4 if optimizer == "adamw" else 2
+        if zero_stage and trainable_bytes < 4 and optimizer == "adamw":
+            per_param = 12
+        optimizer_bytes = trainable * per_param
     if m.fused == "lomo" and optimizer != "adamw":
         notes.append(f"optimizer '{optimizer}' is ignored: lomo updates with plain SGD inside backward")
 
-    # Activations saved for backward, per token per block, in elements of the compute dtype, with SDPA/flash
-    # attention (no seq × seq score matrix is kept, only a per-row logsumexp, negligible):
-    #   attention: norm input h + fp32 norm copy (HF RMSNorm upcasts: worth another h) + normed q/k/v input h
-    #              + q h + k, v 2·kv_dim + attention output (o_proj input) h              = 5h + 2·kv_dim
-    #   MLP:       norm input h + fp32 copy h + normed gate/up input h
-    #              + gate i + up i + silu(gate) i + silu(gate)·up (down input) i          = 3h + 4i
-    #   total (8h + 2·kv_dim + 4i) per token per block. GPT-2's MLP (fc, gelu) saves less; this is its upper
-    #   bound. LoRA adds dropout copies of each adapted input and r-sized intermediates: small next to these,
-    #   ignored.
-    per_token_block = 8 * h + 2 * kv_dim + 4 * shape.intermediate_size
+    # Activations saved for backward: counted tensor by tensor from what autograd keeps in HF's Llama block
+    # (see `_activation_bytes_per_token`).
+    base_trains = m.trains != "adapter"  # full / freeze / lomo train the block's own weights; adapters do not
+    adapted_linears = _adapted(shape, lora_targets) if m.trains == "adapter" else []
+    per_token_block = _activation_bytes_per_token(
+        shape, load, base_trains, adapted_linears, lora_r, lora_dropout, on_gpu
+    )
     tokens = batch_size * seq_len
+    # Outside the blocks: when every weight trains, the final norm keeps its fp32 input, its normalized input and
+    # its output (lm_head's input, needed for lm_head's gradient). With a frozen embedding (adapters, freeze) the
+    # final norm's fp32 input is offset by the first trained block's norm, whose input needs no gradient.
+    outer = (4 * h + 2 * load * h) if m.trains == "all" else 0
     if gradient_checkpointing:
         # Only each block's input (h per token) is kept; one block's activations are rebuilt at a time in backward.
-        activations = tokens * (layers_with_grad * h + per_token_block) * load
+        activations = tokens * (layers_with_grad * h * load + per_token_block + outer)
     else:
-        activations = tokens * layers_with_grad * per_token_block * load
+        activations = tokens * (layers_with_grad * per_token_block + outer)
 
-    # Logits: batch × seq × vocab in fp32 for the loss, plus their gradient of the same size (× 2).
-    logits = tokens * V * 4 * 2
+    # Logits: the loss upcasts them to fp32 and log-softmax keeps its fp32 output for backward; the backward of
+    # the loss then holds that output, the gradient arriving at it and the gradient it passes on, all
+    # batch × seq × vocab in fp32, at once (× 3; measured: a 128k vocabulary's peak grows by exactly 3 copies).
+    logits = tokens * V * 4 * 3
 
     # ZeRO: stage 1 shards optimizer states over the GPUs, stage 2 also gradients, stage 3 also weights.
     # Activations and logits belong to each GPU's own micro-batch and are not sharded.
@@ -427,9 +503,18 @@ def estimate_memory(
     if cpu:
         notes.append(f"{cpu / GIB:.1f} GiB of CPU RAM holds the offloaded states (all ranks together)")
 
-    # Overhead: the CUDA context (or the CPU process) plus ~10% allocator fragmentation on everything else.
+    # Overhead = a fixed runtime + what the allocator holds beyond the live tensors.
     held = weights_gpu + gradients_gpu + optimizer_gpu + activations + logits
-    overhead = (CUDA_CONTEXT_GIB if on_gpu else CPU_BASE_GIB) * GIB + FRAGMENTATION * held
+    if on_gpu:
+        # the CUDA context; PyTorch's caching allocator rounds and splits blocks: ~10% of what the tensors need
+        runtime, allocator = CUDA_CONTEXT_GIB * GIB, FRAGMENTATION * held
+    else:
+        # the process with its imports and the first step's pools; glibc malloc has no such slack once tensors
+        # are mmapped (RSS then follows the live tensors to within ~1%: bench/cpu_memory.py --malloc-fixed), but
+        # with its default, moving mmap threshold it keeps freed activation memory (see `_glibc_retained`)
+        runtime = cpu_process_bytes() + CPU_RUNTIME_GIB * GIB
+        allocator = _glibc_retained(activations, tokens, shape, load)
+    overhead = runtime + allocator
     per_gpu = held + overhead
 
     if logits > activations:
@@ -438,7 +523,7 @@ def estimate_memory(
             "a smaller batch_size or seq_len shrinks them"
         )
     if not gradient_checkpointing and activations > 0.3 * per_gpu:
-        saved = tokens * (layers_with_grad * h + per_token_block) * load
+        saved = tokens * (layers_with_grad * h * load + per_token_block + outer)
         notes.append(
             f"gradient_checkpointing would cut activations from {activations / GIB:.1f} to {saved / GIB:.1f} GiB"
         )
@@ -452,6 +537,8 @@ def estimate_memory(
         activations_gib=activations / GIB,
         logits_gib=logits / GIB,
         overhead_gib=overhead / GIB,
+        runtime_gib=runtime / GIB,
+        allocator_gib=allocator / GIB,
         cpu_offload_gib=cpu / GIB,
         trainable_params=trainable,
         total_params=total + adapter,

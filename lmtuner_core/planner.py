@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
-from lmtuner_core.config import DatasetSpec, TrainConfig
+from lmtuner_core.config import DatasetSpec, LoraSettings, TrainConfig
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.hardware import GpuInfo
 from lmtuner_core.memory import MemoryEstimate, ModelShape, estimate_memory
@@ -94,9 +94,21 @@ def _precision(hardware: HardwareSpec) -> str:
     return "bf16" if all(g.bf16_supported for g in hardware.gpus) else "fp16"
 
 
-def _estimate(shape: ModelShape, c: Candidate, precision: str, seq_len: int, gpus: int, on_gpu: bool) -> MemoryEstimate:
+def _estimate(
+    shape: ModelShape,
+    c: Candidate,
+    precision: str,
+    seq_len: int,
+    gpus: int,
+    on_gpu: bool,
+    config: TrainConfig | None = None,
+) -> MemoryEstimate:
+    """The memory of one candidate; `config` supplies the LoRA shape and freeze depth (default: TrainConfig's)."""
+    lora = config.lora if config else LoraSettings()
     return estimate_memory(
         shape, method=c.method, precision=precision, batch_size=c.batch_size, seq_len=seq_len,
+        lora_r=lora.r, lora_targets=lora.target_modules, lora_dropout=lora.dropout,
+        freeze_trainable_layers=config.freeze_trainable_layers if config else 2,
         gradient_checkpointing=c.gradient_checkpointing, optimizer=c.optimizer, num_gpus=max(1, gpus),
         zero_stage=c.zero_stage, offload_optimizer=c.offload_optimizer, offload_params=c.offload_params,
         on_gpu=on_gpu,
@@ -299,5 +311,5 @@ def check_fits(shape: ModelShape, config: TrainConfig, hardware: HardwareSpec) -
         bool(deepspeed and deepspeed.offload_params), config.optimizer,
     )  # fmt: skip
     precision = config.precision if config.precision != "auto" else _precision(hardware)
-    estimate = _estimate(shape, candidate, precision, config.max_seq_len, len(hardware.gpus), on_gpu)
+    estimate = _estimate(shape, candidate, precision, config.max_seq_len, len(hardware.gpus), on_gpu, config)
     return estimate.per_gpu_gib <= budget, _breakdown(estimate, budget)
