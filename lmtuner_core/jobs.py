@@ -223,6 +223,12 @@ def check_deepspeed(config: TrainConfig, roots: AllowedRoots):
             "deepspeed: the deepspeed package is not installed (pip install 'lmtuner[train]'); or remove deepspeed",
             field="deepspeed",
         )
+    if config.method in ("lomo", "adalomo"):
+        raise LmtunerError(
+            f"deepspeed: method {config.method!r} updates the weights inside the backward pass, which DeepSpeed's "
+            "ZeRO cannot shard; remove deepspeed, or use lora or full with deepspeed",
+            field="deepspeed",
+        )
     settings = config.deepspeed
     if settings is None or settings.config_file is None:
         return settings

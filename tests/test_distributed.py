@@ -165,6 +165,8 @@ def test_user_deepspeed_file_is_checked_and_copied(tiny_model, data, tmp_path, l
         dry_run=True,
     )
     assert record is None and checked.deepspeed.config_file == str(own)
+    with pytest.raises(LmtunerError, match="deepspeed: method 'lomo' updates the weights inside the backward"):
+        service.submit(parse_train_config(job_config(tiny_model, data, method="lomo", deepspeed={"stage": 2})))
     with pytest.raises(LmtunerError, match="processes_per_node: 3 processes but the job has"):
         from lmtuner_core.jobs import check_processes
 
