@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 import random
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -648,3 +650,56 @@ class PackedRowsCollator:
                 start += length
         labels[position_ids == 0] = -100
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+# ---------------------------------------------------------------------------------------------- tokenization cache
+
+_CACHE_VERSION = 1  # bump when tokenize_examples' output changes for the same inputs
+
+
+def tokenization_key(examples: list[dict], tokenizer: Any, assistant_only: bool) -> str:
+    """A digest of everything the tokenized rows depend on: the rows as read (file content, format, columns,
+    max_rows and the eval split all show up there), the tokenizer's vocabulary and rules, its special tokens, the
+    chat template and the loss masking. Nothing is keyed on file names or times, so a stale hit cannot happen."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    settings = {
+        "version": _CACHE_VERSION,
+        "class": type(tokenizer).__name__,
+        "special": {name: str(value) for name, value in sorted(tokenizer.special_tokens_map.items())},
+        "template": tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
+        "templates": tokenizer.chat_template if isinstance(tokenizer.chat_template, dict) else None,
+        "assistant_only": assistant_only,
+    }
+    for part in (json.dumps(settings, sort_keys=True), vocabulary, json.dumps(examples, sort_keys=True)):
+        digest.update(part.encode("utf-8"))
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def tokenize_cached(examples: list[dict], tokenizer: Any, cache_dir: Path | None, *, assistant_only: bool = True):
+    """tokenize_examples through an on-disk cache (datasets' Arrow format) under `cache_dir`; returns (dataset, hit).
+
+    Tokenizing with a chat template costs ~15 ms a row on a busy 2-core machine (15 s for alpaca_en_demo's 999 rows);
+    a later job, a resume or a retry on the same rows and tokenizer loads it in well under a second instead.
+    """
+    import datasets
+
+    if cache_dir is None or not examples:
+        return tokenize_examples(examples, tokenizer, assistant_only=assistant_only), False
+    target = cache_dir / tokenization_key(examples, tokenizer, assistant_only)
+    if (target / "dataset_info.json").is_file():
+        with contextlib.suppress(OSError, ValueError, FileNotFoundError):
+            return datasets.load_from_disk(str(target)), True
+    dataset = tokenize_examples(examples, tokenizer, assistant_only=assistant_only)
+    staging = cache_dir / f".{target.name}.{os.getpid()}.tmp"
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        dataset.save_to_disk(str(staging))
+        os.replace(staging, target)  # whole or not at all; a concurrent writer with the same key wrote the same rows
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # an unwritable cache only costs the next job the tokenizing time
+    return dataset, False

@@ -35,7 +35,7 @@ from lmtuner_core.data import (
     has_generation_markers,
     load_examples,
     split_eval,
-    tokenize_examples,
+    tokenize_cached,
 )
 from lmtuner_core.distributed import DEEPSPEED_FILE
 from lmtuner_core.errors import LmtunerError
@@ -48,7 +48,7 @@ from lmtuner_core.model_setup import (
     resolve_liger,
     resolve_precision,
 )
-from lmtuner_core.paths import AllowedRoots, RunDir
+from lmtuner_core.paths import AllowedRoots, RunDir, lmtuner_home
 from lmtuner_core.rope import recorded_positions
 from lmtuner_core.tiny_model import CHAT_TEMPLATE
 from lmtuner_core.train import StateFile, process_rank
@@ -182,9 +182,10 @@ class SFTRecipe:
         self.state.update(phase="tokenizing")
         started = time.monotonic()
         assistant_only = self.config.assistant_only_loss
-        self.train_dataset = tokenize_examples(train_rows, self.tokenizer, assistant_only=assistant_only)
+        cache = lmtuner_home() / "cache" / "tokenized"  # keyed by rows + tokenizer + template (data.py)
+        self.train_dataset, hit = tokenize_cached(train_rows, self.tokenizer, cache, assistant_only=assistant_only)
         self.eval_dataset = (
-            tokenize_examples(eval_rows, self.tokenizer, assistant_only=assistant_only) if eval_rows else None
+            tokenize_cached(eval_rows, self.tokenizer, cache, assistant_only=assistant_only)[0] if eval_rows else None
         )
         # Cut and drop once, here, so packed and unpacked runs train on exactly the same rows and tokens.
         self.train_dataset, truncated, emptied = fit_to_length(self.train_dataset, self.config.max_seq_len)
@@ -203,7 +204,7 @@ class SFTRecipe:
         print(
             f"[lmtuner] data: {loaded.format} from {loaded.source.label}; {len(train_rows)} train rows, "
             f"{len(eval_rows)} eval rows, {len(loaded.skipped)} skipped, {truncated} cut at {self.config.max_seq_len} "
-            f"tokens; tokenized in {time.monotonic() - started:.1f}s"
+            f"tokens; tokenized in {time.monotonic() - started:.1f}s{' (cached)' if hit else ''}"
             + (f"; assistant-only loss via {how}" if is_chat and assistant_only else ""),
             flush=True,
         )

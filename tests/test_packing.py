@@ -111,3 +111,24 @@ def test_job_with_packing_trains_same_tokens_in_fewer_steps(tiny_model, shared_d
         runs[packing] = {"steps": losses[-1]["step"], "tokens": losses[-1]["tokens_seen"]}
     assert runs[True]["tokens"] == runs[False]["tokens"] > 0  # real tokens: padding is never counted
     assert runs[True]["steps"] < runs[False]["steps"]
+
+
+def test_tokenization_is_cached_by_rows_tokenizer_and_template(tiny_model, shared_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    from lmtuner_core.config import DatasetSpec
+    from lmtuner_core.data import load_examples, tokenize_cached
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows = load_examples(DatasetSpec(path=str(shared_data / ALPACA), max_rows=20), AllowedRoots(None)).examples
+    cache = tmp_path / "cache"
+    first, hit_first = tokenize_cached(rows, tokenizer, cache)
+    again, hit_again = tokenize_cached(rows, tokenizer, cache)
+    assert (hit_first, hit_again) == (False, True)
+    assert again["input_ids"] == first["input_ids"] and again["assistant_masks"] == first["assistant_masks"]
+    # Anything the tokens depend on misses: other rows, the loss masking, the chat template.
+    assert not tokenize_cached(rows[:-1], tokenizer, cache)[1]
+    assert not tokenize_cached(rows, tokenizer, cache, assistant_only=False)[1]
+    tokenizer.chat_template = tokenizer.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    changed, hit = tokenize_cached(rows, tokenizer, cache)
+    assert not hit and changed["input_ids"] != first["input_ids"]
