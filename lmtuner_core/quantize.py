@@ -229,7 +229,7 @@ def quantize(
                                     Path(scratch), lambda message: report(step + 1, message))  # fmt: skip
                 extra = {
                     "format": "compressed-tensors",
-                    "loads_with": "vLLM (compressed-tensors W4A16), or transformers with compressed-tensors installed",
+                    "loads_with": "vLLM; transformers + compressed-tensors (generate, evaluate)",
                     "group_size": details["group_size"],
                     "calibration_samples": details["samples"],
                     "calibration_source": calibration_source or "built-in sample texts",
