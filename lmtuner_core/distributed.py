@@ -28,7 +28,8 @@ TRAIN_MODULE = "lmtuner_core.train"
 def deepspeed_config(settings: dict[str, Any], on_gpu: bool) -> dict[str, Any]:
     """The DeepSpeed JSON for a job's `deepspeed` settings. Values the Hugging Face integration fills from the
     TrainingArguments are left "auto" (batch sizes, gradient clipping, bf16/fp16 from the precision), so
-    the file never disagrees with the job's own settings; the Trainer's AdamW and schedule are used."""
+    the file never disagrees with the job's own settings. The Trainer's schedule is used, and its optimizer too
+    unless states are offloaded (then DeepSpeed's CPU AdamW, with the job's hyperparameters)."""
     stage = int(settings.get("stage", 2))
     zero: dict[str, Any] = {"stage": stage}
     pin = on_gpu  # pinned host memory only helps copies to a GPU; on a CPU-only machine it is wasted
