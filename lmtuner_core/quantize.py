@@ -320,16 +320,25 @@ def _run_gptq(
     final: dict = {}
     with log.open("wb") as stderr:
         # -I: isolated mode (no user site, no PYTHONPATH, no cwd on sys.path). Argument list, never a shell.
-        proc = subprocess.Popen([python, "-I", "-c", code, str(job)], stdout=subprocess.PIPE, stderr=stderr, env=env)
+        proc = subprocess.Popen(
+            [python, "-I", "-c", code, str(job)], stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=scratch
+        )  # cwd: any stray log folder lands in the scratch dir, not the server's working directory
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                continue  # a library printing to stdout; only our JSON lines matter
-            if "progress" in record:
-                report(record["progress"])
-            final = record
+        try:
+            for raw in proc.stdout:
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    continue
+                if not isinstance(record, dict):
+                    continue  # a library printing to stdout; only our JSON objects matter
+                if "progress" in record:
+                    report(record["progress"])
+                final = record
+        except BaseException:  # the caller went away (cancelled call, failed progress report): stop the child too
+            proc.kill()
+            proc.wait()
+            raise
         code_ = proc.wait()
     if "error" in final:
         raise LmtunerError(final["error"], field=final.get("field"))

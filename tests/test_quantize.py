@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -285,6 +286,10 @@ def test_bad_requests_are_refused_with_the_fix(tiny_model, work, tmp_path, monke
     assert "needs llm-compressor" in refused(method="gptq-w4a16") and "make gptq-venv" in refused(method="gptq-w4a16")
     monkeypatch.setenv(core.GPTQ_PYTHON_ENV, str(tmp_path / "missing-python"))
     assert "does not exist" in refused(method="gptq-w4a16")
+    # An interpreter without llm-compressor: the child's own error comes back, and no half-written folder stays.
+    monkeypatch.setenv(core.GPTQ_PYTHON_ENV, sys.executable)
+    failed = refused(method="gptq-w4a16")
+    assert "gptq-w4a16 failed" in failed and "No module named 'llmcompressor'" in failed
 
     async def over_mcp():
         async with mcp.Client(build_server(home=ctx.home, roots=[folder, tiny_model])) as client:
