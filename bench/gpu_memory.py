@@ -67,8 +67,9 @@ def build(shape_name: str, method: str, cuda: bool, workdir: Path):
         model.to("cuda" if cuda else "cpu")
     if method in ("lora", "qlora"):
         model = get_peft_model(
-            model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
-        )
+            model,
+            LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"),
+        )  # lmtuner's default LoRA: every linear layer, dropout 0.05
     return model
 
 
@@ -85,7 +86,8 @@ def measure(shape_name: str, method: str, seq: int, batch: int, steps: int, work
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):  # as the Trainer runs bf16
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -26,8 +26,9 @@ LOAD_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes per weight as loaded, an
 NF4_BITS = 4 + 0.127  # QLoRA paper: 4-bit NF4 plus 0.127 bits/param of double-quantized block constants
 LORA_BYTES = 4  # adapters (and DoRA magnitudes) are kept in fp32 for stable updates
 CUDA_CONTEXT_GIB = 0.75  # CUDA context, cuBLAS workspaces and kernels: present before any tensor
-CPU_PROCESS_GIB = 0.42  # measured: RSS of a process that imported torch, transformers, peft, bitsandbytes (421 MiB)
-CPU_RUNTIME_GIB = 0.03  # measured on the tiny model: thread pools, lazy imports and kernel caches of the 1st step
+CPU_PROCESS_GIB = 0.38  # measured: RSS of a process that imported torch, transformers, peft, bitsandbytes (391 MiB)
+CPU_RUNTIME_GIB = 0.014  # measured on the tiny model, mmap threshold pinned: the first step's pools and lazy imports
+GLIBC_MMAP_MAX = 32 * 2**20  # glibc's dynamic mmap threshold stops here (64-bit): bigger blocks are always mmapped
 FRAGMENTATION = 0.10  # the caching allocator rarely packs tensors tightly: ~10% of what they need
 
 
@@ -336,9 +337,17 @@ def _activation_bytes_per_token(
     return core + extra
 
 
-def _glibc_retained(activations: float, tokens: int, shape: ModelShape, load: int) -> float:
-    """Bytes glibc malloc keeps resident after torch frees them, in a CPU training process (placeholder)."""
-    return 0.0
+def _glibc_retained(activations: float, logits: float, tokens: int, shape: ModelShape) -> float:
+    """Bytes glibc malloc keeps resident after torch has freed them, in a CPU training process.
+
+    glibc serves a block from mmap (returned to the OS on free) only above its mmap threshold, and it raises that
+    threshold to the size of each mmapped block freed, up to 32 MiB. After the first step, every activation
+    tensor under that size comes from the heap, which is given back only from its top: the previous step's
+    freed activations stay resident beside the next step's. Measured (bench/cpu_memory.py, defaults vs a
+    pinned threshold): one step's activations and logits, when their tensors are under 32 MiB."""
+    widest = max(shape.hidden_size, shape.intermediate_size) * tokens * 4  # an MLP activation or a dropout mask
+    retained = activations if widest < GLIBC_MMAP_MAX else 0.0
+    return retained + (logits if tokens * shape.vocab_size * 4 < GLIBC_MMAP_MAX else 0.0)
 
 
 def _check(name: str, value: object, allowed: Collection[object]) -> None:
@@ -513,7 +522,7 @@ def estimate_memory(
         # are mmapped (RSS then follows the live tensors to within ~1%: bench/cpu_memory.py --malloc-fixed), but
         # with its default, moving mmap threshold it keeps freed activation memory (see `_glibc_retained`)
         runtime = cpu_process_bytes() + CPU_RUNTIME_GIB * GIB
-        allocator = _glibc_retained(activations, tokens, shape, load)
+        allocator = _glibc_retained(activations, logits, tokens, shape)
     overhead = runtime + allocator
     per_gpu = held + overhead
 
