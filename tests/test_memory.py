@@ -270,3 +270,29 @@ def test_activations_are_what_autograd_saves(tiny_model, method, precision):
     # The loss keeps log-softmax's fp32 output (tokens × vocab × 4), which the logits term counts.
     measured = sum(saved.values()) - batch * seq * shape.vocab_size * 4
     assert expected.activations_gib * GIB == pytest.approx(measured, rel=0.08)  # LoRA: +5% here, +1% at 26M
+
+
+def test_allocator_slack_cuda_fragmentation_and_glibc_retention():
+    gpu = estimate(method="lora")
+    held = gpu.weights_gib + gpu.gradients_gib + gpu.optimizer_gib + gpu.activations_gib + gpu.logits_gib
+    assert gpu.allocator_gib == pytest.approx(0.10 * held)
+    assert gpu.overhead_gib == pytest.approx(gpu.runtime_gib + gpu.allocator_gib)
+    # CPU: glibc keeps one step's freed activations while its tensors stay under its 32 MiB mmap ceiling...
+    small = {**QWEN_25_05B, "vocab_size": 1000}
+    short = estimate(small, method="lora", precision="fp32", seq_len=256, on_gpu=False)
+    assert short.allocator_gib == pytest.approx(short.activations_gib + short.logits_gib)
+    # ...and none of it once every activation tensor is big enough to be mmapped and handed back on free
+    long = estimate(small, method="lora", precision="fp32", seq_len=4096, batch_size=4, on_gpu=False)
+    assert long.allocator_gib == 0
+
+
+def test_lora_dropout_and_the_cpu_mask():
+    with_dropout = estimate(method="lora", precision="fp32")
+    without = estimate(method="lora", precision="fp32", lora_dropout=0.0)
+    # dropout: every adapted layer keeps its own dropped-out input and a mask (1 byte on CUDA, fp32 noise on CPU)
+    fan_in = 32 * 1024 * (4096 * 6 + 14336)  # q, k, v, o, gate, up read 4096 values; down reads 14336
+    assert (with_dropout.activations_gib - without.activations_gib) * GIB == pytest.approx(
+        fan_in * (4 + 1) - 32 * 1024 * (2 * 4096 + 14336) * 4  # fp32 without dropout: lora_A reads the shared input
+    )
+    on_cpu = estimate(method="lora", precision="fp32", on_gpu=False)
+    assert (on_cpu.activations_gib - with_dropout.activations_gib) * GIB == pytest.approx(fan_in * 3)
