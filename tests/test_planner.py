@@ -70,6 +70,9 @@ def test_scenario(name, workspace, lmtuner_home):
     config, memory = plan["config"], plan["memory"]
     assert dry["status"] == "dry_run" and dry["config"]["method"] == config["method"]
     assert plan["rationale"] and all(isinstance(line, str) and line for line in plan["rationale"])
+    assert plan["fits"] == (memory["per_gpu_gib"] <= memory["budget_gib"])  # fits means the estimate is in budget
+    terms = ("weights_gib", "gradients_gib", "optimizer_gib", "activations_gib", "logits_gib", "overhead_gib")
+    assert memory["per_gpu_gib"] == pytest.approx(sum(memory[t] for t in terms))  # every byte is in some term
     if name == "8b-on-24gb":
         assert plan["fits"] and config["method"] in ("lora", "qlora") and config["precision"] == "bf16"
         assert memory["per_gpu_gib"] <= memory["budget_gib"] < 24
@@ -82,7 +85,8 @@ def test_scenario(name, workspace, lmtuner_home):
         assert plan["fits"] and config["method"] == "full"
         assert config["batch_size"] * config["gradient_accumulation_steps"] * 8 >= 16
     elif name == "0.5b-on-cpu":
-        assert plan["fits"] and config["precision"] == "fp32"
+        assert plan["fits"] and config["precision"] == "fp32" and config["method"] == "lora"
+        assert memory["runtime_gib"] < 1 and memory["cpu_offload_gib"] == 0  # a CPU process, not a CUDA context
     elif name == "8b-target-context-4x":
         assert config["rope_scaling"] == {"type": "yarn", "factor": 4.0}
         assert any("YaRN" in line for line in plan["rationale"])
