@@ -53,7 +53,7 @@ def _load(model_ref: str, adapter: str | None):
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from lmtuner_core.rope import apply_recorded_rope
+    from lmtuner_core.rope import apply_recorded_rope, restore_xpos
     from lmtuner_core.tiny_model import CHAT_TEMPLATE
 
     transformers.utils.logging.disable_progress_bar()  # a server's stderr is a log, not a terminal
@@ -63,6 +63,8 @@ def _load(model_ref: str, adapter: str | None):
     config = AutoConfig.from_pretrained(model_ref)
     if adapter:
         apply_recorded_rope(config, adapter)
+    else:
+        restore_xpos(config)  # a full xPos model's config.json records it; plain transformers would drop it
     model = AutoModelForCausalLM.from_pretrained(model_ref, config=config, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(adapter or model_ref)  # a trained adapter saves its tokenizer
     if adapter:

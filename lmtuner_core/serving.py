@@ -39,6 +39,7 @@ from lmtuner_core.paths import AllowedRoots
 from lmtuner_core.processes import process_start_time
 from lmtuner_core.progress import tail_lines
 from lmtuner_core.servers_store import LIVE, ServerRecord, ServerStore
+from lmtuner_core.xpos import is_xpos_model
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 SERVER_ID = re.compile(r"^srv-[0-9]{8}-[0-9]{6}-[0-9a-f]{4}$")
@@ -316,6 +317,13 @@ class ServerService:
         model_ref = resolve_model(model, self.roots)
         model_dir = Path(model_ref) if Path(model_ref).is_absolute() else None
         resolved = self.resolve_adapters(adapters)
+        for path in ([model_dir] if model_dir else []) + [Path(p) for p in resolved.values()]:
+            if is_xpos_model(path):
+                raise LmtunerError(
+                    f"model: {path} was trained with xPos positions, which vLLM does not implement (it would answer "
+                    "with plain RoPE, wrongly); use generate with engine 'transformers' for it",
+                    field="model",
+                )
         try:
             ipaddress.ip_address(host)
         except ValueError:

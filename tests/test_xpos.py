@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from lmtuner_core import xpos
@@ -125,6 +125,21 @@ def test_a_saved_xpos_model_gets_xpos_back_from_our_loaders(tiny_model, tmp_path
 
     with pytest.raises(LmtunerError, match="already uses 'xpos'"):
         apply_rope_scaling(AutoConfig.from_pretrained(tmp_path / "full"), RopeScaling(type="linear", factor=2))
+
+
+def test_engines_keep_or_refuse_xpos_for_a_full_model(tiny_model, tmp_path):
+    from lmtuner_core.inference import _load
+    from lmtuner_core.paths import AllowedRoots
+    from lmtuner_core.serving import ServerService
+
+    xpos_model(tiny_model).save_pretrained(tmp_path / "full")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "full")
+    model, _ = _load(str(tmp_path / "full"), None)  # what generate/evaluate load
+    assert model.config._attn_implementation == xpos.ATTENTION_NAME
+    (tmp_path / "home").mkdir()
+    service = ServerService(tmp_path / "home", AllowedRoots([tmp_path]))
+    with pytest.raises(LmtunerError, match="xPos"):  # vLLM would silently use plain RoPE
+        service.start(str(tmp_path / "full"))
 
 
 def test_xpos_is_refused_for_attention_it_was_not_written_for():
