@@ -55,7 +55,8 @@ class ModelShape(BaseModel):
 
 
 class MemoryEstimate(BaseModel):
-    """Training memory by term; every `*_gib` but `total_gib` and `cpu_offload_gib` is per GPU."""
+    """Training memory by term; every `*_gib` but `total_gib` and `cpu_offload_gib` is per GPU. per_gpu_gib =
+    weights + gradients + optimizer + activations + logits + overhead - overlap."""
 
     total_gib: float  # per_gpu_gib × num_gpus: the GPU side only
     per_gpu_gib: float
@@ -67,6 +68,7 @@ class MemoryEstimate(BaseModel):
     overhead_gib: float  # runtime_gib + allocator_gib
     runtime_gib: float = 0.0  # fixed: the CUDA context, or the CPU process with its imports and thread pools
     allocator_gib: float = 0.0  # held by the allocator beyond live tensors: CUDA fragmentation, glibc's free lists
+    overlap_gib: float = 0.0  # gradients and activations never held at once (one micro-batch): not in per_gpu_gib
     cpu_offload_gib: float  # optimizer states / weights moved to CPU RAM, all ranks together
     trainable_params: int
     total_params: int  # the base model plus any adapter
@@ -344,7 +346,8 @@ def _glibc_retained(activations: float, logits: float, tokens: int, shape: Model
     threshold to the size of each mmapped block freed, up to 32 MiB. After the first step, every activation
     tensor under that size comes from the heap, which is given back only from its top: the previous step's
     freed activations stay resident beside the next step's. Measured (bench/cpu_memory.py, defaults vs a
-    pinned threshold): one step's activations and logits, when their tensors are under 32 MiB."""
+    pinned threshold): 0.5-0.9 of one step's activations and logits, depending on how allocations interleave;
+    this counts all of it (the safe side for a RAM budget), and nothing once the tensors reach 32 MiB."""
     widest = max(shape.hidden_size, shape.intermediate_size) * tokens * 4  # an MLP activation or a dropout mask
     retained = activations if widest < GLIBC_MMAP_MAX else 0.0
     return retained + (logits if tokens * shape.vocab_size * 4 < GLIBC_MMAP_MAX else 0.0)
@@ -365,6 +368,7 @@ def estimate_memory(
     lora_r: int = 16,
     lora_targets: str | list[str] = "all-linear",
     lora_dropout: float = 0.05,
+    gradient_accumulation_steps: int = 1,
     gradient_checkpointing: bool = False,
     optimizer: str = "adamw",
     num_gpus: int = 1,
@@ -379,7 +383,8 @@ def estimate_memory(
     _check("precision", precision, LOAD_BYTES)
     _check("optimizer", optimizer, OPTIMIZER_BYTES)
     _check("zero_stage", zero_stage, (0, 1, 2, 3))
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("lora_r", lora_r), ("num_gpus", num_gpus)):
+    counts = (("batch_size", batch_size), ("seq_len", seq_len), ("lora_r", lora_r), ("num_gpus", num_gpus))
+    for name, value in (*counts, ("gradient_accumulation_steps", gradient_accumulation_steps)):
         if value < 1:
             raise LmtunerError(f"{name}: {value} must be at least 1", field=name)
     if offload_params and zero_stage != 3:
@@ -512,8 +517,13 @@ def estimate_memory(
     if cpu:
         notes.append(f"{cpu / GIB:.1f} GiB of CPU RAM holds the offloaded states (all ranks together)")
 
+    # Gradients fill in as backward frees the activations: with one micro-batch per step (and `zero_grad` setting
+    # them to None) the peak is either at the start of backward (activations, logits, no gradients) or at its end
+    # (all gradients, no activations), never both. Measured: full fine-tuning of the 26M model peaks at weights +
+    # AdamW states + activations + logits, without the gradients. Accumulation keeps gradients across micro-batches.
+    overlap = min(gradients_gpu, activations + logits) if gradient_accumulation_steps == 1 else 0.0
     # Overhead = a fixed runtime + what the allocator holds beyond the live tensors.
-    held = weights_gpu + gradients_gpu + optimizer_gpu + activations + logits
+    held = weights_gpu + gradients_gpu + optimizer_gpu + activations + logits - overlap
     if on_gpu:
         # the CUDA context; PyTorch's caching allocator rounds and splits blocks: ~10% of what the tensors need
         runtime, allocator = CUDA_CONTEXT_GIB * GIB, FRAGMENTATION * held
@@ -547,6 +557,7 @@ def estimate_memory(
         logits_gib=logits / GIB,
         overhead_gib=overhead / GIB,
         runtime_gib=runtime / GIB,
+        overlap_gib=overlap / GIB,
         allocator_gib=allocator / GIB,
         cpu_offload_gib=cpu / GIB,
         trainable_params=trainable,

@@ -103,16 +103,24 @@ def _estimate(
     on_gpu: bool,
     config: TrainConfig | None = None,
 ) -> MemoryEstimate:
-    """The memory of one candidate; `config` supplies the LoRA shape and freeze depth (default: TrainConfig's)."""
+    """The memory of one candidate; `config` supplies the LoRA shape, freeze depth and accumulation (default:
+    TrainConfig's defaults and the planner's accumulation for this batch size)."""
     lora = config.lora if config else LoraSettings()
+    accumulation = config.gradient_accumulation_steps if config else _accumulation(c.batch_size, gpus)
     return estimate_memory(
         shape, method=c.method, precision=precision, batch_size=c.batch_size, seq_len=seq_len,
         lora_r=lora.r, lora_targets=lora.target_modules, lora_dropout=lora.dropout,
         freeze_trainable_layers=config.freeze_trainable_layers if config else 2,
+        gradient_accumulation_steps=accumulation,
         gradient_checkpointing=c.gradient_checkpointing, optimizer=c.optimizer, num_gpus=max(1, gpus),
         zero_stage=c.zero_stage, offload_optimizer=c.offload_optimizer, offload_params=c.offload_params,
         on_gpu=on_gpu,
     )  # fmt: skip
+
+
+def _accumulation(batch_size: int, gpus: int) -> int:
+    """Micro-batches per optimizer step for about TARGET_EFFECTIVE_BATCH rows per update."""
+    return max(1, math.ceil(TARGET_EFFECTIVE_BATCH / (batch_size * max(1, gpus))))
 
 
 def _candidates(method: str | None, gpus: int, params: int) -> list[Candidate]:
@@ -226,7 +234,7 @@ def propose(
                          "much less memory.")  # fmt: skip
     if candidate.zero_stage:
         rationale.append(f"DeepSpeed ZeRO-{candidate.zero_stage} shares the training state across the {gpus} GPUs.")
-    accumulation = max(1, math.ceil(TARGET_EFFECTIVE_BATCH / (candidate.batch_size * max(1, gpus))))
+    accumulation = _accumulation(candidate.batch_size, gpus)
     rationale.append(
         f"Batch {candidate.batch_size} per device x {accumulation} accumulation steps"
         + (f" x {gpus} GPUs" if gpus > 1 else "")
