@@ -305,6 +305,11 @@ class JobService:
                 "method: 'adalomo' needs a CUDA GPU (lomo-optim keeps its state on the GPU); use 'lomo' on the CPU",
                 field="method",
             )
+        if checked.liger is True and (devices == "cpu" or importlib.util.find_spec("liger_kernel") is None):
+            why = "a CPU job (Triton has no CPU driver)" if devices == "cpu" else "liger-kernel is not installed"
+            raise LmtunerError(
+                f"liger: true cannot run for {why}; use 'auto' (on where it can run) or false", field="liger"
+            )
         if dry_run:
             return None, checked, warnings
         try:

@@ -161,3 +161,13 @@ def test_liger_is_off_on_the_cpu_unless_asked_for_and_then_refused():
         resolve_liger(True)
     with pytest.raises(LmtunerError, match="liger"):
         parse_train_config({"model": "m", "dataset": "d.jsonl", "liger": "sometimes"})
+
+
+def test_liger_true_on_the_cpu_is_refused_before_a_job_starts(tiny_model, tmp_path, lmtuner_home):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU behaviour")
+    data = write_demo_dataset(tmp_path / "demo.jsonl", n=8)
+    ctx = ToolContext(home=lmtuner_home, roots=AllowedRoots([tmp_path, tiny_model]))
+    with pytest.raises(LmtunerError, match=r"liger: true cannot run for a CPU job .*use 'auto'"):
+        training.start_training(ctx, parse_train_config(quick_config(tiny_model, data, liger=True)))
+    assert not any((lmtuner_home / "runs").iterdir())  # no run folder, no process
