@@ -234,6 +234,19 @@ def run_child(name: str, spec: dict, python: str) -> dict | None:
 # ------------------------------------------------------------------------------------------------- main
 
 
+def reference_tokens(args, model: Path, rows_path: Path) -> int:
+    """Real tokens of one epoch over the rows, cut at max length, as plain and lmtuner train them."""
+    sys.path.insert(0, str(REPO))
+    from transformers import AutoTokenizer
+
+    from lmtuner_core.data import ALPACA_COLUMNS, alpaca_to_example, fit_to_length, tokenize_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    examples = [alpaca_to_example(r, ALPACA_COLUMNS) for r in json.loads(rows_path.read_text())]
+    dataset = fit_to_length(tokenize_examples(examples, tokenizer), args.max_len)[0]
+    return sum(len(ids) for ids in dataset["input_ids"])
+
+
 def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
     summary = {}
     for name, runs in results.items():
@@ -303,6 +316,12 @@ def main() -> int:
             result = run_child(name, spec, python)
             if result is None:
                 continue
+            if name == "llamafactory":
+                # LLaMA-Factory's packing (without neat_packing) marks its pack padding as attended, so its
+                # non-padding count is every position; the real tokens are those of the same rows, as counted
+                # in the plain run (its chatml template has no bos: one token a row fewer, 0.3% here).
+                result["positions"] = result["real_tokens"]
+                result["real_tokens"] = reference_tokens(args, model, rows_path)
             results[name].append(result)
             print(
                 f"  round {round_ + 1} {name:12s} {result['real_tokens']:7d} real tokens in {result['seconds']:6.1f} s "
