@@ -1,6 +1,7 @@
 """Estimated vs measured training memory on the CPU (issue #3): peak RSS of a training process minus its RSS
-after imports, against lmtuner's estimate without the process's fixed import cost, for full, LoRA and QLoRA on
-the tiny model and a ~26M-parameter Llama. Each case runs in its own process so peaks do not mix.
+just before it loads the model (imports done, the random model it wrote for loading freed and trimmed), against
+lmtuner's estimate without the process's fixed import cost, for full, LoRA and QLoRA on the tiny model and a
+~26M-parameter Llama. Each case runs in its own process so peaks do not mix. Results: docs/MEMORY.md.
 
 The child trains as lmtuner's training child does on a CPU: fp32, SDPA attention, LoRA r=16 on every linear
 layer with dropout 0.05, torch AdamW. `--malloc-fixed` pins glibc's mmap threshold (MALLOC_MMAP_THRESHOLD_) so
