@@ -73,6 +73,10 @@ def test_annotations_mark_reading_and_destroying(lmtuner_home):
     assert tools["list_jobs"].annotations.read_only_hint is True
     assert tools["start_training"].annotations.read_only_hint is False
     assert tools["cancel_job"].annotations.destructive_hint is True
+    assert tools["list_servers"].annotations.read_only_hint is True
+    assert tools["serve_model"].annotations.read_only_hint is False
+    assert tools["quantize"].annotations.read_only_hint is False
+    assert tools["stop_serving"].annotations.destructive_hint is True
 
 
 def test_read_only_mode_exposes_only_tools_that_change_nothing(lmtuner_home):
