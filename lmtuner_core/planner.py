@@ -263,9 +263,6 @@ def propose(
             "stage": candidate.zero_stage, "offload_optimizer": candidate.offload_optimizer,
             "offload_params": candidate.offload_params,
         }  # fmt: skip
-        warnings.append(
-            "DeepSpeed launching is not available in this version of lmtuner yet; the plan shows the memory."
-        )
     try:
         config = TrainConfig.model_validate(config_data)
     except ValueError as exc:
