@@ -17,6 +17,9 @@ VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo "$(VLLM_PKG)" | cat - constra
 # next to our transformers 5.2x, and vLLM's venv pins another compressed-tensors. Wheels only, ~1.5 min, 1.5 GB.
 LLMCOMPRESSOR_VERSION := 0.14.0.1
 GPTQ_VENV ?= $(HOME)/.cache/lmtuner/gptq-venv
+# DeepSpeed's JIT-built CPU ops (≈2 min on 2 cores), kept between test runs like the venvs above; torch rebuilds
+# them by itself when their sources or torch change.
+TORCH_EXTENSIONS_CACHE ?= $(HOME)/.cache/lmtuner/torch_extensions
 GPTQ_STAMP := $(GPTQ_VENV)/.installed-$(shell echo "llmcompressor==$(LLMCOMPRESSOR_VERSION)" | cat - constraints-cpu.txt | sha1sum | cut -c1-12)
 
 .PHONY: demo test lint install clean vllm-venv gptq-venv
@@ -57,7 +60,8 @@ demo: install
 
 test: install vllm-venv gptq-venv
 	$(PY) -m ruff check --no-cache .
-	LMTUNER_VLLM_PYTHON=$(VLLM_VENV)/bin/python LMTUNER_GPTQ_PYTHON=$(GPTQ_VENV)/bin/python $(PY) -m pytest -q
+	LMTUNER_VLLM_PYTHON=$(VLLM_VENV)/bin/python LMTUNER_GPTQ_PYTHON=$(GPTQ_VENV)/bin/python \
+		TORCH_EXTENSIONS_DIR=$(TORCH_EXTENSIONS_CACHE) $(PY) -m pytest -q
 
 lint: install
 	$(PY) -m ruff check --no-cache .

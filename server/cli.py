@@ -18,9 +18,13 @@ from lmtuner_core.store import TERMINAL
 from tools import data, evaluation, hardware, inference, planning, quantize, serving, training
 from tools.context import ToolContext
 
+# Where results go. With --json, main() points sys.stdout at stderr while a command runs, so whatever the
+# libraries print (DeepSpeed logs its accelerator to stdout on import) never corrupts the JSON on stdout.
+RESULTS = sys.stdout
+
 
 def _print(result: BaseModel, as_json: bool, summary: str) -> None:
-    print(result.model_dump_json(indent=2) if as_json else summary)
+    print(result.model_dump_json(indent=2) if as_json else summary, file=RESULTS, flush=True)
 
 
 def _progress_line(p: JobProgress) -> str:
@@ -242,7 +246,7 @@ def cmd_make_tiny_model(ctx: ToolContext, args: argparse.Namespace) -> int:
         out = make_tiny_model(args.dir, overwrite=args.overwrite)
     except ValueError as exc:
         raise LmtunerError(str(exc)) from None
-    print(json.dumps({"model_dir": str(out)}) if args.json else f"tiny model written to {out}")
+    print(json.dumps({"model_dir": str(out)}) if args.json else f"tiny model written to {out}", file=RESULTS)
     return 0
 
 
@@ -356,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ctx = ToolContext(home=lmtuner_home())
+    global RESULTS
+    RESULTS = sys.stdout
+    if args.json:
+        sys.stdout = sys.stderr
     try:
         return args.run(ctx, args)
     except LmtunerError as exc:
@@ -363,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        sys.stdout = RESULTS
 
 
 if __name__ == "__main__":
