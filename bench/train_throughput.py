@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "llamafactory" / "alpaca_en_demo.json"
 DEFAULT_LF_VENV = Path(os.environ.get("LLAMAFACTORY_VENV", "~/.cache/lmtuner/llamafactory-venv")).expanduser()
-CONFIGS = ("plain", "llamafactory", "lmtuner")
+CONFIGS = ("plain", "llamafactory", "lmtuner", "lmtuner-grouped")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPE = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8,
          "num_key_value_heads": 8, "head_dim": 64}  # fmt: skip
@@ -214,7 +214,16 @@ def child_llamafactory(spec: dict, result: dict) -> None:
     run_exp(lf_args, callbacks=[timing_callback(result)])
 
 
-CHILDREN = {"plain": child_plain, "lmtuner": child_lmtuner, "llamafactory": child_llamafactory}
+def child_lmtuner_grouped(spec: dict, result: dict) -> None:
+    """lmtuner with packing off: rows of similar length batched together (group_by_length), each row padded only
+    to its batch's longest. No attention is computed between rows or over other rows' positions."""
+    child_lmtuner({**spec, "overrides": {"packing": False, "group_by_length": True}}, result)
+
+
+CHILDREN = {
+    "plain": child_plain, "lmtuner": child_lmtuner, "lmtuner-grouped": child_lmtuner_grouped,
+    "llamafactory": child_llamafactory,
+}  # fmt: skip
 
 
 def run_child(name: str, spec: dict, python: str) -> dict | None:
