@@ -35,9 +35,11 @@ def process_start_time(pid: int) -> float | None:
         return None
 
 
-def alive(pid: int, started_at: float | None) -> bool:
-    """True while that very process runs: a recycled pid with another start time does not count."""
-    child = _CHILDREN.get(pid)
+def alive(pid: int, started_at: float | None, children: dict[int, subprocess.Popen] | None = None) -> bool:
+    """True while that very process runs: a recycled pid with another start time does not count. `children`:
+    the caller's Popen handles (default: the training supervisors started here), so an exited child of ours
+    is seen as ended even before it is reaped."""
+    child = (_CHILDREN if children is None else children).get(pid)
     if child is not None and child.poll() is not None:
         return False
     try:

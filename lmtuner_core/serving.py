@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field
 from lmtuner_core.errors import LmtunerError, NotFoundError
 from lmtuner_core.jobs import resolve_model
 from lmtuner_core.paths import AllowedRoots
-from lmtuner_core.processes import process_start_time
+from lmtuner_core.processes import alive, process_start_time
 from lmtuner_core.progress import tail_lines
 from lmtuner_core.servers_store import LIVE, ServerRecord, ServerStore
 from lmtuner_core.xpos import is_xpos_model
@@ -194,16 +194,7 @@ def _group_members(pgid: int, not_before: float | None) -> list[psutil.Process]:
 
 
 def _alive(pid: int, started_at: float | None) -> bool:
-    child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if started_at is not None and abs(proc.create_time() - started_at) > 1.0:
-            return False
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    return alive(pid, started_at, _CHILDREN)
 
 
 def _reap(pid: int) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from lmtuner_core.errors import LmtunerError
 from lmtuner_core.jobs import JobService
 from lmtuner_core.paths import AllowedRoots
 
@@ -19,3 +20,14 @@ class ToolContext:
     @cached_property
     def jobs(self) -> JobService:
         return JobService(self.home, self.roots)
+
+    def adapter_folder(self, value: str) -> Path:
+        """A tool's `adapter` argument: a folder inside the allowed roots that holds a PEFT adapter."""
+        path = self.roots.resolve(value, "adapter")
+        if not (path / "adapter_config.json").is_file():
+            raise LmtunerError(
+                f"adapter: {path} has no adapter_config.json; give the output_dir of a LoRA-family job (a full "
+                "fine-tune's output_dir is a model: pass it as `model` instead)",
+                field="adapter",
+            )
+        return path

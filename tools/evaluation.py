@@ -104,7 +104,7 @@ def evaluate(
     spec = dataset_spec(dataset)
     conversations, prompts, references = _pairs(spec, ctx, max_samples)
     model_ref = resolve_model(model, ctx.roots)
-    adapter_path = str(ctx.roots.resolve(adapter, "adapter")) if adapter else None
+    adapter_path = str(ctx.adapter_folder(adapter)) if adapter else None
 
     def scored(texts: list[str], prompt_texts: list[str] | None) -> Scores:
         return score(texts, references[: len(texts)], home=ctx.home, prompts=prompt_texts, strip_prompt=strip_prompt)

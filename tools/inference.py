@@ -60,15 +60,7 @@ def generate(
     )
     if not conversations or any(not c for c in conversations):
         raise LmtunerError("prompts/messages: give at least one non-empty prompt or conversation")
-    adapter_path = None
-    if adapter:
-        adapter_path = ctx.roots.resolve(adapter, "adapter")
-        if not (adapter_path / "adapter_config.json").is_file():
-            raise LmtunerError(
-                f"adapter: {adapter_path} has no adapter_config.json; give the output_dir of a LoRA-family job "
-                "(a full fine-tune's output_dir is a model: pass it as `model` instead)",
-                field="adapter",
-            )
+    adapter_path = ctx.adapter_folder(adapter) if adapter else None
     model_ref = resolve_model(model, ctx.roots)
     adapter_ref = str(adapter_path) if adapter_path else None
     if engine != "transformers":
@@ -112,9 +104,7 @@ def merge_adapter(
     """Merge a trained adapter into its base model and save a standalone Hugging Face model (safetensors,
     config, tokenizer) that vLLM and other tools load without peft. Takes the base's full-precision size on
     disk; the merged model behaves as base + adapter."""
-    adapter_path = ctx.roots.resolve(adapter, "adapter")
-    if not (adapter_path / "adapter_config.json").is_file():
-        raise LmtunerError(f"adapter: {adapter_path} has no adapter_config.json", field="adapter")
+    adapter_path = ctx.adapter_folder(adapter)
     output = ctx.roots.resolve(output_dir, "output_dir")
     check_writable(output, "output_dir")
     return run_merge(resolve_model(model, ctx.roots), adapter_path, output)

@@ -93,15 +93,7 @@ def quantize(
     gives a folder vLLM serves. Takes disk space for the output and, with an adapter, a temporary merged copy."""
     if method not in METHODS:  # the schema already limits it; direct (CLI, script) callers get the same message
         raise LmtunerError(f"method: {method!r} is not supported; use one of {', '.join(METHODS)}", field="method")
-    adapter_path = None
-    if adapter:
-        adapter_path = ctx.roots.resolve(adapter, "adapter")
-        if not (adapter_path / "adapter_config.json").is_file():
-            raise LmtunerError(
-                f"adapter: {adapter_path} has no adapter_config.json; give the output_dir of a LoRA-family job (a full "
-                "fine-tune's output_dir is a model: pass it as `model` instead)",
-                field="adapter",
-            )
+    adapter_path = ctx.adapter_folder(adapter) if adapter else None
     output = ctx.roots.resolve(output_dir, "output_dir")
     check_writable(output, "output_dir")
     model_ref = resolve_model(model, ctx.roots)
