@@ -1,18 +1,17 @@
 """ServerStore: the SQLite table of vLLM servers, in the same $LMTUNER_HOME/jobs.db as the jobs.
 
-Same habits as JobStore: one short-lived connection per operation, WAL journal, a busy timeout, so the MCP
-server, the CLI and tests can share the file.
+Read and written through store.SqliteTable, as the jobs are: one short-lived connection per operation, WAL
+journal, a busy timeout, so the MCP server, the CLI and tests can share the file.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+
+from lmtuner_core.store import SqliteTable
 
 SERVER_STATUSES = ("starting", "running", "stopped", "failed")
 LIVE = ("starting", "running")
@@ -67,23 +66,8 @@ class ServerRecord:
         return f"http://{host}:{self.port}/v1"
 
 
-_COLUMNS = [f.name for f in fields(ServerRecord)]
-
-
-class ServerStore:
-    def __init__(self, home: Path):
-        self.path = home / "jobs.db"
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
-
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        try:
-            yield db
-        finally:
-            db.close()
+class ServerStore(SqliteTable[ServerRecord]):
+    table, key, record, schema = "servers", "server_id", ServerRecord, _SCHEMA
 
     def create(
         self, *, server_id: str, host: str, port: int, model: str, served_model_name: str,
@@ -97,32 +81,3 @@ class ServerStore:
                  str(log_path)),
             )  # fmt: skip
         return self.get(server_id)  # type: ignore[return-value]
-
-    def get(self, server_id: str) -> ServerRecord | None:
-        with self._connect() as db:
-            row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM servers WHERE server_id = ?", (server_id,)).fetchone()
-        return ServerRecord(*row) if row else None
-
-    def list(self, statuses: tuple[str, ...] | None = None) -> list[ServerRecord]:
-        """Servers, newest first, optionally only those in the given statuses."""
-        query = f"SELECT {', '.join(_COLUMNS)} FROM servers"
-        args: tuple = ()
-        if statuses:
-            query += f" WHERE status IN ({', '.join('?' * len(statuses))})"
-            args = statuses
-        with self._connect() as db:
-            rows = db.execute(query + " ORDER BY created_at DESC", args).fetchall()
-        return [ServerRecord(*row) for row in rows]
-
-    def update(self, server_id: str, *, only_if_status: tuple[str, ...] | None = None, **values) -> bool:
-        """Sets columns; with only_if_status, only while the server is still in one of those states."""
-        unknown = set(values) - set(_COLUMNS)
-        if unknown:
-            raise ValueError(f"unknown server columns: {unknown}")
-        query = f"UPDATE servers SET {', '.join(f'{k} = ?' for k in values)} WHERE server_id = ?"
-        args = [*values.values(), server_id]
-        if only_if_status:
-            query += f" AND status IN ({', '.join('?' * len(only_if_status))})"
-            args += list(only_if_status)
-        with self._connect() as db:
-            return db.execute(query, args).rowcount > 0

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Generic, TypeVar
 
 STATUSES = ("queued", "running", "completed", "failed", "cancelled")
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
@@ -39,6 +40,8 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 """
 
 
+R = TypeVar("R")
+
 _ADDED_COLUMNS = {"devices": "TEXT NOT NULL DEFAULT 'cpu'", "claimed_at": "REAL"}
 
 
@@ -62,20 +65,25 @@ class JobRecord:
     claimed_at: float | None  # when a scheduler took it off the queue (before its process exists)
 
 
-_COLUMNS = [f.name for f in fields(JobRecord)]
+class SqliteTable(Generic[R]):
+    """One table of $LMTUNER_HOME/jobs.db, read into `record` dataclasses whose fields are its columns (in order).
+    Subclasses name the table, its key column, record type and schema; JobStore and ServerStore share this."""
 
+    table: str
+    key: str
+    record: type[R]
+    schema: str
 
-class JobStore:
     def __init__(self, home: Path):
         self.path = home / "jobs.db"
+        self.columns = [f.name for f in fields(self.record)]  # type: ignore[arg-type]
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")  # persistent in the file: readers never block the writer
-            db.executescript(_SCHEMA)
-            have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-            # Columns added after the first release: older databases gain them in place.
-            for column, ddl in _ADDED_COLUMNS.items():
-                if column not in have:
-                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {ddl}")
+            db.executescript(self.schema)
+            self._migrate(db)
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Brings an older database's table up to date (nothing by default)."""
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -84,6 +92,50 @@ class JobStore:
             yield db
         finally:
             db.close()
+
+    def get(self, key: str) -> R | None:
+        with self._connect() as db:
+            row = db.execute(
+                f"SELECT {', '.join(self.columns)} FROM {self.table} WHERE {self.key} = ?", (key,)
+            ).fetchone()
+        return self.record(*row) if row else None
+
+    def list(self, statuses: tuple[str, ...] | None = None) -> list[R]:
+        """Rows, newest first, optionally only those in the given statuses."""
+        query = f"SELECT {', '.join(self.columns)} FROM {self.table}"
+        args: tuple = ()
+        if statuses:
+            query += f" WHERE status IN ({', '.join('?' * len(statuses))})"
+            args = statuses
+        with self._connect() as db:
+            rows = db.execute(query + " ORDER BY created_at DESC", args).fetchall()
+        return [self.record(*row) for row in rows]
+
+    def update(self, key: str, *, only_if_status: tuple[str, ...] | None = None, **values) -> bool:
+        """Sets columns; with only_if_status, only while the row is still in one of those states (so two
+        processes noticing the same ending do not overwrite each other). Returns whether a row changed."""
+        unknown = set(values) - set(self.columns)
+        if unknown:
+            raise ValueError(f"unknown {self.table} columns: {unknown}")
+        sets = ", ".join(f"{k} = ?" for k in values)
+        query = f"UPDATE {self.table} SET {sets} WHERE {self.key} = ?"
+        args = [*values.values(), key]
+        if only_if_status:
+            query += f" AND status IN ({', '.join('?' * len(only_if_status))})"
+            args += list(only_if_status)
+        with self._connect() as db:
+            return db.execute(query, args).rowcount > 0
+
+
+class JobStore(SqliteTable[JobRecord]):
+    table, key, record, schema = "jobs", "job_id", JobRecord, _SCHEMA
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        # Columns added after the first release: older databases gain them in place.
+        for column, ddl in _ADDED_COLUMNS.items():
+            if column not in have:
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {ddl}")
 
     def create(
         self, *, job_id: str, run_dir: Path, model: str, method: str, output_dir: Path, devices: str = "cpu"
@@ -95,22 +147,6 @@ class JobStore:
                 (job_id, time.time(), str(run_dir), model, method, str(output_dir), devices),
             )
         return self.get(job_id)  # type: ignore[return-value]
-
-    def get(self, job_id: str) -> JobRecord | None:
-        with self._connect() as db:
-            row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return JobRecord(*row) if row else None
-
-    def list(self, statuses: tuple[str, ...] | None = None) -> list[JobRecord]:
-        """Jobs, newest first, optionally only those in the given statuses."""
-        query = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
-        args: tuple = ()
-        if statuses:
-            query += f" WHERE status IN ({', '.join('?' * len(statuses))})"
-            args = statuses
-        with self._connect() as db:
-            rows = db.execute(query + " ORDER BY created_at DESC", args).fetchall()
-        return [JobRecord(*row) for row in rows]
 
     def count(self, status: str) -> int:
         with self._connect() as db:
@@ -163,18 +199,3 @@ class JobStore:
                 db.execute("ROLLBACK")
                 raise
         return claimed
-
-    def update(self, job_id: str, *, only_if_status: tuple[str, ...] | None = None, **values) -> bool:
-        """Sets columns; with only_if_status, only while the job is still in one of those states (so two
-        processes noticing the same ending do not overwrite each other). Returns whether a row changed."""
-        unknown = set(values) - set(_COLUMNS)
-        if unknown:
-            raise ValueError(f"unknown job columns: {unknown}")
-        sets = ", ".join(f"{k} = ?" for k in values)
-        query = f"UPDATE jobs SET {sets} WHERE job_id = ?"
-        args = [*values.values(), job_id]
-        if only_if_status:
-            query += f" AND status IN ({', '.join('?' * len(only_if_status))})"
-            args += list(only_if_status)
-        with self._connect() as db:
-            return db.execute(query, args).rowcount > 0
