@@ -9,6 +9,7 @@ from pathlib import Path
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.jobs import JobService
 from lmtuner_core.paths import AllowedRoots
+from lmtuner_core.serving import ServerService
 
 
 @dataclass
@@ -20,6 +21,10 @@ class ToolContext:
     @cached_property
     def jobs(self) -> JobService:
         return JobService(self.home, self.roots)
+
+    @cached_property
+    def servers(self) -> ServerService:
+        return ServerService(self.home, self.roots)
 
     def adapter_folder(self, value: str) -> Path:
         """A tool's `adapter` argument: a folder inside the allowed roots that holds a PEFT adapter."""

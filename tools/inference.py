@@ -12,7 +12,6 @@ from lmtuner_core.export import merge_adapter as run_merge
 from lmtuner_core.inference import GenerateResult, ProgressFn, generate_with_server
 from lmtuner_core.inference import generate as run_generation
 from lmtuner_core.jobs import check_writable, resolve_model
-from lmtuner_core.serving import ServerService
 from tools.context import ToolContext
 
 
@@ -64,7 +63,7 @@ def generate(
     model_ref = resolve_model(model, ctx.roots)
     adapter_ref = str(adapter_path) if adapter_path else None
     if engine != "transformers":
-        found = ServerService(ctx.home, ctx.roots).find(model_ref, adapter_ref)
+        found = ctx.servers.find(model_ref, adapter_ref)
         if found is None and engine == "vllm":
             raise LmtunerError(
                 f"engine: 'vllm' needs a running server of {model_ref}"

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from lmtuner_core.serving import ServerInfo, ServerList, ServerService
+from lmtuner_core.serving import ServerInfo, ServerList
 from tools.context import ToolContext
 
 ServerId = Annotated[
@@ -53,7 +53,7 @@ def serve_model(
     CPU, longer for big ones) with `base_url` (POST {base_url}/chat/completions, `model` = served_model_name or
     an adapter's name) and `server_id`. While it runs, generate with engine 'auto' or 'vllm' uses it. It keeps
     running until stop_serving; it holds memory (GPU memory on a GPU machine), so stop it when done."""
-    return ServerService(ctx.home, ctx.roots).start(
+    return ctx.servers.start(
         model, adapters=adapters, port=port, served_model_name=served_model_name, max_model_len=max_model_len,
         dtype=dtype, kv_cache_mib=kv_cache_mib, startup_timeout=startup_timeout,
     )  # fmt: skip
@@ -68,7 +68,7 @@ def stop_serving(
 ) -> ServerInfo:
     """Stop a server started by serve_model: every process of it ends (checked), freeing its memory and port.
     Stopping a server that already stopped changes nothing."""
-    return ServerService(ctx.home, ctx.roots).stop(server_id, grace=grace_seconds)
+    return ctx.servers.stop(server_id, grace=grace_seconds)
 
 
 def list_servers(
@@ -81,4 +81,4 @@ def list_servers(
     """List vLLM servers started by serve_model, newest first, with base_url, served model and adapter names and
     status; a server whose process died shows as 'failed' with its log tail. Use it to find a running server
     before starting another (each holds memory)."""
-    return ServerService(ctx.home, ctx.roots).list(status)
+    return ctx.servers.list(status)
