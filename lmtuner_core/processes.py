@@ -59,15 +59,16 @@ def reap_finished() -> None:
             _CHILDREN.pop(pid, None)
 
 
-def reap(pid: int | None) -> None:
-    """Collects a finished child of this process so it does not linger as a zombie."""
-    child = _CHILDREN.pop(pid, None) if pid is not None else None
+def reap(pid: int | None, children: dict[int, subprocess.Popen] | None = None) -> None:
+    """Collects a finished child of this process so it does not linger as a zombie. `children`: as in alive()."""
+    registry = _CHILDREN if children is None else children
+    child = registry.pop(pid, None) if pid is not None else None
     if child is None:
         return
     try:
         child.wait(timeout=5)
     except subprocess.TimeoutExpired:
-        _CHILDREN[pid] = child  # type: ignore[index]
+        registry[pid] = child  # type: ignore[index]
 
 
 def signal_group(pid: int, sig: signal.Signals) -> None:

@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field
 from lmtuner_core.errors import LmtunerError, NotFoundError
 from lmtuner_core.jobs import resolve_model
 from lmtuner_core.paths import AllowedRoots
-from lmtuner_core.processes import alive, process_start_time
+from lmtuner_core.processes import alive, process_start_time, reap
 from lmtuner_core.progress import tail_lines
 from lmtuner_core.servers_store import LIVE, ServerRecord, ServerStore
 from lmtuner_core.xpos import is_xpos_model
@@ -198,12 +198,7 @@ def _alive(pid: int, started_at: float | None) -> bool:
 
 
 def _reap(pid: int) -> None:
-    child = _CHILDREN.pop(pid, None)
-    if child is not None:
-        try:
-            child.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            _CHILDREN[pid] = child
+    reap(pid, _CHILDREN)
 
 
 def _chat_template_for(model_dir: Path, server_dir: Path) -> Path | None:
