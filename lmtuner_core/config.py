@@ -192,9 +192,9 @@ class TrainConfig(StrictModel):
     )
     packing: bool = Field(
         True,
-        description="Pack several rows into each max_seq_len sequence (best fit), position ids restarting per row so "
-        "rows never attend to each other: the same trained tokens with little padding, in fewer steps (batch_size "
-        "then counts packs). Example: true; false for one row per sequence.",
+        description="Padding-free batches: each step's batch_size rows are joined into one sequence with no padding, "
+        "position ids restarting per row and attention kept inside each row, so the same rows and trained tokens "
+        "per step cost no compute or memory for padding. Example: true; false for padded batches.",
     )
     group_by_length: bool = Field(
         True,

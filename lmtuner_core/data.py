@@ -617,39 +617,33 @@ def trained_token_count(dataset: Any) -> int:
     return sum(max(0, len(ids) - 1) for ids in dataset["input_ids"])
 
 
-class PackedRowsCollator:
-    """Batches packed rows (TRL's best-fit-decreasing packs, with a `seq_lengths` column) for SDPA and eager attention.
+class FlatRowsCollator:
+    """Padding-free batches: the batch's rows concatenated into one sequence, with no padding at all.
 
-    Hand-written: TRL's padding-free collator flattens the whole batch into one sequence of batch × max_len tokens,
-    which under SDPA builds one dense (batch·max_len)² mask and spends attention compute across packs. Here each pack
-    stays its own row, padded to the longest pack in the batch; position ids restart at 0 for every packed row and
-    no attention_mask is passed, so transformers' masking_utils derives a block-diagonal causal mask from the
-    position ids (`find_packed_sequence_indices`): a packed row never attends to another. Labels are -100 at each
-    row's first position (so no row learns to predict another's first token) and on the padding.
+    transformers' `DataCollatorWithFlattening` does the flattening: position ids restart at 0 for every row, the first
+    label of every row is -100 (no row learns to predict another's first token), and `cu_seq_lens_*` /
+    `max_length_*` mark the row boundaries for variable-length attention (flash-attn, or `varlen` on SDPA). Before
+    it, the assistant-only mask becomes labels. A step holds exactly the batch's rows, so it costs no more memory
+    than the same rows padded (less: no padding, and no cross-row attention).
     """
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self) -> None:
+        from transformers import DataCollatorWithFlattening
+
+        self.flatten = DataCollatorWithFlattening(return_flash_attn_kwargs=True)
 
     def __call__(self, examples: list[dict]) -> dict:
-        import torch
-
-        width = max(len(e["input_ids"]) for e in examples)
-        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(examples), width), -100, dtype=torch.long)
-        # Padding gets position 0 at every slot: each pad token is then a sequence of its own, seen by nothing.
-        position_ids = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, example in enumerate(examples):
-            ids = torch.as_tensor(example["input_ids"], dtype=torch.long)
-            input_ids[row, : len(ids)] = ids
-            labels[row, : len(ids)] = torch.as_tensor(example.get("labels", example["input_ids"]), dtype=torch.long)
-            lengths = example.get("seq_lengths") or [len(ids)]
-            start = 0
-            for length in lengths:
-                position_ids[row, start : start + length] = torch.arange(length)
-                start += length
-        labels[position_ids == 0] = -100
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        rows = []
+        for example in examples:
+            ids = list(example["input_ids"])
+            if "labels" in example:
+                labels = list(example["labels"])
+            elif "assistant_masks" in example:
+                labels = [t if m else -100 for t, m in zip(ids, example["assistant_masks"], strict=True)]
+            else:
+                labels = ids
+            rows.append({"input_ids": ids, "labels": labels})
+        return self.flatten(rows)
 
 
 # ---------------------------------------------------------------------------------------------- tokenization cache

@@ -30,7 +30,7 @@ from trl import SFTConfig, SFTTrainer
 
 from lmtuner_core.config import TrainConfig
 from lmtuner_core.data import (
-    PackedRowsCollator,
+    FlatRowsCollator,
     fit_to_length,
     has_generation_markers,
     load_examples,
@@ -52,13 +52,17 @@ from lmtuner_core.paths import AllowedRoots, RunDir, lmtuner_home
 from lmtuner_core.rope import recorded_positions
 from lmtuner_core.tiny_model import CHAT_TEMPLATE
 from lmtuner_core.train import StateFile, process_rank
+from lmtuner_core.varlen import ATTENTION_NAME as VARLEN_ATTENTION
+from lmtuner_core.varlen import register as register_varlen
+from lmtuner_core.varlen import supports_varlen
 from lmtuner_core.xpos import xpos_parameters
 
 # TrainConfig.optimizer -> the Trainer's `optim` name.
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit"}
-# Attention implementations that build a block-diagonal mask from restarting position ids (transformers'
-# masking_utils for sdpa/eager, cu_seq_lens for flash); others (remote code, xPos) train unpacked.
-PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+# Attention implementations that keep the rows of a flattened batch apart: lmtuner's varlen SDPA and flash read the
+# row bounds (cu_seq_lens), sdpa/eager a block-diagonal mask built from restarting position ids (transformers'
+# masking_utils). Others (remote code, xPos) train on padded batches.
+PACKING_ATTENTION = (VARLEN_ATTENTION, "sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 
 class ProgressWriter(TrainerCallback):
@@ -222,6 +226,10 @@ class SFTRecipe:
         self.state.update(phase="loading model")
         model = load_base_model(self.config, self.precision, self.compute_dtype)
         model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+        if self.config.packing and not self.config.trust_remote_code and supports_varlen(model.config):
+            # Same results as SDPA, without the (tokens × tokens) mask and cross-row scores (see varlen.py).
+            register_varlen()
+            model.set_attn_implementation(VARLEN_ATTENTION)
         self.model = apply_method(model, self.config)
         trainable, total = count_parameters(self.model)
         print(
@@ -275,11 +283,11 @@ class SFTRecipe:
             use_liger_kernel=self.liger,
             report_to=config.report_to or "none",
             max_length=config.max_seq_len,
-            packing=self.packing,
-            packing_strategy="bfd",  # best fit decreasing: whole rows, a row longer than max_length is cut
+            packing=False,  # rows are flattened per batch by FlatRowsCollator, not packed into fixed-length sequences
             # Packing off: rows of similar length share a batch, so less padding is computed.
             train_sampling_strategy="group_by_length" if config.group_by_length and not self.packing else "random",
-            include_num_input_tokens_seen="non_padding",
+            # A flattened batch has no padding at all (and a pad token may double as end of turn): count every token.
+            include_num_input_tokens_seen="all" if self.packing else "non_padding",
             optim=METHOD_OPTIMIZERS.get(config.method, OPTIMIZERS[config.optimizer]),
             disable_tqdm=True,
             dataloader_num_workers=0,
@@ -295,12 +303,11 @@ class SFTRecipe:
         )
         self.trainer.remove_callback(PrinterCallback)  # ProgressWriter logs each step as one JSON line
         if self.packing:
-            # TRL's padding-free collator would flatten the batch into one batch × max_length row (see data.py).
-            self.trainer.data_collator = PackedRowsCollator(self.tokenizer.pad_token_id)
+            self.trainer.data_collator = FlatRowsCollator()
 
     @property
     def packing(self) -> bool:
-        """Packing where it is exact: attention that reads packed rows from position ids (SDPA, eager, flash)."""
+        """Padding-free batches where they are exact: attention that keeps flattened rows apart."""
         attention = getattr(self.model.config, "_attn_implementation", None)
         return self.config.packing and not self.config.trust_remote_code and attention in PACKING_ATTENTION
 
