@@ -2,12 +2,18 @@
 list_jobs. Baseline in the same run: the same load on a bare SDK server's trivial tool (the transport's
 floor on this machine). Prints p50/p99 latency, error count and the ratio.
 
-    .venv/bin/python bench/mcp_load.py [--clients 50] [--calls 10]
+    .venv/bin/python bench/mcp_load.py [--clients 50] [--calls 10] [--sdk-client]
+
+The load comes from thin clients by default: each opens its own MCP session over httpx (initialize,
+notifications/initialized) and then posts raw JSON-RPC tools/call requests, timing each from the request to the
+complete response. The SDK's client (--sdk-client) also validates every result against the tool's output schema
+in the load generator's process, which on 2 shared cores adds its own CPU time to every measured call.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -32,6 +38,59 @@ def ping() -> str:
     return "pong"
 server.run(transport="streamable-http", host="127.0.0.1", port=int(sys.argv[1]))
 """
+
+
+def _rpc_result(response) -> dict:
+    """The JSON-RPC message of a Streamable HTTP response, sent as JSON or as one SSE event."""
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        for line in response.text.splitlines():
+            if line.startswith("data:"):
+                return json.loads(line[5:])
+        raise RuntimeError("no data in the event stream")
+    return response.json()
+
+
+async def hammer_thin(
+    url: str, calls: list[tuple[str, dict]], clients: int, token: str | None
+) -> tuple[list[float], int]:
+    import httpx
+    from mcp.types import LATEST_PROTOCOL_VERSION
+
+    latencies: list[float] = []
+    errors = 0
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+
+    async def one_client(http):
+        nonlocal errors
+        init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": LATEST_PROTOCOL_VERSION, "capabilities": {},
+            "clientInfo": {"name": "mcp_load", "version": "1"}}}  # fmt: skip
+        response = await http.post(url, json=init, headers=headers)
+        session = {**headers}
+        if "mcp-session-id" in response.headers:
+            session["mcp-session-id"] = response.headers["mcp-session-id"]
+        version = _rpc_result(response)["result"]["protocolVersion"]
+        session["mcp-protocol-version"] = version
+        await http.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session)
+        for number, (tool, args) in enumerate(calls, start=1):
+            params = {"name": tool, "arguments": args}
+            request = {"jsonrpc": "2.0", "id": number, "method": "tools/call", "params": params}
+            started = time.perf_counter()
+            try:
+                response = await http.post(url, json=request, headers=session)
+                message = _rpc_result(response)
+                errors += "error" in message or bool(message.get("result", {}).get("isError"))
+            except Exception:
+                errors += 1
+            latencies.append(time.perf_counter() - started)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http, anyio.create_task_group() as group:
+        for _ in range(clients):
+            group.start_soon(one_client, http)
+    return latencies, errors
 
 
 async def hammer(url: str, calls: list[tuple[str, dict]], clients: int, token: str | None) -> tuple[list[float], int]:
@@ -80,7 +139,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--sdk-client", action="store_true", help="Load with the SDK's client instead of thin ones.")
     args = parser.parse_args()
+    load = hammer if args.sdk_client else hammer_thin
     work = Path(tempfile.mkdtemp(prefix="lmtuner-load-"))
     home = work / "home"
     home.mkdir()
@@ -109,13 +170,13 @@ def main() -> None:
         try:
             wait_port(port)
             bare_lat, bare_err = anyio.run(
-                hammer, f"http://127.0.0.1:{port}/mcp", [("ping", {})] * args.calls, args.clients, None
+                load, f"http://127.0.0.1:{port}/mcp", [("ping", {})] * args.calls, args.clients, None
             )
         finally:
             bare.terminate()
             bare.wait()
         calls = [("job_status", {"job_id": job_id}), ("list_jobs", {})] * (args.calls // 2)
-        ours_lat, ours_err = anyio.run(hammer, url, calls, args.clients, TOKEN)
+        ours_lat, ours_err = anyio.run(load, url, calls, args.clients, TOKEN)
 
         async def cancel():
             async with http_client(url) as client:
@@ -123,7 +184,8 @@ def main() -> None:
 
         anyio.run(cancel)
 
-    print(f"{args.clients} concurrent clients x {args.calls} calls, {os.cpu_count()} cores, a training job running:")
+    kind = "SDK clients" if args.sdk_client else "thin clients"
+    print(f"{args.clients} concurrent {kind} x {args.calls} calls, {os.cpu_count()} cores, a training job running:")
     base = report("bare SDK server, trivial tool", bare_lat, bare_err)
     ours = report("lmtuner job_status + list_jobs", ours_lat, ours_err)
     print(f"ratio p50 lmtuner / bare: {ours / base:.2f}")

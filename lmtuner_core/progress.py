@@ -97,6 +97,12 @@ def latest_metrics(run: RunDir) -> tuple[dict, dict]:
     return train, evaluation
 
 
+def redacted_tail(path: Path, n: int) -> list[str]:
+    """The last n lines with secrets masked: one pass over the joined text (it is read on every job_status)."""
+    lines = tail_lines(path, n)
+    return redact("\n".join(lines)).split("\n") if lines else []
+
+
 def read_progress(record: JobRecord, log_lines: int | None = 20) -> JobProgress:
     run = RunDir(Path(record.run_dir))
     state = read_state(run)
@@ -135,7 +141,7 @@ def read_progress(record: JobRecord, log_lines: int | None = 20) -> JobProgress:
         output_dir=record.output_dir,
         checkpoints=checkpoints,
         error=redact(error) if error else None,
-        log_tail=None if log_lines is None else [redact(line) for line in tail_lines(run.log, log_lines)],
+        log_tail=None if log_lines is None else redacted_tail(run.log, log_lines),
         run_dir=record.run_dir,
         model=record.model,
         method=record.method,

@@ -1,12 +1,14 @@
 """JobStore: the SQLite table of jobs under $LMTUNER_HOME. The run folder holds the details; this holds the index.
 
-One short-lived connection per operation, WAL journal and a busy timeout, so several server processes (stdio
-and HTTP at once) and the CLI can share one file.
+One connection per thread, kept open (opening one and parsing the schema cost about as much as a job_status
+answer), in autocommit mode with a WAL journal and a busy timeout, so several server processes (stdio and HTTP at
+once) and the CLI can share one file.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,6 +78,7 @@ class SqliteTable(Generic[R]):
 
     def __init__(self, home: Path):
         self.path = home / "jobs.db"
+        self._local = threading.local()
         self.columns = [f.name for f in fields(self.record)]  # type: ignore[arg-type]
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")  # persistent in the file: readers never block the writer
@@ -87,11 +90,17 @@ class SqliteTable(Generic[R]):
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        """This thread's connection. Autocommit: no read holds a snapshot between calls; a failure inside an explicit
+        transaction rolls it back, so the connection is clean for the next caller."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
             yield db
-        finally:
-            db.close()
+        except BaseException:
+            if db.in_transaction:
+                db.rollback()
+            raise
 
     def get(self, key: str) -> R | None:
         with self._connect() as db:

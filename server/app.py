@@ -58,6 +58,10 @@ class ToolSpec:
     read_only: bool
     destructive: bool = False
     idempotent: bool = False
+    # Reads of local state that answer in about a millisecond: run on the event loop instead of a worker thread,
+    # so that under many concurrent calls no thread hand-off (and GIL contention with the loop) adds latency.
+    # A call that asks to wait (wait_seconds > 0) still goes to a worker thread.
+    inline: bool = False
 
 
 TOOLS = (
@@ -65,8 +69,8 @@ TOOLS = (
     ToolSpec(data.analyze_dataset, "Analyze a dataset", read_only=True, idempotent=True),
     ToolSpec(planning.propose_config, "Propose a training config that fits", read_only=True, idempotent=True),
     ToolSpec(training.start_training, "Start a fine-tuning job", read_only=False),
-    ToolSpec(training.job_status, "Job status and progress", read_only=True, idempotent=True),
-    ToolSpec(training.list_jobs, "List jobs", read_only=True, idempotent=True),
+    ToolSpec(training.job_status, "Job status and progress", read_only=True, idempotent=True, inline=True),
+    ToolSpec(training.list_jobs, "List jobs", read_only=True, idempotent=True, inline=True),
     ToolSpec(training.cancel_job, "Cancel a job", read_only=False, destructive=True, idempotent=True),
     ToolSpec(training.resume_job, "Resume a failed or cancelled job", read_only=False),
     ToolSpec(inference.generate, "Generate with a model or adapter", read_only=True),
@@ -79,17 +83,16 @@ TOOLS = (
 )
 
 
-def bind_tool(fn: Callable[..., Any], ctx: ToolContext) -> Callable[..., Any]:
+def bind_tool(fn: Callable[..., Any], ctx: ToolContext, inline: bool = False) -> Callable[..., Any]:
     """The tool function with `ctx` filled in and LmtunerError turned into ToolError. The signature (minus
-    ctx) is kept, with annotations evaluated, so the SDK derives the same JSON schema."""
+    ctx) is kept, with annotations evaluated, so the SDK derives the same JSON schema. `inline`: see ToolSpec."""
     signature = inspect.signature(fn, eval_str=True)
     params = [p for name, p in signature.parameters.items() if name not in ("ctx", "progress")]
     reports_progress = "progress" in signature.parameters
     if reports_progress:  # the SDK fills a Context-typed parameter and leaves it out of the schema
         params.append(inspect.Parameter("mcp_context", inspect.Parameter.KEYWORD_ONLY, annotation=Context))
 
-    @functools.wraps(fn)
-    def tool(**kwargs: Any) -> Any:
+    def call(**kwargs: Any) -> Any:
         if reports_progress:
             mcp_context = kwargs.pop("mcp_context")
 
@@ -112,6 +115,17 @@ def bind_tool(fn: Callable[..., Any], ctx: ToolContext) -> Callable[..., Any]:
                 structured_content=result.model_dump(mode="json"),
             )
         return result
+
+    if inline:
+
+        @functools.wraps(fn)
+        async def tool(**kwargs: Any) -> Any:
+            if kwargs.get("wait_seconds"):
+                return await anyio.to_thread.run_sync(functools.partial(call, **kwargs))
+            return call(**kwargs)
+
+    else:
+        tool = functools.wraps(fn)(call)
 
     tool.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     tool.__annotations__ = {p.name: p.annotation for p in params} | {"return": signature.return_annotation}
@@ -142,7 +156,7 @@ def build_server(
 
 def make_tool(spec: ToolSpec, ctx: ToolContext) -> Tool:
     tool = Tool.from_function(
-        bind_tool(spec.fn, ctx),
+        bind_tool(spec.fn, ctx, inline=spec.inline),
         name=spec.fn.__name__,
         title=spec.title,
         description=inspect.getdoc(spec.fn),
