@@ -1,7 +1,11 @@
 """Training throughput side by side (issue #8): one epoch of LoRA SFT over real variable-length rows.
 
     .venv/bin/python bench/train_throughput.py [--rows 240] [--max-len 1024] [--batch 8] [--rounds 2]
-        [--only plain,llamafactory,lmtuner] [--work DIR] [--lf-venv DIR]
+        [--only plain,llamafactory,lmtuner] [--work DIR] [--lf-venv DIR] [--shape bench-26m]
+
+On a GPU (prepared for the H200 the device tool sometimes lends; see docs/BENCHMARKS.md) the same comparison
+runs in bf16 on random-init Llama-3.2-1B or Llama-3-8B shapes: `--shape llama-3.2-1b --max-len 2048 --rows 999`;
+each run then also reports peak GPU memory (torch.cuda.max_memory_allocated) and MFU against --peak-tflops.
 
 Three configurations train the same ~26M-parameter random Llama (BPE of 1,200 tokens trained here on the rows
 themselves) on the same first N rows of LLaMA-Factory's alpaca_en_demo.json, batch size, max length and LoRA
@@ -34,8 +38,16 @@ DATA = REPO.parent / "shared" / "data" / "llamafactory" / "alpaca_en_demo.json"
 DEFAULT_LF_VENV = Path(os.environ.get("LLAMAFACTORY_VENV", "~/.cache/lmtuner/llamafactory-venv")).expanduser()
 CONFIGS = ("plain", "llamafactory", "lmtuner", "lmtuner-grouped")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SHAPE = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8,
-         "num_key_value_heads": 8, "head_dim": 64}  # fmt: skip
+SHAPES = {  # model shapes (random init); the tokenizer is always the 1,200-token BPE trained on the rows
+    "bench-26m": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8,
+                  "num_key_value_heads": 8, "head_dim": 64},
+    "llama-3.2-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
+                     "tie_word_embeddings": True, "rope_theta": 500000.0},
+    "llama-3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+                   "rope_theta": 500000.0},
+}  # fmt: skip
 VOCAB = 1200
 LR = 2e-4
 
@@ -43,11 +55,14 @@ LR = 2e-4
 # ------------------------------------------------------------------------------------------------- setup
 
 
-def build_model(work: Path, rows: list[dict]) -> Path:
-    """A random ~26M Llama and a byte-level BPE of 1,200 tokens trained on the rows, with lmtuner's ChatML template."""
-    out = work / "model"
+def build_model(work: Path, rows: list[dict], shape_name: str = "bench-26m") -> Path:
+    """A random Llama of the named shape and a byte-level BPE of 1,200 tokens trained on the rows, with lmtuner's
+    ChatML template. Shapes with a larger vocabulary keep it (the LM head costs what it costs in the real model);
+    the tokenizer only ever emits its first 1,200 ids. Built in bf16 on the GPU when there is one."""
+    shape = dict(SHAPES[shape_name])
+    out = work / ("model" if shape_name == "bench-26m" else f"model-{shape_name}")
     marker = out / "bench.json"
-    spec = {"shape": SHAPE, "vocab": VOCAB, "rows": len(rows)}
+    spec = {"shape": dict(shape), "vocab": VOCAB, "rows": len(rows)}
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return out
     sys.path.insert(0, str(REPO))
@@ -73,12 +88,21 @@ def build_model(work: Path, rows: list[dict]) -> Path:
         model_max_length=4096, padding_side="right", clean_up_tokenization_spaces=False,
     )  # fmt: skip
     tokenizer.chat_template = CHAT_TEMPLATE
+    vocab = max(len(tokenizer), shape.pop("vocab_size", 0))
+    tied = shape.pop("tie_word_embeddings", False)
+    rope_theta = shape.pop("rope_theta", None)
     config = LlamaConfig(
-        **SHAPE, vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=False,
+        **shape, vocab_size=vocab, max_position_embeddings=8192, tie_word_embeddings=tied,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
+    if rope_theta:
+        config.rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    if torch.cuda.is_available():
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config).to(torch.bfloat16)
+    else:
+        model = LlamaForCausalLM(config)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     marker.write_text(json.dumps(spec))
@@ -107,6 +131,13 @@ def timing_callback(result: dict):
             result["seconds"] = time.perf_counter() - result["started"]
             result["real_tokens"] = int(state.num_input_tokens_seen)
             result["steps"] = state.global_step
+            model = kwargs.get("model")
+            if model is not None:  # all parameters, frozen ones too: what the forward and backward pass through
+                result["parameters"] = sum(p.numel() for p in model.parameters())
+            import torch
+
+            if torch.cuda.is_available():
+                result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
 
     return Timer()
 
@@ -129,14 +160,16 @@ def child_plain(spec: dict, result: dict) -> None:
         remove_columns=["assistant_masks"],
     )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], attn_implementation="sdpa")
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], attn_implementation="sdpa", dtype=dtype)
     model.config.use_cache = False
     model = get_peft_model(
         model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     )
     args = TrainingArguments(
         output_dir=spec["out"], per_device_train_batch_size=spec["batch"], num_train_epochs=1, learning_rate=LR,
-        logging_steps=10, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+        logging_steps=10, save_strategy="no", report_to="none", use_cpu=not cuda, bf16=cuda, disable_tqdm=True,
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
     )  # fmt: skip
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
@@ -202,8 +235,8 @@ def child_llamafactory(spec: dict, result: dict) -> None:
         "output_dir": spec["out"],
         "overwrite_output_dir": True,
         "report_to": "none",
-        "use_cpu": True,
-        "bf16": False,
+        "use_cpu": not spec.get("cuda"),
+        "bf16": bool(spec.get("cuda")),
         "fp16": False,
         "include_num_input_tokens_seen": "non_padding",
         "disable_tqdm": True,
@@ -270,7 +303,15 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
             "seconds_median": round(statistics.median(r["seconds"] for r in runs), 1),
             "peak_rss_mib_max": round(max(r["peak_rss_mib"] for r in runs)),
         }
+        if all("peak_gpu_mib" in r for r in runs):
+            summary[name]["peak_gpu_mib_max"] = round(max(r["peak_gpu_mib"] for r in runs))
     return summary
+
+
+def _cuda_available() -> bool:
+    """Asked in a child process, so this parent never initialises CUDA (or imports torch) itself."""
+    probe = "import torch; print(torch.cuda.is_available())"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "True"
 
 
 def main() -> int:
@@ -283,6 +324,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("~/.cache/lmtuner/bench-train-throughput").expanduser())
     parser.add_argument("--lf-venv", type=Path, default=DEFAULT_LF_VENV)
     parser.add_argument("--json", type=Path, help="also write the runs and the summary here")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="bench-26m", help="model shape (random init)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU: the GPU's dense bf16 peak")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -306,9 +349,11 @@ def main() -> int:
         configs.remove("llamafactory")
     args.work.mkdir(parents=True, exist_ok=True)
     rows = json.loads(DATA.read_text())[: args.rows]
-    model = build_model(args.work, rows)
+    model = build_model(args.work, rows, args.shape)
+    cuda = _cuda_available()
     rows_path = write_rows(args.work, rows)
     print(
+        f"{args.shape} on {'cuda (bf16)' if cuda else 'cpu (fp32)'}; "
         f"{len(rows)} rows of {DATA.name}, max length {args.max_len}, batch {args.batch}, LoRA r=8 on "
         f"{len(LORA_TARGETS)} modules, 1 epoch, {args.rounds} rounds of {', '.join(configs)}; load average "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
@@ -319,7 +364,7 @@ def main() -> int:
         for name in configs:
             spec = {
                 "model": str(model), "rows": str(rows_path), "work": str(args.work), "max_len": args.max_len,
-                "batch": args.batch, "out": str(args.work / f"out-{name}-{round_}"),
+                "batch": args.batch, "out": str(args.work / f"out-{name}-{round_}"), "cuda": cuda,
             }  # fmt: skip
             python = str(lf_python) if name == "llamafactory" else sys.executable
             result = run_child(name, spec, python)
@@ -332,10 +377,16 @@ def main() -> int:
                 result["positions"] = result["real_tokens"]
                 result["real_tokens"] = reference_tokens(args, model, rows_path)
             results[name].append(result)
+            gpu = ""
+            if "peak_gpu_mib" in result:
+                # Model FLOPs utilisation by the usual 6 x parameters per token (LoRA skips the frozen weights'
+                # gradients, so its true share is nearer 4/6 of this figure).
+                mfu = 6 * result.get("parameters", 0) * result["real_tokens"] / result["seconds"]
+                gpu = f", peak GPU {result['peak_gpu_mib']:.0f} MiB, MFU {100 * mfu / (args.peak_tflops * 1e12):.1f}%"
             print(
                 f"  round {round_ + 1} {name:12s} {result['real_tokens']:7d} real tokens in {result['seconds']:6.1f} s "
                 f"= {result['real_tokens'] / result['seconds']:7.1f} tokens/s, {result['steps']} steps, "
-                f"peak RSS {result['peak_rss_mib']:.0f} MiB; load {os.getloadavg()[0]:.1f}",
+                f"peak RSS {result['peak_rss_mib']:.0f} MiB{gpu}; load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
     summary = summarize({k: v for k, v in results.items() if v})
