@@ -66,10 +66,8 @@ def varlen_attention(
 
         cu = torch.tensor(bounds, dtype=torch.int32, device=query.device)
         longest = max(b - a for a, b in itertools.pairwise(bounds))
-        out = varlen_attn(
-            query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu, cu, longest, longest,
-            scale=scaling, window_size=(-1, 0), enable_gqa=gqa,
-        )  # fmt: skip  # (tokens, heads, dim)
+        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (tokens, heads, dim)
+        out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=(-1, 0), enable_gqa=gqa)
         return out.unsqueeze(0), None
 
     pieces = []

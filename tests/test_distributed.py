@@ -226,7 +226,17 @@ def check_artifact_loads_and_generates(base: Path, adapter: Path) -> None:
     assert all(t.abs().sum() > 0 for t in lora_b)
     result = generate(str(base), [[{"role": "user", "content": "What is 2 plus 3?"}]], adapter=str(adapter),
                       max_new_tokens=8)  # fmt: skip
-    assert result.outputs[0].tokens > 0
+    # A few steps of a tiny random model may well answer with end-of-text at once: generating at all is the check.
+    assert len(result.outputs) == 1 and result.outputs[0].finish_reason in ("stop", "length")
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(base)(ids).logits
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)(ids).logits
+    assert not torch.allclose(plain, tuned, atol=1e-4)  # the trained values are the ones loaded
 
 
 def test_two_processes_ddp_gloo_match_the_global_batch(baseline, tiny_model, data, tmp_path):

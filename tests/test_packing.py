@@ -208,3 +208,29 @@ def test_tokenization_is_cached_by_rows_tokenizer_and_template(tiny_model, share
     tokenizer.chat_template = tokenizer.chat_template.replace("<|im_start|>", "<|im_start|> ")
     changed, hit = tokenize_cached(rows, tokenizer, cache)
     assert not hit and changed["input_ids"] != first["input_ids"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's varlen_attn (flash) runs only on CUDA")
+def test_varlen_flash_path_on_cuda_equals_rows_alone():
+    """On CUDA in bf16 the whole flattened batch goes to torch's varlen_attn in one call; it must give each row what
+    causal SDPA gives the row alone (GQA heads included)."""
+    from lmtuner_core.varlen import varlen_attention
+
+    class Module:
+        is_causal = True
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    lengths = [37, 1, 300, 64]
+    total = sum(lengths)
+    query = torch.randn(1, 8, total, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+    key = torch.randn(1, 2, total, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+    value = torch.randn(1, 2, total, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+    bounds = torch.tensor([0, 37, 38, 338, 402], device="cuda", dtype=torch.int32)
+    out, _ = varlen_attention(Module(), query, key, value, None, scaling=0.125, cu_seq_lens_q=bounds)
+    assert out.shape == (1, total, 8, 64)
+    start = 0
+    for length in lengths:
+        q, k, v = (t[:, :, start : start + length] for t in (query, key, value))
+        alone = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.125, enable_gqa=True)
+        assert torch.allclose(out[:, start : start + length], alone.transpose(1, 2), atol=2e-2, rtol=0)
+        start += length
