@@ -1,7 +1,7 @@
 """ServerStore: the SQLite table of vLLM servers, in the same $LMTUNER_HOME/jobs.db as the jobs.
 
-Read and written through store.SqliteTable, as the jobs are: one short-lived connection per operation, WAL
-journal, a busy timeout, so the MCP server, the CLI and tests can share the file.
+Read and written through store.SqliteTable, as the jobs are: one connection per thread, WAL journal, a busy
+timeout, so the MCP server, the CLI and tests can share the file.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ restarting position ids, but for SDPA it then builds one dense (tokens × tokens
 every cross-row score only to mask it out; flash-attn's and torch's `varlen_attn` kernels are CUDA-only. Here the
 flattened batch (transformers' `DataCollatorWithFlattening` with `cu_seq_lens_*`) is cut at the row boundaries and
 each row goes through SDPA's causal kernel on its own, so attention costs Σ len² instead of (Σ len)², no mask is
-built, and on CUDA in half precision torch's `varlen_attn` (flash) does the whole batch in one call.
+built; on CUDA in half precision, with the collator's `cu_seq_lens`, torch's `varlen_attn` (flash) does the whole
+batch in one call.
 
 Everything else falls through to transformers' own SDPA function unchanged: padded batches (a 2D mask is given),
 generation with a KV cache, ordinary unpacked rows.
@@ -54,21 +55,25 @@ def varlen_attention(
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    bounds = None
-    if attention_mask is None and query.shape[2] == key.shape[2] and getattr(module, "is_causal", True):
-        bounds = row_bounds(kwargs, query)
-    if bounds is None or len(bounds) <= 2:  # not a flattened batch, or a single row: transformers' SDPA as usual
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-
+    flattened = attention_mask is None and query.shape[2] == key.shape[2] and getattr(module, "is_causal", True)
     gqa = query.shape[1] != key.shape[1]
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout:
+    cu = kwargs.get("cu_seq_lens_q")
+    if (
+        flattened and cu is not None and cu.numel() > 2 and query.shape[0] == 1
+        and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout
+    ):  # fmt: skip
+        # The collator's bounds are used as they are: reading them back to the host would wait on the GPU per layer.
         from torch.nn.attention.varlen import varlen_attn
 
-        cu = torch.tensor(bounds, dtype=torch.int32, device=query.device)
-        longest = max(b - a for a, b in itertools.pairwise(bounds))
+        cu = cu.to(device=query.device, dtype=torch.int32)
+        longest = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
         q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (tokens, heads, dim)
         out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=(-1, 0), enable_gqa=gqa)
         return out.unsqueeze(0), None
+
+    bounds = row_bounds(kwargs, query) if flattened else None
+    if bounds is None or len(bounds) <= 2:  # not a flattened batch, or a single row: transformers' SDPA as usual
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
     pieces = []
     for start, end in itertools.pairwise(bounds):
