@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import functools
 import inspect
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
@@ -22,6 +24,7 @@ from lmtuner_core import __version__
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.paths import AllowedRoots, lmtuner_home
 from lmtuner_core.secrets import redact
+from server.logs import report_unexpected
 from server.prompts import register_prompts
 from server.resources import register_resources
 from tools import data, evaluation, hardware, inference, planning, quantize, serving, training
@@ -84,27 +87,24 @@ TOOLS = (
 
 
 def bind_tool(fn: Callable[..., Any], ctx: ToolContext, inline: bool = False) -> Callable[..., Any]:
-    """The tool function with `ctx` filled in and LmtunerError turned into ToolError. The signature (minus
-    ctx) is kept, with annotations evaluated, so the SDK derives the same JSON schema. `inline`: see ToolSpec."""
+    """The tool function as the SDK registers it: `ctx` filled in, a thread-safe `progress` for tools that take
+    one, LmtunerError turned into ToolError, and any other exception into a ToolError that names the tool, the
+    exception and the server log holding its traceback. The signature (minus ctx and progress) is kept, with
+    annotations evaluated, so the SDK derives the same JSON schema. `inline`: see ToolSpec."""
     signature = inspect.signature(fn, eval_str=True)
     params = [p for name, p in signature.parameters.items() if name not in ("ctx", "progress")]
     reports_progress = "progress" in signature.parameters
-    if reports_progress:  # the SDK fills a Context-typed parameter and leaves it out of the schema
-        params.append(inspect.Parameter("mcp_context", inspect.Parameter.KEYWORD_ONLY, annotation=Context))
+    # The SDK fills a Context-typed parameter (the request's id, its progress token) and leaves it out of the schema.
+    params.append(inspect.Parameter("mcp_context", inspect.Parameter.KEYWORD_ONLY, annotation=Context))
+    name = fn.__name__
 
-    def call(**kwargs: Any) -> Any:
-        if reports_progress:
-            mcp_context = kwargs.pop("mcp_context")
-
-            def progress(done: float, total: float, message: str) -> None:
-                # Tools run in a worker thread; the notification is sent from the event loop.
-                anyio.from_thread.run(mcp_context.report_progress, done, total, message)
-
-            kwargs["progress"] = progress
+    def call(mcp_context: Context, **kwargs: Any) -> Any:
         try:
             result = fn(ctx, **kwargs)
         except LmtunerError as exc:
             raise ToolError(redact(str(exc))) from None
+        except Exception as exc:
+            raise ToolError(report_unexpected(ctx.home, name, mcp_context.request_id, exc)) from None
         png = getattr(result, "_plot_png", None)
         if png:  # structured result plus the picture, for hosts that show images
             return CallToolResult(
@@ -116,21 +116,50 @@ def bind_tool(fn: Callable[..., Any], ctx: ToolContext, inline: bool = False) ->
             )
         return result
 
-    if inline:
-
-        @functools.wraps(fn)
-        async def tool(**kwargs: Any) -> Any:
-            if kwargs.get("wait_seconds"):
-                return await anyio.to_thread.run_sync(functools.partial(call, **kwargs))
+    @functools.wraps(fn)
+    async def tool(**kwargs: Any) -> Any:
+        if reports_progress:
+            kwargs["progress"] = progress_reporter(kwargs["mcp_context"])
+        if inline and not kwargs.get("wait_seconds"):
             return call(**kwargs)
-
-    else:
-        tool = functools.wraps(fn)(call)
+        return await anyio.to_thread.run_sync(functools.partial(call, **kwargs))
 
     tool.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     tool.__annotations__ = {p.name: p.annotation for p in params} | {"return": signature.return_annotation}
     del tool.__wrapped__  # type: ignore[attr-defined]
     return tool
+
+
+def progress_reporter(mcp_context: Context) -> Callable[[float, float, str], None] | None:
+    """A progress function that any thread may call, or None when the client sent no progress token (then the
+    tool skips the work of reporting). Must be made on the event loop: tools run in a worker thread, and some
+    fan out into threads of their own (generate's concurrent requests to vLLM), which are not AnyIO's and can
+    only reach the loop through the token taken here."""
+    if not asked_for_progress(mcp_context):
+        return None
+    loop = anyio.lowlevel.current_token()
+
+    def progress(done: float, total: float, message: str) -> None:
+        try:
+            anyio.from_thread.run(mcp_context.report_progress, done, total, message, token=loop)
+        except anyio.RunFinishedError:
+            raise  # the server's event loop is gone: nobody can receive the result either, so stop the work
+        except Exception:  # progress is advisory: a client that went away must not fail the work itself
+            logging.getLogger(__name__).debug("progress notification not sent", exc_info=True)
+
+    return progress
+
+
+def asked_for_progress(mcp_context: Context) -> bool:
+    """Whether the caller wants progress notifications. Over stdio and HTTP the request's _meta carries a
+    progress token; the SDK's in-process client hands its callback to its dispatcher instead, which the
+    context shows only through a private attribute (read defensively: when unsure, report, and the SDK
+    drops notifications nobody asked for)."""
+    request = mcp_context.request_context
+    if (request.meta or {}).get("progress_token") is not None:
+        return True
+    outbound = getattr(request.session, "_request_outbound", None)
+    return getattr(getattr(outbound, "transport", None), "kind", "direct") == "direct"
 
 
 def build_server(

@@ -7,6 +7,7 @@ and generate through it: the tiny model plus a trained LoRA adapter, greedy floa
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -27,7 +28,7 @@ from lmtuner_core.sample_data import write_demo_dataset
 from lmtuner_core.servers_store import ServerStore
 from lmtuner_core.serving import LORA_RANKS, build_command, max_lora_rank
 from server.app import build_server
-from tests.helpers import call_ok, quick_config
+from tests.helpers import call_ok, http_client, http_server, quick_config, stdio_client
 from tools import inference, serving, training
 from tools.context import ToolContext
 
@@ -143,6 +144,54 @@ def test_served_models_and_greedy_output_equal_transformers(work, tiny_model, se
     tuned = inference.generate(ctx, str(tiny_model), engine="vllm", prompts=PROMPTS, max_new_tokens=24,
                                adapter=str(adapter))  # fmt: skip
     assert [o.text for o in base.outputs] != [o.text for o in tuned.outputs]  # the adapter really is applied
+
+
+@needs_vllm
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+def test_generate_through_vllm_over_mcp_with_and_without_progress(work, tiny_model, server, transport):
+    """A real MCP client, as an agent calls it: vLLM's answers come back, and with a progress token one
+    notification per prompt arrives (sent from the request threads, which are not AnyIO's)."""
+    ctx, tmp_path, adapter = work
+    expected = {
+        a: [o.text for o in inference.generate(ctx, str(tiny_model), engine="vllm", prompts=PROMPTS, adapter=a,
+                                               max_new_tokens=24).outputs]
+        for a in (None, str(adapter))
+    }  # fmt: skip
+
+    async def scenario(client):
+        results = []
+        for adapter_arg, engine, with_token in itertools.product((None, str(adapter)), ("vllm", "auto"), (True, False)):
+            updates: list = []
+
+            async def on_progress(done, total, message, updates=updates):
+                updates.append((done, total, message))
+
+            arguments = {"model": str(tiny_model), "prompts": PROMPTS, "adapter": adapter_arg, "max_new_tokens": 24,
+                         "engine": engine}  # fmt: skip
+            callback = on_progress if with_token else None
+            result = await client.call_tool("generate", arguments, progress_callback=callback)
+            assert not result.is_error, f"{engine}, adapter {adapter_arg}: {result.content[0].text}"
+            results.append((adapter_arg, with_token, result.structured_content, updates))
+        return results
+
+    async def over_stdio():
+        async with stdio_client(ctx.home, [tmp_path, tiny_model]) as client:
+            return await scenario(client)
+
+    async def over_http(url):
+        async with http_client(url) as client:
+            return await scenario(client)
+
+    if transport == "stdio":
+        results = anyio.run(over_stdio)
+    else:
+        with http_server(ctx.home, "--root", str(tmp_path), "--root", str(tiny_model)) as (url, _):
+            results = anyio.run(over_http, url)
+    for adapter_arg, with_token, answer, updates in results:
+        assert answer["engine"] == "vllm" and answer["server_id"] == server.server_id
+        assert [o["text"] for o in answer["outputs"]] == expected[adapter_arg]
+        n = len(PROMPTS)
+        assert updates == ([(i, n, f"generated {i} of {n}") for i in range(1, n + 1)] if with_token else [])
 
 
 @needs_vllm
