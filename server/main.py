@@ -25,9 +25,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from lmtuner_core.errors import LmtunerError
+    from lmtuner_core.library_noise import quiet_library_noise
     from lmtuner_core.paths import lmtuner_home
     from server.app import build_server
+    from server.logs import configure_process_logging
 
+    quiet_library_noise()
+    configure_process_logging(lmtuner_home())  # before the SDK's own logging set-up, which it then leaves alone
     server = build_server(roots=args.root, read_only=args.read_only)
     if not args.http:
         server.run()
