@@ -86,6 +86,17 @@ def quick_config(model: Path, dataset, **overrides) -> dict:
     return config
 
 
+RESULT_MARK = "LMTUNER-RESULT "
+
+
+def marked_result(stdout: str):
+    """The JSON a child script printed after RESULT_MARK. Never the last line: libraries log after it (vLLM's
+    shutdown lines), and how much they log depends on the machine."""
+    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARK)]
+    assert len(lines) == 1, f"expected one line starting {RESULT_MARK!r}, got {len(lines)} in:\n{stdout[-3000:]}"
+    return json.loads(lines[0].removeprefix(RESULT_MARK))
+
+
 LMTUNER_MCP = str(Path(sys.executable).parent / "lmtuner-mcp")
 TOKEN = "test-token-7f3a"
 

@@ -21,7 +21,7 @@ from lmtuner_core.paths import AllowedRoots
 from lmtuner_core.sample_data import write_demo_dataset
 from server import cli
 from server.app import build_server
-from tests.helpers import call_error, quick_config, stdio_client
+from tests.helpers import call_error, marked_result, quick_config, stdio_client
 from tools import training
 from tools.context import ToolContext
 from tools.inference import generate
@@ -192,7 +192,7 @@ schemes = {}
 for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"):
     s = config.get_scheme(torch.nn.Linear(256, 128), name)
     schemes[name] = s and [type(s).__name__, s.group_size, str(s.quant_type)]
-print(json.dumps(schemes))
+print("LMTUNER-RESULT " + json.dumps(schemes), flush=True)
 """
 
 
@@ -211,7 +211,7 @@ def test_vllm_maps_every_quantized_layer_to_its_w4a16_kernel(gptq_output):
     proc = subprocess.run([python, "-I", "-c", VLLM_SCHEME, result["output_dir"]], capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    schemes = json.loads(proc.stdout.strip().splitlines()[-1])
+    schemes = marked_result(proc.stdout)
     assert schemes["model.layers.0.self_attn.q_proj"] == ["CompressedTensorsWNA16", 128, "uint4b8"]
     assert schemes["model.layers.1.mlp.down_proj"] == ["CompressedTensorsWNA16", 128, "uint4b8"]
     assert schemes["lm_head"] is None
@@ -223,7 +223,7 @@ def main():
     from vllm import LLM, SamplingParams
     llm = LLM(model=sys.argv[1], max_model_len=256, enforce_eager=True, kv_cache_memory_bytes=64 * 2**20)
     out = llm.generate([sys.argv[2]] * 2, SamplingParams(temperature=0, max_tokens=8))
-    print(json.dumps([o.outputs[0].text for o in out]))
+    print("LMTUNER-RESULT " + json.dumps([o.outputs[0].text for o in out]), flush=True)
 if __name__ == "__main__":
     main()
 """
@@ -251,7 +251,7 @@ def test_vllm_loads_the_gptq_output_and_generates(gptq_output, tmp_path):
     proc = subprocess.run([python, str(script), result["output_dir"], PROMPT], capture_output=True, text=True,
                           timeout=600, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    texts = json.loads(proc.stdout.strip().splitlines()[-1])
+    texts = marked_result(proc.stdout)  # vLLM logs its shutdown after it
     assert texts[0] and texts[0] == texts[1]
 
 
