@@ -19,6 +19,7 @@ import anyio
 import mcp
 from mcp.client.stdio import StdioServerParameters
 
+from lmtuner_core.library_noise import quiet_library_noise
 from lmtuner_core.sample_data import write_demo_dataset
 from lmtuner_core.tiny_model import make_tiny_model
 
@@ -115,6 +116,7 @@ async def run_demo() -> int:
 
 
 def main() -> int:
+    quiet_library_noise()
     return anyio.run(run_demo)
 
 

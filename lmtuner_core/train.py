@@ -17,6 +17,7 @@ import traceback
 from pathlib import Path
 
 from lmtuner_core.errors import LmtunerError
+from lmtuner_core.library_noise import quiet_library_noise
 from lmtuner_core.paths import RunDir
 
 
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m lmtuner_core.train RUN_DIR", file=sys.stderr)
         return 2
+    quiet_library_noise()
     run = RunDir(Path(argv[0]).resolve())
     stop = install_stop_handler()
     die_with_launcher()

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from lmtuner_core.config import load_train_config_file
 from lmtuner_core.errors import LmtunerError
+from lmtuner_core.library_noise import quiet_library_noise
 from lmtuner_core.paths import lmtuner_home
 from lmtuner_core.progress import JobProgress
 from lmtuner_core.store import TERMINAL
@@ -358,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_noise()
     args = build_parser().parse_args(argv)
     ctx = ToolContext(home=lmtuner_home())
     global RESULTS

@@ -14,6 +14,8 @@ from lmtuner_core.sample_data import write_demo_dataset
 from tests.helpers import quick_config
 
 LMTUNER = str(Path(sys.executable).parent / "lmtuner")
+# Seen on a first `make demo` before lmtuner_core.library_noise: libraries talking about themselves.
+LIBRARY_NOISE = ("Setting accelerator to CPU", "gemm_4bit_forward", "is_gradient_checkpointing")
 
 
 def run_cli(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -26,7 +28,8 @@ def run_cli(*args: str, home: Path, check: bool = True) -> subprocess.CompletedP
 
 def test_make_tiny_model_then_dry_run_then_train_and_follow(tmp_path, lmtuner_home):
     model_dir = tmp_path / "tiny"
-    made = json.loads(run_cli("--json", "make-tiny-model", str(model_dir), home=lmtuner_home).stdout)
+    made_run = run_cli("--json", "make-tiny-model", str(model_dir), home=lmtuner_home)
+    made, made_stderr = json.loads(made_run.stdout), made_run.stderr
     assert Path(made["model_dir"], "config.json").is_file()
 
     data = write_demo_dataset(tmp_path / "demo.jsonl", n=16)
@@ -39,6 +42,13 @@ def test_make_tiny_model_then_dry_run_then_train_and_follow(tmp_path, lmtuner_ho
     assert "completed: output in" in followed.stdout
     jobs = json.loads(run_cli("--json", "jobs", home=lmtuner_home).stdout)["jobs"]
     assert len(jobs) == 1 and jobs[0]["status"] == "completed" and jobs[0]["step"] == 3
+
+    # The adapter loads through peft and bitsandbytes: what a user sees is lmtuner's output, not library remarks.
+    answer = run_cli("generate", str(model_dir), "--prompt", "Hi", "--adapter", jobs[0]["output_dir"],
+                     "--max-new-tokens", "4", home=lmtuner_home)  # fmt: skip
+    seen = made_stderr + followed.stderr + answer.stderr
+    for noise in LIBRARY_NOISE:
+        assert noise not in seen, f"library noise reached the user: {noise!r}"
 
 
 def test_bad_config_file_exits_2_with_the_field_named(tmp_path, lmtuner_home):
