@@ -1,0 +1,95 @@
+"""Helpers for the OAuth tests: a real `lmtuner-mcp --http --auth oauth` process, the owner's consent given over
+real HTTP (the same form a browser submits), PKCE pairs and raw token requests."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import httpx2 as httpx
+
+from tests.helpers import TOKEN, free_port, http_server
+
+REDIRECT_URI = "http://127.0.0.1:9/callback"  # never contacted: the tests read the code from the Location header
+
+
+@contextmanager
+def oauth_server(home: Path, *args: str, port: int | None = None, public_url: str | None = None):
+    """(base URL, /mcp URL, process) of a server in --auth oauth mode whose owner token is TOKEN."""
+    port = port or free_port()
+    public_url = public_url or f"http://127.0.0.1:{port}/mcp"
+    with http_server(home, "--auth", "oauth", "--public-url", public_url, *args, port=port) as (url, proc):
+        yield f"http://127.0.0.1:{port}", url, proc
+
+
+def pkce_pair() -> tuple[str, str]:
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
+    return verifier, challenge
+
+
+def register(base: str, scope: str | None = None, redirect_uri: str = REDIRECT_URI) -> dict:
+    body = {
+        "client_name": "test agent",
+        "redirect_uris": [redirect_uri],
+        "grant_types": ["authorization_code", "refresh_token"],
+        "response_types": ["code"],
+        "token_endpoint_auth_method": "none",
+    }
+    if scope:
+        body["scope"] = scope
+    response = httpx.post(f"{base}/register", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def authorize_url(base: str, client_id: str, challenge: str, **extra: str) -> str:
+    params = {
+        "response_type": "code",
+        "client_id": client_id,
+        "redirect_uri": REDIRECT_URI,
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "state": "st-1",
+        "resource": f"{base}/mcp",
+        **extra,
+    }
+    return f"{base}/authorize?{urlencode(params)}"
+
+
+def consent(authorization_url: str, owner_token: str = TOKEN, decision: str = "approve") -> httpx.Response:
+    """Follows /authorize to the consent page and submits its form; returns the form's response."""
+    start = httpx.get(authorization_url)
+    assert start.status_code == 302, start.text
+    page_url = start.headers["location"]
+    page = httpx.get(page_url)
+    assert page.status_code == 200 and 'name="owner_token"' in page.text, page.text
+    request_id = parse_qs(urlsplit(page_url).query)["request"][0]
+    form = {"request": request_id, "owner_token": owner_token, "decision": decision}
+    return httpx.post(page_url.split("?")[0], data=form)
+
+
+def redirect_params(response: httpx.Response) -> dict[str, str]:
+    assert response.status_code == 303, response.text
+    return {key: values[0] for key, values in parse_qs(urlsplit(response.headers["location"]).query).items()}
+
+
+def token_request(base: str, **form: str) -> httpx.Response:
+    return httpx.post(f"{base}/token", data=form)
+
+
+def tokens_for(base: str, client_id: str, scope: str | None = None) -> dict:
+    """Access and refresh token for a registered public client, through consent and the code exchange."""
+    verifier, challenge = pkce_pair()
+    extra = {"scope": scope} if scope else {}
+    code = redirect_params(consent(authorize_url(base, client_id, challenge, **extra)))["code"]
+    response = token_request(
+        base, grant_type="authorization_code", code=code, client_id=client_id, redirect_uri=REDIRECT_URI,
+        code_verifier=verifier, resource=f"{base}/mcp",
+    )  # fmt: skip
+    assert response.status_code == 200, response.text
+    return response.json()
