@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import secrets
+import threading
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -93,3 +96,49 @@ def tokens_for(base: str, client_id: str, scope: str | None = None) -> dict:
     )  # fmt: skip
     assert response.status_code == 200, response.text
     return response.json()
+
+
+class DocumentServer(ThreadingHTTPServer):
+    """Serves Client ID Metadata Documents on 127.0.0.1 (what chatgpt.com does over https in production), and
+    records what arrives at an agent's redirect endpoints (`callbacks`: path -> query strings)."""
+
+    def __init__(self):
+        self.documents: dict[str, dict] = {}
+        self.callbacks: dict[str, list[str]] = {}
+        super().__init__(("127.0.0.1", 0), DocumentHandler)
+        self.base = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class DocumentHandler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        path, _, query = self.path.partition("?")
+        if path in self.server.callbacks:  # an agent's OAuth redirect endpoint: keep what arrived
+            self.server.callbacks[path].append(query)
+            self._answer(200, b"<!doctype html><title>Connected</title><p id=done>Connected.</p>", "text/html")
+            return
+        document = self.server.documents.get(path)
+        if document is None:
+            self._answer(404, b"not found", "text/plain")
+        else:
+            self._answer(200, json.dumps(document).encode(), "application/json")
+
+    def _answer(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def document_server():
+    server = DocumentServer()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()

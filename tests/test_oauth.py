@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import anyio
@@ -25,6 +23,7 @@ from tests.oauth_helpers import (
     REDIRECT_URI,
     authorize_url,
     consent,
+    document_server,
     oauth_server,
     pkce_pair,
     redirect_params,
@@ -274,39 +273,14 @@ def run_cli(*args: str):
     return json.loads(out.stdout) if args[0] == "--json" else out.stdout
 
 
-class DocumentServer(ThreadingHTTPServer):
-    """Serves Client ID Metadata Documents on 127.0.0.1 (what chatgpt.com does over https in production)."""
-
-    def __init__(self):
-        self.documents: dict[str, dict] = {}
-        super().__init__(("127.0.0.1", 0), DocumentHandler)
-        self.base = f"http://127.0.0.1:{self.server_address[1]}"
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-
-class DocumentHandler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        document = self.server.documents.get(self.path)
-        body = json.dumps(document).encode() if document else b"not found"
-        self.send_response(200 if document else 404)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def document_server():
-    server = DocumentServer()
-    yield server
-    server.shutdown()
-    server.server_close()
+def documents():
+    with document_server() as server:
+        yield server
 
 
-def test_a_client_id_metadata_document_client_connects(lmtuner_home, document_server, monkeypatch):
+def test_a_client_id_metadata_document_client_connects(lmtuner_home, documents, monkeypatch):
+    document_server = documents
     client_id = f"{document_server.base}/oauth/client.json"
     document_server.documents["/oauth/client.json"] = {
         "client_id": client_id,

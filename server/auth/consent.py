@@ -86,7 +86,10 @@ class ConsentPage:
         if not hmac.compare_digest(given, self.owner_token):
             left = self.limiter.fail()
             return self._page(request_id, status=401, error=f"Wrong owner token ({left} attempts left).")
-        code, data = self.provider.issue_code(request_id)
+        issued = self.provider.issue_code(request_id)
+        if issued is None:
+            return _expired()
+        code, data = issued
         target = construct_redirect_uri(data["redirect_uri"], code=code, state=data["state"], iss=self.provider.issuer)
         return RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
 

@@ -117,11 +117,12 @@ class OwnerAuthorizationServer:
         )
         return f"{self.issuer}/consent?request={request_id}"
 
-    def issue_code(self, request_id: str) -> tuple[str, dict]:
-        """After the owner approved: (code, the consent request's data); the request itself is spent."""
+    def issue_code(self, request_id: str) -> tuple[str, dict] | None:
+        """After the owner approved: (code, the consent request's data), the request spent; None when another
+        submission of the same form spent it first."""
         consent = self.store.get(request_id, "consent")
-        assert consent is not None
-        self.store.delete(request_id)
+        if consent is None or not self.store.delete(request_id):
+            return None
         code = new_secret()
         self.store.put(
             code,

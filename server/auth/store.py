@@ -174,9 +174,10 @@ class AuthStore:
                 > 0
             )
 
-    def delete(self, value: str) -> None:
+    def delete(self, value: str) -> bool:
+        """False when it was already gone (another request took it first)."""
         with self._connect() as db:
-            db.execute("DELETE FROM secrets WHERE hash = ?", (secret_hash(value),))
+            return db.execute("DELETE FROM secrets WHERE hash = ?", (secret_hash(value),)).rowcount > 0
 
     def revoke_grant(self, grant_id: str, keep_spent_codes: bool = True) -> None:
         """Ends one approval: its tokens go. Spent codes stay (marked used) so a replay is recognised."""
