@@ -8,12 +8,14 @@ import hashlib
 import json
 import secrets
 import threading
+import time
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx2 as httpx
+import jwt
 
 from tests.helpers import TOKEN, free_port, http_server
 
@@ -142,3 +144,23 @@ def document_server():
     finally:
         server.shutdown()
         server.server_close()
+
+
+class ClientKeys:
+    """An agent's signing key, published as a JWKS, and RFC 7523 client assertions signed with it (what
+    ChatGPT does with the key at https://chatgpt.com/oauth/jwks.json)."""
+
+    def __init__(self):
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.jwks = {"keys": [jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key(), as_dict=True) | {"kid": "a1"}]}
+
+    def assertion(self, client_id: str, audience: str, *, key=None, jti: str | None = None) -> str:
+        now = int(time.time())
+        claims = {"iss": client_id, "sub": client_id, "aud": audience, "iat": now, "exp": now + 300,
+                  "jti": jti or secrets.token_hex(8)}  # fmt: skip
+        return jwt.encode(claims, key or self.key, algorithm="RS256", headers={"kid": "a1"})
+
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"

@@ -20,7 +20,9 @@ from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull,
 
 from tests.helpers import LMTUNER_MCP, READ_ONLY_TOOLS, free_port, http_client
 from tests.oauth_helpers import (
+    ASSERTION_TYPE,
     REDIRECT_URI,
+    ClientKeys,
     authorize_url,
     consent,
     document_server,
@@ -85,7 +87,7 @@ def test_metadata_and_the_401_point_agents_at_the_authorization_server(lmtuner_h
     assert resource["resource"] == url and resource["authorization_servers"] == [base]
     assert resource["scopes_supported"] == ["lmtuner:read", "lmtuner:train"]
     assert server["code_challenge_methods_supported"] == ["S256"]
-    assert "none" in server["token_endpoint_auth_methods_supported"]
+    assert {"none", "private_key_jwt"} <= set(server["token_endpoint_auth_methods_supported"])
     assert server["client_id_metadata_document_supported"] is True
     assert server["registration_endpoint"] == f"{base}/register" and server["revocation_endpoint"] == f"{base}/revoke"
 
@@ -280,16 +282,27 @@ def documents():
 
 
 def test_a_client_id_metadata_document_client_connects(lmtuner_home, documents, monkeypatch):
-    document_server = documents
-    client_id = f"{document_server.base}/oauth/client.json"
-    document_server.documents["/oauth/client.json"] = {
+    # A replica of ChatGPT's document: a public client that signs client assertions with a published key.
+    client_id = f"{documents.base}/oauth/client.json"
+    keys = ClientKeys()
+    documents.documents["/oauth/jwks.json"] = keys.jwks
+    documents.documents["/oauth/client.json"] = {
         "client_id": client_id,
         "client_name": "Document agent",
         "redirect_uris": [REDIRECT_URI],
-        "token_endpoint_auth_method": "none",
+        "token_endpoint_auth_method": "private_key_jwt",
+        "token_endpoint_auth_methods_supported": ["none", "private_key_jwt"],
+        "token_endpoint_auth_signing_alg": "RS256",
+        "jwks_uri": f"{documents.base}/oauth/jwks.json",
+        "grant_types": ["authorization_code", "refresh_token"],
     }
-    mismatched_id = f"{document_server.base}/oauth/other.json"
-    document_server.documents["/oauth/other.json"] = {"client_id": client_id, "redirect_uris": [REDIRECT_URI]}
+    documents.documents["/oauth/other.json"] = {"client_id": client_id, "redirect_uris": [REDIRECT_URI]}
+    documents.documents["/oauth/foreign-keys.json"] = {
+        "client_id": f"{documents.base}/oauth/foreign-keys.json",
+        "redirect_uris": [REDIRECT_URI],
+        "token_endpoint_auth_method": "private_key_jwt",
+        "jwks_uri": "https://keys.example/jwks.json",
+    }
     verifier, challenge = pkce_pair()
     # Production rule: an http (or loopback) client_id URL is refused, with the reason.
     with oauth_server(lmtuner_home) as (base, url, _):
@@ -301,19 +314,34 @@ def test_a_client_id_metadata_document_client_connects(lmtuner_home, documents, 
         page = httpx.get(httpx.get(authorize_url(base, client_id, challenge)).headers["location"])
         assert "Document agent" in page.text and "127.0.0.1:9" in page.text
         code = redirect_params(consent(authorize_url(base, client_id, challenge)))["code"]
-        tokens = token_request(
-            base, grant_type="authorization_code", code=code, client_id=client_id, redirect_uri=REDIRECT_URI,
-            code_verifier=verifier, resource=url,
-        )  # fmt: skip
+        exchange = {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
+                    "code_verifier": verifier, "client_assertion_type": ASSERTION_TYPE}  # fmt: skip
+        unsigned = token_request(base, **{**exchange, "client_id": client_id, "client_assertion_type": ""})
+        forged = token_request(
+            base, **exchange, client_assertion=keys.assertion(client_id, f"{base}/token", key=ClientKeys().key)
+        )
+        # RFC 7523: the assertion alone names the client (no client_id field), as ChatGPT may send it.
+        assertion = keys.assertion(client_id, f"{base}/token")
+        tokens = token_request(base, **exchange, client_assertion=assertion)
         assert tokens.status_code == 200, tokens.text
         names, jobs = anyio.run(tool_names_and_jobs, url, tokens.json()["access_token"])
+        refresh = {"grant_type": "refresh_token", "refresh_token": tokens.json()["refresh_token"],
+                   "client_id": client_id, "client_assertion_type": ASSERTION_TYPE}  # fmt: skip
+        replayed = token_request(base, **refresh, client_assertion=assertion)
+        refreshed = token_request(base, **refresh, client_assertion=keys.assertion(client_id, base))
         wrong_redirect = httpx.get(authorize_url(base, client_id, challenge, redirect_uri="https://evil.example/cb"))
-        mismatched = httpx.get(authorize_url(base, mismatched_id, challenge))
-        missing = httpx.get(authorize_url(base, f"{document_server.base}/oauth/none.json", challenge))
+        mismatched = httpx.get(authorize_url(base, f"{documents.base}/oauth/other.json", challenge))
+        missing = httpx.get(authorize_url(base, f"{documents.base}/oauth/none.json", challenge))
+        foreign_keys = httpx.get(authorize_url(base, f"{documents.base}/oauth/foreign-keys.json", challenge))
+    assert unsigned.status_code == 401 and "private_key_jwt" in unsigned.json()["error_description"]
+    assert forged.status_code == 401 and forged.json()["error"] == "invalid_client"
     assert "start_training" in names and not jobs.is_error
+    assert replayed.status_code == 401 and "already used" in replayed.json()["error_description"]
+    assert refreshed.status_code == 200, refreshed.text
     assert wrong_redirect.status_code == 400 and "not registered" in wrong_redirect.json()["error_description"]
     assert mismatched.status_code == 400 and "must equal its URL" in mismatched.json()["error_description"]
     assert missing.status_code == 400 and "HTTP 404" in missing.json()["error_description"]
+    assert foreign_keys.status_code == 400 and "document's own host" in foreign_keys.json()["error_description"]
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import httpx2 as httpx
 import pytest
 
 from tests.helpers import READ_ONLY_TOOLS, TOKEN, http_client
-from tests.oauth_helpers import document_server, oauth_server, pkce_pair
+from tests.oauth_helpers import ASSERTION_TYPE, ClientKeys, document_server, oauth_server, pkce_pair
 
 CHROMIUM = Path("/usr/bin/chromium")
 INSTALL = "apt-get update && apt-get install -y --no-install-recommends chromium (make test does it when run as root)"
@@ -50,13 +50,26 @@ def test_chatgpt_shaped_flow_in_a_real_browser(lmtuner_home, monkeypatch, regist
         )
 
         if registration == "client_id_metadata_document":
+            # Shaped like ChatGPT's document at https://chatgpt.com/oauth/client.json (keys on its own host).
             client_id = f"{agent.base}/oauth/client.json"
+            keys = ClientKeys()
+            agent.documents["/oauth/jwks.json"] = keys.jwks
             agent.documents["/oauth/client.json"] = {
                 "client_id": client_id,
                 "client_name": "ChatGPT",
+                "client_uri": agent.base,
                 "redirect_uris": [redirect_uri],
-                "token_endpoint_auth_method": "none",
+                "token_endpoint_auth_method": "private_key_jwt",
+                "token_endpoint_auth_methods_supported": ["none", "private_key_jwt"],
+                "grant_types": ["authorization_code", "refresh_token"],
+                "response_types": ["code"],
+                "token_endpoint_auth_signing_alg": "RS256",
+                "jwks_uri": f"{agent.base}/oauth/jwks.json",
             }
+
+            def client_auth():
+                assertion = keys.assertion(client_id, server["token_endpoint"])
+                return {"client_assertion_type": ASSERTION_TYPE, "client_assertion": assertion}
         else:
             registered = httpx.post(
                 server["registration_endpoint"],
@@ -65,6 +78,9 @@ def test_chatgpt_shaped_flow_in_a_real_browser(lmtuner_home, monkeypatch, regist
             )  # fmt: skip
             assert registered.status_code == 201, registered.text
             client_id = registered.json()["client_id"]
+
+            def client_auth():
+                return {}
 
         verifier, code_challenge = pkce_pair()
         authorize = server["authorization_endpoint"] + "?" + urlencode({
@@ -97,7 +113,8 @@ def test_chatgpt_shaped_flow_in_a_real_browser(lmtuner_home, monkeypatch, regist
         exchange = {"client_id": client_id, "redirect_uri": redirect_uri, "resource": resource["resource"]}
         tokens = httpx.post(
             server["token_endpoint"],
-            data={"grant_type": "authorization_code", "code": answer["code"], "code_verifier": verifier, **exchange},
+            data={"grant_type": "authorization_code", "code": answer["code"], "code_verifier": verifier, **exchange}
+            | client_auth(),
         )
         assert tokens.status_code == 200, tokens.text
         names, jobs = anyio.run(tools_and_a_call, url, tokens.json()["access_token"])
@@ -110,7 +127,8 @@ def test_chatgpt_shaped_flow_in_a_real_browser(lmtuner_home, monkeypatch, regist
                 "grant_type": "refresh_token",
                 "refresh_token": tokens.json()["refresh_token"],
                 "client_id": client_id,
-            },
+            }
+            | client_auth(),
         )
         assert refreshed.status_code == 200, refreshed.text
         names_after, _ = anyio.run(tools_and_a_call, url, refreshed.json()["access_token"])

@@ -38,7 +38,8 @@ def _loopback_allowed() -> bool:
     return os.environ.get(LOOPBACK_FLAG) == "1"
 
 
-async def _check_url(url: str) -> None:
+async def check_fetch_url(url: str) -> None:
+    """Raises ClientMetadataError unless the server may fetch `url` (https, public host; see the module doc)."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     if parts.username or parts.password or parts.fragment:
@@ -69,7 +70,7 @@ async def _resolve(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Addr
 
 async def fetch_client_metadata(url: str) -> dict[str, Any]:
     """The client information (OAuthClientInformationFull fields) that the document at `url` describes."""
-    await _check_url(url)
+    await check_fetch_url(url)
     try:
         async with (
             httpx.AsyncClient(timeout=FETCH_TIMEOUT_SECONDS, follow_redirects=False) as http,
@@ -102,10 +103,18 @@ def client_info_from_document(url: str, document: Any) -> dict[str, Any]:
     if not isinstance(redirect_uris, list) or not redirect_uris or not all(isinstance(u, str) for u in redirect_uris):
         raise ClientMetadataError(f"client_id {url}: the document must list its redirect_uris")
     method = document.get("token_endpoint_auth_method", "none")
-    if method != "none":
-        # A published document cannot carry a shared secret; key-based client auth is not supported here.
+    jwks_uri = document.get("jwks_uri")
+    if method == "private_key_jwt":
+        # ChatGPT's document declares this: it signs an RFC 7523 client assertion with a key at its jwks_uri.
+        if not isinstance(jwks_uri, str) or urlsplit(jwks_uri).hostname != urlsplit(url).hostname:
+            raise ClientMetadataError(
+                f"client_id {url}: private_key_jwt needs a jwks_uri on the document's own host (got {jwks_uri!r})"
+            )
+    elif method == "none":
+        jwks_uri = None
+    else:  # a published document cannot carry a shared secret
         raise ClientMetadataError(
-            f"client_id {url}: token_endpoint_auth_method {method!r} is not supported; documents must use 'none'"
+            f"client_id {url}: token_endpoint_auth_method {method!r} is not supported; use 'none' or 'private_key_jwt'"
         )
     scope = document.get("scope")
     return {
@@ -117,5 +126,8 @@ def client_info_from_document(url: str, document: Any) -> dict[str, Any]:
         "scope": scope if isinstance(scope, str) and scope else " ".join(ALL_SCOPES),
         "grant_types": ["authorization_code", "refresh_token"],
         "response_types": ["code"],
+        # The SDK's client check knows no private_key_jwt: it sees 'none', and server/auth/client_assertion.py
+        # requires the assertion of every client that has a jwks_uri before the SDK's token handler runs.
         "token_endpoint_auth_method": "none",
+        "jwks_uri": jwks_uri,
     }

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from mcp.server.auth.handlers.authorize import AuthorizationHandler
 from mcp.server.auth.handlers.metadata import MetadataHandler, ProtectedResourceMetadataHandler
+from mcp.server.auth.handlers.token import TokenHandler
 from mcp.server.auth.middleware.client_auth import AuthenticationError, ClientAuthenticator
 from mcp.server.auth.routes import build_metadata, cors_middleware
 from mcp.server.auth.settings import AuthSettings, ClientRegistrationOptions, RevocationOptions
@@ -19,15 +20,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lmtuner_core.errors import LmtunerError
+from server.auth.client_assertion import ClientAssertionError, asserted_client_id, verify_client_assertion, with_form
 from server.auth.client_metadata import ClientMetadataError
 from server.auth.consent import ConsentPage
 from server.auth.oauth import OwnerAuthorizationServer
-from server.auth.oidc import JwtVerifier
+from server.auth.oidc import ALGORITHMS, JwtVerifier
 from server.auth.scopes import ALL_SCOPES, enforce_scopes
 from server.auth.store import AuthStore
 from server.http import is_loopback
 
 MCP_PATH = "/mcp"
+AUTH_METHODS = ["none", "private_key_jwt", "client_secret_post", "client_secret_basic"]
 
 
 @dataclass
@@ -106,13 +109,15 @@ def oauth_setup(public_url: str, owner_token: str, home: Path, access_token_seco
     )
     # mcp 2.3 gaps: its metadata lists only the client-secret methods at the token and revocation endpoints,
     # although /register accepts 'none' (public clients, which agents are), and says nothing of Client ID
-    # Metadata Documents, which ChatGPT uses when `client_id_metadata_document_supported` is advertised.
+    # Metadata Documents, which ChatGPT uses when `client_id_metadata_document_supported` is advertised (and
+    # whose document declares private_key_jwt, checked by client_assertion_checked below).
     metadata = build_metadata(
         settings.issuer_url, None, settings.client_registration_options, settings.revocation_options
     ).model_copy(
         update={
-            "token_endpoint_auth_methods_supported": ["none", "client_secret_post", "client_secret_basic"],
-            "revocation_endpoint_auth_methods_supported": ["none", "client_secret_post", "client_secret_basic"],
+            "token_endpoint_auth_methods_supported": AUTH_METHODS,
+            "token_endpoint_auth_signing_alg_values_supported": ALGORITHMS,
+            "revocation_endpoint_auth_methods_supported": AUTH_METHODS,
             "client_id_metadata_document_supported": True,
             "authorization_response_iss_parameter_supported": True,  # the consent page's redirects carry `iss`
         }
@@ -135,10 +140,39 @@ def oauth_setup(public_url: str, owner_token: str, home: Path, access_token_seco
         return await sdk_authorize.handle(request)
 
     authenticator = ClientAuthenticator(provider)
+    sdk_token = TokenHandler(provider, authenticator)
+    token_url = f"{issuer}/token"
+
+    async def client_assertion_checked(request: Request) -> tuple[Request, Response | None]:
+        """(the request, with client_id filled in from an assertion; or a 401 when a key-holding client's
+        assertion is missing or wrong). Clients without published keys pass through to the SDK unchanged."""
+        form = {key: str(value) for key, value in (await request.form()).items()}
+        client_id = form.get("client_id") or asserted_client_id(form)
+        stored = store.client(client_id) if client_id else None
+        jwks_uri = stored[0].get("jwks_uri") if stored and stored[1] == "metadata_document" else None
+        if jwks_uri:
+            try:
+                await verify_client_assertion(store, client_id, jwks_uri, form, [token_url, issuer])
+            except ClientAssertionError as exc:
+                return request, JSONResponse(
+                    {"error": "invalid_client", "error_description": str(exc)},
+                    status_code=401,
+                    headers={"Cache-Control": "no-store"},
+                )
+        if client_id and "client_id" not in form:
+            return with_form(request, {**form, "client_id": client_id}), None
+        return request, None
+
+    async def token(request: Request) -> Response:
+        request, refusal = await client_assertion_checked(request)
+        return refusal or await sdk_token.handle(request)
 
     async def revoke(request: Request) -> Response:
         # mcp 2.3's RevocationHandler declares `client_secret` without a default, so a public client (which has no
         # secret, as agents are) gets 400 for an RFC 7009 request; same steps otherwise, with the SDK's parts.
+        request, refusal = await client_assertion_checked(request)
+        if refusal:
+            return refusal
         try:
             client = await authenticator.authenticate_request(request)
         except AuthenticationError as exc:
@@ -160,6 +194,7 @@ def oauth_setup(public_url: str, owner_token: str, home: Path, access_token_seco
         ),
         *_resource_metadata_routes(public_url, issuer),
         Route("/authorize", endpoint=authorize, methods=["GET", "POST"]),
+        Route("/token", endpoint=cors_middleware(token, ["POST", "OPTIONS"]), methods=["POST", "OPTIONS"]),
         Route("/revoke", endpoint=cors_middleware(revoke, ["POST", "OPTIONS"]), methods=["POST", "OPTIONS"]),
         Route("/consent", endpoint=consent.handle, methods=["GET", "POST"]),
     ]
