@@ -4,6 +4,7 @@ own OAuth client, real HTTP for every refusal, a restart, and the owner's CLI (`
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -364,3 +365,16 @@ def test_oauth_beyond_loopback_still_needs_a_configured_owner_token(lmtuner_home
     args = ["--http", "--host", "0.0.0.0", "--auth", "oauth", "--public-url", "https://lmtuner.example.com/mcp"]
     out = subprocess.run([LMTUNER_MCP, *args, "--port", str(free_port())], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "LMTUNER_TOKEN" in out.stderr
+
+
+def test_clients_the_owner_never_approved_are_dropped_after_a_day(tmp_path):
+    from server.auth.store import AuthStore
+
+    store = AuthStore(tmp_path / "oauth.db")
+    for client_id in ("approved", "pending", "fresh"):
+        store.save_client(client_id, {"client_id": client_id, "redirect_uris": [REDIRECT_URI]}, "registered")
+    store.mark_approved("approved")
+    with sqlite3.connect(tmp_path / "oauth.db") as db:  # two of them registered two days ago
+        db.execute("UPDATE clients SET created_at = created_at - 172800 WHERE client_id != 'fresh'")
+    store.purge_expired()
+    assert sorted(c["client_id"] for c in store.clients()) == ["approved", "fresh"]

@@ -123,6 +123,7 @@ class OwnerAuthorizationServer:
         consent = self.store.get(request_id, "consent")
         if consent is None or not self.store.delete(request_id):
             return None
+        self.store.mark_approved(consent.client_id)
         code = new_secret()
         self.store.put(
             code,

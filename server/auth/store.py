@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS clients (
     info TEXT NOT NULL,            -- OAuthClientInformationFull as JSON
     source TEXT NOT NULL,          -- 'registered' (RFC 7591) or 'metadata_document' (a Client ID Metadata Document)
     created_at REAL NOT NULL,
-    fetched_at REAL                -- when the metadata document was last fetched
+    fetched_at REAL,               -- when the metadata document was last fetched
+    approved_at REAL               -- when the owner last approved it (NULL: never)
 );
 CREATE TABLE IF NOT EXISTS secrets (
     hash TEXT PRIMARY KEY,         -- sha256 of the code, token or consent request id
@@ -104,7 +105,7 @@ class AuthStore:
         now = time.time()
         with self._connect() as db:
             rows = db.execute(
-                "SELECT c.client_id, c.info, c.source, c.created_at, "
+                "SELECT c.client_id, c.info, c.source, c.created_at, c.approved_at, "
                 "  (SELECT COUNT(*) FROM secrets s WHERE s.client_id = c.client_id AND s.kind = 'refresh' "
                 "   AND s.used = 0 AND s.expires_at > ?), "
                 "  (SELECT MAX(s.expires_at) FROM secrets s WHERE s.client_id = c.client_id AND s.kind = 'access') "
@@ -118,10 +119,11 @@ class AuthStore:
                 "redirect_uris": json.loads(info).get("redirect_uris") or [],
                 "source": source,
                 "created_at": created_at,
+                "approved_at": approved_at,
                 "active_grants": grants,
                 "last_token_expires_at": last_expiry,
             }
-            for client_id, info, source, created_at, grants, last_expiry in rows
+            for client_id, info, source, created_at, approved_at, grants, last_expiry in rows
         ]
 
     def delete_client(self, client_id: str) -> bool:
@@ -191,7 +193,15 @@ class AuthStore:
         with self._connect() as db:
             db.execute("DELETE FROM secrets WHERE grant_id = ? AND kind = ?", (grant_id, kind))
 
-    def purge_expired(self, grace_seconds: float = 86400) -> None:
-        """Drops what expired over a day ago (spent codes are kept that long to recognise replays)."""
+    def mark_approved(self, client_id: str) -> None:
         with self._connect() as db:
-            db.execute("DELETE FROM secrets WHERE expires_at < ?", (time.time() - grace_seconds,))
+            db.execute("UPDATE clients SET approved_at = ? WHERE client_id = ?", (time.time(), client_id))
+
+    def purge_expired(self, grace_seconds: float = 86400) -> None:
+        """Drops what expired over a day ago (spent codes are kept that long to recognise replays), and clients
+        the owner never approved that are over a day old: registration is open to anyone, so it must not let
+        anyone fill the database."""
+        cutoff = time.time() - grace_seconds
+        with self._connect() as db:
+            db.execute("DELETE FROM secrets WHERE expires_at < ?", (cutoff,))
+            db.execute("DELETE FROM clients WHERE approved_at IS NULL AND created_at < ?", (cutoff,))
