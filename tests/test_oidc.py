@@ -8,7 +8,9 @@ import time
 import anyio
 import httpx2 as httpx
 import jwt
+import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from mcp.shared.exceptions import MCPError
 
 from tests.helpers import READ_ONLY_TOOLS, free_port, http_client, http_server
 from tests.oauth_helpers import document_server
@@ -52,6 +54,14 @@ async def view(url: str, token: str):
     return names, jobs, training
 
 
+async def train_only_view(url: str, token: str):
+    async with http_client(url, token=token) as client:
+        names = [t.name for t in (await client.list_tools()).tools]
+        with pytest.raises(MCPError) as refused:
+            await client.list_resources()
+    return names, str(refused.value)
+
+
 def test_jwts_from_the_issuer_are_verified_with_its_jwks_and_scoped(lmtuner_home):
     port = free_port()
     public_url = f"http://127.0.0.1:{port}/mcp"
@@ -63,6 +73,7 @@ def test_jwts_from_the_issuer_are_verified_with_its_jwks_and_scoped(lmtuner_home
             resource = httpx.get(f"http://127.0.0.1:{port}/.well-known/oauth-protected-resource/mcp").json()
             full = anyio.run(view, url, issuer.token(public_url))
             read_only = anyio.run(view, url, issuer.token(public_url, scope="lmtuner:read"))
+            train_only = anyio.run(train_only_view, url, issuer.token(public_url, scope="lmtuner:train"))
             refused = {
                 "expired": status(url, issuer.token(public_url, exp=int(time.time()) - 60)),
                 "wrong audience": status(url, issuer.token("https://other.example/mcp")),
@@ -81,5 +92,8 @@ def test_jwts_from_the_issuer_are_verified_with_its_jwks_and_scoped(lmtuner_home
     names, jobs, training = read_only
     assert names == READ_ONLY_TOOLS and not jobs.is_error
     assert training.is_error and "needs the scope lmtuner:train" in training.content[0].text
+    names, resources_error = train_only
+    assert "start_training" in names and not set(names) & set(READ_ONLY_TOOLS)
+    assert "resources/list needs the scope lmtuner:read" in resources_error
     assert refused == dict.fromkeys(refused, 401)
     assert custom_audience == (200, 401)
