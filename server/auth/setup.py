@@ -14,10 +14,11 @@ from mcp.server.auth.handlers.token import TokenHandler
 from mcp.server.auth.middleware.client_auth import AuthenticationError, ClientAuthenticator
 from mcp.server.auth.routes import build_metadata, cors_middleware
 from mcp.server.auth.settings import AuthSettings, ClientRegistrationOptions, RevocationOptions
+from mcp.server.transport_security import DEFAULT_MAX_REQUEST_BODY_SIZE, RequestBodyLimitMiddleware
 from mcp.shared.auth import ProtectedResourceMetadata
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, request_response
 
 from lmtuner_core.errors import LmtunerError
 from server.auth.client_assertion import ClientAssertionError, asserted_client_id, verify_client_assertion, with_form
@@ -68,6 +69,11 @@ def check_public_url(url: str | None, option: str = "--public-url") -> str:
             field=option,
         )
     return f"{parts.scheme}://{parts.netloc}{MCP_PATH}"
+
+
+def _limited(app: Any) -> Any:
+    """The SDK's request-body limit, as on the SDK's own OAuth routes these replace."""
+    return RequestBodyLimitMiddleware(app, DEFAULT_MAX_REQUEST_BODY_SIZE)
 
 
 def _origin(url: str) -> str:
@@ -193,10 +199,10 @@ def oauth_setup(public_url: str, owner_token: str, home: Path, access_token_seco
             methods=["GET", "OPTIONS"],
         ),
         *_resource_metadata_routes(public_url, issuer),
-        Route("/authorize", endpoint=authorize, methods=["GET", "POST"]),
-        Route("/token", endpoint=cors_middleware(token, ["POST", "OPTIONS"]), methods=["POST", "OPTIONS"]),
-        Route("/revoke", endpoint=cors_middleware(revoke, ["POST", "OPTIONS"]), methods=["POST", "OPTIONS"]),
-        Route("/consent", endpoint=consent.handle, methods=["GET", "POST"]),
+        Route("/authorize", endpoint=_limited(request_response(authorize)), methods=["GET", "POST"]),
+        Route("/token", endpoint=_limited(cors_middleware(token, ["POST", "OPTIONS"])), methods=["POST", "OPTIONS"]),
+        Route("/revoke", endpoint=_limited(cors_middleware(revoke, ["POST", "OPTIONS"])), methods=["POST", "OPTIONS"]),
+        Route("/consent", endpoint=_limited(request_response(consent.handle)), methods=["GET", "POST"]),
     ]
     return AuthSetup({"auth": settings, "auth_server_provider": provider}, public_url, routes)
 
