@@ -39,9 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--access-token-ttl",
         type=int,
-        default=3600,
         metavar="SECONDS",
-        help="With --auth oauth: access token lifetime (default 3600; refresh tokens last 30 days).",
+        help="With --auth oauth: access token lifetime in seconds (default 3600; refresh tokens last 30 days).",
     )
     return parser.parse_args(argv)
 
@@ -53,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     from server.app import build_server
 
     if not args.http:
-        if args.auth != "token":
-            print(f"lmtuner-mcp: --auth {args.auth} applies to --http; stdio needs no auth", file=sys.stderr)
+        if args.auth != "token" or args.public_url is not None:
+            print("lmtuner-mcp: --auth and its options apply to --http; stdio needs no auth", file=sys.stderr)
             return 2
         build_server(roots=args.root, read_only=args.read_only).run()
         return 0
@@ -63,16 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     token = setup = None
     generated = False
     try:
+        _refuse_options_for_other_modes(args)
         if args.auth in ("token", "oauth"):
             token, generated = resolve_token(args.host, read_token(args.token_file), lmtuner_home())
         if args.auth != "token":
             from server.auth.setup import check_public_url, oauth_setup, oidc_setup
 
             public_url = check_public_url(args.public_url)
-            if args.access_token_ttl < 1:
+            ttl = 3600 if args.access_token_ttl is None else args.access_token_ttl
+            if ttl < 1:
                 raise LmtunerError("--access-token-ttl must be at least 1 second", field="--access-token-ttl")
             setup = (
-                oauth_setup(public_url, token, lmtuner_home(), args.access_token_ttl)
+                oauth_setup(public_url, token, lmtuner_home(), ttl)
                 if args.auth == "oauth"
                 else oidc_setup(public_url, args.issuer, args.audience)
             )
@@ -93,6 +94,22 @@ def main(argv: list[str] | None = None) -> int:
         server, host=args.host, port=args.port, token=None, public_url=setup.public_url, auth_routes=setup.routes
     )
     return 0
+
+
+def _refuse_options_for_other_modes(args: argparse.Namespace) -> None:
+    """An option the chosen --auth does not use is an error, not silently ignored."""
+    from lmtuner_core.errors import LmtunerError
+
+    used_by = {
+        "public_url": ("oauth", "oidc"),
+        "issuer": ("oidc",),
+        "audience": ("oidc",),
+        "access_token_ttl": ("oauth",),
+    }
+    for name, modes in used_by.items():
+        if getattr(args, name) is not None and args.auth not in modes:
+            option = "--" + name.replace("_", "-")
+            raise LmtunerError(f"{option} applies to --auth {' or '.join(modes)}, not --auth {args.auth}", field=option)
 
 
 if __name__ == "__main__":

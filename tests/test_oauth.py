@@ -352,7 +352,9 @@ def test_a_client_id_metadata_document_client_connects(lmtuner_home, documents, 
         (["--http", "--auth", "oauth", "--public-url", "http://lmtuner.example.com/mcp"], "must be https"),
         (["--http", "--auth", "oauth", "--public-url", "https://lmtuner.example.com/api"], "the path must be /mcp"),
         (["--http", "--auth", "oidc", "--public-url", "https://lmtuner.example.com/mcp"], "--issuer is required"),
-        (["--auth", "oauth"], "applies to --http"),
+        (["--auth", "oauth"], "apply to --http"),
+        (["--http", "--public-url", "https://lmtuner.example.com/mcp"], "--public-url applies to --auth oauth or oidc"),
+        (["--http", "--auth", "oauth", "--issuer", "https://idp.example"], "--issuer applies to --auth oidc"),
     ],
 )
 def test_bad_auth_options_are_refused_naming_the_option(lmtuner_home, args, expected):
