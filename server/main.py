@@ -49,12 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from lmtuner_core.errors import LmtunerError
     from lmtuner_core.paths import lmtuner_home
-    from server.app import build_server
 
     if not args.http:
         if args.auth != "token" or args.public_url is not None:
             print("lmtuner-mcp: --auth and its options apply to --http; stdio needs no auth", file=sys.stderr)
             return 2
+        from server.app import build_server
+
         build_server(roots=args.root, read_only=args.read_only).run()
         return 0
     from server.http import read_token, resolve_token, serve_http
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     if generated:
         print(f"lmtuner-mcp: no LMTUNER_TOKEN or --token-file; generated a token in {lmtuner_home() / 'http-token'}",
               file=sys.stderr)  # fmt: skip
+    from server.app import build_server  # after the checks above: a refused option answers without the tools' imports
+
     server = build_server(roots=args.root, read_only=args.read_only, server_options=setup and setup.server_options)
     where = f"http://{args.host}:{args.port}/mcp"
     if setup is None:
