@@ -22,7 +22,11 @@ GPTQ_VENV ?= $(HOME)/.cache/lmtuner/gptq-venv
 TORCH_EXTENSIONS_CACHE ?= $(HOME)/.cache/lmtuner/torch_extensions
 GPTQ_STAMP := $(GPTQ_VENV)/.installed-$(shell echo "llmcompressor==$(LLMCOMPRESSOR_VERSION)" | cat - constraints-cpu.txt | sha1sum | cut -c1-12)
 
-.PHONY: demo test lint install clean vllm-venv gptq-venv
+# The OAuth browser test drives the system Chromium through Playwright (never `playwright install`). Installed when
+# missing and this runs as root with apt (CI); elsewhere that test skips, naming this command.
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: demo test lint install clean vllm-venv gptq-venv chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,10 +59,14 @@ $(GPTQ_STAMP):
 
 gptq-venv: $(GPTQ_STAMP)
 
+chromium:
+	@if [ ! -x $(CHROMIUM) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && apt-get install -y -q --no-install-recommends chromium; fi
+
 demo: install
 	$(PY) -m examples.demo
 
-test: install vllm-venv gptq-venv
+test: install vllm-venv gptq-venv chromium
 	$(PY) -m ruff check --no-cache .
 	LMTUNER_VLLM_PYTHON=$(VLLM_VENV)/bin/python LMTUNER_GPTQ_PYTHON=$(GPTQ_VENV)/bin/python \
 		TORCH_EXTENSIONS_DIR=$(TORCH_EXTENSIONS_CACHE) $(PY) -m pytest -q

@@ -163,9 +163,14 @@ def asked_for_progress(mcp_context: Context) -> bool:
 
 
 def build_server(
-    *, roots: list[str | Path] | None = None, home: Path | None = None, read_only: bool = False
+    *,
+    roots: list[str | Path] | None = None,
+    home: Path | None = None,
+    read_only: bool = False,
+    server_options: dict[str, Any] | None = None,
 ) -> MCPServer:
-    """The lmtuner MCP server. roots=None confines file arguments to the working directory and $LMTUNER_HOME."""
+    """The lmtuner MCP server. roots=None confines file arguments to the working directory and $LMTUNER_HOME.
+    server_options: more MCPServer arguments (the auth of `--auth oauth|oidc`, see server/auth/setup.py)."""
     home = home or lmtuner_home()
     # The server's own run folders are always readable: an agent passes a job's output_dir to generate/merge.
     allowed = AllowedRoots([*roots, home / "runs"] if roots is not None else [Path.cwd(), home])
@@ -177,6 +182,7 @@ def build_server(
         version=__version__,
         instructions=INSTRUCTIONS,
         tools=tools,
+        **(server_options or {}),
     )
     register_resources(server, ctx)
     register_prompts(server)

@@ -192,6 +192,28 @@ def cmd_servers(ctx: ToolContext, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clients(ctx: ToolContext, args: argparse.Namespace) -> int:
+    from server.auth.store import AuthStore
+
+    clients = AuthStore(ctx.home / "oauth.db").clients()
+    lines = [
+        f"{c['client_id']}  {c['client_name'] or '-'}  ({c['source']}, {c['active_grants']} active grant(s))"
+        for c in clients
+    ]
+    print(json.dumps(clients, indent=2) if args.json else "\n".join(lines) or "no clients", file=RESULTS)
+    return 0
+
+
+def cmd_revoke_client(ctx: ToolContext, args: argparse.Namespace) -> int:
+    from lmtuner_core.errors import NotFoundError
+    from server.auth.store import AuthStore
+
+    if not AuthStore(ctx.home / "oauth.db").delete_client(args.client_id):
+        raise NotFoundError(f"client_id {args.client_id}: no such client; `lmtuner clients` lists them")
+    print(f"revoked {args.client_id}: its tokens no longer work", file=RESULTS)
+    return 0
+
+
 def cmd_propose(ctx: ToolContext, args: argparse.Namespace) -> int:
     plan = planning.propose_config(
         ctx, args.model, args.dataset, method=args.method, max_seq_len=args.max_seq_len,
@@ -350,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="GPUs, CPU, memory, disk and library versions.")
     p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("clients", help="Agents connected through `lmtuner-mcp --auth oauth`.")
+    p.set_defaults(run=cmd_clients)
+
+    p = sub.add_parser("revoke-client", help="Disconnect an OAuth client: its tokens stop working at once.")
+    p.add_argument("client_id")
+    p.set_defaults(run=cmd_revoke_client)
 
     p = sub.add_parser("make-tiny-model", help="Build a tiny offline Llama + tokenizer (tests, demos).")
     p.add_argument("dir", type=Path)

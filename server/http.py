@@ -1,7 +1,8 @@
 """Streamable HTTP for remote and IDE agents: bearer-token auth in front of the SDK's /mcp app.
 
 The SDK's transport security checks Host and Origin (DNS rebinding); this module adds the token check, which
-the MCP spec leaves to the server, and refuses to listen beyond loopback without a token.
+the MCP spec leaves to the server, and refuses to listen beyond loopback without a token. `--auth oauth|oidc`
+replaces the token check with the SDK's OAuth machinery (server/auth).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import secrets
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
@@ -93,18 +95,33 @@ def generated_token(home: Path) -> str:
     return token
 
 
-def build_http_app(server: MCPServer, *, host: str, port: int, token: str) -> Any:
-    """The ASGI app: SDK Streamable HTTP at /mcp, Host/Origin checked, bearer token required."""
-    return BearerAuth(server.streamable_http_app(transport_security=_security(host, port), host=host), token)
+def build_http_app(
+    server: MCPServer,
+    *,
+    host: str,
+    port: int,
+    token: str | None,
+    public_url: str | None = None,
+    auth_routes: list[Any] | None = None,
+) -> Any:
+    """The ASGI app: SDK Streamable HTTP at /mcp, Host/Origin checked; with `token`, that bearer token is
+    required, else the server's own OAuth/OIDC auth (server/auth), whose `auth_routes` take precedence."""
+    app = server.streamable_http_app(transport_security=_security(host, port, public_url), host=host)
+    if token is not None:
+        return BearerAuth(app, token)
+    app.router.routes[0:0] = auth_routes or []
+    return app
 
 
-def _security(host: str, port: int) -> TransportSecuritySettings:
+def _security(host: str, port: int, public_url: str | None = None) -> TransportSecuritySettings:
     names = ["127.0.0.1", "localhost", "[::1]"] + ([] if is_loopback(host) else [host])
-    return TransportSecuritySettings(
-        enable_dns_rebinding_protection=True,
-        allowed_hosts=[f"{name}:{port}" for name in names],
-        allowed_origins=[f"http://{name}:{port}" for name in names],
-    )
+    hosts = [f"{name}:{port}" for name in names]
+    origins = [f"http://{name}:{port}" for name in names]
+    if public_url:  # behind a reverse proxy or tunnel, requests carry the public host name
+        public = urlsplit(public_url)
+        hosts.append(public.netloc)
+        origins.append(f"{public.scheme}://{public.netloc}")
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
 
 
 def resolve_token(host: str, token: str | None, home: Path) -> tuple[str, bool]:
@@ -119,7 +136,8 @@ def resolve_token(host: str, token: str | None, home: Path) -> tuple[str, bool]:
     return generated_token(home), True
 
 
-def serve_http(server: MCPServer, *, host: str, port: int, token: str) -> None:
+def serve_http(server: MCPServer, *, host: str, port: int, token: str | None, **auth: Any) -> None:
     import uvicorn
 
-    uvicorn.run(build_http_app(server, host=host, port=port, token=token), host=host, port=port, log_level="warning")
+    app = build_http_app(server, host=host, port=port, token=token, **auth)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
