@@ -16,6 +16,7 @@ from lmtuner_core.library_noise import quiet_library_noise
 from lmtuner_core.paths import lmtuner_home
 from lmtuner_core.progress import JobProgress
 from lmtuner_core.store import TERMINAL
+from server.cli_args import add_tool_arguments, tool_arguments
 from tools import data, evaluation, hardware, inference, planning, quantize, serving, training
 from tools.context import ToolContext
 
@@ -78,8 +79,9 @@ def _report_end(progress: JobProgress) -> int:
 def cmd_status(ctx: ToolContext, args: argparse.Namespace) -> int:
     if args.follow:
         return _report_end(follow(ctx, args.job_id))
-    progress = training.job_status(ctx, args.job_id, log_lines=args.log_lines)
-    summary = _progress_line(progress) + ("\n" + "\n".join(progress.log_tail or []) if args.log_lines else "")
+    kwargs = tool_arguments(training.job_status, args)
+    progress = training.job_status(ctx, **kwargs)
+    summary = _progress_line(progress) + ("\n" + "\n".join(progress.log_tail) if progress.log_tail else "")
     if progress.error:
         summary += f"\nerror: {progress.error}"
     _print(progress, args.json, summary)
@@ -87,30 +89,31 @@ def cmd_status(ctx: ToolContext, args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(ctx: ToolContext, args: argparse.Namespace) -> int:
-    result = training.list_jobs(ctx, args.status)
+    result = training.list_jobs(ctx, **tool_arguments(training.list_jobs, args))
     _print(result, args.json, "\n".join(_progress_line(p) for p in result.jobs) or "no jobs")
     return 0
 
 
 def cmd_cancel(ctx: ToolContext, args: argparse.Namespace) -> int:
-    result = training.cancel_job(ctx, args.job_id, grace_seconds=args.grace)
+    result = training.cancel_job(ctx, **tool_arguments(training.cancel_job, args))
     _print(result, args.json, f"{result.job_id} {result.status}")
     return 0
 
 
 def cmd_resume(ctx: ToolContext, args: argparse.Namespace) -> int:
-    result = training.resume_job(ctx, args.job_id)
+    result = training.resume_job(ctx, **tool_arguments(training.resume_job, args))
     _print(result, args.json, f"job {result.job_id} {result.status}; continuing from {result.config.resume_from}")
     if args.follow:
         return _report_end(follow(ctx, result.job_id))
     return 0
 
 
-def cmd_analyze(ctx: ToolContext, args: argparse.Namespace) -> int:
-    def progress(done: float, total: float, message: str) -> None:
-        print(f"  {message}", file=sys.stderr)
+def _progress_to_stderr(done: float, total: float, message: str) -> None:
+    print(f"  [{done:.0f}/{total:.0f}] {message}", file=sys.stderr, flush=True)
 
-    result = data.analyze_dataset(ctx, args.dataset, model=args.model, progress=progress)
+
+def cmd_analyze(ctx: ToolContext, args: argparse.Namespace) -> int:
+    result = data.analyze_dataset(ctx, **tool_arguments(data.analyze_dataset, args), progress=_progress_to_stderr)
     lengths = result.token_lengths
     cuts = ", ".join(f"{k}: {v}" for k, v in result.truncated_at.items())
     summary = (
@@ -123,29 +126,22 @@ def cmd_analyze(ctx: ToolContext, args: argparse.Namespace) -> int:
 
 
 def cmd_generate(ctx: ToolContext, args: argparse.Namespace) -> int:
-    result = inference.generate(
-        ctx, args.model, prompts=args.prompt, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-    )  # fmt: skip
-    summary = "\n".join(f"> {p}\n{o.text}\n" for p, o in zip(args.prompt, result.outputs, strict=True))
+    kwargs = tool_arguments(inference.generate, args)
+    result = inference.generate(ctx, **kwargs, progress=_progress_to_stderr)
+    asked = kwargs.get("prompts") or [conversation[-1].content for conversation in kwargs.get("messages") or []]
+    summary = "\n".join(f"> {p}\n{o.text}\n" for p, o in zip(asked, result.outputs, strict=True))
     _print(result, args.json, summary + f"({result.tokens_per_second} tokens/s, {result.engine})")
     return 0
 
 
 def cmd_merge(ctx: ToolContext, args: argparse.Namespace) -> int:
-    result = inference.merge_adapter(ctx, args.model, args.adapter, args.output_dir)
+    result = inference.merge_adapter(ctx, **tool_arguments(inference.merge_adapter, args))
     _print(result, args.json, f"merged model in {result.output_dir} ({result.size_bytes / 2**20:.1f} MiB)")
     return 0
 
 
 def cmd_quantize(ctx: ToolContext, args: argparse.Namespace) -> int:
-    def progress(done: float, total: float, message: str) -> None:
-        print(f"  [{done:.0f}/{total:.0f}] {message}", file=sys.stderr, flush=True)
-
-    result = quantize.quantize(
-        ctx, args.model, args.method, args.output, adapter=args.adapter, dataset=args.dataset,
-        calibration_samples=args.calibration_samples, group_size=args.group_size, progress=progress,
-    )  # fmt: skip
+    result = quantize.quantize(ctx, **tool_arguments(quantize.quantize, args), progress=_progress_to_stderr)
     summary = (
         f"{result.method} model in {result.output_dir}: {result.size_bytes / 2**20:.2f} MiB, {result.ratio:.0%} of "
         f"{result.source_size_bytes / 2**20:.2f} MiB, {result.seconds:.1f} s"
@@ -156,38 +152,25 @@ def cmd_quantize(ctx: ToolContext, args: argparse.Namespace) -> int:
     return 0
 
 
-def _adapter_pairs(values: list[str] | None) -> dict[str, str]:
-    adapters: dict[str, str] = {}
-    for value in values or []:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise LmtunerError(f"--adapter: {value!r} is not NAME=PATH, e.g. --adapter medical=runs/JOB/final")
-        adapters[name] = path
-    return adapters
-
-
 def _server_line(s) -> str:
     names = ", ".join([s.served_model_name, *s.adapters])
     return f"{s.server_id} {s.status:<8} {s.base_url}  models: {names}" + (f"  error: {s.error}" if s.error else "")
 
 
 def cmd_serve(ctx: ToolContext, args: argparse.Namespace) -> int:
-    result = serving.serve_model(
-        ctx, args.model, adapters=_adapter_pairs(args.adapter) or None, port=args.port,
-        served_model_name=args.served_model_name, max_model_len=args.max_model_len, dtype=args.dtype,
-    )  # fmt: skip
+    result = serving.serve_model(ctx, **tool_arguments(serving.serve_model, args))
     _print(result, args.json, _server_line(result) + f"\nready in {result.startup_seconds} s; log {result.log_path}")
     return 0
 
 
 def cmd_stop_serving(ctx: ToolContext, args: argparse.Namespace) -> int:
-    result = serving.stop_serving(ctx, args.server_id, grace_seconds=args.grace)
+    result = serving.stop_serving(ctx, **tool_arguments(serving.stop_serving, args))
     _print(result, args.json, _server_line(result))
     return 0
 
 
 def cmd_servers(ctx: ToolContext, args: argparse.Namespace) -> int:
-    result = serving.list_servers(ctx, args.status)
+    result = serving.list_servers(ctx, **tool_arguments(serving.list_servers, args))
     _print(result, args.json, "\n".join(_server_line(s) for s in result.servers) or "no servers")
     return 0
 
@@ -215,10 +198,7 @@ def cmd_revoke_client(ctx: ToolContext, args: argparse.Namespace) -> int:
 
 
 def cmd_propose(ctx: ToolContext, args: argparse.Namespace) -> int:
-    plan = planning.propose_config(
-        ctx, args.model, args.dataset, method=args.method, max_seq_len=args.max_seq_len,
-        target_context=args.target_context, goal=args.goal,
-    )  # fmt: skip
+    plan = planning.propose_config(ctx, **tool_arguments(planning.propose_config, args), progress=_progress_to_stderr)
     if args.write:
         args.write.write_text(plan.config.to_json(), encoding="utf-8")
     m = plan.memory
@@ -235,10 +215,7 @@ def cmd_propose(ctx: ToolContext, args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(ctx: ToolContext, args: argparse.Namespace) -> int:
-    result = evaluation.evaluate(
-        ctx, args.model, args.dataset, adapter=args.adapter, predictions=args.predictions,
-        max_samples=args.max_samples, compare_base=args.compare_base,
-    )  # fmt: skip
+    result = evaluation.evaluate(ctx, **tool_arguments(evaluation.evaluate, args), progress=_progress_to_stderr)
 
     def line(label: str, s) -> str:
         return (f"{label}: BLEU-2 {s.bleu_2:.2f}  BLEU-4 {s.bleu_4:.2f}  METEOR {s.meteor:.3f}  NIST-4 {s.nist_4:.3f}  "
@@ -251,7 +228,7 @@ def cmd_evaluate(ctx: ToolContext, args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(ctx: ToolContext, args: argparse.Namespace) -> int:
-    report = hardware.inspect_gpus(ctx)
+    report = hardware.inspect_gpus(ctx, **tool_arguments(hardware.inspect_gpus, args))
     gpus = ", ".join(f"{g.name} ({g.memory_free_mib}/{g.memory_total_mib} MiB free)" for g in report.gpus) or "none"
     summary = (
         f"GPUs: {gpus}\nCPU: {report.cpu.model}, {report.cpu.cores} cores\n"
@@ -278,112 +255,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="Print results as JSON.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="Start a job from a JSON/YAML TrainConfig file.")
+    def command(name: str, run, help: str, tool=None, **options) -> argparse.ArgumentParser:
+        """A subcommand; with `tool`, its options are that tool's parameters (see server/cli_args.py)."""
+        p = sub.add_parser(name, help=help, description=help)
+        if tool is not None:
+            add_tool_arguments(p, tool, **options)
+        p.set_defaults(run=run, _tool=tool)
+        return p
+
+    p = command("train", cmd_train, "Start a job from a JSON/YAML TrainConfig file.")
     p.add_argument("config", type=Path)
     p.add_argument("--dry-run", action="store_true", help="Check everything, start nothing.")
     p.add_argument("--follow", action="store_true", help="Show progress until the job ends.")
-    p.set_defaults(run=cmd_train)
 
-    p = sub.add_parser("status", help="Show a job's progress.")
-    p.add_argument("job_id")
+    p = command("status", cmd_status, "Show a job's progress.", training.job_status, positional=("job_id",),
+                exclude=("include_plot",))  # fmt: skip
     p.add_argument("--follow", action="store_true", help="Live progress bar until the job ends.")
-    p.add_argument("--log-lines", type=int, default=0)
-    p.set_defaults(run=cmd_status)
-
-    p = sub.add_parser("jobs", help="List jobs.")
-    p.add_argument("--status", choices=["queued", "running", "completed", "failed", "cancelled"])
-    p.set_defaults(run=cmd_jobs)
-
-    p = sub.add_parser("cancel", help="Stop a job (it saves a checkpoint first).")
-    p.add_argument("job_id")
-    p.add_argument("--grace", type=float, default=20.0, help="Seconds to wait before killing it.")
-    p.set_defaults(run=cmd_cancel)
-
-    p = sub.add_parser("resume", help="Continue a failed or cancelled job from its newest checkpoint.")
-    p.add_argument("job_id")
+    command("jobs", cmd_jobs, "List jobs.", training.list_jobs)
+    command("cancel", cmd_cancel, "Stop a job (it saves a checkpoint first).", training.cancel_job,
+            positional=("job_id",), aliases={"grace_seconds": "--grace"})  # fmt: skip
+    p = command("resume", cmd_resume, "Continue a failed or cancelled job from its newest checkpoint.",
+                training.resume_job, positional=("job_id",))  # fmt: skip
     p.add_argument("--follow", action="store_true", help="Show progress until the job ends.")
-    p.set_defaults(run=cmd_resume)
-
-    p = sub.add_parser("analyze", help="Rows, format, token lengths and problems of a dataset.")
-    p.add_argument("dataset")
-    p.add_argument("--model", help="Count tokens with this model's tokenizer and chat template.")
-    p.set_defaults(run=cmd_analyze)
-
-    p = sub.add_parser("generate", help="Answer prompts with a model, optionally with an adapter.")
-    p.add_argument("model")
-    p.add_argument("--prompt", action="append", required=True, help="A prompt (repeatable).")
-    p.add_argument("--adapter", help="A LoRA-family job's output_dir.")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.set_defaults(run=cmd_generate)
-
-    p = sub.add_parser("merge", help="Merge an adapter into its base model (a standalone HF model).")
-    p.add_argument("model")
-    p.add_argument("adapter")
-    p.add_argument("output_dir")
-    p.set_defaults(run=cmd_merge)
-
-    p = sub.add_parser("quantize", help="Quantize a model (merging an adapter first): bnb-nf4, bnb-int8, gptq-w4a16.")
-    p.add_argument("model")
-    p.add_argument("--method", required=True, choices=["bnb-nf4", "bnb-int8", "gptq-w4a16"])
-    p.add_argument("--output", required=True, help="A new or empty folder for the quantized model.")
-    p.add_argument("--adapter", help="A LoRA-family job's output_dir to merge in first.")
-    p.add_argument("--dataset", help="gptq-w4a16: calibration rows (default: a built-in sample).")
-    p.add_argument("--calibration-samples", type=int, default=128)
-    p.add_argument("--group-size", type=int, choices=[32, 64, 128])
-    p.set_defaults(run=cmd_quantize)
-
-    p = sub.add_parser("serve", help="Serve a model (and adapters) with vLLM's OpenAI-compatible API.")
-    p.add_argument("model")
-    p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="A LoRA adapter to serve (repeatable).")
-    p.add_argument("--port", type=int)
-    p.add_argument("--served-model-name")
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    p.set_defaults(run=cmd_serve)
-
-    p = sub.add_parser("stop-serving", help="Stop a vLLM server (every process of it).")
-    p.add_argument("server_id")
-    p.add_argument("--grace", type=float, default=10.0, help="Seconds to wait before killing it.")
-    p.set_defaults(run=cmd_stop_serving)
-
-    p = sub.add_parser("servers", help="List vLLM servers.")
-    p.add_argument("--status", choices=["starting", "running", "stopped", "failed"])
-    p.set_defaults(run=cmd_servers)
-
-    p = sub.add_parser("propose", help="Plan a config that fits this machine, with reasons.")
-    p.add_argument("model")
-    p.add_argument("dataset")
-    p.add_argument("--method")
-    p.add_argument("--max-seq-len", type=int)
-    p.add_argument("--target-context", type=int)
-    p.add_argument("--goal")
+    command("analyze", cmd_analyze, "Rows, format, token lengths and problems of a dataset.", data.analyze_dataset,
+            positional=("dataset",))  # fmt: skip
+    command("generate", cmd_generate, "Answer prompts with a model, optionally with an adapter.", inference.generate,
+            positional=("model",), aliases={"prompts": "--prompt"})  # fmt: skip
+    command("merge", cmd_merge, "Merge an adapter into its base model (a standalone HF model).",
+            inference.merge_adapter, positional=("model", "adapter", "output_dir"))  # fmt: skip
+    command("quantize", cmd_quantize, "Quantize a model (merging an adapter first): bnb-nf4, bnb-int8, gptq-w4a16.",
+            quantize.quantize, positional=("model",), aliases={"output_dir": "--output"})  # fmt: skip
+    command("serve", cmd_serve, "Serve a model (and adapters) with vLLM's OpenAI-compatible API.", serving.serve_model,
+            positional=("model",), aliases={"adapters": "--adapter"})  # fmt: skip
+    command("stop-serving", cmd_stop_serving, "Stop a vLLM server (every process of it).", serving.stop_serving,
+            positional=("server_id",), aliases={"grace_seconds": "--grace"})  # fmt: skip
+    command("servers", cmd_servers, "List vLLM servers.", serving.list_servers)
+    p = command("propose", cmd_propose, "Plan a config that fits this machine, with reasons.",
+                planning.propose_config, positional=("model", "dataset"))  # fmt: skip
     p.add_argument("--write", type=Path, help="Write the proposed config to this JSON file.")
-    p.set_defaults(run=cmd_propose)
+    command("evaluate", cmd_evaluate, "BLEU/METEOR/NIST/ROUGE-L of a model, adapter or predictions file.",
+            evaluation.evaluate, positional=("model", "dataset"))  # fmt: skip
+    command("inspect", cmd_inspect, "GPUs, CPU, memory, disk and library versions.", hardware.inspect_gpus)
 
-    p = sub.add_parser("evaluate", help="BLEU/METEOR/NIST/ROUGE-L of a model, adapter or predictions file.")
-    p.add_argument("model")
-    p.add_argument("dataset")
-    p.add_argument("--adapter")
-    p.add_argument("--predictions", help="Score this file of predictions instead of generating.")
-    p.add_argument("--max-samples", type=int, default=50)
-    p.add_argument("--compare-base", action="store_true")
-    p.set_defaults(run=cmd_evaluate)
-
-    p = sub.add_parser("inspect", help="GPUs, CPU, memory, disk and library versions.")
-    p.set_defaults(run=cmd_inspect)
-
-    p = sub.add_parser("clients", help="Agents connected through `lmtuner-mcp --auth oauth`.")
-    p.set_defaults(run=cmd_clients)
-
-    p = sub.add_parser("revoke-client", help="Disconnect an OAuth client: its tokens stop working at once.")
+    command("clients", cmd_clients, "Agents connected through `lmtuner-mcp --auth oauth`.")
+    p = command("revoke-client", cmd_revoke_client, "Disconnect an OAuth client: its tokens stop working at once.")
     p.add_argument("client_id")
-    p.set_defaults(run=cmd_revoke_client)
-
-    p = sub.add_parser("make-tiny-model", help="Build a tiny offline Llama + tokenizer (tests, demos).")
+    p = command("make-tiny-model", cmd_make_tiny_model, "Build a tiny offline Llama + tokenizer (tests, demos).")
     p.add_argument("dir", type=Path)
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(run=cmd_make_tiny_model)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -10,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
+
 from lmtuner_core.sample_data import write_demo_dataset
-from tests.helpers import quick_config
+from tests.helpers import call_error, quick_config, stdio_client
 
 LMTUNER = str(Path(sys.executable).parent / "lmtuner")
 # Seen on a first `make demo` before lmtuner_core.library_noise: libraries talking about themselves.
@@ -94,3 +97,35 @@ def test_propose_and_evaluate_from_the_command_line(tiny_model, tmp_path, lmtune
     scores = run_cli("evaluate", str(tiny_model), str(medical / "test.jsonl"), "--predictions",
                      str(medical / "lmtuner_predictions.jsonl"), "--max-samples", "100", home=lmtuner_home)  # fmt: skip
     assert "BLEU-4 1.02" in scores.stdout and "prompts stripped: 61" in scores.stdout
+
+
+def test_every_tool_parameter_is_an_option_validated_as_over_mcp(tiny_model, lmtuner_home):
+    """The CLI's options come from the tool signatures: none is missing, and a value the tool's schema refuses
+    is refused by the CLI with the same words, naming the option as typed."""
+    import argparse
+
+    from server.app import TOOLS
+    from server.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    covered = {c.get_default("_tool").__name__: {a.dest for a in c._actions} for c in commands.values()
+               if c.get_default("_tool")}  # fmt: skip
+    for spec in TOOLS:
+        if spec.fn.__name__ == "start_training":
+            continue  # `lmtuner train` takes the TrainConfig as a file
+        params = set(inspect.signature(spec.fn).parameters) - {"ctx", "progress", "include_plot"}
+        assert params <= covered[spec.fn.__name__], (spec.fn.__name__, params - covered[spec.fn.__name__])
+
+    refused = run_cli("generate", str(tiny_model), "--prompt", "Hi", "--max-new-tokens", "99999", "--top-p", "0",
+                      home=lmtuner_home, check=False)  # fmt: skip
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "--max-new-tokens: Input should be less than or equal to 8192" in refused.stderr
+    assert "--top-p: Input should be greater than 0" in refused.stderr
+
+    async def over_mcp():
+        async with stdio_client(lmtuner_home, [tiny_model]) as client:
+            return await call_error(client, "generate", {"model": str(tiny_model), "prompts": ["Hi"],
+                                                         "max_new_tokens": 99999})  # fmt: skip
+
+    assert "Input should be less than or equal to 8192" in anyio.run(over_mcp)
