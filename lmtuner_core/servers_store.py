@@ -10,10 +10,12 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from lmtuner_core.store import SqliteTable
 
-SERVER_STATUSES = ("starting", "running", "stopped", "failed")
+ServerStatus = Literal["starting", "running", "stopped", "failed"]
+SERVER_STATUSES = get_args(ServerStatus)
 LIVE = ("starting", "running")
 
 _SCHEMA = """

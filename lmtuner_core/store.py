@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar, get_args
 
-STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+STATUSES = get_args(JobStatus)
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 
 _SCHEMA = """

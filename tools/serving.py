@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field
 
-from lmtuner_core.serving import ServerInfo, ServerList
+from lmtuner_core.servers_store import ServerStatus
+from lmtuner_core.serving import ServerInfo, ServerList, VllmDtype
 from tools.context import ToolContext
 
 ServerId = Annotated[
@@ -37,7 +38,7 @@ def serve_model(
         Field(ge=16, le=1_048_576, description="Longest prompt + answer in tokens; default: min(2048, the model's)."),
     ] = None,
     dtype: Annotated[
-        Literal["auto", "float32", "bfloat16", "float16"],
+        VllmDtype,
         Field(description="Weights' dtype; 'auto' = float32 on CPU (same tokens as transformers), the model's on GPU."),
     ] = "auto",
     kv_cache_mib: Annotated[
@@ -74,7 +75,7 @@ def stop_serving(
 def list_servers(
     ctx: ToolContext,
     status: Annotated[
-        Literal["starting", "running", "stopped", "failed"] | None,
+        ServerStatus | None,
         Field(description="Only servers with this status. Example: 'running'."),
     ] = None,
 ) -> ServerList:

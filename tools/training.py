@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, Field
 
@@ -12,11 +12,10 @@ from lmtuner_core.config import TrainConfig
 from lmtuner_core.paths import RunDir
 from lmtuner_core.plots import loss_curve_png
 from lmtuner_core.progress import JobProgress
-from lmtuner_core.store import TERMINAL
+from lmtuner_core.store import TERMINAL, JobStatus
 from tools.context import ToolContext
 
 JobId = Annotated[str, Field(description="The id start_training returned. Example: '20261128-215012-a3f9'.")]
-JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 
 
 class StartTrainingResult(BaseModel):
