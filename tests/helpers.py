@@ -86,6 +86,16 @@ def quick_config(model: Path, dataset, **overrides) -> dict:
     return config
 
 
+# A raw MCP initialize request and the headers Streamable HTTP wants, for tests that check HTTP status codes.
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}},
+}
+MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
 RESULT_MARK = "LMTUNER-RESULT "
 
 

@@ -111,6 +111,26 @@ class DocumentServer(ThreadingHTTPServer):
         self.base = f"http://127.0.0.1:{self.server_address[1]}"
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
+    def publish_signing_client(self, name: str, redirect_uri: str) -> tuple[str, ClientKeys]:
+        """(client_id, keys) of a client shaped like ChatGPT's document at https://chatgpt.com/oauth/client.json:
+        public, signing RFC 7523 client assertions with a key published on its own host."""
+        client_id = f"{self.base}/oauth/client.json"
+        keys = ClientKeys()
+        self.documents["/oauth/jwks.json"] = keys.jwks
+        self.documents["/oauth/client.json"] = {
+            "client_id": client_id,
+            "client_name": name,
+            "client_uri": self.base,
+            "redirect_uris": [redirect_uri],
+            "token_endpoint_auth_method": "private_key_jwt",
+            "token_endpoint_auth_methods_supported": ["none", "private_key_jwt"],
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"],
+            "token_endpoint_auth_signing_alg": "RS256",
+            "jwks_uri": f"{self.base}/oauth/jwks.json",
+        }
+        return client_id, keys
+
 
 class DocumentHandler(BaseHTTPRequestHandler):
     def do_GET(self):

@@ -11,25 +11,17 @@ import mcp
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
-from tests.helpers import LMTUNER_MCP, READ_ONLY_TOOLS, TOKEN, free_port, http_server
-
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}},
-}
-HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+from tests.helpers import INIT, LMTUNER_MCP, MCP_HEADERS, READ_ONLY_TOOLS, TOKEN, free_port, http_server
 
 
 def test_requests_without_or_with_a_wrong_token_get_401(lmtuner_home):
     with http_server(lmtuner_home) as (url, _):
-        missing = httpx.post(url, json=INIT, headers=HEADERS)
-        wrong = httpx.post(url, json=INIT, headers={**HEADERS, "Authorization": "Bearer nope"})
+        missing = httpx.post(url, json=INIT, headers=MCP_HEADERS)
+        wrong = httpx.post(url, json=INIT, headers={**MCP_HEADERS, "Authorization": "Bearer nope"})
         foreign = httpx.post(
-            url, json=INIT, headers={**HEADERS, "Authorization": f"Bearer {TOKEN}", "Origin": "http://evil.example"}
+            url, json=INIT, headers={**MCP_HEADERS, "Authorization": f"Bearer {TOKEN}", "Origin": "http://evil.example"}
         )
-        right = httpx.post(url, json=INIT, headers={**HEADERS, "Authorization": f"Bearer {TOKEN}"})
+        right = httpx.post(url, json=INIT, headers={**MCP_HEADERS, "Authorization": f"Bearer {TOKEN}"})
     assert missing.status_code == 401 and "bearer" in missing.headers["www-authenticate"].lower()
     assert wrong.status_code == 401
     assert foreign.status_code == 403
@@ -65,6 +57,6 @@ def test_loopback_without_a_configured_token_generates_one(lmtuner_home):
         token_file = lmtuner_home / "http-token"
         token = token_file.read_text().strip()
         assert oct(token_file.stat().st_mode & 0o777) == "0o600" and len(token) >= 32
-        ok = httpx.post(url, json=INIT, headers={**HEADERS, "Authorization": f"Bearer {token}"})
-        refused = httpx.post(url, json=INIT, headers=HEADERS)
+        ok = httpx.post(url, json=INIT, headers={**MCP_HEADERS, "Authorization": f"Bearer {token}"})
+        refused = httpx.post(url, json=INIT, headers=MCP_HEADERS)
     assert ok.status_code == 200 and refused.status_code == 401

@@ -19,7 +19,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
 
-from tests.helpers import LMTUNER_MCP, READ_ONLY_TOOLS, free_port, http_client
+from tests.helpers import INIT, LMTUNER_MCP, MCP_HEADERS, READ_ONLY_TOOLS, free_port, http_client
 from tests.oauth_helpers import (
     ASSERTION_TYPE,
     REDIRECT_URI,
@@ -36,13 +36,6 @@ from tests.oauth_helpers import (
 )
 
 LMTUNER = str(Path(sys.executable).parent / "lmtuner")
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}},
-}
-MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 
 def mcp_status(url: str, access_token: str | None) -> int:
@@ -284,19 +277,7 @@ def documents():
 
 def test_a_client_id_metadata_document_client_connects(lmtuner_home, documents, monkeypatch):
     # A replica of ChatGPT's document: a public client that signs client assertions with a published key.
-    client_id = f"{documents.base}/oauth/client.json"
-    keys = ClientKeys()
-    documents.documents["/oauth/jwks.json"] = keys.jwks
-    documents.documents["/oauth/client.json"] = {
-        "client_id": client_id,
-        "client_name": "Document agent",
-        "redirect_uris": [REDIRECT_URI],
-        "token_endpoint_auth_method": "private_key_jwt",
-        "token_endpoint_auth_methods_supported": ["none", "private_key_jwt"],
-        "token_endpoint_auth_signing_alg": "RS256",
-        "jwks_uri": f"{documents.base}/oauth/jwks.json",
-        "grant_types": ["authorization_code", "refresh_token"],
-    }
+    client_id, keys = documents.publish_signing_client("Document agent", REDIRECT_URI)
     documents.documents["/oauth/other.json"] = {"client_id": client_id, "redirect_uris": [REDIRECT_URI]}
     documents.documents["/oauth/foreign-keys.json"] = {
         "client_id": f"{documents.base}/oauth/foreign-keys.json",

@@ -13,7 +13,7 @@ import httpx2 as httpx
 import pytest
 
 from tests.helpers import READ_ONLY_TOOLS, TOKEN, http_client
-from tests.oauth_helpers import ASSERTION_TYPE, ClientKeys, document_server, oauth_server, pkce_pair
+from tests.oauth_helpers import ASSERTION_TYPE, document_server, oauth_server, pkce_pair
 
 CHROMIUM = Path("/usr/bin/chromium")
 INSTALL = "apt-get update && apt-get install -y --no-install-recommends chromium (make test does it when run as root)"
@@ -51,21 +51,7 @@ def test_chatgpt_shaped_flow_in_a_real_browser(lmtuner_home, monkeypatch, regist
 
         if registration == "client_id_metadata_document":
             # Shaped like ChatGPT's document at https://chatgpt.com/oauth/client.json (keys on its own host).
-            client_id = f"{agent.base}/oauth/client.json"
-            keys = ClientKeys()
-            agent.documents["/oauth/jwks.json"] = keys.jwks
-            agent.documents["/oauth/client.json"] = {
-                "client_id": client_id,
-                "client_name": "ChatGPT",
-                "client_uri": agent.base,
-                "redirect_uris": [redirect_uri],
-                "token_endpoint_auth_method": "private_key_jwt",
-                "token_endpoint_auth_methods_supported": ["none", "private_key_jwt"],
-                "grant_types": ["authorization_code", "refresh_token"],
-                "response_types": ["code"],
-                "token_endpoint_auth_signing_alg": "RS256",
-                "jwks_uri": f"{agent.base}/oauth/jwks.json",
-            }
+            client_id, keys = agent.publish_signing_client("ChatGPT", redirect_uri)
 
             def client_auth():
                 assertion = keys.assertion(client_id, server["token_endpoint"])

@@ -12,16 +12,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from mcp.shared.exceptions import MCPError
 
-from tests.helpers import READ_ONLY_TOOLS, free_port, http_client, http_server
+from tests.helpers import INIT, MCP_HEADERS, READ_ONLY_TOOLS, free_port, http_client, http_server
 from tests.oauth_helpers import document_server
-
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}},
-}
-MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 
 class Issuer:

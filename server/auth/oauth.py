@@ -137,15 +137,23 @@ class OwnerAuthorizationServer:
         )
         return code, consent.data
 
-    async def load_authorization_code(
-        self, client: OAuthClientInformationFull, authorization_code: str
-    ) -> GrantedCode | None:
-        stored = self.store.get(authorization_code, "code")
+    def _unspent(self, client: OAuthClientInformationFull, value: str, kind: str):
+        """The stored code or refresh token if it is this client's and not used yet. One presented a second
+        time was copied by someone who is not the client (a reused code, RFC 6749 §4.1.2; a rotated-out
+        refresh token, RFC 9700 §4.14.2): everything issued from its grant ends."""
+        stored = self.store.get(value, kind)
         if stored is None or stored.client_id != client.client_id:
             return None
         if stored.used:
-            # A code presented twice may have been stolen: end everything issued from it (RFC 6749 §4.1.2).
             self.store.revoke_grant(stored.grant_id)
+            return None
+        return stored
+
+    async def load_authorization_code(
+        self, client: OAuthClientInformationFull, authorization_code: str
+    ) -> GrantedCode | None:
+        stored = self._unspent(client, authorization_code, "code")
+        if stored is None:
             return None
         return GrantedCode(
             code=authorization_code,
@@ -171,12 +179,8 @@ class OwnerAuthorizationServer:
     async def load_refresh_token(
         self, client: OAuthClientInformationFull, refresh_token: str
     ) -> GrantedRefreshToken | None:
-        stored = self.store.get(refresh_token, "refresh")
-        if stored is None or stored.client_id != client.client_id:
-            return None
-        if stored.used:
-            # A rotated-out refresh token came back: one of the two holders is not the client (RFC 9700 §4.14.2).
-            self.store.revoke_grant(stored.grant_id)
+        stored = self._unspent(client, refresh_token, "refresh")
+        if stored is None:
             return None
         return GrantedRefreshToken(
             token=refresh_token,
