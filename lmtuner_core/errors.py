@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import ValidationError
+
+ECHO_LIMIT = 80  # characters of a caller's value an error message repeats: enough to recognise it
+MESSAGE_LIMIT = 2000  # a whole message, whatever it quotes (file contents, a library's error)
+
+
+def shown(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """repr(value) for an error message, cut to `limit` characters with the full length said: a 10,000-character
+    job_id or path is not echoed back whole (into the agent's context, or a log)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value):,} characters" if isinstance(value, str) else f"{len(text):,} characters as text"
+    return f"{text[:limit]}… ({size})"
+
+
+def _cut(message: str) -> str:
+    if len(message) <= MESSAGE_LIMIT:
+        return message
+    return f"{message[: MESSAGE_LIMIT - 60]}… (message cut: {len(message):,} characters)"
 
 
 class LmtunerError(Exception):
-    """A problem with what the user asked for. The message is shown as is, so it must say what to change."""
+    """A problem with what the user asked for. The message is shown as is, so it must say what to change.
+    Messages are capped at MESSAGE_LIMIT characters; values the caller gave are quoted through `shown`."""
 
     def __init__(self, message: str, *, field: str | None = None):
-        super().__init__(message)
+        super().__init__(_cut(message))
         self.field = field
 
 

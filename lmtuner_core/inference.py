@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from lmtuner_core.errors import LmtunerError
+from lmtuner_core.errors import LmtunerError, shown
 
 ProgressFn = Callable[[float, float, str], None]
 _LOADED: dict[str, Any] = {}  # {"key": (model, adapter), "model": ..., "tokenizer": ...}
@@ -100,7 +100,7 @@ def generate(
         try:
             model, tokenizer = _load(model_ref, adapter)
         except OSError as exc:
-            raise LmtunerError(f"model: cannot load {model_ref!r} ({exc})", field="model") from None
+            raise LmtunerError(f"model: cannot load {shown(model_ref)} ({exc})", field="model") from None
         eos = model.generation_config.eos_token_id
         end_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         torch.manual_seed(seed)

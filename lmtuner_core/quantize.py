@@ -41,7 +41,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from lmtuner_core.errors import LmtunerError
+from lmtuner_core.errors import LmtunerError, shown
 
 ProgressFn = Callable[[float, float, str], None]
 Method = Literal["bnb-nf4", "bnb-int8", "gptq-w4a16"]
@@ -193,7 +193,7 @@ def quantize(
     empty) with the tokenizer, and reports sizes before and after."""
     started = time.monotonic()
     if method not in METHODS:
-        raise LmtunerError(f"method: {method!r} is not supported; use one of {', '.join(METHODS)}", field="method")
+        raise LmtunerError(f"method: {shown(method)} is not supported; use one of {', '.join(METHODS)}", field="method")
     check_group_size(group_size)
     if method != "gptq-w4a16" and (calibration_texts is not None or group_size is not None):
         raise LmtunerError(

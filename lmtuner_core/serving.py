@@ -33,7 +33,7 @@ from pathlib import Path
 import psutil
 from pydantic import BaseModel, Field
 
-from lmtuner_core.errors import LmtunerError, NotFoundError
+from lmtuner_core.errors import LmtunerError, NotFoundError, shown
 from lmtuner_core.jobs import resolve_model
 from lmtuner_core.paths import AllowedRoots
 from lmtuner_core.processes import alive, process_start_time, reap
@@ -246,8 +246,8 @@ class ServerService:
         for name, value in (adapters or {}).items():
             if not isinstance(name, str) or not ADAPTER_NAME.match(name) or len(name) > 128:
                 raise LmtunerError(
-                    f"adapters: name {name!r} is not accepted; use letters, digits, '_', '.', '-' (starting with a "
-                    "letter or digit), e.g. 'medical-v1'",
+                    f"adapters: name {shown(name)} is not accepted; use letters, digits, '_', '.', '-' (starting with "
+                    "a letter or digit), e.g. 'medical-v1'",
                     field="adapters",
                 )
             path = self.roots.resolve(value, f"adapters.{name}")
@@ -275,13 +275,13 @@ class ServerService:
     def get(self, server_id: str) -> ServerRecord:
         if not isinstance(server_id, str) or not SERVER_ID.match(server_id):
             raise LmtunerError(
-                f"server_id {server_id!r} is not a server id; ids look like 'srv-20261129-004512-b7c1' "
+                f"server_id {shown(server_id)} is not a server id; ids look like 'srv-20261129-004512-b7c1' "
                 "(see list_servers)",
                 field="server_id",
             )
         record = self.store.get(server_id)
         if record is None:
-            raise NotFoundError(f"server_id: no server {server_id!r} (see list_servers)", field="server_id")
+            raise NotFoundError(f"server_id: no server {shown(server_id)} (see list_servers)", field="server_id")
         return self.refresh(record)
 
     # --- start --------------------------------------------------------------------------------------------------
@@ -313,19 +313,21 @@ class ServerService:
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            raise LmtunerError(f"host: {host!r} is not an IP address; use '127.0.0.1' (this machine only)") from None
+            raise LmtunerError(
+                f"host: {shown(host)} is not an IP address; use '127.0.0.1' (this machine only)"
+            ) from None
         if dtype not in DTYPES:
-            raise LmtunerError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}", field="dtype")
+            raise LmtunerError(f"dtype: {shown(dtype)} is not one of {', '.join(DTYPES)}", field="dtype")
         name = served_model_name or (model_dir.name if model_dir else model_ref)
         if not served_model_name and not name[:1].isalnum():
             name = "model"  # a folder named like an option must not become an argument value
         if served_model_name and not ADAPTER_NAME.match(name):
             raise LmtunerError(
-                f"served_model_name: {name!r} is not accepted; use letters, digits, '_', '.', '-'",
+                f"served_model_name: {shown(name)} is not accepted; use letters, digits, '_', '.', '-'",
                 field="served_model_name",
             )
         if name in resolved:
-            raise LmtunerError(f"adapters: name {name!r} is also the base model's served name; pick another")
+            raise LmtunerError(f"adapters: name {shown(name)} is also the base model's served name; pick another")
         if port is None:
             port = _free_port(host)
         elif _port_taken(host, port):

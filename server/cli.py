@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from lmtuner_core.config import load_train_config_file
-from lmtuner_core.errors import LmtunerError
+from lmtuner_core.errors import LmtunerError, shown
 from lmtuner_core.paths import lmtuner_home
 from lmtuner_core.progress import JobProgress
 from lmtuner_core.store import TERMINAL
@@ -160,7 +160,7 @@ def _adapter_pairs(values: list[str] | None) -> dict[str, str]:
     for value in values or []:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
-            raise LmtunerError(f"--adapter: {value!r} is not NAME=PATH, e.g. --adapter medical=runs/JOB/final")
+            raise LmtunerError(f"--adapter: {shown(value)} is not NAME=PATH, e.g. --adapter medical=runs/JOB/final")
         adapters[name] = path
     return adapters
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from lmtuner_core.config import DatasetSpec, dataset_spec
 from lmtuner_core.data import iter_rows, load_examples
-from lmtuner_core.errors import LmtunerError
+from lmtuner_core.errors import LmtunerError, shown
 from lmtuner_core.inference import ProgressFn
 from lmtuner_core.inference import generate as run_generation
 from lmtuner_core.jobs import resolve_model
@@ -49,7 +49,7 @@ def _pairs(spec: DatasetSpec, ctx: ToolContext, max_samples: int) -> tuple[list[
 def _read_predictions(ctx: ToolContext, path: str, n: int) -> tuple[list[str], list[str] | None]:
     resolved = ctx.roots.resolve(path, "predictions")
     if not resolved.is_file():
-        raise LmtunerError(f"predictions: file {path!r} not found", field="predictions")
+        raise LmtunerError(f"predictions: file {shown(path)} not found", field="predictions")
     texts, prompts = [], []
     for number, row in iter_rows(resolved):
         if isinstance(row, Exception) or not isinstance(row, dict):

@@ -12,6 +12,7 @@ from lmtuner_core.export import merge_adapter as run_merge
 from lmtuner_core.inference import GenerateResult, ProgressFn, generate_with_server
 from lmtuner_core.inference import generate as run_generation
 from lmtuner_core.jobs import check_writable, resolve_model
+from lmtuner_core.paths import check_outside_state
 from tools.context import ToolContext
 
 
@@ -105,5 +106,6 @@ def merge_adapter(
     disk; the merged model behaves as base + adapter."""
     adapter_path = ctx.adapter_folder(adapter)
     output = ctx.roots.resolve(output_dir, "output_dir")
+    check_outside_state(output, ctx.home, "output_dir")
     check_writable(output, "output_dir")
     return run_merge(resolve_model(model, ctx.roots), adapter_path, output)

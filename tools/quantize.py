@@ -7,8 +7,9 @@ from typing import Annotated
 from pydantic import Field
 
 from lmtuner_core.config import DatasetSpec, dataset_spec
-from lmtuner_core.errors import LmtunerError
+from lmtuner_core.errors import LmtunerError, shown
 from lmtuner_core.jobs import check_writable, resolve_model
+from lmtuner_core.paths import check_outside_state
 from lmtuner_core.quantize import BUILTIN_CALIBRATION_TEXTS, GROUP_SIZES, METHODS, Method, ProgressFn, QuantizeResult
 from lmtuner_core.quantize import quantize as run_quantize
 from tools.context import ToolContext
@@ -92,9 +93,10 @@ def quantize(
     quick and reload with transformers; gptq-w4a16 calibrates on sample rows (minutes on a GPU for a 7B model) and
     gives a folder vLLM serves. Takes disk space for the output and, with an adapter, a temporary merged copy."""
     if method not in METHODS:  # the schema already limits it; direct (CLI, script) callers get the same message
-        raise LmtunerError(f"method: {method!r} is not supported; use one of {', '.join(METHODS)}", field="method")
+        raise LmtunerError(f"method: {shown(method)} is not supported; use one of {', '.join(METHODS)}", field="method")
     adapter_path = ctx.adapter_folder(adapter) if adapter else None
     output = ctx.roots.resolve(output_dir, "output_dir")
+    check_outside_state(output, ctx.home, "output_dir")
     check_writable(output, "output_dir")
     model_ref = resolve_model(model, ctx.roots)
     texts = source = None
