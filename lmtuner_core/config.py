@@ -28,7 +28,8 @@ assert set(METHOD_NAMES) == set(Method.__args__), "methods.py and the Method lit
 class StrictModel(BaseModel):
     """Rejects unknown keys with the list of accepted ones (pydantic alone only says 'extra inputs')."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, validate_assignment=True)
+    # allow_inf_nan=False: NaN and ±Infinity (which JSON parsers accept) are "not a finite number", not "should be ≤ N".
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, validate_assignment=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pydantic import ValidationError
@@ -39,6 +41,27 @@ class NotFoundError(LmtunerError):
     """A job, run or file that does not exist."""
 
 
+@contextmanager
+def remote_code_explained(model: str, tool: str) -> Iterator[None]:
+    """Turns transformers' refusal to run a model's own code ("contains custom code … pass the argument
+    `trust_remote_code=True`") into a message naming the tool's parameter."""
+    try:
+        yield
+    except (ValueError, OSError) as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise remote_code_refusal(model, tool) from None
+
+
+def remote_code_refusal(model: str, tool: str) -> LmtunerError:
+    return LmtunerError(
+        f"trust_remote_code: {shown(model)} needs code of its own (Python files in its folder or hub repository) "
+        f"to load, and that code is not run unless asked for; if you trust it, call {tool} again with "
+        "trust_remote_code: true",
+        field="trust_remote_code",
+    )
+
+
 def format_validation_error(exc: ValidationError, prefix: str = "", root: str = "config") -> str:
     """One line per problem, `field.path: message`, without pydantic's URLs or echoed input values."""
     lines = []
@@ -46,6 +69,8 @@ def format_validation_error(exc: ValidationError, prefix: str = "", root: str = 
         loc = ".".join(str(part) for part in err["loc"])
         where = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or root)
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "finite_number":
+            msg = "must be a finite number (not NaN or Infinity)"
         if err["type"] == "extra_forbidden":
             msg = "unknown key" + (f" — {msg}" if msg != "Extra inputs are not permitted" else "")
         lines.append(f"{where}: {msg}")

@@ -302,7 +302,7 @@ class JobService:
         checked, warnings = check_config(config, self.roots, run, dry_run=dry_run)
         devices = resolve_devices(checked.devices)
         check_processes(checked, devices)
-        warnings += preflight(checked, devices, refuse=not (dry_run or force))
+        warnings += preflight(checked, devices, refuse=not force)  # a dry run is refused as the real start is
         if checked.method == "adalomo" and devices == "cpu":
             raise LmtunerError(
                 "method: 'adalomo' needs a CUDA GPU (lomo-optim keeps its state on the GPU); use 'lomo' on the CPU",

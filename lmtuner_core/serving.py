@@ -33,7 +33,7 @@ from pathlib import Path
 import psutil
 from pydantic import BaseModel, Field
 
-from lmtuner_core.errors import LmtunerError, NotFoundError, shown
+from lmtuner_core.errors import LmtunerError, NotFoundError, remote_code_refusal, shown
 from lmtuner_core.jobs import resolve_model
 from lmtuner_core.paths import AllowedRoots
 from lmtuner_core.processes import alive, process_start_time, reap
@@ -129,7 +129,7 @@ def max_lora_rank(ranks: list[int]) -> int:
 def build_command(
     *, python: str, model: str, host: str, port: int, served_model_name: str, max_model_len: int, dtype: str,
     adapters: dict[str, str], adapter_ranks: list[int], kv_cache_mib: int | None, cpu: bool,
-    chat_template: Path | None = None,
+    chat_template: Path | None = None, trust_remote_code: bool = False,
 ) -> LaunchPlan:  # fmt: skip
     """The vLLM command line: every value is its own argument, so nothing is parsed by a shell."""
     argv = [
@@ -148,6 +148,8 @@ def build_command(
         argv += [f"{name}={path}" for name, path in adapters.items()]
     if chat_template is not None:
         argv += ["--chat-template", str(chat_template)]
+    if trust_remote_code:
+        argv.append("--trust-remote-code")
     env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
     return LaunchPlan(argv=argv, env=env)
 
@@ -298,6 +300,7 @@ class ServerService:
         dtype: str = "auto",
         kv_cache_mib: int | None = None,
         startup_timeout: float = 300.0,
+        trust_remote_code: bool = False,
     ) -> ServerInfo:
         """Starts a server and returns once /health answers (or raises with the log tail)."""
         model_ref = resolve_model(model, self.roots)
@@ -349,6 +352,7 @@ class ServerService:
             max_model_len=max_model_len or _default_max_model_len(model_dir), dtype=dtype, adapters=resolved,
             adapter_ranks=[lora_rank(Path(p)) for p in resolved.values()], kv_cache_mib=kv_cache_mib, cpu=cpu,
             chat_template=_chat_template_for(model_dir, server_dir) if model_dir else None,
+            trust_remote_code=trust_remote_code,
         )  # fmt: skip
         (server_dir / "command.json").write_text(json.dumps(plan.argv, indent=1), encoding="utf-8")
         record = self.store.create(
@@ -372,6 +376,8 @@ class ServerService:
                 _CHILDREN.pop(child.pid, None)
                 error = f"vLLM exited with code {child.returncode} while starting"
                 self._fail(record, error)
+                if not trust_remote_code and "trust_remote_code" in "".join(tail_lines(log_path, 40)):
+                    raise remote_code_refusal(model_ref, "serve_model")
                 raise LmtunerError(self._with_log(error, log_path))
             if _healthy(record, timeout=1.0):
                 break

@@ -101,11 +101,13 @@ def test_start_training_refuses_a_job_that_cannot_fit_unless_forced(workspace, l
     async def scenario():
         async with mcp.Client(build_server(home=lmtuner_home, roots=[workspace])) as client:
             refused = await call_error(client, "start_training", {"config": config})
-            dry = await call_ok(client, "start_training", {"config": config, "dry_run": True})
+            dry_refused = await call_error(client, "start_training", {"config": config, "dry_run": True})
+            dry = await call_ok(client, "start_training", {"config": config, "dry_run": True, "force": True})
             jobs = await call_ok(client, "list_jobs", {})
-            return refused, dry, jobs
+            return refused, dry_refused, dry, jobs
 
-    refused, dry, jobs = anyio.run(scenario)
+    refused, dry_refused, dry, jobs = anyio.run(scenario)
     assert "memory: this job needs about" in refused and "force: true" in refused and "propose_config" in refused
+    assert dry_refused == refused  # a dry run answers as the real start would
     assert any(w.startswith("memory: this job needs") for w in dry["warnings"])
     assert jobs["jobs"] == []
