@@ -94,8 +94,8 @@ def resolve_dataset(spec: DatasetSpec, roots: AllowedRoots) -> DataSource:
         if path.exists():
             return DataSource(_data_files(path), spec.format, dict(spec.columns or {}), {}, label=str(path))
         raise DatasetError(
-            f"dataset: file {shown(spec.path)} not found (resolved to {path}); give a .json, .jsonl, .csv or .parquet "
-            "file, or the name of an entry in a dataset_info.json",
+            f"dataset: file {shown(spec.path)} not found (resolved to {shown(str(path))}); give a .json, .jsonl, .csv "
+            "or .parquet file, or the name of an entry in a dataset_info.json",
             field="dataset.path",
         )
     return _resolve_entry(spec.name or "", spec, roots)

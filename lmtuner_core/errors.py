@@ -8,18 +8,19 @@ from typing import Any
 
 from pydantic import ValidationError
 
-ECHO_LIMIT = 80  # characters of a caller's value an error message repeats: enough to recognise it
+ECHO_LIMIT = 120  # characters of a caller's value an error message repeats: enough to recognise it
 MESSAGE_LIMIT = 2000  # a whole message, whatever it quotes (file contents, a library's error)
 
 
 def shown(value: Any, limit: int = ECHO_LIMIT) -> str:
-    """repr(value) for an error message, cut to `limit` characters with the full length said: a 10,000-character
-    job_id or path is not echoed back whole (into the agent's context, or a log)."""
+    """repr(value) for an error message, cut to about `limit` characters with the full length said: a 10,000-character
+    job_id or path is not echoed back whole (into the agent's context, or a log). The start and the end are kept
+    (a path's end names the file)."""
     text = repr(value)
     if len(text) <= limit:
         return text
     size = f"{len(value):,} characters" if isinstance(value, str) else f"{len(text):,} characters as text"
-    return f"{text[:limit]}… ({size})"
+    return f"{text[: limit - 25]}…{text[-24:]} ({size})"
 
 
 def _cut(message: str) -> str:

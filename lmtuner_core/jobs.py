@@ -150,7 +150,7 @@ def resolve_model(value: str, roots: AllowedRoots, field: str = "model") -> str:
         )
     path = roots.resolve(value, field)
     if not path.is_dir():
-        raise LmtunerError(f"{field}: folder {shown(value)} not found (resolved to {path})", field=field)
+        raise LmtunerError(f"{field}: folder {shown(value)} not found (resolved to {shown(str(path))})", field=field)
     if not (path / "config.json").is_file():
         raise LmtunerError(
             f"{field}: folder {path} has no config.json, so it is not a Hugging Face model folder; point to the "
