@@ -26,6 +26,7 @@ ProgressFn = Callable[[float, float, str], None]
 CUT_POINTS = (256, 512, 1024, 2048, 4096, 8192)
 MAX_TOKENIZED_ROWS = 20_000  # beyond this, an even sample keeps the call to seconds; the result says so
 MAX_TOKENIZED_CHARS = 8_000_000  # characters tokenized per call (~2 µs each on a busy core): the same, by size
+MAX_READ_CHARS = 200_000_000  # rows read per call (a few hundred MB in memory); a larger file is read up to here
 ROW_CHARS_TOKENIZED = 65_536  # a longer row is measured on its start (well past the largest cut point) and scaled
 CHARS_PER_TOKEN = 4.0  # the usual rule of thumb for English BPE, used only when no model is given
 
@@ -54,8 +55,9 @@ class DatasetAnalysis(BaseModel):
     duplicates: int = Field(0, description="Rows that repeat an earlier row exactly.")
     sampled: bool = Field(
         False,
-        description=f"True when only an even sample of the rows was tokenized (over {MAX_TOKENIZED_ROWS} rows, or "
-        f"over {MAX_TOKENIZED_CHARS:,} characters in all); problems says how many.",
+        description=f"True when only part of the data was measured: an even sample of the rows was tokenized (over "
+        f"{MAX_TOKENIZED_ROWS} rows, or over {MAX_TOKENIZED_CHARS:,} characters), or a file over "
+        f"{MAX_READ_CHARS:,} characters was read only that far; problems says which.",
     )
     estimated_rows: int = Field(
         0,
@@ -88,11 +90,17 @@ def _estimate_tokens(example: dict) -> tuple[int, int]:
 def analyze_dataset(
     spec: DatasetSpec, roots: AllowedRoots, model: str | None = None, progress: ProgressFn | None = None
 ) -> DatasetAnalysis:
-    """Reads every row (bad ones counted, not fatal) and measures token lengths with the model's tokenizer."""
+    """Reads every row (bad ones counted, not fatal; a file over MAX_READ_CHARS only that far) and measures token
+    lengths with the model's tokenizer, on a bounded sample of rows and of each row's characters."""
     source = resolve_dataset(spec, roots)
-    loaded = load_examples(spec.model_copy(update={"skip_bad_rows": True}), roots, source)
+    loaded = load_examples(spec.model_copy(update={"skip_bad_rows": True}), roots, source, max_chars=MAX_READ_CHARS)
     examples = loaded.examples
     problems: list[str] = []
+    if not loaded.complete:
+        problems.append(
+            f"large dataset: only its first {loaded.rows_read} rows ({MAX_READ_CHARS:,} characters) were read; rows, "
+            "duplicates and lengths describe those (start_training still checks every row)"
+        )
     if loaded.skipped:
         problems.append(
             f"{len(loaded.skipped)} malformed rows; training fails on the first unless dataset.skip_bad_rows is "
@@ -113,12 +121,12 @@ def analyze_dataset(
     stride = math.ceil(
         max(len(examples) / MAX_TOKENIZED_ROWS, sum(min(n, ROW_CHARS_TOKENIZED) for n in sizes) / MAX_TOKENIZED_CHARS)
     )
-    sampled = stride > 1
+    sampled = stride > 1 or not loaded.complete
     measured = list(zip(examples[::stride], sizes[::stride], strict=True))
-    if sampled:
+    if stride > 1:
         problems.append(
             f"large dataset: token lengths come from an even sample of {len(measured)} of {len(examples)} rows "
-            "(every row was read and checked)"
+            "(every row read was checked)"
         )
     lengths: list[int] = []
     trained_tokens = 0

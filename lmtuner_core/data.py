@@ -80,6 +80,7 @@ class LoadedData:
     source: DataSource
     rows_read: int
     skipped: list[str] = field(default_factory=list)  # one reason per skipped row
+    complete: bool = True  # False when a character budget stopped the reading early (analysis of a huge file)
 
 
 # ---------------------------------------------------------------------------------------------- resolving
@@ -539,14 +540,16 @@ def to_example(row: Any, fmt: str, source: DataSource) -> dict:
     return text_to_example(row, source.columns)
 
 
-def load_examples(spec: DatasetSpec, roots: AllowedRoots, source: DataSource | None = None) -> LoadedData:
-    """Reads and checks every row. A bad row raises DatasetError naming file and line, unless the spec says
-    to skip bad rows; then it is counted in `skipped`."""
+def load_examples(
+    spec: DatasetSpec, roots: AllowedRoots, source: DataSource | None = None, *, max_chars: int | None = None
+) -> LoadedData:
+    """Reads and checks every row (or rows up to `max_chars` characters in all). A bad row raises DatasetError
+    naming file and line, unless the spec says to skip bad rows; then it is counted in `skipped`."""
     source = source or resolve_dataset(spec, roots)
     fmt = source.format
     examples: list[dict] = []
     skipped: list[str] = []
-    rows_read = 0
+    rows_read = chars = 0
     for path in source.files:
         unit = "line" if path.suffix in (".jsonl", ".csv") or _is_jsonl_file(path) else "row"
         for number, row in iter_rows(path):
@@ -556,13 +559,8 @@ def load_examples(spec: DatasetSpec, roots: AllowedRoots, source: DataSource | N
                     raise row
                 if fmt == "auto":
                     fmt = detect_format(row, source.columns)
-                examples.append(checked_size(to_example(row, fmt, source)))
-            except RecursionError:  # a nested value inside a row (tools, history) that the checks walk into
-                exc = RowError(_TOO_DEEP)
-                where = f"dataset {path.name} {unit} {number}"
-                if not spec.skip_bad_rows:
-                    raise DatasetError(f"{where}: {exc}; fix or remove that {unit}", field="dataset") from None
-                skipped.append(f"{where}: {exc}")
+                examples.append(_converted(row, fmt, source))
+                chars += example_chars(examples[-1])
             except RowError as exc:
                 where = f"dataset {path.name} {unit} {number}"
                 if not spec.skip_bad_rows:
@@ -571,14 +569,21 @@ def load_examples(spec: DatasetSpec, roots: AllowedRoots, source: DataSource | N
                         field="dataset",
                     ) from None
                 skipped.append(f"{where}: {exc}")
-            if spec.max_rows and len(examples) >= spec.max_rows:
+            if (spec.max_rows and len(examples) >= spec.max_rows) or (max_chars and chars >= max_chars):
                 break
-        if spec.max_rows and len(examples) >= spec.max_rows:
+        if (spec.max_rows and len(examples) >= spec.max_rows) or (max_chars and chars >= max_chars):
             break
     if not examples:
         detail = f" ({len(skipped)} rows skipped as malformed; first: {skipped[0]})" if skipped else ""
         raise DatasetError(f"dataset {source.label}: no usable rows{detail}", field="dataset")
-    return LoadedData(examples, fmt, source, rows_read, skipped)
+    return LoadedData(examples, fmt, source, rows_read, skipped, complete=not (max_chars and chars >= max_chars))
+
+
+def _converted(row: Any, fmt: str, source: DataSource) -> dict:
+    try:
+        return checked_size(to_example(row, fmt, source))
+    except RecursionError:  # a nested value inside a row (tools, history) that the checks walk into
+        raise RowError(_TOO_DEEP) from None
 
 
 def example_chars(example: dict) -> int:

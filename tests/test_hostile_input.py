@@ -81,6 +81,22 @@ def test_a_50mb_row_is_refused_by_size_and_the_server_keeps_answering(tiny_model
     assert "wrong-file.jsonl line 1" in refused and "50,000,0" in refused and "skip_bad_rows" in refused
 
 
+def test_a_huge_file_is_read_only_up_to_the_budget_and_says_so(tmp_path, monkeypatch):
+    """Extra, in process (the budget is 200M characters; a file that size is too slow to write in a test)."""
+    from lmtuner_core import analysis
+    from lmtuner_core.config import dataset_spec
+    from lmtuner_core.paths import AllowedRoots
+
+    monkeypatch.setattr(analysis, "MAX_READ_CHARS", 2_000)
+    monkeypatch.setattr(analysis, "MAX_TOKENIZED_ROWS", 5)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i} " + "x" * 90}) + "\n" for i in range(100)))
+    report = analysis.analyze_dataset(dataset_spec(str(data)), AllowedRoots([tmp_path]))
+    assert report.rows == 21 and report.sampled  # 21 rows of 96-97 characters pass 2,000
+    assert any("only its first 21 rows" in p for p in report.problems)
+    assert any("an even sample of 5 of 21 rows" in p for p in report.problems)
+
+
 def test_output_dir_may_not_be_lmtuners_own_folders(tiny_model, tmp_path, lmtuner_home):
     data = write_demo_dataset(tmp_path / "demo.jsonl", n=8)
     adapter = tmp_path / "adapter"
