@@ -54,6 +54,9 @@ def follow(ctx: ToolContext, job_id: str, stream=sys.stdout) -> JobProgress:
             return training.job_status(ctx, job_id, log_lines=10)
 
 
+TRUST_HELP = "Run the Python code shipped with the model, if it needs it (only for code you trust)."
+
+
 def cmd_train(ctx: ToolContext, args: argparse.Namespace) -> int:
     config = load_train_config_file(args.config)
     result = training.start_training(ctx, config, dry_run=args.dry_run)
@@ -124,7 +127,7 @@ def cmd_analyze(ctx: ToolContext, args: argparse.Namespace) -> int:
 def cmd_generate(ctx: ToolContext, args: argparse.Namespace) -> int:
     result = inference.generate(
         ctx, args.model, prompts=args.prompt, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
+        temperature=args.temperature, trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
     summary = "\n".join(f"> {p}\n{o.text}\n" for p, o in zip(args.prompt, result.outputs, strict=True))
     _print(result, args.json, summary + f"({result.tokens_per_second} tokens/s, {result.engine})")
@@ -132,7 +135,9 @@ def cmd_generate(ctx: ToolContext, args: argparse.Namespace) -> int:
 
 
 def cmd_merge(ctx: ToolContext, args: argparse.Namespace) -> int:
-    result = inference.merge_adapter(ctx, args.model, args.adapter, args.output_dir)
+    result = inference.merge_adapter(
+        ctx, args.model, args.adapter, args.output_dir, trust_remote_code=args.trust_remote_code
+    )
     _print(result, args.json, f"merged model in {result.output_dir} ({result.size_bytes / 2**20:.1f} MiB)")
     return 0
 
@@ -143,7 +148,8 @@ def cmd_quantize(ctx: ToolContext, args: argparse.Namespace) -> int:
 
     result = quantize.quantize(
         ctx, args.model, args.method, args.output, adapter=args.adapter, dataset=args.dataset,
-        calibration_samples=args.calibration_samples, group_size=args.group_size, progress=progress,
+        calibration_samples=args.calibration_samples, group_size=args.group_size,
+        trust_remote_code=args.trust_remote_code, progress=progress,
     )  # fmt: skip
     summary = (
         f"{result.method} model in {result.output_dir}: {result.size_bytes / 2**20:.2f} MiB, {result.ratio:.0%} of "
@@ -174,6 +180,7 @@ def cmd_serve(ctx: ToolContext, args: argparse.Namespace) -> int:
     result = serving.serve_model(
         ctx, args.model, adapters=_adapter_pairs(args.adapter) or None, port=args.port,
         served_model_name=args.served_model_name, max_model_len=args.max_model_len, dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
     _print(result, args.json, _server_line(result) + f"\nready in {result.startup_seconds} s; log {result.log_path}")
     return 0
@@ -214,7 +221,7 @@ def cmd_propose(ctx: ToolContext, args: argparse.Namespace) -> int:
 def cmd_evaluate(ctx: ToolContext, args: argparse.Namespace) -> int:
     result = evaluation.evaluate(
         ctx, args.model, args.dataset, adapter=args.adapter, predictions=args.predictions,
-        max_samples=args.max_samples, compare_base=args.compare_base,
+        max_samples=args.max_samples, compare_base=args.compare_base, trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
 
     def line(label: str, s) -> str:
@@ -292,12 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="A LoRA-family job's output_dir.")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("merge", help="Merge an adapter into its base model (a standalone HF model).")
     p.add_argument("model")
     p.add_argument("adapter")
     p.add_argument("output_dir")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=cmd_merge)
 
     p = sub.add_parser("quantize", help="Quantize a model (merging an adapter first): bnb-nf4, bnb-int8, gptq-w4a16.")
@@ -308,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="gptq-w4a16: calibration rows (default: a built-in sample).")
     p.add_argument("--calibration-samples", type=int, default=128)
     p.add_argument("--group-size", type=int, choices=[32, 64, 128])
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=cmd_quantize)
 
     p = sub.add_parser("serve", help="Serve a model (and adapters) with vLLM's OpenAI-compatible API.")
@@ -317,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("stop-serving", help="Stop a vLLM server (every process of it).")
@@ -345,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", help="Score this file of predictions instead of generating.")
     p.add_argument("--max-samples", type=int, default=50)
     p.add_argument("--compare-base", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("inspect", help="GPUs, CPU, memory, disk and library versions.")
