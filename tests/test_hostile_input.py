@@ -223,6 +223,24 @@ def test_a_model_that_needs_its_own_code_names_trust_remote_code(custom_code_mod
     assert not (tmp_path / "q").exists()
 
 
+VLLM_PYTHON = os.environ.get("LMTUNER_VLLM_PYTHON")
+
+
+@pytest.mark.skipif(
+    not VLLM_PYTHON,
+    reason="no vLLM: set LMTUNER_VLLM_PYTHON to a python with vllm (`make vllm-venv` builds one; `make test` sets it)",
+)
+def test_serve_model_names_trust_remote_code_for_such_a_model(custom_code_model, tmp_path, lmtuner_home):
+    async def scenario():
+        async with stdio_client(lmtuner_home, [tmp_path]) as client:
+            arguments = {"model": str(custom_code_model), "startup_timeout": 300}
+            return await call_error(client, "serve_model", arguments)
+
+    refused = anyio.run(scenario)
+    assert "call serve_model again with trust_remote_code: true" in refused, refused
+    assert not Path(os.environ["LMTUNER_TEST_CODE_RAN"]).exists()
+
+
 def test_a_dry_run_is_refused_exactly_as_the_real_start(tmp_path, lmtuner_home):
     model = tmp_path / "trillion"
     model.mkdir()
