@@ -338,3 +338,13 @@ def test_small_ones_long_input_nan_and_an_unclosed_csv_quote(tiny_model, tmp_pat
         assert result["isError"] and "finite number" in text and "less than" not in text, (call, text)
     assert "config.learning_rate" in results[3]["content"][0]["text"]
     assert "config.lora.dropout" in results[3]["content"][0]["text"]
+
+
+def test_a_config_file_with_nan_says_finite_number():
+    """Extra, in process: the CLI's config files go through parse_train_config, whose message we write ourselves."""
+    from lmtuner_core.config import parse_train_config
+    from lmtuner_core.errors import LmtunerError
+
+    with pytest.raises(LmtunerError) as refused:
+        parse_train_config({"model": "m", "dataset": "d.jsonl", "learning_rate": float("nan")})
+    assert "learning_rate: must be a finite number (not NaN or Infinity)" in str(refused.value)
