@@ -11,13 +11,23 @@ from collections.abc import Callable
 from pydantic import BaseModel, Field
 
 from lmtuner_core.config import DatasetSpec
-from lmtuner_core.data import has_generation_markers, load_examples, resolve_dataset, tokenize_chat, tokenize_text
-from lmtuner_core.errors import LmtunerError
+from lmtuner_core.data import (
+    example_chars,
+    has_generation_markers,
+    load_examples,
+    resolve_dataset,
+    tokenize_chat,
+    tokenize_text,
+)
+from lmtuner_core.errors import LmtunerError, shown
 from lmtuner_core.paths import AllowedRoots
 
 ProgressFn = Callable[[float, float, str], None]
 CUT_POINTS = (256, 512, 1024, 2048, 4096, 8192)
 MAX_TOKENIZED_ROWS = 20_000  # beyond this, an even sample keeps the call to seconds; the result says so
+MAX_TOKENIZED_CHARS = 8_000_000  # characters tokenized per call (~2 µs each on a busy core): the same, by size
+MAX_READ_CHARS = 200_000_000  # rows read per call (a few hundred MB in memory); a larger file is read up to here
+ROW_CHARS_TOKENIZED = 65_536  # a longer row is measured on its start (well past the largest cut point) and scaled
 CHARS_PER_TOKEN = 4.0  # the usual rule of thumb for English BPE, used only when no model is given
 
 
@@ -44,7 +54,15 @@ class DatasetAnalysis(BaseModel):
     skipped_rows: int = Field(0, description="Malformed rows (training would fail on the first unless skipped).")
     duplicates: int = Field(0, description="Rows that repeat an earlier row exactly.")
     sampled: bool = Field(
-        False, description=f"True when only an even sample of {MAX_TOKENIZED_ROWS} rows was tokenized."
+        False,
+        description=f"True when only part of the data was measured: an even sample of the rows was tokenized (over "
+        f"{MAX_TOKENIZED_ROWS} rows, or over {MAX_TOKENIZED_CHARS:,} characters), or a file over "
+        f"{MAX_READ_CHARS:,} characters was read only that far; problems says which.",
+    )
+    estimated_rows: int = Field(
+        0,
+        description=f"Rows longer than {ROW_CHARS_TOKENIZED:,} characters: tokenized on their start and scaled up, "
+        "so their lengths are estimates.",
     )
     problems: list[str] = Field(default_factory=list, description="What to fix or know, in plain sentences.")
 
@@ -72,11 +90,17 @@ def _estimate_tokens(example: dict) -> tuple[int, int]:
 def analyze_dataset(
     spec: DatasetSpec, roots: AllowedRoots, model: str | None = None, progress: ProgressFn | None = None
 ) -> DatasetAnalysis:
-    """Reads every row (bad ones counted, not fatal) and measures token lengths with the model's tokenizer."""
+    """Reads every row (bad ones counted, not fatal; a file over MAX_READ_CHARS only that far) and measures token
+    lengths with the model's tokenizer, on a bounded sample of rows and of each row's characters."""
     source = resolve_dataset(spec, roots)
-    loaded = load_examples(spec.model_copy(update={"skip_bad_rows": True}), roots, source)
+    loaded = load_examples(spec.model_copy(update={"skip_bad_rows": True}), roots, source, max_chars=MAX_READ_CHARS)
     examples = loaded.examples
     problems: list[str] = []
+    if not loaded.complete:
+        problems.append(
+            f"large dataset: only its first {loaded.rows_read} rows ({MAX_READ_CHARS:,} characters) were read; rows, "
+            "duplicates and lengths describe those (start_training still checks every row)"
+        )
     if loaded.skipped:
         problems.append(
             f"{len(loaded.skipped)} malformed rows; training fails on the first unless dataset.skip_bad_rows is "
@@ -91,8 +115,19 @@ def analyze_dataset(
     if duplicates:
         problems.append(f"{duplicates} rows repeat an earlier row exactly; duplicates weigh those examples double")
 
-    sampled = len(examples) > MAX_TOKENIZED_ROWS
-    measured = examples[:: math.ceil(len(examples) / MAX_TOKENIZED_ROWS)] if sampled else examples
+    # Bounded work per call: at most MAX_TOKENIZED_ROWS rows and MAX_TOKENIZED_CHARS characters, an even sample
+    # beyond that; at most ROW_CHARS_TOKENIZED characters of any one row.
+    sizes = [example_chars(e) for e in examples]
+    stride = math.ceil(
+        max(len(examples) / MAX_TOKENIZED_ROWS, sum(min(n, ROW_CHARS_TOKENIZED) for n in sizes) / MAX_TOKENIZED_CHARS)
+    )
+    sampled = stride > 1 or not loaded.complete
+    measured = list(zip(examples[::stride], sizes[::stride], strict=True))
+    if stride > 1:
+        problems.append(
+            f"large dataset: token lengths come from an even sample of {len(measured)} of {len(examples)} rows "
+            "(every row read was checked)"
+        )
     lengths: list[int] = []
     trained_tokens = 0
     if model:
@@ -104,20 +139,31 @@ def analyze_dataset(
     else:
         label = f"estimate: characters / {CHARS_PER_TOKEN:g} (pass model for exact counts)"
     step = max(1, len(measured) // 10)
-    for i, example in enumerate(measured):
+    estimated, longest = 0, 0
+    for i, (example, chars) in enumerate(measured):
         if model:
+            scale = 1.0
+            if chars > ROW_CHARS_TOKENIZED:
+                example, scale = _clipped(example, chars), chars / ROW_CHARS_TOKENIZED
+                estimated, longest = estimated + 1, max(longest, chars)
             if "text" in example:
                 ids = tokenize_text(example, tokenizer)["input_ids"]
                 n, trained = len(ids), len(ids)
             else:
                 out = tokenize_chat(example, tokenizer, True, native)
                 n, trained = len(out["input_ids"]), sum(out["assistant_masks"])
+            n, trained = round(n * scale), round(trained * scale)
         else:
             n, trained = _estimate_tokens(example)
         lengths.append(n)
         trained_tokens += trained
         if progress and ((i + 1) % step == 0 or i + 1 == len(measured)):
             progress(i + 1, len(measured), f"measured {i + 1} of {len(measured)} rows")
+    if estimated:
+        problems.append(
+            f"{estimated} rows are longer than {ROW_CHARS_TOKENIZED:,} characters (the longest {longest:,}): their "
+            "lengths are estimated from their start; rows that long are mostly cut away by max_seq_len"
+        )
     ordered = sorted(lengths)
     truncated = {str(cut): sum(n > cut for n in ordered) for cut in CUT_POINTS}
     if ordered and ordered[-1] > 4 * _percentile(ordered, 0.95):
@@ -147,8 +193,18 @@ def analyze_dataset(
         skipped_rows=len(loaded.skipped),
         duplicates=duplicates,
         sampled=sampled,
+        estimated_rows=estimated,
         problems=problems,
     )
+
+
+def _clipped(example: dict, chars: int) -> dict:
+    """The example with every text cut in proportion, to about ROW_CHARS_TOKENIZED characters in all."""
+    keep = ROW_CHARS_TOKENIZED / chars
+    if "text" in example:
+        return {"text": example["text"][:ROW_CHARS_TOKENIZED]}
+    messages = [{**m, "content": m["content"][: math.ceil(len(m["content"]) * keep)]} for m in example["messages"]]
+    return {**example, "messages": messages}
 
 
 def _load_tokenizer(model: str):
@@ -159,7 +215,7 @@ def _load_tokenizer(model: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as exc:
-        raise LmtunerError(f"model: cannot load the tokenizer of {model!r} ({exc})", field="model") from None
+        raise LmtunerError(f"model: cannot load the tokenizer of {shown(model)} ({exc})", field="model") from None
     if not tokenizer.chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE  # what training would use for chat data
     return tokenizer

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lmtuner_core.errors import LmtunerError, format_validation_error
+from lmtuner_core.errors import LmtunerError, format_validation_error, shown
 from lmtuner_core.methods import METHOD_NAMES, default_learning_rate
 
 Method = Literal["full", "freeze", "lora", "dora", "qlora", "lora-8bit", "lomo", "adalomo"]
@@ -28,7 +28,8 @@ assert set(METHOD_NAMES) == set(Method.__args__), "methods.py and the Method lit
 class StrictModel(BaseModel):
     """Rejects unknown keys with the list of accepted ones (pydantic alone only says 'extra inputs')."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, validate_assignment=True)
+    # allow_inf_nan=False: NaN and ±Infinity (which JSON parsers accept) are "not a finite number", not "should be ≤ N".
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, validate_assignment=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -39,7 +40,7 @@ class StrictModel(BaseModel):
                 if key not in cls.model_fields:
                     close = difflib.get_close_matches(str(key), accepted, n=1)
                     hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    raise ValueError(f"unknown key {key!r}{hint}; accepted keys: {', '.join(accepted)}")
+                    raise ValueError(f"unknown key {shown(key)}{hint}; accepted keys: {', '.join(accepted)}")
         return data
 
 
@@ -92,7 +93,7 @@ class NodeSettings(StrictModel):
     @classmethod
     def _host(cls, value: str) -> str:
         if value.startswith("-") or not HOSTNAME.match(value):
-            raise ValueError(f"{value!r} is not a hostname or IP address (e.g. 'node0', '10.0.0.5', '::1')")
+            raise ValueError(f"{shown(value)} is not a hostname or IP address (e.g. 'node0', '10.0.0.5', '::1')")
         return value
 
     @model_validator(mode="after")

@@ -20,10 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from lmtuner_core.config import DatasetSpec
-from lmtuner_core.errors import LmtunerError
+from lmtuner_core.errors import LmtunerError, shown
 from lmtuner_core.paths import AllowedRoots
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+# One row's characters: about 1M tokens, the longest max_seq_len accepted. A longer row is a data error (a file
+# pasted into one field), and tokenizing it would take gigabytes wherever it is read: refused, naming the row.
+MAX_ROW_CHARS = 4_000_000
+MAX_LINE_BYTES = 2 * MAX_ROW_CHARS  # a .jsonl line is measured before it is parsed (JSON escapes take room)
+DEEP_NESTING = 500  # levels of [ and { past which a JSON file's line is reported (Python's reader stops near 1000)
 
 # LLaMA-Factory's sharegpt defaults (its `DatasetAttr`), so its dataset_info.json entries read the same here.
 SHAREGPT_TAGS = {
@@ -75,6 +80,7 @@ class LoadedData:
     source: DataSource
     rows_read: int
     skipped: list[str] = field(default_factory=list)  # one reason per skipped row
+    complete: bool = True  # False when a character budget stopped the reading early (analysis of a huge file)
 
 
 # ---------------------------------------------------------------------------------------------- resolving
@@ -89,8 +95,8 @@ def resolve_dataset(spec: DatasetSpec, roots: AllowedRoots) -> DataSource:
         if path.exists():
             return DataSource(_data_files(path), spec.format, dict(spec.columns or {}), {}, label=str(path))
         raise DatasetError(
-            f"dataset: file {spec.path!r} not found (resolved to {path}); give a .json, .jsonl, .csv or .parquet "
-            "file, or the name of an entry in a dataset_info.json",
+            f"dataset: file {shown(spec.path)} not found (resolved to {shown(str(path))}); give a .json, .jsonl, .csv "
+            "or .parquet file, or the name of an entry in a dataset_info.json",
             field="dataset.path",
         )
     return _resolve_entry(spec.name or "", spec, roots)
@@ -125,7 +131,7 @@ def _resolve_entry(name: str, spec: DatasetSpec, roots: AllowedRoots) -> DataSou
     if info_path is None:
         where = spec.dataset_dir or "./data or the working directory"
         raise DatasetError(
-            f"dataset: {name!r} is not a file, and no dataset_info.json was found in {where}; give a file path, "
+            f"dataset: {shown(name)} is not a file, and no dataset_info.json was found in {where}; give a file path, "
             "or set dataset.dataset_dir to the folder holding dataset_info.json",
             field="dataset",
         )
@@ -136,38 +142,40 @@ def _resolve_entry(name: str, spec: DatasetSpec, roots: AllowedRoots) -> DataSou
     if name not in registry:
         close = [n for n in registry if name.lower() in n.lower()][:5] or list(registry)[:8]
         raise DatasetError(
-            f"dataset: {info_path} has no entry {name!r}; entries include: {', '.join(close)}", field="dataset.name"
+            f"dataset: {info_path} has no entry {shown(name)}; entries include: {', '.join(close)}",
+            field="dataset.name",
         )
     entry = registry[name]
     for key in HUB_KEYS:
         if isinstance(entry, dict) and key in entry and "file_name" not in entry:
             raise DatasetError(
-                f"dataset: entry {name!r} loads from a hub ({key}); lmtuner reads local files only — download it and "
-                "add a file_name",
+                f"dataset: entry {shown(name)} loads from a hub ({key}); lmtuner reads local files only — download "
+                "it and add a file_name",
                 field="dataset.name",
             )
     if not isinstance(entry, dict) or "file_name" not in entry:
         raise DatasetError(
-            f"dataset: entry {name!r} in {info_path} has no file_name; an entry is an object such as "
+            f"dataset: entry {shown(name)} in {info_path} has no file_name; an entry is an object such as "
             '{"file_name": "data.json", "formatting": "alpaca"}',
             field="dataset.name",
         )
     if entry.get("ranking"):
         raise DatasetError(
-            f"dataset: entry {name!r} is preference data (ranking: true); supervised fine-tuning needs "
+            f"dataset: entry {shown(name)} is preference data (ranking: true); supervised fine-tuning needs "
             "instruction or chat data",
             field="dataset.name",
         )
     file_path = roots.resolve(str(info_path.parent / entry["file_name"]), "dataset.file_name")
     if not file_path.exists():
         raise DatasetError(
-            f"dataset: entry {name!r} names {entry['file_name']!r}, which is not in {info_path.parent}",
+            f"dataset: entry {shown(name)} names {shown(entry['file_name'])}, which is not in {info_path.parent}",
             field="dataset.name",
         )
     formatting = entry.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt"):
         raise DatasetError(
-            f"dataset: entry {name!r} has formatting {formatting!r}; accepted: alpaca, sharegpt", field="dataset.name"
+            f"dataset: entry {shown(name)} has formatting {shown(formatting)}; accepted: alpaca, sharegpt",
+            field="dataset.name",
         )
     columns = dict(entry.get("columns") or {})
     columns.update(spec.columns or {})
@@ -190,7 +198,14 @@ def iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
         yield from _iter_jsonl(path)
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
+            text = path.read_text(encoding="utf-8-sig")
+            data = json.loads(text)
+        except RecursionError:
+            raise DatasetError(
+                f"dataset {path.name}: nested deeper than the JSON reader allows (more than {DEEP_NESTING} levels of "
+                f"[ and {{ by line {_deep_nesting_line(text)}); rows are objects of text fields: fix that part",
+                field="dataset",
+            ) from None
         except json.JSONDecodeError as exc:
             raise DatasetError(
                 f"dataset {path.name}: not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}); fix the "
@@ -226,11 +241,56 @@ def _is_json_lines(path: Path) -> bool:
     return head.startswith(b"{") and b"\n{" in head.replace(b"\r\n", b"\n")
 
 
+def _deep_nesting_line(text: str) -> int:
+    """The line where [ and { nesting (outside strings) first passes DEEP_NESTING levels, for the message."""
+    depth, line = 0, 1
+    for token in re.finditer(r'"(?:[^"\\\n]|\\.)*"|[\[\]{}\n]', text):
+        mark = token.group()
+        if mark == "\n":
+            line += 1
+        elif mark in "[{":
+            depth += 1
+            if depth > DEEP_NESTING:
+                return line
+        elif mark in "]}":
+            depth -= 1
+    return line
+
+
+def _bounded_lines(fh) -> Iterator[bytes | int]:
+    """The file's lines; a line over MAX_LINE_BYTES is read past in blocks and yielded as its size in bytes, so a
+    file that is one 50 MB line never sits in memory whole."""
+    while True:
+        raw = fh.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+            yield raw
+            continue
+        size = len(raw)
+        while not raw.endswith(b"\n"):
+            raw = fh.readline(1 << 20)
+            if not raw:
+                break
+            size += len(raw)
+        yield size
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     # Bytes, decoded line by line: a text-mode reader decodes ahead in 8 KiB blocks, so its UnicodeDecodeError
     # would name the wrong line.
     with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
+        for line_no, raw in enumerate(_bounded_lines(fh), start=1):
+            if isinstance(raw, int):
+                yield (
+                    line_no,
+                    RowError(
+                        f"the line is {raw:,} bytes; lines over {MAX_LINE_BYTES:,} bytes are refused unread (a row "
+                        f"holds at most {MAX_ROW_CHARS:,} characters, about the longest max_seq_len): shorten or split "
+                        "that row"
+                    ),
+                )
+                continue
             try:
                 line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError:
@@ -241,13 +301,36 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 yield line_no, json.loads(line)
             except json.JSONDecodeError as exc:
                 yield line_no, RowError(f"not JSON ({exc.msg} at column {exc.colno})")
+            except RecursionError:
+                yield line_no, RowError(_TOO_DEEP)
+
+
+_TOO_DEEP = (
+    "nested deeper than the JSON reader allows (about 1000 levels of [ and {); a row is an object of text fields"
+)
 
 
 def _iter_csv(path: Path) -> Iterator[tuple[int, Any]]:
     # utf-8-sig: Excel and Notepad start UTF-8 files with a BOM, which would otherwise join the first column name.
+    # strict: a quote that is never closed raises instead of swallowing the rest of the file into one field.
     with path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh)
-        for row in reader:
+        reader = csv.DictReader(fh, strict=True)
+        while True:
+            start = reader.line_num + 1  # a quoted field may span lines: name the line the row starts on
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                if "unexpected end of data" in str(exc):
+                    raise DatasetError(
+                        f"dataset {path.name} line {start}: a quoted field opened in this row is never closed, so "
+                        "the rest of the file would be read as one field; close the quote (write a quote inside a "
+                        'quoted field as "")',
+                        field="dataset",
+                    ) from None
+                yield start, RowError(f'not valid CSV ({exc}); quote the field, and write a quote inside it as ""')
+                continue
             if None in row:
                 yield reader.line_num, RowError("more fields than the header has columns")
             else:
@@ -294,12 +377,12 @@ def _text(row: dict, key: str | None, name: str, required: bool = False) -> str:
     value = row.get(key) if key else None
     if value is None:
         if required:
-            raise RowError(f"missing {name!r} (column {key!r})")
+            raise RowError(f"missing {shown(name)} (column {shown(key)})")
         return ""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str):
-        raise RowError(f"{name!r} (column {key!r}) must be text, got {type(value).__name__}")
+        raise RowError(f"{shown(name)} (column {shown(key)}) must be text, got {type(value).__name__}")
     return value
 
 
@@ -311,20 +394,20 @@ def alpaca_to_example(row: dict, columns: dict[str, str]) -> dict:
     prompt = _text(row, cols["prompt"], "instruction")
     query = _text(row, cols["query"], "input")
     if not prompt and not query:
-        raise RowError(f"both {cols['prompt']!r} and {cols['query']!r} are empty; one must hold the prompt")
+        raise RowError(f"both {shown(cols['prompt'])} and {shown(cols['query'])} are empty; one must hold the prompt")
     response = _text(row, cols["response"], "output", required=True)
     if not response.strip():
-        raise RowError(f"{cols['response']!r} is empty; there is nothing to learn from this row")
+        raise RowError(f"{shown(cols['response'])} is empty; there is nothing to learn from this row")
     messages: list[dict] = []
     system = _text(row, cols["system"], "system")
     if system:
         messages.append({"role": "system", "content": system})
     history = row.get(cols["history"]) or []
     if not isinstance(history, list):
-        raise RowError(f"{cols['history']!r} must be a list of [prompt, response] pairs")
+        raise RowError(f"{shown(cols['history'])} must be a list of [prompt, response] pairs")
     for pair in history:
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise RowError(f"{cols['history']!r} must be a list of [prompt, response] pairs of text")
+            raise RowError(f"{shown(cols['history'])} must be a list of [prompt, response] pairs of text")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     user = f"{prompt}\n\n{query}" if prompt and query else (prompt or query)
     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
@@ -375,7 +458,7 @@ def sharegpt_to_example(row: dict, columns: dict[str, str], tags: dict[str, str]
     tag = {**SHAREGPT_TAGS, **tags}
     turns = row.get(cols["messages"])
     if not isinstance(turns, list) or not turns:
-        raise RowError(f"{cols['messages']!r} must be a non-empty list of turns")
+        raise RowError(f"{shown(cols['messages'])} must be a non-empty list of turns")
     roles = {
         tag["user_tag"]: "user",
         tag["assistant_tag"]: "assistant",
@@ -392,7 +475,7 @@ def sharegpt_to_example(row: dict, columns: dict[str, str], tags: dict[str, str]
             raise RowError(f"turn {i} must be an object with {tag['role_tag']!r} and {tag['content_tag']!r}")
         who = turn.get(tag["role_tag"])
         if who not in roles:
-            raise RowError(f"turn {i} has {tag['role_tag']!r} = {who!r}; accepted: {', '.join(map(repr, roles))}")
+            raise RowError(f"turn {i} has {tag['role_tag']!r} = {shown(who)}; accepted: {', '.join(map(repr, roles))}")
         content = turn.get(tag["content_tag"])
         if not isinstance(content, str):
             raise RowError(f"turn {i}: {tag['content_tag']!r} must be text")
@@ -409,14 +492,14 @@ def messages_to_example(row: dict, columns: dict[str, str]) -> dict:
     key = columns.get("messages") or ("messages" if "messages" in row else "conversations")
     turns = row.get(key)
     if not isinstance(turns, list) or not turns:
-        raise RowError(f"{key!r} must be a non-empty list of {{role, content}} turns")
+        raise RowError(f"{shown(key)} must be a non-empty list of {{role, content}} turns")
     messages = []
     for i, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict) or "role" not in turn:
             raise RowError(f"turn {i} must be an object with 'role' and 'content'")
         role = {"developer": "system", "human": "user", "gpt": "assistant"}.get(turn["role"], turn["role"])
         if role not in ("system", "user", "assistant", "tool"):
-            raise RowError(f"turn {i} has role {turn['role']!r}; accepted: system, user, assistant, tool")
+            raise RowError(f"turn {i} has role {shown(turn['role'])}; accepted: system, user, assistant, tool")
         content = turn.get("content")
         if content is None and turn.get("tool_calls"):
             content = ""
@@ -441,7 +524,7 @@ def text_to_example(row: dict, columns: dict[str, str]) -> dict:
     key = columns.get("text") or "text"
     text = _text(row, key, "text", required=True)
     if not text.strip():
-        raise RowError(f"{key!r} is empty")
+        raise RowError(f"{shown(key)} is empty")
     return {"text": text}
 
 
@@ -457,14 +540,16 @@ def to_example(row: Any, fmt: str, source: DataSource) -> dict:
     return text_to_example(row, source.columns)
 
 
-def load_examples(spec: DatasetSpec, roots: AllowedRoots, source: DataSource | None = None) -> LoadedData:
-    """Reads and checks every row. A bad row raises DatasetError naming file and line, unless the spec says
-    to skip bad rows; then it is counted in `skipped`."""
+def load_examples(
+    spec: DatasetSpec, roots: AllowedRoots, source: DataSource | None = None, *, max_chars: int | None = None
+) -> LoadedData:
+    """Reads and checks every row (or rows up to `max_chars` characters in all). A bad row raises DatasetError
+    naming file and line, unless the spec says to skip bad rows; then it is counted in `skipped`."""
     source = source or resolve_dataset(spec, roots)
     fmt = source.format
     examples: list[dict] = []
     skipped: list[str] = []
-    rows_read = 0
+    rows_read = chars = 0
     for path in source.files:
         unit = "line" if path.suffix in (".jsonl", ".csv") or _is_jsonl_file(path) else "row"
         for number, row in iter_rows(path):
@@ -474,7 +559,8 @@ def load_examples(spec: DatasetSpec, roots: AllowedRoots, source: DataSource | N
                     raise row
                 if fmt == "auto":
                     fmt = detect_format(row, source.columns)
-                examples.append(to_example(row, fmt, source))
+                examples.append(_converted(row, fmt, source))
+                chars += example_chars(examples[-1])
             except RowError as exc:
                 where = f"dataset {path.name} {unit} {number}"
                 if not spec.skip_bad_rows:
@@ -483,14 +569,40 @@ def load_examples(spec: DatasetSpec, roots: AllowedRoots, source: DataSource | N
                         field="dataset",
                     ) from None
                 skipped.append(f"{where}: {exc}")
-            if spec.max_rows and len(examples) >= spec.max_rows:
+            if (spec.max_rows and len(examples) >= spec.max_rows) or (max_chars and chars >= max_chars):
                 break
-        if spec.max_rows and len(examples) >= spec.max_rows:
+        if (spec.max_rows and len(examples) >= spec.max_rows) or (max_chars and chars >= max_chars):
             break
     if not examples:
         detail = f" ({len(skipped)} rows skipped as malformed; first: {skipped[0]})" if skipped else ""
         raise DatasetError(f"dataset {source.label}: no usable rows{detail}", field="dataset")
-    return LoadedData(examples, fmt, source, rows_read, skipped)
+    return LoadedData(examples, fmt, source, rows_read, skipped, complete=not (max_chars and chars >= max_chars))
+
+
+def _converted(row: Any, fmt: str, source: DataSource) -> dict:
+    try:
+        return checked_size(to_example(row, fmt, source))
+    except RecursionError:  # a nested value inside a row (tools, history) that the checks walk into
+        raise RowError(_TOO_DEEP) from None
+
+
+def example_chars(example: dict) -> int:
+    """Characters in an example as the tokenizer will see them (text, turns, tool calls and tool schemas)."""
+    if "text" in example:
+        return len(example["text"])
+    chars = sum(len(m["content"]) for m in example["messages"])
+    chars += sum(len(json.dumps(m["tool_calls"])) for m in example["messages"] if m.get("tool_calls"))
+    return chars + (len(json.dumps(example["tools"])) if example.get("tools") else 0)
+
+
+def checked_size(example: dict) -> dict:
+    chars = example_chars(example)
+    if chars > MAX_ROW_CHARS:
+        raise RowError(
+            f"the row holds {chars:,} characters; rows over {MAX_ROW_CHARS:,} (about 1M tokens, the longest "
+            "max_seq_len) are refused: shorten or split it"
+        )
+    return example
 
 
 def _is_jsonl_file(path: Path) -> bool:

@@ -2,19 +2,65 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 from pydantic import ValidationError
+
+ECHO_LIMIT = 120  # characters of a caller's value an error message repeats: enough to recognise it
+MESSAGE_LIMIT = 2000  # a whole message, whatever it quotes (file contents, a library's error)
+
+
+def shown(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """repr(value) for an error message, cut to about `limit` characters with the full length said: a 10,000-character
+    job_id or path is not echoed back whole (into the agent's context, or a log). The start and the end are kept
+    (a path's end names the file)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value):,} characters" if isinstance(value, str) else f"{len(text):,} characters as text"
+    return f"{text[: limit - 25]}…{text[-24:]} ({size})"
+
+
+def _cut(message: str) -> str:
+    if len(message) <= MESSAGE_LIMIT:
+        return message
+    return f"{message[: MESSAGE_LIMIT - 60]}… (message cut: {len(message):,} characters)"
 
 
 class LmtunerError(Exception):
-    """A problem with what the user asked for. The message is shown as is, so it must say what to change."""
+    """A problem with what the user asked for. The message is shown as is, so it must say what to change.
+    Messages are capped at MESSAGE_LIMIT characters; values the caller gave are quoted through `shown`."""
 
     def __init__(self, message: str, *, field: str | None = None):
-        super().__init__(message)
+        super().__init__(_cut(message))
         self.field = field
 
 
 class NotFoundError(LmtunerError):
     """A job, run or file that does not exist."""
+
+
+@contextmanager
+def remote_code_explained(model: str, tool: str) -> Iterator[None]:
+    """Turns transformers' refusal to run a model's own code ("contains custom code … pass the argument
+    `trust_remote_code=True`") into a message naming the tool's parameter."""
+    try:
+        yield
+    except (ValueError, OSError) as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise remote_code_refusal(model, tool) from None
+
+
+def remote_code_refusal(model: str, tool: str) -> LmtunerError:
+    return LmtunerError(
+        f"trust_remote_code: {shown(model)} needs code of its own (Python files in its folder or hub repository) "
+        f"to load, and that code is not run unless asked for; if you trust it, call {tool} again with "
+        "trust_remote_code: true",
+        field="trust_remote_code",
+    )
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "", root: str = "config") -> str:
@@ -24,6 +70,8 @@ def format_validation_error(exc: ValidationError, prefix: str = "", root: str = 
         loc = ".".join(str(part) for part in err["loc"])
         where = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or root)
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "finite_number":
+            msg = "must be a finite number (not NaN or Infinity)"
         if err["type"] == "extra_forbidden":
             msg = "unknown key" + (f" — {msg}" if msg != "Extra inputs are not permitted" else "")
         lines.append(f"{where}: {msg}")

@@ -20,7 +20,7 @@ def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def merge_adapter(model_ref: str, adapter: Path, output_dir: Path) -> MergeResult:
+def merge_adapter(model_ref: str, adapter: Path, output_dir: Path, *, trust_remote_code: bool = False) -> MergeResult:
     """Loads the base in full precision (merging into 4/8-bit weights would lose the update), applies the
     adapter, merges, and saves with the adapter's tokenizer and any recorded RoPE scaling."""
     import torch
@@ -37,11 +37,12 @@ def merge_adapter(model_ref: str, adapter: Path, output_dir: Path) -> MergeResul
         PeftConfig.from_pretrained(str(adapter))
     except ValueError as exc:
         raise LmtunerError(f"adapter: {adapter} is not a PEFT adapter ({exc})", field="adapter") from None
-    config = apply_recorded_rope(AutoConfig.from_pretrained(model_ref), adapter)
-    base = AutoModelForCausalLM.from_pretrained(model_ref, config=config, dtype=torch.float32)
+    trust = {"trust_remote_code": trust_remote_code}
+    config = apply_recorded_rope(AutoConfig.from_pretrained(model_ref, **trust), adapter)
+    base = AutoModelForCausalLM.from_pretrained(model_ref, config=config, dtype=torch.float32, **trust)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     output_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(output_dir))
     tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else model_ref
-    AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(str(output_dir))
+    AutoTokenizer.from_pretrained(str(tokenizer_source), **trust).save_pretrained(str(output_dir))
     return MergeResult(output_dir=str(output_dir), size_bytes=folder_size(output_dir), base_model=model_ref)

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from lmtuner_core.errors import LmtunerError
+from lmtuner_core.errors import LmtunerError, shown
 
 ProgressFn = Callable[[float, float, str], None]
 _LOADED: dict[str, Any] = {}  # {"key": (model, adapter), "model": ..., "tokenizer": ...}
@@ -43,9 +43,9 @@ class GenerateResult(BaseModel):
     server_id: str | None = Field(None, description="The vLLM server that answered (engine 'vllm').")
 
 
-def _load(model_ref: str, adapter: str | None):
+def _load(model_ref: str, adapter: str | None, trust_remote_code: bool = False):
     """(model, tokenizer), reusing the loaded pair when it is the same model and adapter."""
-    key = (model_ref, adapter)
+    key = (model_ref, adapter, trust_remote_code)  # a model loaded with its own code is not reused without leave
     if _LOADED.get("key") == key:
         return _LOADED["model"], _LOADED["tokenizer"]
     _LOADED.clear()  # free the previous model before loading the next
@@ -60,13 +60,16 @@ def _load(model_ref: str, adapter: str | None):
 
     cuda = torch.cuda.is_available()
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-    config = AutoConfig.from_pretrained(model_ref)
+    config = AutoConfig.from_pretrained(model_ref, trust_remote_code=trust_remote_code)
     if adapter:
         apply_recorded_rope(config, adapter)
     else:
         restore_xpos(config)  # a full xPos model's config.json records it; plain transformers would drop it
-    model = AutoModelForCausalLM.from_pretrained(model_ref, config=config, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(adapter or model_ref)  # a trained adapter saves its tokenizer
+    model = AutoModelForCausalLM.from_pretrained(
+        model_ref, config=config, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    # a trained adapter saves its tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(adapter or model_ref, trust_remote_code=trust_remote_code)
     if adapter:
         from peft import PeftModel
 
@@ -91,6 +94,7 @@ def generate(
     top_p: float = 1.0,
     batch_size: int = 8,
     seed: int = 0,
+    trust_remote_code: bool = False,
     progress: ProgressFn | None = None,
 ) -> GenerateResult:
     """Answers each conversation (a list of {role, content}) with the assistant's next turn."""
@@ -98,9 +102,9 @@ def generate(
 
     with _LOCK:
         try:
-            model, tokenizer = _load(model_ref, adapter)
+            model, tokenizer = _load(model_ref, adapter, trust_remote_code)
         except OSError as exc:
-            raise LmtunerError(f"model: cannot load {model_ref!r} ({exc})", field="model") from None
+            raise LmtunerError(f"model: cannot load {shown(model_ref)} ({exc})", field="model") from None
         eos = model.generation_config.eos_token_id
         end_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         torch.manual_seed(seed)

@@ -22,9 +22,9 @@ import psutil
 from lmtuner_core.config import TrainConfig
 from lmtuner_core.data import load_examples, resolve_dataset
 from lmtuner_core.distributed import write_deepspeed_config
-from lmtuner_core.errors import LmtunerError, NotFoundError
+from lmtuner_core.errors import LmtunerError, NotFoundError, shown
 from lmtuner_core.methods import METHODS
-from lmtuner_core.paths import AllowedRoots, RunDir, check_job_id
+from lmtuner_core.paths import AllowedRoots, RunDir, check_job_id, check_outside_state
 from lmtuner_core.processes import alive, exit_reason, reap, reap_finished, signal_group, spawn_supervised
 from lmtuner_core.progress import JobProgress, read_exit_code, read_progress, read_state
 from lmtuner_core.secrets import child_environment
@@ -44,7 +44,7 @@ def cpu_job_slots() -> int:
         try:
             return max(1, int(configured))
         except ValueError:
-            raise LmtunerError(f"LMTUNER_MAX_CPU_JOBS={configured!r} is not a whole number") from None
+            raise LmtunerError(f"LMTUNER_MAX_CPU_JOBS={shown(configured)} is not a whole number") from None
     return max(1, (os.cpu_count() or 1) // 8)
 
 
@@ -145,12 +145,12 @@ def resolve_model(value: str, roots: AllowedRoots, field: str = "model") -> str:
         if HUB_ID.match(value) and ".." not in value:
             return value
         raise LmtunerError(
-            f"{field}: {value!r} is neither an existing folder nor a hub id like 'Qwen/Qwen2.5-0.5B-Instruct'",
+            f"{field}: {shown(value)} is neither an existing folder nor a hub id like 'Qwen/Qwen2.5-0.5B-Instruct'",
             field=field,
         )
     path = roots.resolve(value, field)
     if not path.is_dir():
-        raise LmtunerError(f"{field}: folder {value!r} not found (resolved to {path})", field=field)
+        raise LmtunerError(f"{field}: folder {shown(value)} not found (resolved to {shown(str(path))})", field=field)
     if not (path / "config.json").is_file():
         raise LmtunerError(
             f"{field}: folder {path} has no config.json, so it is not a Hugging Face model folder; point to the "
@@ -183,7 +183,9 @@ def check_config(
     if config.deepspeed is not None:
         updates["deepspeed"] = check_deepspeed(config, roots)
     if config.model == updates["model"] and not config.model.startswith("/"):
-        warnings.append(f"model {config.model!r} is a hub id: the training process downloads it unless it is cached")
+        warnings.append(
+            f"model {shown(config.model)} is a hub id: the training process downloads it unless it is cached"
+        )
     source = resolve_dataset(config.dataset, roots)
     loaded = load_examples(config.dataset, roots, source)
     if loaded.skipped:
@@ -198,6 +200,7 @@ def check_config(
     updates["dataset"] = dataset
     output = roots.resolve(config.output_dir, "output_dir") if config.output_dir else run_dir.default_output
     if config.output_dir:
+        check_outside_state(output, run_dir.root.parents[1], "output_dir")  # run folders live in $LMTUNER_HOME/runs
         check_writable(output, "output_dir")
     if output.exists() and any(output.iterdir()):
         raise LmtunerError(
@@ -299,7 +302,7 @@ class JobService:
         checked, warnings = check_config(config, self.roots, run, dry_run=dry_run)
         devices = resolve_devices(checked.devices)
         check_processes(checked, devices)
-        warnings += preflight(checked, devices, refuse=not (dry_run or force))
+        warnings += preflight(checked, devices, refuse=not force)  # a dry run is refused as the real start is
         if checked.method == "adalomo" and devices == "cpu":
             raise LmtunerError(
                 "method: 'adalomo' needs a CUDA GPU (lomo-optim keeps its state on the GPU); use 'lomo' on the CPU",
@@ -365,7 +368,7 @@ class JobService:
         reap_finished()
         record = self.store.get(job_id)
         if record is None:
-            raise NotFoundError(f"job_id: no job {job_id!r}; list_jobs shows the jobs there are", field="job_id")
+            raise NotFoundError(f"job_id: no job {shown(job_id)}; list_jobs shows the jobs there are", field="job_id")
         return self.refresh(record)
 
     def refresh(self, record: JobRecord, *, schedule: bool = True) -> JobRecord:
@@ -411,7 +414,7 @@ class JobService:
     def list(self, status: str | None = None) -> list[JobRecord]:
         if status is not None and status not in STATUSES:
             raise LmtunerError(
-                f"status: {status!r} is not a job status; accepted: {', '.join(STATUSES)}", field="status"
+                f"status: {shown(status)} is not a job status; accepted: {', '.join(STATUSES)}", field="status"
             )
         self.schedule()
         return self.store.list(statuses=(status,) if status else None)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from lmtuner_core.errors import LmtunerError
+from lmtuner_core.errors import LmtunerError, shown
 
 GIB = 2**30
 LOAD_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes per weight as loaded, and per activation element
@@ -355,7 +355,7 @@ def _glibc_retained(activations: float, logits: float, tokens: int, shape: Model
 
 def _check(name: str, value: object, allowed: Collection[object]) -> None:
     if value not in allowed:
-        raise LmtunerError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}", field=name)
+        raise LmtunerError(f"{name}: {shown(value)} is not one of {', '.join(map(str, allowed))}", field=name)
 
 
 def estimate_memory(

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lmtuner_core.config import TrainConfig
-from lmtuner_core.errors import LmtunerError
+from lmtuner_core.errors import LmtunerError, shown
 
 
 def resolve_precision(requested: str) -> tuple[str, torch.dtype]:
@@ -98,8 +98,8 @@ def load_base_model(config: TrainConfig, precision: str, compute_dtype: torch.dt
         )
     except OSError as exc:
         raise LmtunerError(
-            f"model: cannot load {config.model!r} ({exc}); give a local folder written by save_pretrained, or a hub "
-            "id this machine can download or has cached"
+            f"model: cannot load {shown(config.model)} ({exc}); give a local folder written by save_pretrained, or a "
+            "hub id this machine can download or has cached"
         ) from None
 
 

@@ -41,7 +41,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from lmtuner_core.errors import LmtunerError
+from lmtuner_core.errors import LmtunerError, shown
 
 ProgressFn = Callable[[float, float, str], None]
 Method = Literal["bnb-nf4", "bnb-int8", "gptq-w4a16"]
@@ -187,13 +187,14 @@ def quantize(
     calibration_source: str | None = None,
     group_size: int | None = None,
     max_seq_len: int = 512,
+    trust_remote_code: bool = False,
     progress: ProgressFn | None = None,
 ) -> QuantizeResult:
     """Merges `adapter` into the base when given, quantizes with `method`, writes output_dir (which must be new or
     empty) with the tokenizer, and reports sizes before and after."""
     started = time.monotonic()
     if method not in METHODS:
-        raise LmtunerError(f"method: {method!r} is not supported; use one of {', '.join(METHODS)}", field="method")
+        raise LmtunerError(f"method: {shown(method)} is not supported; use one of {', '.join(METHODS)}", field="method")
     check_group_size(group_size)
     if method != "gptq-w4a16" and (calibration_texts is not None or group_size is not None):
         raise LmtunerError(
@@ -220,13 +221,16 @@ def quantize(
             from lmtuner_core.export import merge_adapter
 
             report(0, f"merging adapter {adapter.name} into {model_ref}")
-            source = merge_adapter(model_ref, adapter, Path(scratch) / "merged").output_dir
+            source = merge_adapter(
+                model_ref, adapter, Path(scratch) / "merged", trust_remote_code=trust_remote_code
+            ).output_dir
         step = int(adapter is not None)
         try:
             if method == "gptq-w4a16":
                 texts = calibration_texts or list(BUILTIN_CALIBRATION_TEXTS)
                 details = _run_gptq(python or sys.executable, source, output_dir, texts, group_size, max_seq_len,
-                                    Path(scratch), lambda message: report(step + 1, message))  # fmt: skip
+                                    Path(scratch), lambda message: report(step + 1, message),
+                                    trust_remote_code)  # fmt: skip
                 extra = {
                     "format": "compressed-tensors",
                     "loads_with": "vLLM; transformers + compressed-tensors (generate, evaluate)",
@@ -236,10 +240,10 @@ def quantize(
                 }
             else:
                 report(step + 1, f"loading {source} with bitsandbytes {method.removeprefix('bnb-')}")
-                _run_bnb(source, method, output_dir)
+                _run_bnb(source, method, output_dir, trust_remote_code)
                 extra = {"format": "bitsandbytes", "loads_with": "transformers + bitsandbytes (CPU or GPU)"}
             report(step + 2, "saving the tokenizer")
-            _save_tokenizer(source, output_dir)
+            _save_tokenizer(source, output_dir, trust_remote_code)
         except BaseException:
             if output_dir.exists():  # a half-written folder would look like a model
                 shutil.rmtree(output_dir, ignore_errors=True)
@@ -259,13 +263,13 @@ def quantize(
     )
 
 
-def _save_tokenizer(source: str, output_dir: Path) -> None:
+def _save_tokenizer(source: str, output_dir: Path, trust_remote_code: bool = False) -> None:
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(source).save_pretrained(str(output_dir))
+    AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code).save_pretrained(str(output_dir))
 
 
-def _run_bnb(source: str, method: str, output_dir: Path) -> None:
+def _run_bnb(source: str, method: str, output_dir: Path, trust_remote_code: bool = False) -> None:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -291,7 +295,7 @@ def _run_bnb(source: str, method: str, output_dir: Path) -> None:
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
     model = AutoModelForCausalLM.from_pretrained(
-        source, quantization_config=config, device_map=device_map, dtype=compute
+        source, quantization_config=config, device_map=device_map, dtype=compute, trust_remote_code=trust_remote_code
     )
     model.save_pretrained(str(output_dir))
 
@@ -305,12 +309,13 @@ def _run_gptq(
     max_seq_len: int,
     scratch: Path,
     report: Callable[[str], None],
+    trust_remote_code: bool = False,
 ) -> dict:
     """Runs `_gptq_child` in `python`; returns its final record ({group_size, samples})."""
     job = scratch / "gptq-job.json"
     job.write_text(
         json.dumps({"model": source, "output_dir": str(output_dir), "texts": texts, "group_size": group_size,
-                    "max_seq_len": max_seq_len}),
+                    "max_seq_len": max_seq_len, "trust_remote_code": trust_remote_code}),
         encoding="utf-8",
     )  # fmt: skip
     log = scratch / "gptq.log"
@@ -368,8 +373,9 @@ def _gptq_child() -> None:  # pragma: no cover - runs in the llm-compressor inte
     from llmcompressor.modifiers.quantization import GPTQModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype="auto")
-    tokenizer = AutoTokenizer.from_pretrained(job["model"])
+    trust = {"trust_remote_code": job.get("trust_remote_code", False)}
+    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype="auto", **trust)
+    tokenizer = AutoTokenizer.from_pretrained(job["model"], **trust)
     widths = sorted({m.in_features for name, m in model.named_modules()
                      if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")})  # fmt: skip
     fitting = [g for g in (128, 64, 32) if all(w % g == 0 for w in widths)]

@@ -38,7 +38,7 @@ from lmtuner_core.data import (
     tokenize_cached,
 )
 from lmtuner_core.distributed import DEEPSPEED_FILE
-from lmtuner_core.errors import LmtunerError
+from lmtuner_core.errors import LmtunerError, shown
 from lmtuner_core.methods import METHODS
 from lmtuner_core.model_setup import (
     METHOD_OPTIMIZERS,
@@ -168,7 +168,7 @@ class SFTRecipe:
                 self.config.model, trust_remote_code=self.config.trust_remote_code
             )
         except (OSError, ValueError) as exc:
-            raise LmtunerError(f"model: cannot load the tokenizer of {self.config.model!r} ({exc})") from None
+            raise LmtunerError(f"model: cannot load the tokenizer of {shown(self.config.model)} ({exc})") from None
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer

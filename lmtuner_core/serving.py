@@ -34,7 +34,7 @@ from typing import Literal, get_args
 import psutil
 from pydantic import BaseModel, Field
 
-from lmtuner_core.errors import LmtunerError, NotFoundError
+from lmtuner_core.errors import LmtunerError, NotFoundError, remote_code_refusal, shown
 from lmtuner_core.jobs import resolve_model
 from lmtuner_core.paths import AllowedRoots
 from lmtuner_core.processes import alive, process_start_time, reap
@@ -131,7 +131,7 @@ def max_lora_rank(ranks: list[int]) -> int:
 def build_command(
     *, python: str, model: str, host: str, port: int, served_model_name: str, max_model_len: int, dtype: str,
     adapters: dict[str, str], adapter_ranks: list[int], kv_cache_mib: int | None, cpu: bool,
-    chat_template: Path | None = None,
+    chat_template: Path | None = None, trust_remote_code: bool = False,
 ) -> LaunchPlan:  # fmt: skip
     """The vLLM command line: every value is its own argument, so nothing is parsed by a shell."""
     argv = [
@@ -150,6 +150,8 @@ def build_command(
         argv += [f"{name}={path}" for name, path in adapters.items()]
     if chat_template is not None:
         argv += ["--chat-template", str(chat_template)]
+    if trust_remote_code:
+        argv.append("--trust-remote-code")
     env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
     return LaunchPlan(argv=argv, env=env)
 
@@ -248,8 +250,8 @@ class ServerService:
         for name, value in (adapters or {}).items():
             if not isinstance(name, str) or not ADAPTER_NAME.match(name) or len(name) > 128:
                 raise LmtunerError(
-                    f"adapters: name {name!r} is not accepted; use letters, digits, '_', '.', '-' (starting with a "
-                    "letter or digit), e.g. 'medical-v1'",
+                    f"adapters: name {shown(name)} is not accepted; use letters, digits, '_', '.', '-' (starting with "
+                    "a letter or digit), e.g. 'medical-v1'",
                     field="adapters",
                 )
             path = self.roots.resolve(value, f"adapters.{name}")
@@ -277,13 +279,13 @@ class ServerService:
     def get(self, server_id: str) -> ServerRecord:
         if not isinstance(server_id, str) or not SERVER_ID.match(server_id):
             raise LmtunerError(
-                f"server_id {server_id!r} is not a server id; ids look like 'srv-20261129-004512-b7c1' "
+                f"server_id {shown(server_id)} is not a server id; ids look like 'srv-20261129-004512-b7c1' "
                 "(see list_servers)",
                 field="server_id",
             )
         record = self.store.get(server_id)
         if record is None:
-            raise NotFoundError(f"server_id: no server {server_id!r} (see list_servers)", field="server_id")
+            raise NotFoundError(f"server_id: no server {shown(server_id)} (see list_servers)", field="server_id")
         return self.refresh(record)
 
     # --- start --------------------------------------------------------------------------------------------------
@@ -300,6 +302,7 @@ class ServerService:
         dtype: str = "auto",
         kv_cache_mib: int | None = None,
         startup_timeout: float = 300.0,
+        trust_remote_code: bool = False,
     ) -> ServerInfo:
         """Starts a server and returns once /health answers (or raises with the log tail)."""
         model_ref = resolve_model(model, self.roots)
@@ -315,19 +318,21 @@ class ServerService:
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            raise LmtunerError(f"host: {host!r} is not an IP address; use '127.0.0.1' (this machine only)") from None
+            raise LmtunerError(
+                f"host: {shown(host)} is not an IP address; use '127.0.0.1' (this machine only)"
+            ) from None
         if dtype not in DTYPES:
-            raise LmtunerError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}", field="dtype")
+            raise LmtunerError(f"dtype: {shown(dtype)} is not one of {', '.join(DTYPES)}", field="dtype")
         name = served_model_name or (model_dir.name if model_dir else model_ref)
         if not served_model_name and not name[:1].isalnum():
             name = "model"  # a folder named like an option must not become an argument value
         if served_model_name and not ADAPTER_NAME.match(name):
             raise LmtunerError(
-                f"served_model_name: {name!r} is not accepted; use letters, digits, '_', '.', '-'",
+                f"served_model_name: {shown(name)} is not accepted; use letters, digits, '_', '.', '-'",
                 field="served_model_name",
             )
         if name in resolved:
-            raise LmtunerError(f"adapters: name {name!r} is also the base model's served name; pick another")
+            raise LmtunerError(f"adapters: name {shown(name)} is also the base model's served name; pick another")
         if port is None:
             port = _free_port(host)
         elif _port_taken(host, port):
@@ -349,6 +354,7 @@ class ServerService:
             max_model_len=max_model_len or _default_max_model_len(model_dir), dtype=dtype, adapters=resolved,
             adapter_ranks=[lora_rank(Path(p)) for p in resolved.values()], kv_cache_mib=kv_cache_mib, cpu=cpu,
             chat_template=_chat_template_for(model_dir, server_dir) if model_dir else None,
+            trust_remote_code=trust_remote_code,
         )  # fmt: skip
         (server_dir / "command.json").write_text(json.dumps(plan.argv, indent=1), encoding="utf-8")
         record = self.store.create(
@@ -372,6 +378,8 @@ class ServerService:
                 _CHILDREN.pop(child.pid, None)
                 error = f"vLLM exited with code {child.returncode} while starting"
                 self._fail(record, error)
+                if not trust_remote_code and "trust_remote_code" in "".join(tail_lines(log_path, 40)):
+                    raise remote_code_refusal(model_ref, "serve_model")
                 raise LmtunerError(self._with_log(error, log_path))
             if _healthy(record, timeout=1.0):
                 break

@@ -207,5 +207,6 @@ def make_tool(spec: ToolSpec, ctx: ToolContext) -> Tool:
     # (it can be long, and may hold values the user would not want echoed into logs).
     arg_model = tool.fn_metadata.arg_model
     arg_model.model_config["hide_input_in_errors"] = True
+    arg_model.model_config["allow_inf_nan"] = False  # NaN/Infinity: "a finite number", not "should be ≤ N"
     arg_model.model_rebuild(force=True)
     return tool

@@ -56,6 +56,9 @@ def follow(ctx: ToolContext, job_id: str, stream=sys.stdout) -> JobProgress:
             return training.job_status(ctx, job_id, log_lines=10)
 
 
+TRUST_HELP = "Run the Python code shipped with the model, if it needs it (only for code you trust)."
+
+
 def cmd_train(ctx: ToolContext, args: argparse.Namespace) -> int:
     config = load_train_config_file(args.config)
     result = training.start_training(ctx, config, dry_run=args.dry_run)

@@ -57,7 +57,9 @@ def propose_and_dry_run(home, workspace, model, hardware, extra):
         async with mcp.Client(build_server(home=home, roots=[workspace])) as client:
             args = {"model": str(workspace / model), "dataset": str(workspace / "train.jsonl"), "hardware": hardware}
             plan = await call_ok(client, "propose_config", {**args, **extra})
-            dry = await call_ok(client, "start_training", {"config": plan["config"], "dry_run": True})
+            # The plan is for `hardware`, not this machine, where a real start (and so a dry run) would refuse it.
+            check = {"config": plan["config"], "dry_run": True, "force": True}
+            dry = await call_ok(client, "start_training", check)
             return plan, dry
 
     return anyio.run(scenario)
@@ -101,11 +103,13 @@ def test_start_training_refuses_a_job_that_cannot_fit_unless_forced(workspace, l
     async def scenario():
         async with mcp.Client(build_server(home=lmtuner_home, roots=[workspace])) as client:
             refused = await call_error(client, "start_training", {"config": config})
-            dry = await call_ok(client, "start_training", {"config": config, "dry_run": True})
+            dry_refused = await call_error(client, "start_training", {"config": config, "dry_run": True})
+            dry = await call_ok(client, "start_training", {"config": config, "dry_run": True, "force": True})
             jobs = await call_ok(client, "list_jobs", {})
-            return refused, dry, jobs
+            return refused, dry_refused, dry, jobs
 
-    refused, dry, jobs = anyio.run(scenario)
+    refused, dry_refused, dry, jobs = anyio.run(scenario)
     assert "memory: this job needs about" in refused and "force: true" in refused and "propose_config" in refused
+    assert dry_refused == refused  # a dry run answers as the real start would
     assert any(w.startswith("memory: this job needs") for w in dry["warnings"])
     assert jobs["jobs"] == []

@@ -5,11 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
 
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.jobs import JobService
 from lmtuner_core.paths import AllowedRoots
 from lmtuner_core.serving import ServerService
+
+TrustRemoteCode = Annotated[
+    bool,
+    Field(
+        description="Run the Python code that ships with the model (in its folder or hub repository) when the model "
+        "needs it to load. Off by default; turn it on only for a model whose code you trust. Example: true."
+    ),
+]
 
 
 @dataclass

@@ -8,12 +8,12 @@ from pydantic import BaseModel, Field
 
 from lmtuner_core.config import DatasetSpec, dataset_spec
 from lmtuner_core.data import iter_rows, load_examples
-from lmtuner_core.errors import LmtunerError
+from lmtuner_core.errors import LmtunerError, remote_code_explained, shown
 from lmtuner_core.inference import ProgressFn
 from lmtuner_core.inference import generate as run_generation
 from lmtuner_core.jobs import resolve_model
 from lmtuner_core.metrics import Scores, score
-from tools.context import ToolContext
+from tools.context import ToolContext, TrustRemoteCode
 
 MetricName = Literal["bleu_2", "bleu_4", "meteor", "nist_2", "nist_4", "rouge_l"]
 PREDICTION_KEYS = ("prediction", "predict", "output", "text")  # ours, LLaMA-Factory's, LMTuner's, plain
@@ -49,7 +49,7 @@ def _pairs(spec: DatasetSpec, ctx: ToolContext, max_samples: int) -> tuple[list[
 def _read_predictions(ctx: ToolContext, path: str, n: int) -> tuple[list[str], list[str] | None]:
     resolved = ctx.roots.resolve(path, "predictions")
     if not resolved.is_file():
-        raise LmtunerError(f"predictions: file {path!r} not found", field="predictions")
+        raise LmtunerError(f"predictions: file {shown(path)} not found", field="predictions")
     texts, prompts = [], []
     for number, row in iter_rows(resolved):
         if isinstance(row, Exception) or not isinstance(row, dict):
@@ -95,6 +95,7 @@ def evaluate(
     metrics: Annotated[
         list[MetricName] | None, Field(description="Accepted for the contract; all six metrics are always returned.")
     ] = None,
+    trust_remote_code: TrustRemoteCode = False,
     progress: ProgressFn | None = None,
 ) -> EvaluateResult:
     """Score answers against references with BLEU-2/4, METEOR (WordNet synonyms), NIST-2/4 and ROUGE-L, on words
@@ -114,14 +115,17 @@ def evaluate(
         result = scored(texts, file_prompts or prompts[: len(texts)])
         source = f"predictions file {predictions}"
     else:
-        generated = run_generation(model_ref, conversations, adapter=adapter_path, max_new_tokens=max_new_tokens,
-                                   progress=progress)  # fmt: skip
+        with remote_code_explained(model_ref, "evaluate"):
+            generated = run_generation(model_ref, conversations, adapter=adapter_path, max_new_tokens=max_new_tokens,
+                                       trust_remote_code=trust_remote_code, progress=progress)  # fmt: skip
         texts = [o.text for o in generated.outputs]
         result = scored(texts, prompts)
         source = f"{model_ref}" + (f" + adapter {adapter_path}" if adapter_path else "") + " (greedy, transformers)"
     base = None
     if compare_base and adapter_path and not predictions:
-        base_outputs = run_generation(model_ref, conversations, max_new_tokens=max_new_tokens)
+        base_outputs = run_generation(
+            model_ref, conversations, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code
+        )
         base = scored([o.text for o in base_outputs.outputs], prompts)
     samples = [
         Sample(prompt=prompts[i], reference=references[i], prediction=texts[i]) for i in range(min(3, len(texts)))

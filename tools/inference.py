@@ -6,13 +6,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from lmtuner_core.errors import LmtunerError
+from lmtuner_core.errors import LmtunerError, remote_code_explained
 from lmtuner_core.export import MergeResult
 from lmtuner_core.export import merge_adapter as run_merge
 from lmtuner_core.inference import GenerateResult, ProgressFn, generate_with_server
 from lmtuner_core.inference import generate as run_generation
 from lmtuner_core.jobs import check_writable, resolve_model
-from tools.context import ToolContext
+from lmtuner_core.paths import check_outside_state
+from tools.context import ToolContext, TrustRemoteCode
 
 
 class Message(BaseModel):
@@ -44,6 +45,7 @@ def generate(
             "server of this model (and adapter); 'auto' uses such a server when one runs, else transformers."
         ),
     ] = "auto",
+    trust_remote_code: TrustRemoteCode = False,
     progress: ProgressFn | None = None,
 ) -> GenerateResult:
     """Generate answers from a model, optionally with a fine-tuned adapter, using the model's chat template:
@@ -83,15 +85,17 @@ def generate(
                 if engine == "vllm":
                     raise LmtunerError(f"{exc}; check it with list_servers", field="engine") from None
                 # auto: the server went away between the lookup and the request; answer in process instead
-    return run_generation(
-        model_ref,
-        conversations,
-        adapter=adapter_ref,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        progress=progress,
-    )
+    with remote_code_explained(model_ref, "generate"):
+        return run_generation(
+            model_ref,
+            conversations,
+            adapter=adapter_ref,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            trust_remote_code=trust_remote_code,
+            progress=progress,
+        )
 
 
 def merge_adapter(
@@ -99,11 +103,15 @@ def merge_adapter(
     model: Annotated[str, Field(description="The base model the adapter was trained on. Example: './models/tiny'.")],
     adapter: Annotated[str, Field(description="The adapter folder: a LoRA-family job's output_dir.")],
     output_dir: Annotated[str, Field(description="A new or empty folder for the merged model. Example: 'merged'.")],
+    trust_remote_code: TrustRemoteCode = False,
 ) -> MergeResult:
     """Merge a trained adapter into its base model and save a standalone Hugging Face model (safetensors,
     config, tokenizer) that vLLM and other tools load without peft. Takes the base's full-precision size on
     disk; the merged model behaves as base + adapter."""
     adapter_path = ctx.adapter_folder(adapter)
     output = ctx.roots.resolve(output_dir, "output_dir")
+    check_outside_state(output, ctx.home, "output_dir")
     check_writable(output, "output_dir")
-    return run_merge(resolve_model(model, ctx.roots), adapter_path, output)
+    model_ref = resolve_model(model, ctx.roots)
+    with remote_code_explained(model_ref, "merge_adapter"):
+        return run_merge(model_ref, adapter_path, output, trust_remote_code=trust_remote_code)

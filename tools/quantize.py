@@ -7,11 +7,12 @@ from typing import Annotated
 from pydantic import Field
 
 from lmtuner_core.config import DatasetSpec, dataset_spec
-from lmtuner_core.errors import LmtunerError
+from lmtuner_core.errors import LmtunerError, remote_code_explained, shown
 from lmtuner_core.jobs import check_writable, resolve_model
+from lmtuner_core.paths import check_outside_state
 from lmtuner_core.quantize import BUILTIN_CALIBRATION_TEXTS, GROUP_SIZES, METHODS, Method, ProgressFn, QuantizeResult
 from lmtuner_core.quantize import quantize as run_quantize
-from tools.context import ToolContext
+from tools.context import ToolContext, TrustRemoteCode
 
 
 def _calibration_texts(ctx: ToolContext, dataset: str | DatasetSpec, model: str, limit: int) -> tuple[list[str], str]:
@@ -85,6 +86,7 @@ def quantize(
     max_seq_len: Annotated[
         int, Field(ge=8, le=32768, description="gptq-w4a16: calibration rows are cut to this many tokens.")
     ] = 512,
+    trust_remote_code: TrustRemoteCode = False,
     progress: ProgressFn | None = None,
 ) -> QuantizeResult:
     """Quantize a model for smaller, faster serving, merging a fine-tuned adapter first when one is given. Writes a
@@ -92,9 +94,10 @@ def quantize(
     quick and reload with transformers; gptq-w4a16 calibrates on sample rows (minutes on a GPU for a 7B model) and
     gives a folder vLLM serves. Takes disk space for the output and, with an adapter, a temporary merged copy."""
     if method not in METHODS:  # the schema already limits it; direct (CLI, script) callers get the same message
-        raise LmtunerError(f"method: {method!r} is not supported; use one of {', '.join(METHODS)}", field="method")
+        raise LmtunerError(f"method: {shown(method)} is not supported; use one of {', '.join(METHODS)}", field="method")
     adapter_path = ctx.adapter_folder(adapter) if adapter else None
     output = ctx.roots.resolve(output_dir, "output_dir")
+    check_outside_state(output, ctx.home, "output_dir")
     check_writable(output, "output_dir")
     model_ref = resolve_model(model, ctx.roots)
     texts = source = None
@@ -109,7 +112,8 @@ def quantize(
     elif method == "gptq-w4a16":
         texts = list(BUILTIN_CALIBRATION_TEXTS[:calibration_samples])
         source = f"{len(texts)} built-in sample texts"
-    return run_quantize(
-        model_ref, method, output, adapter=adapter_path, calibration_texts=texts, calibration_source=source,
-        group_size=group_size, max_seq_len=max_seq_len, progress=progress,
-    )  # fmt: skip
+    with remote_code_explained(model_ref, "quantize"):
+        return run_quantize(
+            model_ref, method, output, adapter=adapter_path, calibration_texts=texts, calibration_source=source,
+            group_size=group_size, max_seq_len=max_seq_len, trust_remote_code=trust_remote_code, progress=progress,
+        )  # fmt: skip

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from lmtuner_core.servers_store import ServerStatus
 from lmtuner_core.serving import ServerInfo, ServerList, VllmDtype
-from tools.context import ToolContext
+from tools.context import ToolContext, TrustRemoteCode
 
 ServerId = Annotated[
     str, Field(description="The id serve_model returned. Example: 'srv-20261129-004512-b7c1'.", max_length=64)
@@ -48,6 +48,7 @@ def serve_model(
     startup_timeout: Annotated[
         float, Field(ge=10, le=1800, description="Seconds to wait for the server to answer /health.")
     ] = 300,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> ServerInfo:
     """Serve a model (plus fine-tuned LoRA adapters) with vLLM's OpenAI-compatible API on 127.0.0.1, for fast
     batched generation or for the user's own apps. Returns once the server is healthy (≈20 s for a small model on
@@ -56,7 +57,7 @@ def serve_model(
     running until stop_serving; it holds memory (GPU memory on a GPU machine), so stop it when done."""
     return ctx.servers.start(
         model, adapters=adapters, port=port, served_model_name=served_model_name, max_model_len=max_model_len,
-        dtype=dtype, kv_cache_mib=kv_cache_mib, startup_timeout=startup_timeout,
+        dtype=dtype, kv_cache_mib=kv_cache_mib, startup_timeout=startup_timeout, trust_remote_code=trust_remote_code,
     )  # fmt: skip
 
 

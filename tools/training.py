@@ -41,7 +41,11 @@ def start_training(
     ctx: ToolContext,
     config: Annotated[TrainConfig, Field(description="The job. Only model and dataset are required.")],
     dry_run: Annotated[
-        bool, Field(description="Check everything and return the resolved config; start nothing.")
+        bool,
+        Field(
+            description="Check everything and return the resolved config; start nothing. Refused exactly when the "
+            "real start would be (e.g. a job that does not fit its devices, unless force)."
+        ),
     ] = False,
     force: Annotated[
         bool, Field(description="Start even if the memory estimate says the job does not fit its devices.")
