@@ -226,12 +226,9 @@ def check_deepspeed(config: TrainConfig, roots: AllowedRoots):
             "deepspeed: the deepspeed package is not installed (pip install 'lmtuner[train]'); or remove deepspeed",
             field="deepspeed",
         )
-    if config.method in ("lomo", "adalomo"):
-        raise LmtunerError(
-            f"deepspeed: method {config.method!r} updates the weights inside the backward pass, which DeepSpeed's "
-            "ZeRO cannot shard; remove deepspeed, or use lora or full with deepspeed",
-            field="deepspeed",
-        )
+    cannot = METHODS[config.method].deepspeed
+    if cannot:
+        raise LmtunerError(f"deepspeed: method {config.method!r} {cannot}", field="deepspeed")
     settings = config.deepspeed
     if settings is None or settings.config_file is None:
         return settings
@@ -303,11 +300,9 @@ class JobService:
         devices = resolve_devices(checked.devices)
         check_processes(checked, devices)
         warnings += preflight(checked, devices, refuse=not force)  # a dry run is refused as the real start is
-        if checked.method == "adalomo" and devices == "cpu":
-            raise LmtunerError(
-                "method: 'adalomo' needs a CUDA GPU (lomo-optim keeps its state on the GPU); use 'lomo' on the CPU",
-                field="method",
-            )
+        needs_cuda = METHODS[checked.method].needs_cuda
+        if needs_cuda and devices == "cpu":
+            raise LmtunerError(f"method: {checked.method!r} needs a CUDA GPU ({needs_cuda})", field="method")
         if checked.liger is True and (devices == "cpu" or importlib.util.find_spec("liger_kernel") is None):
             why = "a CPU job (Triton has no CPU driver)" if devices == "cpu" else "liger-kernel is not installed"
             raise LmtunerError(

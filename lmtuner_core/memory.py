@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from lmtuner_core.errors import LmtunerError, shown
+from lmtuner_core.methods import METHODS
 
 GIB = 2**30
 LOAD_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes per weight as loaded, and per activation element
@@ -240,24 +241,6 @@ def load_shape(model_ref: str) -> ModelShape:
 # --- the estimate -----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _MethodMemory:
-    trains: str  # "all" weights, the "last_layers", or an "adapter" on a frozen base
-    base_quant: str | None = None  # "nf4" or "int8" for the frozen base's block linears
-    magnitude: bool = False  # DoRA: a magnitude vector of size fan_out per adapted layer
-    fused: str | None = None  # "lomo" / "adalomo": update inside backward, no stored gradients
-
-
-MEMORY_BY_METHOD: dict[str, _MethodMemory] = {
-    "full": _MethodMemory("all"),
-    "freeze": _MethodMemory("last_layers"),
-    "lora": _MethodMemory("adapter"),
-    "dora": _MethodMemory("adapter", magnitude=True),
-    "qlora": _MethodMemory("adapter", base_quant="nf4"),
-    "lora-8bit": _MethodMemory("adapter", base_quant="int8"),
-    "lomo": _MethodMemory("all", fused="lomo"),
-    "adalomo": _MethodMemory("all", fused="adalomo"),
-}
 OPTIMIZER_BYTES = {"adamw": 8, "adamw-8bit": 2}  # 2 states (m, v) × 4 bytes in fp32, or × 1 byte quantized
 
 
@@ -379,7 +362,7 @@ def estimate_memory(
     on_gpu: bool = True,
 ) -> MemoryEstimate:
     """What training `shape` with these settings holds on each GPU, term by term."""
-    _check("method", method, MEMORY_BY_METHOD)
+    _check("method", method, METHODS)
     _check("precision", precision, LOAD_BYTES)
     _check("optimizer", optimizer, OPTIMIZER_BYTES)
     _check("zero_stage", zero_stage, (0, 1, 2, 3))
@@ -392,7 +375,7 @@ def estimate_memory(
     if offload_optimizer and zero_stage == 0:
         raise LmtunerError("offload_optimizer: needs zero_stage 1, 2 or 3", field="zero_stage")
 
-    m = MEMORY_BY_METHOD[method]
+    m = METHODS[method].memory
     notes: list[str] = []
     h, L, V = shape.hidden_size, shape.num_layers, shape.vocab_size
     load = LOAD_BYTES[precision]  # bytes per frozen weight and per activation element (autocast compute dtype)

@@ -1,11 +1,11 @@
 """Builders keyed by training method: load the base model and make the right parameters trainable.
 
-Adding a method means one builder here and one row in `methods.METHODS`; the recipe never branches on method.
+Adding a method means one builder here, named by its MethodSpec in `methods.METHODS`; nothing branches on
+the method's name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ from torch import nn
 
 from lmtuner_core.config import TrainConfig
 from lmtuner_core.errors import LmtunerError, shown
+from lmtuner_core.methods import METHODS
 
 
 def resolve_precision(requested: str) -> tuple[str, torch.dtype]:
@@ -50,14 +51,15 @@ def resolve_liger(requested: bool | str) -> tuple[bool, str]:
 def quantization_config(config: TrainConfig, compute_dtype: torch.dtype) -> Any | None:
     """bitsandbytes settings for the quantized-base methods (QLoRA: NF4 with double quantization, the
     paper's recipe); None for the others."""
-    if config.method not in ("qlora", "lora-8bit"):
+    base_quant = METHODS[config.method].memory.base_quant
+    if base_quant is None:
         return None
     try:
         import bitsandbytes  # noqa: F401  (fail here, with a clear message, rather than deep in loading)
         from transformers import BitsAndBytesConfig
     except ImportError:
         raise LmtunerError(f"method: {config.method!r} needs bitsandbytes (pip install bitsandbytes)") from None
-    if config.method == "lora-8bit":
+    if base_quant == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -74,7 +76,7 @@ def load_base_model(config: TrainConfig, precision: str, compute_dtype: torch.dt
 
     from lmtuner_core.rope import apply_rope_scaling, attention_implementation
 
-    full_weights = config.method in ("full", "freeze", "lomo", "adalomo")
+    full_weights = METHODS[config.method].full_weights
     dtype = torch.float32 if precision == "fp16" and full_weights else compute_dtype
     quantization = quantization_config(config, compute_dtype)
     extra: dict[str, Any] = {}
@@ -103,7 +105,7 @@ def load_base_model(config: TrainConfig, precision: str, compute_dtype: torch.dt
         ) from None
 
 
-def _full(model: nn.Module, config: TrainConfig) -> nn.Module:
+def full(model: nn.Module, config: TrainConfig) -> nn.Module:
     model.requires_grad_(True)
     return model
 
@@ -116,7 +118,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=len)
 
 
-def _freeze(model: nn.Module, config: TrainConfig) -> nn.Module:
+def freeze(model: nn.Module, config: TrainConfig) -> nn.Module:
     layers = decoder_layers(model)
     n = min(config.freeze_trainable_layers, len(layers))
     model.requires_grad_(False)
@@ -125,7 +127,7 @@ def _freeze(model: nn.Module, config: TrainConfig) -> nn.Module:
     return model
 
 
-def _lora(model: nn.Module, config: TrainConfig, *, use_dora: bool = False) -> nn.Module:
+def lora(model: nn.Module, config: TrainConfig, *, use_dora: bool = False) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     lora = config.lora
@@ -147,49 +149,34 @@ def _lora(model: nn.Module, config: TrainConfig, *, use_dora: bool = False) -> n
     return wrapped
 
 
-def _dora(model: nn.Module, config: TrainConfig) -> nn.Module:
-    return _lora(model, config, use_dora=True)
+def dora(model: nn.Module, config: TrainConfig) -> nn.Module:
+    return lora(model, config, use_dora=True)
 
 
-def _quantized_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
+def quantized_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
     """LoRA on a 4-bit or 8-bit base: peft first casts norms and the head for stable k-bit training."""
     from peft import prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-    return _lora(model, config)
+    return lora(model, config)
 
 
-def _lomo(model: nn.Module, config: TrainConfig) -> nn.Module:
+def lomo(model: nn.Module, config: TrainConfig) -> nn.Module:
     """LOMO / AdaLomo update every weight inside the backward pass (lomo-optim, chosen through the Trainer's
     `optim`), so no gradient or optimizer state is kept for the whole model."""
     try:
         import lomo_optim  # noqa: F401
     except ImportError:
         raise LmtunerError(f"method: {config.method!r} needs lomo-optim (pip install lomo-optim)") from None
-    if config.method == "adalomo" and not torch.cuda.is_available():
-        raise LmtunerError("method: 'adalomo' needs a CUDA GPU (lomo-optim moves its state with .cuda()); use 'lomo'")
-    return _full(model, config)
-
-
-METHOD_BUILDERS: dict[str, Callable[[nn.Module, TrainConfig], nn.Module]] = {
-    "full": _full,
-    "freeze": _freeze,
-    "lora": _lora,
-    "dora": _dora,
-    "qlora": _quantized_lora,
-    "lora-8bit": _quantized_lora,
-    "lomo": _lomo,
-    "adalomo": _lomo,
-}
-# The Trainer's `optim` per method; AdamW (torch's fused-where-possible implementation) otherwise.
-METHOD_OPTIMIZERS = {"lomo": "lomo", "adalomo": "adalomo"}
+    return full(model, config)
 
 
 def apply_method(model: nn.Module, config: TrainConfig) -> nn.Module:
-    builder = METHOD_BUILDERS.get(config.method)
-    if builder is None:
-        raise LmtunerError(f"method: {config.method!r} has no builder in this version; use 'lora' or 'full'")
-    return builder(model, config)
+    """The model made trainable by its method's builder (named in `methods.METHODS`, defined above)."""
+    spec = METHODS[config.method]
+    if spec.needs_cuda and not torch.cuda.is_available():
+        raise LmtunerError(f"method: {config.method!r} needs a CUDA GPU ({spec.needs_cuda})", field="method")
+    return globals()[spec.builder](model, config)
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

@@ -41,7 +41,6 @@ from lmtuner_core.distributed import DEEPSPEED_FILE
 from lmtuner_core.errors import LmtunerError, shown
 from lmtuner_core.methods import METHODS
 from lmtuner_core.model_setup import (
-    METHOD_OPTIMIZERS,
     apply_method,
     count_parameters,
     load_base_model,
@@ -288,7 +287,7 @@ class SFTRecipe:
             train_sampling_strategy="group_by_length" if config.group_by_length and not self.packing else "random",
             # A flattened batch has no padding at all (and a pad token may double as end of turn): count every token.
             include_num_input_tokens_seen="all" if self.packing else "non_padding",
-            optim=METHOD_OPTIMIZERS.get(config.method, OPTIMIZERS[config.optimizer]),
+            optim=METHODS[config.method].optimizer or OPTIMIZERS[config.optimizer],
             disable_tqdm=True,
             dataloader_num_workers=0,
             save_only_model=False,

@@ -4,6 +4,7 @@ artifact loads the way its users will load it."""
 from __future__ import annotations
 
 import time
+import typing
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from tools.context import ToolContext
 
 METHODS = {
     # method: (config overrides, how the artifact loads)
+    "lora": ({"method": "lora"}, "adapter"),
     "dora": ({"method": "dora"}, "adapter"),
     "qlora": ({"method": "qlora"}, "adapter-4bit"),
     "lora-8bit": ({"method": "lora-8bit"}, "adapter-8bit"),
@@ -26,6 +28,26 @@ METHODS = {
     "lomo": ({"method": "lomo", "learning_rate": 1e-2}, "full"),
     "full-adamw-8bit": ({"method": "full", "optimizer": "adamw-8bit", "learning_rate": 1e-3}, "full"),
 }
+
+
+def test_every_registered_method_has_a_builder_a_memory_profile_and_a_training_test():
+    """Adding a method is one MethodSpec and its builder: the planner, the checks and the recipe read the
+    registry, so a method missing any part fails here rather than at a user's first job."""
+    from lmtuner_core import model_setup
+    from lmtuner_core.config import Method
+    from lmtuner_core.memory import estimate_memory, shape_from_config
+    from lmtuner_core.methods import METHODS as REGISTRY
+
+    shape = shape_from_config({"model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
+                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                               "vocab_size": 1000, "max_position_embeddings": 512})  # fmt: skip
+    trained_here = {overrides["method"] for overrides, _ in METHODS.values()}
+    assert set(typing.get_args(Method)) == set(REGISTRY)
+    for name, spec in REGISTRY.items():
+        assert callable(getattr(model_setup, spec.builder, None)), f"{name}: no builder {spec.builder!r}"
+        estimate = estimate_memory(shape, method=name, precision="fp32", batch_size=1, seq_len=64, on_gpu=False)
+        assert estimate.weights_gib > 0 and estimate.per_gpu_gib > estimate.weights_gib, name
+        assert name in trained_here or spec.needs_cuda, f"{name} trains in no test (CUDA-only ones are refused below)"
 
 
 def run(ctx: ToolContext, config: dict):
