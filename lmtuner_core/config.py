@@ -115,7 +115,7 @@ class RaySettings(StrictModel):
         "Example: 'http://10.0.0.5:8265'.",
     )
     num_workers: int = Field(
-        2, ge=1, le=4096, description="Training processes (torch.distributed ranks), one per GPU with use_gpu. Example: 4."
+        2, ge=1, le=4096, description="Training processes (torch.distributed ranks); one GPU each with use_gpu. E.g. 4."
     )
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); false trains on CPUs (gloo).")
     resources_per_worker: dict[str, float] | None = Field(
@@ -130,7 +130,7 @@ class RaySettings(StrictModel):
         "(ray/), which then must be on shared storage too. Example: '/shared/lmtuner-checkpoints'.",
     )
     max_failures: int = Field(
-        1, ge=0, le=100, description="Worker-group restarts (from the last checkpoint) before the job fails. Example: 1."
+        1, ge=0, le=100, description="Worker-group restarts (from the last checkpoint) before the job fails. E.g. 1."
     )
     python: str | None = Field(
         None,

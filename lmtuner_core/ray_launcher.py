@@ -133,15 +133,21 @@ def cluster_report(address: str, field: str = "ray.address") -> RayClusterReport
     try:
         nodes = list_nodes(address=url, timeout=int(REACH_TIMEOUT_SECONDS) * 2, raise_on_missing_output=False)
     except Exception as exc:  # the state API raises its own exception types, and ConnectionError
-        raise LmtunerError(f"{field}: cannot list the nodes of the Ray cluster at {address!r}: {exc}", field=field) from None
+        raise LmtunerError(
+            f"{field}: cannot list the nodes of the Ray cluster at {address!r}: {exc}", field=field
+        ) from None
     report = [
         RayNode(
-            node_id=node.node_id, node_ip=node.node_ip, is_head=bool(node.is_head_node), alive=node.state == "ALIVE",
+            node_id=node.node_id,
+            node_ip=node.node_ip,
+            is_head=bool(node.is_head_node),
+            alive=node.state == "ALIVE",
             resources={
-                name: amount for name, amount in (node.resources_total or {}).items()
+                name: amount
+                for name, amount in (node.resources_total or {}).items()
                 if not name.startswith(_INTERNAL_RESOURCE_PREFIXES)
             },
-        )  # fmt: skip
+        )
         for node in nodes
     ]
     total: dict[str, float] = {}
@@ -176,12 +182,17 @@ def check_cluster(settings: RaySettings) -> list[str]:
     """Refuses a job the cluster cannot run, naming what is missing and what it has; returns warnings."""
     report = cluster_report(settings.address)
     need = settings.worker_resources()
-    have = ", ".join(
-        f"{node.node_ip} ({describe_resources(node.resources)})" for node in report.nodes if node.alive
-    ) or "no live node"
+    have = (
+        ", ".join(f"{node.node_ip} ({describe_resources(node.resources)})" for node in report.nodes if node.alive)
+        or "no live node"
+    )
     unknown = [name for name, amount in need.items() if amount > 0 and not report.total.get(name)]
     if unknown:
-        field = "ray.use_gpu" if unknown == ["GPU"] and settings.resources_per_worker is None else "ray.resources_per_worker"
+        field = (
+            "ray.use_gpu"
+            if unknown == ["GPU"] and settings.resources_per_worker is None
+            else "ray.resources_per_worker"
+        )
         raise LmtunerError(
             f"{field}: no node of the Ray cluster at {settings.address} has {' or '.join(map(repr, unknown))}; its "
             f"nodes: {have}. Ask only for what the cluster has, or add such nodes",
@@ -217,6 +228,7 @@ def job_environment(home: Path, extra: dict[str, str]) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_TRAIN_V2_ENABLED": "1",
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # otherwise each worker line reaches the job log twice
+        "RAY_COLOR_PREFIX": "0",  # plain '(RayTrainWorker pid=…)' prefixes in train.log, no terminal colours
         **extra,
     }
 
@@ -315,6 +327,7 @@ def train_worker(loop_config: dict) -> None:
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
+    from lmtuner_core.jobs import latest_checkpoint
     from lmtuner_core.recipe import SFTRecipe
     from lmtuner_core.train import StateFile
 
@@ -327,6 +340,10 @@ def train_worker(loop_config: dict) -> None:
         if checkpoint is not None:
             folder = Path(stack.enter_context(checkpoint.as_directory())) / RayTrainReportCallback.CHECKPOINT_NAME
             config = config.model_copy(update={"resume_from": str(folder)})
+        elif config.resume_from is None and (saved := latest_checkpoint(run)) is not None:
+            # Ray registers a reported checkpoint when it next polls the workers (every 2 s): a group that died
+            # in between restarts without one, though the Trainer's own complete checkpoint is in the run folder.
+            config = config.model_copy(update={"resume_from": str(saved)})
         record_attempt(run, loop_config["ray_job_id"], rank, config.resume_from)
         try:
             recipe = SFTRecipe(config, run, state, threading.Event())  # a stop is Ray's: it ends the workers
@@ -383,8 +400,8 @@ def record_attempt(run: RunDir, ray_job_id: str, rank: int, resumed_from: str | 
     with (run.root / ATTEMPTS_FILE).open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(line) + "\n")
     where = ", ".join(f"rank {w['rank']} pid {w['pid']} on {w['node_ip']}" for w in workers)  # type: ignore[index]
-    print(f"[lmtuner] ray: worker group started ({where})" + (f"; resuming from {resumed_from}" if resumed_from else ""),
-          flush=True)  # fmt: skip
+    resuming = f"; resuming from {resumed_from}" if resumed_from else ""
+    print(f"[lmtuner] ray: worker group started ({where}){resuming}", flush=True)
 
 
 def tee_output(log: Path) -> threading.Thread:
@@ -445,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         config = TrainConfig.model_validate_json(run.config.read_text(encoding="utf-8"))
         assert config.ray is not None, "config.json has no `ray` settings"
         merge_state(run, status="running", phase="starting Ray workers")
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
         settings = config.ray
@@ -461,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             run_config=RunConfig(
                 name=run.root.name, storage_path=storage_path(config, run),
                 failure_config=FailureConfig(max_failures=settings.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=config.save_total_limit),
             ),
         )  # fmt: skip
         print(

@@ -46,7 +46,12 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 
 R = TypeVar("R")
 
-_ADDED_COLUMNS = {"devices": "TEXT NOT NULL DEFAULT 'cpu'", "claimed_at": "REAL", "ray_job_id": "TEXT", "ray_address": "TEXT"}
+_ADDED_COLUMNS = {
+    "devices": "TEXT NOT NULL DEFAULT 'cpu'",
+    "claimed_at": "REAL",
+    "ray_job_id": "TEXT",
+    "ray_address": "TEXT",
+}
 
 
 @dataclass

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,22 +69,16 @@ def stop_cluster(nodes: list[subprocess.Popen], temp_dirs: list[Path]) -> None:
     """SIGTERM to each node's process group, then SIGKILL to whatever of ours is left."""
     ours = _node_processes(nodes, temp_dirs)
     for node in reversed(nodes):
-        try:
+        with suppress(ProcessLookupError):
             os.killpg(node.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    _, left = psutil.wait_procs(ours, timeout=15)
+    _, left = psutil.wait_procs(ours, timeout=5)
     for node in nodes:
-        try:
+        with suppress(ProcessLookupError):
             os.killpg(node.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         node.wait(timeout=10)
     for proc in left + _node_processes([], temp_dirs):
-        try:
+        with suppress(psutil.Error):
             proc.kill()
-        except psutil.Error:
-            pass
 
 
 @contextmanager
@@ -95,22 +89,46 @@ def ray_cluster(logs: Path):
     dashboard = f"http://{HEAD_IP}:{dashboard_port}"
     nodes = [
         _start_node(
-            ["--head", "--node-ip-address", HEAD_IP, "--port", str(gcs_port), "--dashboard-host", HEAD_IP,
-             "--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(free_port()),
-             "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", str(temp_dirs[0])],
+            [
+                "--head",
+                "--node-ip-address",
+                HEAD_IP,
+                "--port",
+                str(gcs_port),
+                "--dashboard-host",
+                HEAD_IP,
+                "--dashboard-port",
+                str(dashboard_port),
+                "--ray-client-server-port",
+                str(free_port()),
+                "--dashboard-agent-listen-port",
+                str(free_port()),
+                "--temp-dir",
+                str(temp_dirs[0]),
+            ],
             logs / "ray-head.log",
-        )  # fmt: skip
+        )
     ]
     try:
         _wait_for(lambda: _dashboard_nodes(dashboard) >= 1, 90, "the Ray head", logs / "ray-head.log", nodes[0])
         nodes.append(
             _start_node(
-                ["--address", f"{HEAD_IP}:{gcs_port}", "--node-ip-address", WORKER_IP,
-                 "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", str(temp_dirs[1])],
+                [
+                    "--address",
+                    f"{HEAD_IP}:{gcs_port}",
+                    "--node-ip-address",
+                    WORKER_IP,
+                    "--dashboard-agent-listen-port",
+                    str(free_port()),
+                    "--temp-dir",
+                    str(temp_dirs[1]),
+                ],
                 logs / "ray-worker.log",
-            )  # fmt: skip
+            )
         )
-        _wait_for(lambda: _dashboard_nodes(dashboard) >= 2, 90, "the Ray worker node", logs / "ray-worker.log", nodes[1])
+        _wait_for(
+            lambda: _dashboard_nodes(dashboard) >= 2, 90, "the Ray worker node", logs / "ray-worker.log", nodes[1]
+        )
         yield RayCluster(dashboard, f"{HEAD_IP}:{gcs_port}", temp_dirs, nodes)
     finally:
         stop_cluster(nodes, temp_dirs)
