@@ -101,13 +101,15 @@ def _reach(url: str, field: str) -> str | None:
 
     try:
         answer = httpx.get(f"{url}/api/version", timeout=REACH_TIMEOUT_SECONDS)
+        if answer.status_code in (401, 403):
+            return None  # it answers and wants Ray's token (RAY_AUTH_MODE=token): Ray's own clients send it
         answer.raise_for_status()
         return answer.json().get("ray_version")
     except (httpx.HTTPError, ValueError) as exc:
         raise LmtunerError(
             f"{field}: no Ray dashboard answers at {url} ({type(exc).__name__}: {exc or 'no answer'}); start the "
-            "cluster (`ray start --head --dashboard-host 0.0.0.0`) or give its dashboard address, e.g. "
-            "'http://HEAD:8265'",
+            "cluster (`ray start --head`) or give its dashboard address, e.g. 'http://HEAD:8265' (a dashboard "
+            "bound to the head's loopback is reached through an SSH tunnel)",
             field=field,
         ) from None
 
