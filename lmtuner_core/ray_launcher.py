@@ -216,6 +216,28 @@ def check_cluster(settings: RaySettings) -> list[str]:
     return warnings
 
 
+def plan_workers(report: RayClusterReport) -> tuple[RaySettings, str]:
+    """Ray settings that use the whole cluster: one worker per GPU (with the CPUs that come with it), or on a
+    CPU-only cluster one worker per node with the CPUs of its smallest node; and the reason, in words."""
+    alive = [node for node in report.nodes if node.alive]
+    if not alive:
+        raise LmtunerError(f"ray_address: the Ray cluster at {report.address} has no live node", field="ray_address")
+    gpu_nodes = [node for node in alive if node.resources.get("GPU", 0) >= 1]
+    if gpu_nodes:
+        workers = sum(int(node.resources["GPU"]) for node in gpu_nodes)
+        cpus = max(1, min(int(node.resources.get("CPU", 1) // node.resources["GPU"]) for node in gpu_nodes))
+        settings = RaySettings(
+            address=report.address, num_workers=workers, use_gpu=True, resources_per_worker={"CPU": cpus, "GPU": 1}
+        )
+        why = f"{workers} workers, one per GPU of the {len(gpu_nodes)} GPU node(s), each with {cpus} CPU(s)"
+    else:
+        cpus = max(1, min(int(node.resources.get("CPU", 1)) for node in alive))
+        workers = len(alive)
+        settings = RaySettings(address=report.address, num_workers=workers, resources_per_worker={"CPU": cpus})
+        why = f"{workers} workers, one per node (no GPU in the cluster), each with {cpus} CPU(s)"
+    return settings, f"Ray cluster at {report.address}: {why}; data parallel, so the global batch is x {workers}."
+
+
 def storage_path(config: TrainConfig, run: RunDir) -> str:
     """Where Ray Train keeps this job's checkpoints: ray.storage_path, else the run folder's ray/."""
     assert config.ray is not None

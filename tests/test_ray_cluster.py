@@ -18,6 +18,9 @@ import anyio
 import psutil
 import pytest
 
+from lmtuner_core.config import parse_train_config
+from lmtuner_core.errors import LmtunerError
+from lmtuner_core.ray_launcher import RayClusterReport, RayNode, dashboard_url, plan_workers, workers_that_fit
 from lmtuner_core.sample_data import write_demo_dataset
 from tests.helpers import call_error, call_ok, quick_config, read_losses, stdio_client, wait_for_end
 from tests.ray_cluster import HEAD_IP, WORKER_IP, ray_cluster, ray_worker_pids
@@ -100,9 +103,15 @@ def test_wrong_address_and_missing_resources_are_clear_errors_in_seconds(cluster
             bad = await call_error(client, "start_training", {"config": ray_config(tiny_model, data, "head:8265")})
             hardware = await call_ok(client, "inspect_gpus", {"ray_address": cluster.dashboard})
             jobs = await call_ok(client, "list_jobs", {})
-            return nobody, seconds, too_many, gpus, bad, hardware, jobs
+            plan = await call_ok(
+                client,
+                "propose_config",
+                {"model": str(tiny_model), "dataset": str(data), "ray_address": cluster.dashboard},
+            )
+            dry = await call_ok(client, "start_training", {"config": plan["config"], "dry_run": True})
+            return nobody, seconds, too_many, gpus, bad, hardware, jobs, plan, dry
 
-    nobody, seconds, too_many, gpus, bad, hardware, jobs = anyio.run(scenario)
+    nobody, seconds, too_many, gpus, bad, hardware, jobs, plan, dry = anyio.run(scenario)
     assert "ray.address: no Ray dashboard answers at http://127.0.0.2:9" in nobody and seconds < 15
     assert "ray.num_workers: 3 workers of CPU 1 each do not fit" in too_many and "its nodes hold 2" in too_many
     assert f"{HEAD_IP} (CPU 1" in too_many and f"{WORKER_IP} (CPU 1" in too_many  # what the cluster has
@@ -112,6 +121,10 @@ def test_wrong_address_and_missing_resources_are_clear_errors_in_seconds(cluster
     nodes = hardware["cluster"]["nodes"]
     assert sorted(n["node_ip"] for n in nodes) == [HEAD_IP, WORKER_IP] and all(n["alive"] for n in nodes)
     assert hardware["cluster"]["total"]["CPU"] == 2
+    # propose_config plans one worker per node of this CPU-only cluster, and the plan passes start_training's checks.
+    assert plan["config"]["ray"]["num_workers"] == 2 and plan["config"]["ray"]["resources_per_worker"] == {"CPU": 1}
+    assert any("Ray cluster at" in line for line in plan["rationale"])
+    assert dry["status"] == "dry_run" and dry["config"]["ray"]["address"] == cluster.dashboard
 
 
 def test_two_workers_on_two_nodes_match_a_local_run_and_the_adapter_loads(cluster, tiny_model, data, tmp_path):
@@ -208,3 +221,38 @@ def test_killed_worker_restarts_from_its_checkpoint_then_cancel_and_resume(clust
     assert final["step"] == 100 and final["ray"]["job_id"] != ray["job_id"] and final["ray"]["resumed_from"]
     steps = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
     assert steps.count(5) == 1 and steps[-1] == 100  # each restart continued from a checkpoint, not from step 0
+
+
+@pytest.mark.parametrize(
+    ("ray", "expected"),
+    [
+        ({"address": "head:8265"}, "ray.address: 'head:8265' is not a Ray cluster address"),
+        ({"address": "auto", "num_workers": 0}, "ray.num_workers: Input should be greater than or equal to 1"),
+        ({"address": "auto", "resources_per_worker": {"GPU": 1}}, "asks for a GPU but use_gpu is false"),
+        ({"address": "auto", "use_gpu": True, "resources_per_worker": {"CPU": 4}}, "asks for no 'GPU'"),
+        ({"address": "auto", "resources_per_worker": {"CPU": -1}}, "amounts must be 0 or more"),
+        ({"address": "auto", "workers": 2}, "unknown key 'workers'"),
+    ],
+)
+def test_bad_ray_settings_are_refused_by_name(ray, expected):
+    with pytest.raises(LmtunerError) as caught:
+        parse_train_config({"model": "m", "dataset": "d.jsonl", "ray": ray})
+    assert expected in str(caught.value)
+
+
+def test_ray_refuses_the_local_launch_settings_and_plans_workers_per_node():
+    for other in ({"nodes": {"count": 2}}, {"processes_per_node": 2}, {"deepspeed": {"stage": 2}}):
+        with pytest.raises(LmtunerError, match="ray: "):
+            parse_train_config({"model": "m", "dataset": "d.jsonl", "ray": {"address": "auto"}, **other})
+    assert dashboard_url("ray://10.0.0.5:10001") == "http://10.0.0.5:8265"
+    assert dashboard_url("http://head:8265/") == "http://head:8265"
+    node = {"node_id": "n", "node_ip": "10.0.0.5", "is_head": False, "alive": True}
+    report = RayClusterReport(
+        address="auto", dashboard="auto", total={},
+        nodes=[RayNode(**node, resources={"CPU": 16, "GPU": 2}), RayNode(**node, resources={"CPU": 8, "GPU": 4})],
+    )  # fmt: skip
+    assert workers_that_fit({"CPU": 8, "GPU": 1}, report) == 3  # 2 on the first node (CPUs), 1 on the second
+    assert workers_that_fit({"CPU": 1}, report) == 24
+    settings, why = plan_workers(report)  # propose_config's plan: one worker per GPU, the CPUs of the leanest node
+    assert (settings.num_workers, settings.use_gpu, settings.resources_per_worker) == (6, True, {"CPU": 2, "GPU": 1})
+    assert "6 workers, one per GPU of the 2 GPU node(s)" in why
