@@ -149,6 +149,13 @@ class RaySettings(StrictModel):
             )
         return value.rstrip("/")
 
+    @field_validator("python")
+    @classmethod
+    def _python(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("/") or any(c.isspace() for c in value)):
+            raise ValueError(f"{value!r} is not an absolute interpreter path such as '/opt/venv/bin/python'")
+        return value
+
     @field_validator("resources_per_worker")
     @classmethod
     def _resources(cls, value: dict[str, float] | None) -> dict[str, float] | None:

@@ -338,6 +338,10 @@ class JobService:
         from lmtuner_core import ray_launcher
 
         assert checked.ray is not None
+        storage = checked.ray.storage_path
+        if storage is not None and "://" not in storage:  # a folder: inside the allowed roots, like output_dir
+            storage = str(self.roots.resolve(storage, "ray.storage_path"))
+            checked = checked.model_copy(update={"ray": checked.ray.model_copy(update={"storage_path": storage})})
         warnings += ray_launcher.check_cluster(checked.ray)
         if dry_run:
             return None, checked, warnings

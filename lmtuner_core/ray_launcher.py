@@ -114,16 +114,23 @@ def _reach(url: str, field: str) -> str | None:
         ) from None
 
 
+_CLIENTS: dict[str, object] = {}  # one JobSubmissionClient per dashboard: making one costs a version check
+
+
 def _client(address: str, field: str = "ray.address"):
-    """A JobSubmissionClient for the cluster (constructing one checks the connection)."""
+    """A JobSubmissionClient for the cluster. The dashboard is probed first with a timeout on every use, since
+    Ray's client (requests) waits without one: a cluster gone quiet is an error in seconds, not a hang."""
     url = dashboard_url(address, field)
     _reach(url, field)
+    if url in _CLIENTS:
+        return _CLIENTS[url]
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(url)
+        client = _CLIENTS[url] = JobSubmissionClient(url)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise LmtunerError(f"{field}: cannot use the Ray cluster at {address!r}: {exc}", field=field) from None
+    return client
 
 
 def cluster_report(address: str, field: str = "ray.address") -> RayClusterReport:

@@ -101,6 +101,8 @@ def test_wrong_address_and_missing_resources_are_clear_errors_in_seconds(cluster
                 {"config": ray_config(tiny_model, data, cluster.dashboard, ray={"use_gpu": True})},
             )
             bad = await call_error(client, "start_training", {"config": ray_config(tiny_model, data, "head:8265")})
+            outside = ray_config(tiny_model, data, cluster.dashboard, ray={"storage_path": "/etc/lmtuner-checkpoints"})
+            confined = await call_error(client, "start_training", {"config": outside})
             hardware = await call_ok(client, "inspect_gpus", {"ray_address": cluster.dashboard})
             jobs = await call_ok(client, "list_jobs", {})
             plan = await call_ok(
@@ -109,14 +111,15 @@ def test_wrong_address_and_missing_resources_are_clear_errors_in_seconds(cluster
                 {"model": str(tiny_model), "dataset": str(data), "ray_address": cluster.dashboard},
             )
             dry = await call_ok(client, "start_training", {"config": plan["config"], "dry_run": True})
-            return nobody, seconds, too_many, gpus, bad, hardware, jobs, plan, dry
+            return nobody, seconds, too_many, gpus, bad, confined, hardware, jobs, plan, dry
 
-    nobody, seconds, too_many, gpus, bad, hardware, jobs, plan, dry = anyio.run(scenario)
+    nobody, seconds, too_many, gpus, bad, confined, hardware, jobs, plan, dry = anyio.run(scenario)
     assert "ray.address: no Ray dashboard answers at http://127.0.0.2:9" in nobody and seconds < 15
     assert "ray.num_workers: 3 workers of CPU 1 each do not fit" in too_many and "its nodes hold 2" in too_many
     assert f"{HEAD_IP} (CPU 1" in too_many and f"{WORKER_IP} (CPU 1" in too_many  # what the cluster has
     assert "ray.use_gpu: no node of the Ray cluster" in gpus and "'GPU'" in gpus
     assert "config.ray.address" in bad and "'head:8265' is not a Ray cluster address" in bad
+    assert "ray.storage_path: '/etc/lmtuner-checkpoints' is outside the allowed folders" in confined
     assert jobs["jobs"] == []  # nothing was submitted or recorded
     nodes = hardware["cluster"]["nodes"]
     assert sorted(n["node_ip"] for n in nodes) == [HEAD_IP, WORKER_IP] and all(n["alive"] for n in nodes)
@@ -232,6 +235,7 @@ def test_killed_worker_restarts_from_its_checkpoint_then_cancel_and_resume(clust
         ({"address": "auto", "use_gpu": True, "resources_per_worker": {"CPU": 4}}, "asks for no 'GPU'"),
         ({"address": "auto", "resources_per_worker": {"CPU": -1}}, "amounts must be 0 or more"),
         ({"address": "auto", "workers": 2}, "unknown key 'workers'"),
+        ({"address": "auto", "python": "python3 -c 'x'"}, "is not an absolute interpreter path"),
     ],
 )
 def test_bad_ray_settings_are_refused_by_name(ray, expected):
