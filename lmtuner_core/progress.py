@@ -38,7 +38,9 @@ class JobProgress(BaseModel):
     model: str = Field(description="Base model of the job.")
     method: str = Field(description="Training method of the job.")
     created_at: float = Field(description="When the job was submitted (Unix time).")
-    devices: str = Field("cpu", description="What the job holds: 'cpu' or GPU indices such as '0,1'.")
+    devices: str = Field(
+        "cpu", description="What the job holds: 'cpu', GPU indices such as '0,1', or 'ray' (workers on a Ray cluster)."
+    )
     queue_position: int | None = Field(None, description="For a queued job: 1 = next to start.")
     ray: RayJobView | None = Field(
         None, description="For a job on a Ray cluster: its Ray job id, workers and their nodes, restarts."
