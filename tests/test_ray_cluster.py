@@ -163,7 +163,10 @@ def test_two_workers_on_two_nodes_match_a_local_run_and_the_adapter_loads(cluste
 
     losses, baseline = read_losses(final["run_dir"]), read_losses(local_final["run_dir"])
     differences = [abs(a - b) for a, b in zip(losses, baseline, strict=True)]
-    print(f"\nRay 2 workers: {losses}\n  local batch 4: {baseline}\n  |difference| max {max(differences):.2e}")
+    print(
+        f"\nRay 2 workers: {losses}\n  local batch 4: {baseline}\n  |difference| max {max(differences):.2e}; "
+        f"submit to completed {final['elapsed_seconds']}s (local job {local_final['elapsed_seconds']}s)"
+    )
     assert max(differences) < DDP_TOLERANCE and losses[-1] < losses[0]
     output = Path(final["output_dir"])
     assert (output / "adapter_model.safetensors").is_file()
@@ -195,22 +198,30 @@ def test_killed_worker_restarts_from_its_checkpoint_then_cancel_and_resume(clust
             victim = next(w for w in before["ray"]["workers"] if w["rank"] == 1)
             assert victim["pid"] in ray_worker_pids(cluster) and victim["node_ip"] == WORKER_IP
             os.kill(victim["pid"], signal.SIGKILL)
+            killed_at = time.time()
             deadline = time.monotonic() + 180
             while True:  # until the restarted group has trained a few steps past its checkpoint
                 restarted = await call_ok(client, "job_status", {"job_id": job_id, "wait_seconds": 5, "log_lines": 0})
                 assert restarted["status"] == "running" and time.monotonic() < deadline, restarted
                 if restarted["ray"]["restarts"] == 1 and restarted["step"] >= 25:
                     break
+            cancel_started = time.monotonic()
             cancelled = await call_ok(client, "cancel_job", {"job_id": job_id})
             left = workers_left(cluster, within=10)
+            cancel_seconds = time.monotonic() - cancel_started
             resumed = await call_ok(client, "resume_job", {"job_id": job_id})
             final = await wait_for_end(client, job_id, timeout=300)
-            return before, victim, restarted, cancelled, left, resumed, final
+            return before, victim, killed_at, restarted, cancelled, cancel_seconds, left, resumed, final
 
-    before, victim, restarted, cancelled, left, resumed, final = anyio.run(follow)
+    before, victim, killed_at, restarted, cancelled, cancel_seconds, left, resumed, final = anyio.run(follow)
     log = (run_dir / "train.log").read_text()
     ray = restarted["ray"]
-    print(f"\nkilled rank 1 (pid {victim['pid']}) at step {before['step']}; restarted from {ray['resumed_from']}")
+    attempts = [json.loads(line) for line in (run_dir / "ray_attempts.jsonl").read_text().splitlines()]
+    print(
+        f"\nkilled rank 1 (pid {victim['pid']}) at step {before['step']}; a new group started "
+        f"{attempts[1]['started_at'] - killed_at:.1f}s later from {ray['resumed_from']}; cancel_job and no worker "
+        f"left after {cancel_seconds:.1f}s; {len(attempts)} attempts in all"
+    )
     assert ray["attempts"] == 2 and ray["resumed_from"] and "checkpoint_" in ray["resumed_from"]
     assert victim["pid"] not in [w["pid"] for w in ray["workers"]]  # a new worker group
     assert "resuming from" in log
