@@ -534,10 +534,17 @@ class JobService:
 
         assert config.ray is not None
         run = RunDir(Path(record.run_dir))
+        where = ray_launcher.storage_path(config, run)
+        if "://" in where:
+            raise LmtunerError(
+                f"job_id: job {record.job_id} keeps its checkpoints in {where}, and resume_job reads them from a "
+                "folder; start a new job with resume_from set to a downloaded checkpoint",
+                field="job_id",
+            )
         checkpoint = ray_launcher.latest_ray_checkpoint(config, run)
         if checkpoint is None:
             raise LmtunerError(
-                f"job_id: job {record.job_id} has no checkpoint in {ray_launcher.storage_path(config, run)}, so "
+                f"job_id: job {record.job_id} has no checkpoint in {where}, so "
                 "there is nothing to resume; start it again (a smaller save_steps keeps more progress next time)",
                 field="job_id",
             )

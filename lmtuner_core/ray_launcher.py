@@ -316,10 +316,8 @@ def stop(address: str, ray_job_id: str, timeout: float) -> str:
 
 def latest_ray_checkpoint(config: TrainConfig, run: RunDir) -> Path | None:
     """The newest Hugging Face checkpoint Ray Train kept for this job (storage_path/<job>/checkpoint_*/checkpoint),
-    by training step; None when there is none or storage_path is an object-store URI."""
+    by training step; None when there is none. storage_path must be a folder here (not an object-store URI)."""
     root = Path(storage_path(config, run))
-    if "://" in str(config.ray.storage_path if config.ray else ""):
-        return None
     found = []
     for path in (root / run.root.name).glob("checkpoint_*/checkpoint"):
         try:

@@ -149,9 +149,10 @@ def test_two_workers_on_two_nodes_match_a_local_run_and_the_adapter_loads(cluste
                 {"model": str(tiny_model), "adapter": final["output_dir"], "prompts": ["What is 2 plus 3?"],
                  "max_new_tokens": 4},
             )  # fmt: skip
-            return local_final, started, final, listed, answer
+            curve = await client.read_resource(f"lmtuner://jobs/{final['job_id']}/loss.png")
+            return local_final, started, final, listed, answer, curve
 
-    local_final, started, final, listed, answer = anyio.run(scenario)
+    local_final, started, final, listed, answer, curve = anyio.run(scenario)
     assert local_final["status"] == "completed", local_final["error"]
     assert started["status"] == "running" and started["config"]["ray"]["num_workers"] == 2
     assert final["status"] == "completed", f"{final['error']}\n" + "\n".join(final["log_tail"])
@@ -172,6 +173,7 @@ def test_two_workers_on_two_nodes_match_a_local_run_and_the_adapter_loads(cluste
     assert (output / "adapter_model.safetensors").is_file()
     assert json.loads((output / "lmtuner_artifact.json").read_text())["base_model"] == str(tiny_model)
     assert len(answer["outputs"]) == 1  # the adapter loaded onto the base and generated
+    assert curve.contents[0].mime_type == "image/png"  # the loss-curve resource, as for a local job
     checkpoints = list(Path(final["run_dir"], "ray", final["job_id"]).glob("checkpoint_*/checkpoint"))
     assert checkpoints, "Ray Train kept no checkpoint in storage_path"
 
