@@ -32,9 +32,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) pyproject.toml constraints-cpu.txt
-	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_CONSTRAINT) -e '.[train,dev]' 2>&1 \
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_CONSTRAINT) -e '.[train,cluster,dev]' 2>&1 \
 		| grep -v "is ignored: it is neither a file nor a directory" || true
-	$(PY) -c "import torch, transformers, trl, peft, mcp" 2>/dev/null || { echo "install failed"; exit 1; }
+	$(PY) -c "import torch, transformers, trl, peft, mcp, ray" 2>/dev/null || { echo "install failed"; exit 1; }
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)

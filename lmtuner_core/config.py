@@ -101,6 +101,87 @@ class NodeSettings(StrictModel):
         return self
 
 
+RAY_ADDRESS = re.compile(r"^(auto|(https?|ray)://[A-Za-z0-9.\[\]:_-]+(:[0-9]{1,5})?/?)$")
+
+
+class RaySettings(StrictModel):
+    """Run the job on a Ray cluster (Ray Train's TorchTrainer, submitted through Ray's Jobs API)."""
+
+    address: str = Field(
+        max_length=300,
+        description="The cluster: its dashboard (Jobs API) 'http://head:8265', a Ray Client address "
+        "'ray://head:10001' (its dashboard on port 8265 is used), or 'auto' (the cluster this machine is part of). "
+        "Example: 'http://10.0.0.5:8265'.",
+    )
+    num_workers: int = Field(
+        2, ge=1, le=4096, description="Training processes (torch.distributed ranks); one GPU each with use_gpu. E.g. 4."
+    )
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); false trains on CPUs (gloo).")
+    resources_per_worker: dict[str, float] | None = Field(
+        None,
+        description="Ray resources each worker reserves. Default {'CPU': 1} (plus 'GPU': 1 with use_gpu). Example: "
+        "{'CPU': 8, 'GPU': 1}.",
+    )
+    storage_path: str | None = Field(
+        None,
+        description="Where Ray Train keeps checkpoints: a folder every node sees at the same path (NFS, Lustre) or "
+        "an object-store URI Ray supports ('s3://bucket/prefix', 'gs://…'). Default: the job's run folder "
+        "(ray/), which then must be on shared storage too. Example: '/shared/lmtuner-checkpoints'.",
+    )
+    max_failures: int = Field(
+        1, ge=0, le=100, description="Worker-group restarts (from the last checkpoint) before the job fails. E.g. 1."
+    )
+    python: str | None = Field(
+        None,
+        max_length=4096,
+        description="Python interpreter on the cluster that has lmtuner[train] installed. Default: the path of "
+        "this server's interpreter. Example: '/opt/venv/bin/python'.",
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if not RAY_ADDRESS.match(value):
+            raise ValueError(
+                f"{value!r} is not a Ray cluster address; accepted: 'http://HOST:8265' (the dashboard's Jobs API), "
+                "'ray://HOST:10001' or 'auto'"
+            )
+        return value.rstrip("/")
+
+    @field_validator("python")
+    @classmethod
+    def _python(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("/") or any(c.isspace() for c in value)):
+            raise ValueError(f"{value!r} is not an absolute interpreter path such as '/opt/venv/bin/python'")
+        return value
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _resources(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("give at least one resource, e.g. {'CPU': 1}, or omit it for the default")
+            bad = [name for name, amount in value.items() if amount < 0 or not name]
+            if bad:
+                raise ValueError(f"resource {bad[0]!r}: amounts must be 0 or more, e.g. {{'CPU': 2, 'GPU': 1}}")
+        return value
+
+    @model_validator(mode="after")
+    def _gpu_resources_agree(self) -> RaySettings:
+        gpus = (self.resources_per_worker or {}).get("GPU", 0)
+        if self.use_gpu and self.resources_per_worker is not None and gpus <= 0:
+            raise ValueError("use_gpu is true but resources_per_worker asks for no 'GPU'; add 'GPU': 1 or omit it")
+        if not self.use_gpu and gpus > 0:
+            raise ValueError("resources_per_worker asks for a GPU but use_gpu is false; set use_gpu: true")
+        return self
+
+    def worker_resources(self) -> dict[str, float]:
+        """What each worker reserves: the given resources, else one CPU (and one GPU with use_gpu)."""
+        if self.resources_per_worker is not None:
+            return dict(self.resources_per_worker)
+        return {"CPU": 1.0, "GPU": 1.0} if self.use_gpu else {"CPU": 1.0}
+
+
 class RopeScaling(StrictModel):
     """Extend the context window beyond what the model was trained on."""
 
@@ -219,6 +300,11 @@ class TrainConfig(StrictModel):
         description="Multi-node training: {'count': 2, 'rank': 0, 'master_addr': '10.0.0.5', 'master_port': 29500}"
         " on node 0 and the same with rank 1 on the other. Omit for one machine.",
     )
+    ray: RaySettings | None = Field(
+        None,
+        description="Run on a Ray cluster instead of this machine: {'address': 'http://head:8265', 'num_workers': 4,"
+        " 'use_gpu': true, 'storage_path': '/shared/ckpt', 'max_failures': 1}. Omit (null) to train here.",
+    )
     rope_scaling: RopeScaling | None = Field(None, description="Context extension, e.g. {'type': 'yarn', 'factor': 4}.")
     report_to: list[Tracker] = Field(default_factory=list, description="Experiment trackers: 'wandb', 'tensorboard'.")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed for init, shuffling and dropout.")
@@ -266,6 +352,19 @@ class TrainConfig(StrictModel):
         if self.learning_rate is None:
             # object.__setattr__: validate_assignment would re-enter this validator.
             object.__setattr__(self, "learning_rate", default_learning_rate(self.method))
+        return self
+
+    @model_validator(mode="after")
+    def _ray_runs_alone(self) -> TrainConfig:
+        """On a Ray cluster, Ray places the processes: the settings for launching them here do not apply."""
+        if self.ray is None:
+            return self
+        if self.nodes is not None:
+            raise ValueError("ray: with a Ray cluster Ray places the workers; remove `nodes` (use ray.num_workers)")
+        if self.processes_per_node != "auto":
+            raise ValueError("ray: remove `processes_per_node`; ray.num_workers sets the number of training processes")
+        if self.deepspeed is not None:
+            raise ValueError("ray: DeepSpeed is not available on a Ray cluster in this version; remove `deepspeed`")
         return self
 
     def to_json(self) -> str:

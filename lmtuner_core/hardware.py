@@ -11,9 +11,11 @@ from pathlib import Path
 import psutil
 from pydantic import BaseModel, Field
 
+from lmtuner_core.ray_launcher import RayClusterReport
+
 KEY_PACKAGES = (
     "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed",
-    "liger-kernel", "lomo-optim", "vllm", "flash-attn", "mcp", "lmtuner",
+    "liger-kernel", "lomo-optim", "vllm", "flash-attn", "mcp", "ray", "lmtuner",
 )  # fmt: skip
 
 
@@ -42,6 +44,9 @@ class HardwareReport(BaseModel):
     disk_free_gib: float = Field(description="Free disk where $LMTUNER_HOME lives, in GiB.")
     software: dict[str, str] = Field(description="Installed versions of the packages that matter for training.")
     notes: list[str] = Field(default_factory=list, description="Why a GPU might be missing, and similar remarks.")
+    cluster: RayClusterReport | None = Field(
+        None, description="With ray_address: the Ray cluster's nodes and resources (what ray.num_workers can use)."
+    )
 
 
 def _cpu_model() -> str:

@@ -297,6 +297,8 @@ class JobService:
         job_id = new_job_id()
         run = self.run_dir(job_id)
         checked, warnings = check_config(config, self.roots, run, dry_run=dry_run)
+        if checked.ray is not None:
+            return self._submit_to_ray(checked, job_id, warnings, dry_run=dry_run)
         devices = resolve_devices(checked.devices)
         check_processes(checked, devices)
         warnings += preflight(checked, devices, refuse=not force)  # a dry run is refused as the real start is
@@ -325,6 +327,51 @@ class JobService:
         if record is not None and record.status == "queued":
             warnings.append(f"queued: devices {devices} are busy; the job starts when they are free")
         return record, checked, warnings
+
+    def _submit_to_ray(
+        self, checked: TrainConfig, job_id: str, warnings: list[str], *, dry_run: bool
+    ) -> tuple[JobRecord | None, TrainConfig, list[str]]:
+        """A job for a Ray cluster: the cluster is reached and its resources compared with the request before
+        anything is written; then the job is submitted there and recorded with its Ray job id."""
+        from lmtuner_core import ray_launcher
+
+        assert checked.ray is not None
+        storage = checked.ray.storage_path
+        if storage is not None and "://" not in storage:  # a folder: inside the allowed roots, like output_dir
+            storage = str(self.roots.resolve(storage, "ray.storage_path"))
+            checked = checked.model_copy(update={"ray": checked.ray.model_copy(update={"storage_path": storage})})
+        warnings += ray_launcher.check_cluster(checked.ray)
+        if dry_run:
+            return None, checked, warnings
+        run = self.run_dir(job_id)
+        try:
+            run.root.mkdir(parents=True)
+            run.config.write_text(checked.to_json(), encoding="utf-8")
+        except OSError as exc:
+            raise LmtunerError(f"cannot write the run folder {run.root}: {exc.strerror}; free disk space") from None
+        self.store.create(
+            job_id=job_id, run_dir=run.root, model=checked.model, method=checked.method,
+            output_dir=Path(checked.output_dir or run.default_output), devices="ray",
+        )  # fmt: skip
+        self._send_to_ray(job_id, checked, f"lmtuner-{job_id}")
+        return self.store.get(job_id), checked, warnings
+
+    def _send_to_ray(self, job_id: str, config: TrainConfig, ray_job_id: str) -> None:
+        """Submits the job to its cluster and marks it running there (failed, with the reason, if refused)."""
+        from lmtuner_core import ray_launcher
+
+        assert config.ray is not None
+        run = self.run_dir(job_id)
+        env = ray_launcher.job_environment(self.home, tracker_environment(run, dict(os.environ)))
+        try:
+            ray_launcher.submit(run, config, ray_job_id, env)
+        except LmtunerError as exc:
+            self.store.update(job_id, status="failed", finished_at=time.time(), error=str(exc))
+            raise
+        self.store.update(
+            job_id, status="running", started_at=time.time(), claimed_at=time.time(), ray_job_id=ray_job_id,
+            ray_address=config.ray.address,
+        )  # fmt: skip
 
     def schedule(self) -> list[str]:
         """Starts every queued job whose devices are free; returns their ids."""
@@ -371,6 +418,8 @@ class JobService:
         ended, starts what was waiting for its devices."""
         if record.status in TERMINAL:
             return record
+        if record.ray_job_id is not None:
+            return self._refresh_ray(record)
         run = RunDir(Path(record.run_dir))
         if record.status == "running" and record.pid is None:
             claimed = record.claimed_at or record.created_at
@@ -386,6 +435,25 @@ class JobService:
             self.conclude(record)
             if schedule:
                 self.schedule()
+        return self.store.get(record.job_id) or record
+
+    def _refresh_ray(self, record: JobRecord) -> JobRecord:
+        """A Ray job's status, asked of its cluster by its Ray job id (so any server, restarted or not, follows
+        it). While the cluster cannot be reached the job stays as last seen."""
+        from lmtuner_core import ray_launcher
+
+        try:
+            ray_status, message = ray_launcher.job_info(record.ray_address or "", record.ray_job_id or "")
+        except LmtunerError:
+            return record
+        if ray_status == "SUCCEEDED":
+            self._finish(record, "completed", None, 0)
+        elif ray_status == "STOPPED":
+            self._finish(record, "cancelled", None, None)
+        elif ray_status in ("FAILED", "GONE"):
+            state = read_state(RunDir(Path(record.run_dir)))
+            error = state.get("error") if state.get("status") == "failed" else None
+            self._finish(record, "failed", error or f"Ray job {record.ray_job_id}: {message}", None)
         return self.store.get(record.job_id) or record
 
     def conclude(self, record: JobRecord) -> None:
@@ -434,6 +502,9 @@ class JobService:
                 field="job_id",
             )
         run = RunDir(Path(record.run_dir))
+        config = TrainConfig.model_validate_json(run.config.read_text(encoding="utf-8"))
+        if record.ray_job_id is not None and config.ray is not None:
+            return self._resume_on_ray(record, config)
         checkpoint = latest_checkpoint(run)
         if checkpoint is None:
             raise LmtunerError(
@@ -441,7 +512,6 @@ class JobService:
                 "it again (a smaller save_steps keeps more progress next time)",
                 field="job_id",
             )
-        config = TrainConfig.model_validate_json(run.config.read_text(encoding="utf-8"))
         config = TrainConfig.model_validate({**config.model_dump(), "resume_from": str(checkpoint)})
         run.config.write_text(config.to_json(), encoding="utf-8")
         for stale in (run.state, run.root / "exit.json"):
@@ -455,6 +525,40 @@ class JobService:
         self.schedule()
         return self.store.get(job_id), config  # type: ignore[return-value]
 
+    def _resume_on_ray(self, record: JobRecord, config: TrainConfig) -> tuple[JobRecord, TrainConfig]:
+        """Submits the job again, under a new Ray job id, from the newest checkpoint Ray Train kept in
+        storage_path (Ray Train restores the same run from there)."""
+        from lmtuner_core import ray_launcher
+
+        assert config.ray is not None
+        run = RunDir(Path(record.run_dir))
+        where = ray_launcher.storage_path(config, run)
+        if "://" in where:
+            raise LmtunerError(
+                f"job_id: job {record.job_id} keeps its checkpoints in {where}, and resume_job reads them from a "
+                "folder; start a new job with resume_from set to a downloaded checkpoint",
+                field="job_id",
+            )
+        checkpoint = ray_launcher.latest_ray_checkpoint(config, run)
+        if checkpoint is None:
+            raise LmtunerError(
+                f"job_id: job {record.job_id} has no checkpoint in {where}, so "
+                "there is nothing to resume; start it again (a smaller save_steps keeps more progress next time)",
+                field="job_id",
+            )
+        ray_launcher.check_cluster(config.ray)
+        config = TrainConfig.model_validate({**config.model_dump(), "resume_from": str(checkpoint)})
+        run.config.write_text(config.to_json(), encoding="utf-8")
+        run.state.unlink(missing_ok=True)
+        with run.log.open("a", encoding="utf-8") as log:
+            log.write(f"[lmtuner] resuming on the Ray cluster from {checkpoint}\n")
+        self.store.update(
+            record.job_id, only_if_status=("failed", "cancelled"), status="queued", error=None, exit_code=None,
+            finished_at=None, cancel_requested=0,
+        )  # fmt: skip
+        self._send_to_ray(record.job_id, config, f"lmtuner-{record.job_id}-{secrets.token_hex(3)}")
+        return self.store.get(record.job_id), config  # type: ignore[return-value]
+
     # -------------------------------------------------------------------------------------------- cancel
 
     def cancel(self, job_id: str, grace_seconds: float = 20.0) -> JobRecord:
@@ -464,6 +568,21 @@ class JobService:
         if record.status in TERMINAL:
             return record
         self.store.update(job_id, cancel_requested=1)
+        if record.ray_job_id is not None:
+            from lmtuner_core import ray_launcher
+
+            # Ray stops the driver (SIGTERM, then SIGKILL) and with it every worker; the last checkpoint stays.
+            ray_status = ray_launcher.stop(record.ray_address or "", record.ray_job_id, grace_seconds)
+            if ray_status not in (*ray_launcher.TERMINAL_RAY_STATUSES, "GONE"):
+                raise LmtunerError(
+                    f"job_id: the Ray cluster has not stopped job {record.ray_job_id} yet (it is {ray_status}); "
+                    "call cancel_job again",
+                    field="job_id",
+                )
+            if ray_status == "SUCCEEDED":
+                return self.refresh(record)  # it finished before the stop reached it
+            self._finish(record, "cancelled", None, None)
+            return self.get(job_id)
         if record.pid is None or not alive(record.pid, record.pid_started_at):
             self._finish(record, "cancelled", None, None)
             return self.get(job_id)

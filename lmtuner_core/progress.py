@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, PrivateAttr
 
 from lmtuner_core.paths import RunDir
+from lmtuner_core.ray_launcher import RayJobView, read_view
 from lmtuner_core.secrets import redact
 from lmtuner_core.store import JobRecord
 
@@ -37,8 +38,13 @@ class JobProgress(BaseModel):
     model: str = Field(description="Base model of the job.")
     method: str = Field(description="Training method of the job.")
     created_at: float = Field(description="When the job was submitted (Unix time).")
-    devices: str = Field("cpu", description="What the job holds: 'cpu' or GPU indices such as '0,1'.")
+    devices: str = Field(
+        "cpu", description="What the job holds: 'cpu', GPU indices such as '0,1', or 'ray' (workers on a Ray cluster)."
+    )
     queue_position: int | None = Field(None, description="For a queued job: 1 = next to start.")
+    ray: RayJobView | None = Field(
+        None, description="For a job on a Ray cluster: its Ray job id, workers and their nodes, restarts."
+    )
     # A loss-curve PNG to send as image content beside the structured result (job_status include_plot).
     _plot_png: bytes | None = PrivateAttr(None)
 
@@ -147,4 +153,5 @@ def read_progress(record: JobRecord, log_lines: int | None = 20) -> JobProgress:
         method=record.method,
         created_at=record.created_at,
         devices=record.devices,
+        ray=read_view(run, record.ray_job_id, record.ray_address or "") if record.ray_job_id else None,
     )

@@ -37,7 +37,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_code INTEGER,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     devices TEXT NOT NULL DEFAULT 'cpu',
-    claimed_at REAL
+    claimed_at REAL,
+    ray_job_id TEXT,
+    ray_address TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 """
@@ -45,7 +47,12 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 
 R = TypeVar("R")
 
-_ADDED_COLUMNS = {"devices": "TEXT NOT NULL DEFAULT 'cpu'", "claimed_at": "REAL"}
+_ADDED_COLUMNS = {
+    "devices": "TEXT NOT NULL DEFAULT 'cpu'",
+    "claimed_at": "REAL",
+    "ray_job_id": "TEXT",
+    "ray_address": "TEXT",
+}
 
 
 @dataclass
@@ -66,6 +73,8 @@ class JobRecord:
     cancel_requested: int
     devices: str  # 'cpu' or GPU indices '0,1'
     claimed_at: float | None  # when a scheduler took it off the queue (before its process exists)
+    ray_job_id: str | None = None  # a job on a Ray cluster: its submission id there (no local process)
+    ray_address: str | None = None  # and the cluster's address
 
 
 class SqliteTable(Generic[R]):
@@ -181,13 +190,16 @@ class JobStore(SqliteTable[JobRecord]):
             try:
                 busy_gpus: set[str] = set()
                 cpu_jobs = 0
-                for (devices,) in db.execute("SELECT devices FROM jobs WHERE status = 'running'"):
+                for (devices,) in db.execute("SELECT devices FROM jobs WHERE status = 'running' AND devices != 'ray'"):
                     if devices == "cpu":
                         cpu_jobs += 1
                     else:
                         busy_gpus |= set(devices.split(","))
                 claimed = []
-                queued = db.execute("SELECT job_id, devices FROM jobs WHERE status = 'queued' ORDER BY created_at")
+                # Jobs on a Ray cluster ('ray') are submitted there at once; the cluster does their queueing.
+                queued = db.execute(
+                    "SELECT job_id, devices FROM jobs WHERE status = 'queued' AND devices != 'ray' ORDER BY created_at"
+                )
                 for job_id, devices in queued.fetchall():
                     if devices == "cpu":
                         if cpu_jobs >= cpu_slots:

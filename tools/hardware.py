@@ -1,13 +1,32 @@
-"""inspect_gpus: what this machine can train with."""
+"""inspect_gpus: what this machine, or a Ray cluster, can train with."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import Field
+
 from lmtuner_core.hardware import HardwareReport, inspect_hardware
+from lmtuner_core.ray_launcher import cluster_report
 from tools.context import ToolContext
 
 
-def inspect_gpus(ctx: ToolContext) -> HardwareReport:
+def inspect_gpus(
+    ctx: ToolContext,
+    ray_address: Annotated[
+        str | None,
+        Field(
+            description="Also report a Ray cluster's nodes and resources (for a TrainConfig `ray` section): its "
+            "dashboard 'http://head:8265', 'ray://head:10001' or 'auto'. Example: 'http://10.0.0.5:8265'.",
+            max_length=300,
+        ),
+    ] = None,
+) -> HardwareReport:
     """List this machine's GPUs (name, total/free memory, compute capability, bf16), CPU, RAM, free disk and the
     versions of the training libraries. Call it first: the answer decides which models and methods fit.
-    No GPU is not an error — `gpus` is then empty and training runs on the CPU (fine for tiny models only)."""
-    return inspect_hardware(ctx.home)
+    No GPU is not an error — `gpus` is then empty and training runs on the CPU (fine for tiny models only).
+    With ray_address, `cluster` lists a Ray cluster's nodes and their CPUs, GPUs and memory."""
+    report = inspect_hardware(ctx.home)
+    if ray_address is not None:
+        report.cluster = cluster_report(ray_address, field="ray_address")
+    return report

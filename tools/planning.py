@@ -9,11 +9,12 @@ from pydantic import Field
 
 from lmtuner_core.analysis import ProgressFn
 from lmtuner_core.analysis import analyze_dataset as analyze
-from lmtuner_core.config import DatasetSpec, Method, dataset_spec
+from lmtuner_core.config import DatasetSpec, Method, TrainConfig, dataset_spec
 from lmtuner_core.hardware import inspect_hardware
 from lmtuner_core.jobs import resolve_model
 from lmtuner_core.memory import load_shape
 from lmtuner_core.planner import HardwareSpec, Proposal, propose
+from lmtuner_core.ray_launcher import cluster_report, plan_workers
 from tools.context import ToolContext
 
 
@@ -49,6 +50,15 @@ def propose_config(
         int | None, Field(ge=16, le=4_194_304, description="Context (tokens) the tuned model must handle.")
     ] = None,
     goal: Annotated[str | None, Field(max_length=4000, description="What the user wants, in their words.")] = None,
+    ray_address: Annotated[
+        str | None,
+        Field(
+            max_length=300,
+            description="Plan for a Ray cluster (see inspect_gpus ray_address): the config gets a `ray` section "
+            "using its GPUs (one worker each) or nodes; memory is planned per worker, on one GPU of `hardware` "
+            "(one node's inspect_gpus output). Example: 'http://10.0.0.5:8265'.",
+        ),
+    ] = None,
     progress: ProgressFn | None = None,
 ) -> Proposal:
     """Propose a TrainConfig that fits the hardware: method (LoRA, QLoRA when LoRA does not fit, full when
@@ -63,6 +73,12 @@ def propose_config(
     # Exact token counts need the tokenizer; a folder with only config.json (or a hub id) gets an estimate.
     local_model = any((Path(model_ref) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     analysis = analyze(spec, ctx.roots, model_ref if local_model else None, progress)
+    cluster = None
+    if ray_address is not None:
+        cluster = plan_workers(cluster_report(ray_address, field="ray_address"))
+        # Each Ray worker is one process on one device: plan the memory of one.
+        hardware = hardware or this_machine(ctx)
+        hardware = hardware.model_copy(update={"gpus": hardware.gpus[:1]})
     plan = propose(
         model=model_ref, shape=shape, dataset=spec, hardware=hardware or this_machine(ctx), rows=analysis.rows,
         p95_tokens=analysis.token_lengths.p95, method=method, max_seq_len=max_seq_len, target_context=target_context,
@@ -71,4 +87,17 @@ def propose_config(
     if not local_model:
         plan.warnings.append(f"Token lengths are estimated ({analysis.tokenizer}): the model's tokenizer is not local.")
     plan.warnings += [f"Data: {p}" for p in analysis.problems]
+    if cluster is not None:
+        settings, why = cluster
+        plan.config = TrainConfig.model_validate({**plan.config.model_dump(), "ray": settings.model_dump()})
+        plan.rationale.append(why)
+        if settings.use_gpu and not hardware.gpus:  # type: ignore[union-attr]
+            plan.warnings.append(
+                "The memory plan is for a CPU worker: Ray does not report GPU memory, so give `hardware` (one "
+                "node's inspect_gpus output) to plan a GPU worker."
+            )
+        plan.warnings.append(
+            "Every Ray node must see the model, the data, output_dir and $LMTUNER_HOME at the same paths "
+            "(docs/CLUSTER.md)."
+        )
     return plan
