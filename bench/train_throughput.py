@@ -185,8 +185,8 @@ def child_lmtuner(spec: dict, result: dict) -> None:
     import threading
 
     from lmtuner_core.config import parse_train_config
-    from lmtuner_core.paths import RunDir
     from lmtuner_core.recipe import SFTRecipe
+    from lmtuner_core.run_folder import RunDir
     from lmtuner_core.train import StateFile
 
     config = parse_train_config({

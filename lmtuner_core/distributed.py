@@ -144,6 +144,11 @@ def launch_command(python: str, run_dir: Path, config: dict[str, Any], devices: 
     ]  # fmt: skip
 
 
+def process_rank() -> tuple[int, int, int]:
+    """(global rank, local rank, world size) as torchrun sets them; (0, 0, 1) for a single process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now (the OS picks it)."""
     with socket.socket() as sock:

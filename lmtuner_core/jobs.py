@@ -24,9 +24,10 @@ from lmtuner_core.data import load_examples, resolve_dataset
 from lmtuner_core.distributed import write_deepspeed_config
 from lmtuner_core.errors import LmtunerError, NotFoundError, shown
 from lmtuner_core.methods import METHODS
-from lmtuner_core.paths import AllowedRoots, RunDir, check_job_id, check_outside_state
+from lmtuner_core.paths import AllowedRoots, check_job_id, check_outside_state
 from lmtuner_core.processes import alive, exit_reason, reap, reap_finished, signal_group, spawn_supervised
-from lmtuner_core.progress import JobProgress, read_exit_code, read_progress, read_state
+from lmtuner_core.progress import JobProgress, read_progress
+from lmtuner_core.run_folder import RunDir
 from lmtuner_core.secrets import child_environment
 from lmtuner_core.store import STATUSES, TERMINAL, JobRecord, JobStore
 
@@ -119,16 +120,6 @@ def tracker_environment(run: RunDir, env: dict[str, str]) -> dict[str, str]:
         if "WANDB_MODE" not in env and not env.get("WANDB_API_KEY"):
             extra["WANDB_MODE"] = "offline"
     return extra
-
-
-def latest_checkpoint(run: RunDir) -> Path | None:
-    """The newest complete checkpoint (one the Trainer finished writing: it has trainer_state.json)."""
-    found = []
-    for path in run.checkpoints.glob("checkpoint-*"):
-        step = path.name.removeprefix("checkpoint-")
-        if step.isdigit() and (path / "trainer_state.json").is_file():
-            found.append((int(step), path))
-    return max(found)[1] if found else None
 
 
 def new_job_id() -> str:
@@ -430,7 +421,7 @@ class JobService:
             return self.store.get(record.job_id) or record
         if record.status == "queued":
             return record
-        if read_state(run).get("status") in TERMINAL or not alive(record.pid, record.pid_started_at):  # type: ignore[arg-type]
+        if run.read_state().get("status") in TERMINAL or not alive(record.pid, record.pid_started_at):  # type: ignore[arg-type]
             reap(record.pid)
             self.conclude(record)
             if schedule:
@@ -451,7 +442,7 @@ class JobService:
         elif ray_status == "STOPPED":
             self._finish(record, "cancelled", None, None)
         elif ray_status in ("FAILED", "GONE"):
-            state = read_state(RunDir(Path(record.run_dir)))
+            state = RunDir(Path(record.run_dir)).read_state()
             error = state.get("error") if state.get("status") == "failed" else None
             self._finish(record, "failed", error or f"Ray job {record.ray_job_id}: {message}", None)
         return self.store.get(record.job_id) or record
@@ -459,8 +450,8 @@ class JobService:
     def conclude(self, record: JobRecord) -> None:
         """Records how a job whose process has ended (or is ending) finished."""
         run = RunDir(Path(record.run_dir))
-        state = read_state(run)
-        code = read_exit_code(run)
+        state = run.read_state()
+        code = run.read_exit_code()
         if state.get("status") in TERMINAL:
             self._finish(record, state["status"], state.get("error"), code)
         elif record.cancel_requested:
@@ -505,7 +496,7 @@ class JobService:
         config = TrainConfig.model_validate_json(run.config.read_text(encoding="utf-8"))
         if record.ray_job_id is not None and config.ray is not None:
             return self._resume_on_ray(record, config)
-        checkpoint = latest_checkpoint(run)
+        checkpoint = run.latest_checkpoint()
         if checkpoint is None:
             raise LmtunerError(
                 f"job_id: job {job_id} saved no checkpoint before it stopped, so there is nothing to resume; start "
@@ -514,7 +505,7 @@ class JobService:
             )
         config = TrainConfig.model_validate({**config.model_dump(), "resume_from": str(checkpoint)})
         run.config.write_text(config.to_json(), encoding="utf-8")
-        for stale in (run.state, run.root / "exit.json"):
+        for stale in (run.state, run.exit):
             stale.unlink(missing_ok=True)
         with run.log.open("a", encoding="utf-8") as log:
             log.write(f"[lmtuner] resuming from {checkpoint}\n")

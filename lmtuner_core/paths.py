@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from lmtuner_core.errors import LmtunerError, shown
@@ -17,37 +16,6 @@ def lmtuner_home() -> Path:
     home = Path(os.environ.get("LMTUNER_HOME") or "~/.lmtuner").expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
     return home
-
-
-@dataclass(frozen=True)
-class RunDir:
-    """The files of one job: written by the training child, read by the server."""
-
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.json"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "train.log"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state.json"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def default_output(self) -> Path:
-        return self.root / "final"
 
 
 def check_job_id(job_id: str) -> str:

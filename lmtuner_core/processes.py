@@ -9,8 +9,8 @@ import sys
 
 import psutil
 
-from lmtuner_core.paths import RunDir
 from lmtuner_core.progress import tail_lines
+from lmtuner_core.run_folder import RunDir
 
 # Popen handles of children this process started, so their exit codes are collected (no zombies).
 _CHILDREN: dict[int, subprocess.Popen] = {}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, PrivateAttr
 
-from lmtuner_core.paths import RunDir
 from lmtuner_core.ray_launcher import RayJobView, read_view
+from lmtuner_core.run_folder import RunDir
 from lmtuner_core.secrets import redact
 from lmtuner_core.store import JobRecord
 
@@ -47,21 +47,6 @@ class JobProgress(BaseModel):
     )
     # A loss-curve PNG to send as image content beside the structured result (job_status include_plot).
     _plot_png: bytes | None = PrivateAttr(None)
-
-
-def read_state(run: RunDir) -> dict:
-    try:
-        return json.loads(run.state.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}  # not written yet, or caught mid-replace on a filesystem without atomic rename
-
-
-def read_exit_code(run: RunDir) -> int | None:
-    """The training process's exit code as its supervisor recorded it (negative: killed by that signal)."""
-    try:
-        return int(json.loads((run.root / "exit.json").read_text(encoding="utf-8"))["returncode"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def tail_lines(path: Path, n: int, max_bytes: int = 65536) -> list[str]:
@@ -111,7 +96,7 @@ def redacted_tail(path: Path, n: int) -> list[str]:
 
 def read_progress(record: JobRecord, log_lines: int | None = 20) -> JobProgress:
     run = RunDir(Path(record.run_dir))
-    state = read_state(run)
+    state = run.read_state()
     train, evaluation = latest_metrics(run)
     step = int(state.get("step") or train.get("step") or 0)
     total = state.get("total_steps")

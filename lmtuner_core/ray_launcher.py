@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 
 from lmtuner_core.config import RAY_ADDRESS, RaySettings, TrainConfig
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.paths import RunDir
+from lmtuner_core.run_folder import RunDir
 
 DASHBOARD_PORT = 8265  # Ray's default; a ray:// address names the client port, the dashboard is here
 REACH_TIMEOUT_SECONDS = 5.0
@@ -356,9 +356,8 @@ def train_worker(loop_config: dict) -> None:
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
-    from lmtuner_core.jobs import latest_checkpoint
     from lmtuner_core.recipe import SFTRecipe
-    from lmtuner_core.train import StateFile
+    from lmtuner_core.run_folder import StateFile
 
     run = RunDir(Path(loop_config["run_dir"]))
     rank = ray.train.get_context().get_world_rank()
@@ -369,7 +368,7 @@ def train_worker(loop_config: dict) -> None:
         if checkpoint is not None:
             folder = Path(stack.enter_context(checkpoint.as_directory())) / RayTrainReportCallback.CHECKPOINT_NAME
             config = config.model_copy(update={"resume_from": str(folder)})
-        elif config.resume_from is None and (saved := latest_checkpoint(run)) is not None:
+        elif config.resume_from is None and (saved := run.latest_checkpoint()) is not None:
             # Ray registers a reported checkpoint when it next polls the workers (every 2 s): a group that died
             # in between restarts without one, though the Trainer's own complete checkpoint is in the run folder.
             config = config.model_copy(update={"resume_from": str(saved)})
@@ -469,14 +468,9 @@ def end_tee(thread: threading.Thread) -> None:
 
 def merge_state(run: RunDir, **values) -> None:
     """Sets final fields of state.json while keeping what rank 0 wrote (step, totals)."""
-    try:
-        state = json.loads(run.state.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        state = {}
+    state = run.read_state()
     state.update(values, updated_at=time.time())
-    tmp = run.state.with_suffix(".driver.tmp")
-    tmp.write_text(json.dumps(state), encoding="utf-8")
-    os.replace(tmp, run.state)
+    run.write_state(state)
 
 
 def main(argv: list[str] | None = None) -> int:

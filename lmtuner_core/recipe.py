@@ -37,7 +37,7 @@ from lmtuner_core.data import (
     split_eval,
     tokenize_cached,
 )
-from lmtuner_core.distributed import DEEPSPEED_FILE
+from lmtuner_core.distributed import DEEPSPEED_FILE, process_rank
 from lmtuner_core.errors import LmtunerError, shown
 from lmtuner_core.methods import METHODS
 from lmtuner_core.model_setup import (
@@ -47,10 +47,10 @@ from lmtuner_core.model_setup import (
     resolve_liger,
     resolve_precision,
 )
-from lmtuner_core.paths import AllowedRoots, RunDir, lmtuner_home
+from lmtuner_core.paths import AllowedRoots, lmtuner_home
 from lmtuner_core.rope import recorded_positions
+from lmtuner_core.run_folder import ARTIFACT_MARKER, RunDir, StateFile, write_json_atomic
 from lmtuner_core.tiny_model import CHAT_TEMPLATE
-from lmtuner_core.train import StateFile, process_rank
 from lmtuner_core.varlen import ATTENTION_NAME as VARLEN_ATTENTION
 from lmtuner_core.varlen import register as register_varlen
 from lmtuner_core.varlen import supports_varlen
@@ -338,4 +338,4 @@ class SFTRecipe:
         if self.config.rope_scaling is not None or xpos_parameters(base_config):
             # An adapter does not carry the base model's config: record the positions it was trained with.
             artifact.update(recorded_positions(base_config))
-        (output / "lmtuner_artifact.json").write_text(json.dumps(artifact, indent=2), encoding="utf-8")
+        write_json_atomic(output / ARTIFACT_MARKER, artifact, indent=2)

@@ -7,7 +7,6 @@ later reader can say "killed by SIGKILL" instead of "ended somehow".
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,8 @@ import sys
 import time
 import traceback
 from pathlib import Path
+
+from lmtuner_core.run_folder import RunDir, read_json  # stdlib only, like this module
 
 TRAINING_NICENESS = 5
 
@@ -64,11 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, forward)
     code = child.wait()
     if code != 0 and not signalled:
-        record_rank_failure(run_dir, code)
-    ended = {"returncode": code, "signal": signal.Signals(-code).name if code < 0 else None, "ended_at": time.time()}
-    tmp = run_dir / "exit.json.tmp"
-    tmp.write_text(json.dumps(ended), encoding="utf-8")
-    os.replace(tmp, run_dir / "exit.json")
+        record_rank_failure(RunDir(run_dir), code)
+    RunDir(run_dir).write_exit(code, signal.Signals(-code).name if code < 0 else None)
     conclude_and_start_next(run_dir)
     return code if code >= 0 else 128 - code
 
@@ -77,10 +75,7 @@ def training_command(run_dir: Path) -> tuple[list[str], dict[str, str]]:
     """The training command (one process, or torchrun for several) and its environment, from config.json."""
     from lmtuner_core import distributed  # stdlib only at import time
 
-    try:
-        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = {}  # the trainer itself reports an unreadable config in state.json
+    config = read_json(RunDir(run_dir).config) or {}  # the trainer itself reports an unreadable one in state.json
     devices = os.environ.get("LMTUNER_DEVICES", "cpu")
     home = Path(os.environ.get("LMTUNER_HOME") or "~/.lmtuner").expanduser()
     port = distributed.free_port()
@@ -88,32 +83,20 @@ def training_command(run_dir: Path) -> tuple[list[str], dict[str, str]]:
     return distributed.launch_command(sys.executable, run_dir, config, devices, port), env
 
 
-def record_rank_failure(run_dir: Path, code: int) -> None:
+def record_rank_failure(run: RunDir, code: int) -> None:
     """With several processes, one failing makes torchrun stop the others: rank 0 then records 'cancelled'
-    (or nothing). The job failed, with the failing rank's reason (train.py writes failure-rank-N.json)."""
-    state_path = run_dir / "state.json"
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        state = {}
+    (or nothing). The job failed, with the failing rank's reason (the training child records it)."""
+    state = run.read_state()
     if state.get("status") == "failed":
         return
-    reasons = []
-    for path in sorted(run_dir.glob("failure-rank-*.json")):
-        try:
-            failure = json.loads(path.read_text(encoding="utf-8"))
-            reasons.append(f"rank {failure['rank']}: {failure['error']}")
-        except (OSError, ValueError, KeyError):
-            continue
+    reasons = run.failures()
     if not reasons:
         if state.get("status") != "cancelled":
             return  # died without a word: the job is concluded from exit.json and the log's last line
         # Rank 0 saw a stop it was not asked for: torchrun stopping it because another process died.
         reasons.append(f"another training process died (launcher exit code {code}); see train.log")
     state.update(status="failed", phase=None, error="; ".join(reasons), updated_at=time.time())
-    tmp = run_dir / "state.json.tmp"
-    tmp.write_text(json.dumps(state), encoding="utf-8")
-    os.replace(tmp, state_path)
+    run.write_state(state)
 
 
 def conclude_and_start_next(run_dir: Path) -> None:

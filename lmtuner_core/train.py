@@ -6,48 +6,17 @@ RUN_DIR/state.json — completed, cancelled, or failed with a reason a person ca
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import sys
 import threading
-import time
 import traceback
 from pathlib import Path
 
+from lmtuner_core.distributed import process_rank
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.library_noise import quiet_library_noise
-from lmtuner_core.paths import RunDir
-
-
-def process_rank() -> tuple[int, int, int]:
-    """(global rank, local rank, world size) as torchrun sets them; (0, 0, 1) for a single process."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-class StateFile:
-    """RUN_DIR/state.json, replaced atomically so a reader never sees half a file. With several processes only
-    the first process of each node writes it (enabled=False elsewhere: the values are kept, not written)."""
-
-    def __init__(self, run: RunDir, enabled: bool = True):
-        self.run = run
-        self.enabled = enabled
-        self.data: dict = {"status": "running", "phase": "starting", "step": 0, "pid": os.getpid()}
-        self._last_write = 0.0
-
-    def update(self, *, force: bool = True, **values) -> None:
-        self.data.update(values)
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self._last_write < 0.5:
-            return
-        self._last_write = now
-        self.data["updated_at"] = time.time()
-        tmp = self.run.state.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data), encoding="utf-8")
-        os.replace(tmp, self.run.state)
+from lmtuner_core.run_folder import RunDir, StateFile
 
 
 def install_stop_handler() -> threading.Event:
@@ -95,14 +64,6 @@ def die_with_launcher() -> None:
         pass
 
 
-def record_failure(run: RunDir, rank: int, error: str) -> None:
-    """A process other than the one writing state.json leaves its reason for the supervisor to report."""
-    with contextlib.suppress(OSError):
-        (run.root / f"failure-rank-{rank}.json").write_text(
-            json.dumps({"rank": rank, "error": error}), encoding="utf-8"
-        )
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -138,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[lmtuner] failed: {exc}", flush=True)
         state.update(status="failed", error=str(exc))
         if world_size > 1:
-            record_failure(run, rank, str(exc))
+            run.record_failure(rank, str(exc))
         return 1
     except BaseException as exc:
         if stop.is_set():
@@ -147,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         state.update(status="failed", error=explain(exc))
         if world_size > 1:
-            record_failure(run, rank, explain(exc))
+            run.record_failure(rank, explain(exc))
         return 1
 
 

@@ -174,13 +174,12 @@ def test_user_deepspeed_file_is_checked_and_copied(tiny_model, data, tmp_path, l
 
 
 def test_a_failing_rank_fails_the_job_with_its_reason(tmp_path):
-    from lmtuner_core.paths import RunDir
+    from lmtuner_core.run_folder import RunDir
     from lmtuner_core.supervisor import record_rank_failure
-    from lmtuner_core.train import record_failure
 
     # Rank 1 raised; torchrun then stopped rank 0, which recorded 'cancelled' as a stop looks to it.
     (tmp_path / "state.json").write_text(json.dumps({"status": "cancelled", "step": 3}))
-    record_failure(RunDir(tmp_path), 1, "RuntimeError: boom — lower batch_size")
+    RunDir(tmp_path).record_failure(1, "RuntimeError: boom — lower batch_size")
     record_rank_failure(tmp_path, 1)
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["status"] == "failed" and state["error"] == "rank 1: RuntimeError: boom — lower batch_size"

@@ -17,7 +17,8 @@ import torch
 
 from lmtuner_core.config import parse_train_config
 from lmtuner_core.data import FlatRowsCollator
-from lmtuner_core.paths import AllowedRoots, RunDir
+from lmtuner_core.paths import AllowedRoots
+from lmtuner_core.run_folder import RunDir
 from tests.helpers import quick_config
 from tests.test_training_formats import run_job
 from tools.context import ToolContext
@@ -125,7 +126,7 @@ def test_varlen_attention_is_chosen_only_where_it_is_exact(tiny_model):
 def _dataloader_counts(model: Path, dataset: dict, tmp_path: Path, **overrides) -> dict:
     """Builds the recipe's trainer (no training) and counts what one epoch of its dataloader feeds the model."""
     from lmtuner_core.recipe import SFTRecipe
-    from lmtuner_core.train import StateFile
+    from lmtuner_core.run_folder import StateFile
 
     config = parse_train_config(quick_config(model, dataset, num_epochs=1, max_steps=None, **overrides))
     run = RunDir(tmp_path / f"run-{overrides.get('packing')}")

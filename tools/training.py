@@ -9,9 +9,9 @@ from typing import Annotated
 from pydantic import BaseModel, Field
 
 from lmtuner_core.config import TrainConfig
-from lmtuner_core.paths import RunDir
 from lmtuner_core.plots import loss_curve_png
 from lmtuner_core.progress import JobProgress
+from lmtuner_core.run_folder import RunDir
 from lmtuner_core.store import TERMINAL, JobStatus
 from tools.context import ToolContext
 
