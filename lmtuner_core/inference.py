@@ -10,18 +10,18 @@ result shape.
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
 from lmtuner_core.errors import LmtunerError, shown
+
+if TYPE_CHECKING:  # imported where used: the server starts without it
+    import httpx
 
 ProgressFn = Callable[[float, float, str], None]
 _LOADED: dict[str, Any] = {}  # {"key": (model, adapter), "model": ..., "tokenizer": ...}
@@ -145,20 +145,19 @@ def generate(
     )
 
 
-def _chat_completion(url: str, body: dict, timeout: float) -> dict:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
+def _chat_completion(client: httpx.Client, url: str, body: dict) -> dict:
+    import httpx
+
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode("utf-8", errors="replace")[:500]
-        with contextlib.suppress(ValueError, AttributeError):
-            detail = json.loads(detail).get("error", {}).get("message", detail)
-        raise LmtunerError(f"engine 'vllm': the server refused the request (HTTP {exc.code}: {detail})") from None
-    except (urllib.error.URLError, OSError) as exc:
+        response = client.post(url, json=body)
+    except httpx.TransportError as exc:
         raise ConnectionError(f"engine 'vllm': no answer from {url} ({exc})") from exc
+    if response.is_error:
+        detail = response.text[:500]
+        with contextlib.suppress(ValueError, AttributeError):
+            detail = response.json().get("error", {}).get("message", detail)
+        raise LmtunerError(f"engine 'vllm': the server refused the request (HTTP {response.status_code}: {detail})")
+    return response.json()
 
 
 def generate_with_server(
@@ -187,7 +186,7 @@ def generate_with_server(
         nonlocal done
         body = {"model": served_name, "messages": conversation, "max_tokens": max_new_tokens,
                 "temperature": temperature, "top_p": top_p if temperature > 0 else 1.0, "seed": seed}  # fmt: skip
-        reply = _chat_completion(url, body, timeout)
+        reply = _chat_completion(client, url, body)
         choice = reply["choices"][0]
         tokens = int(reply.get("usage", {}).get("completion_tokens") or 0)
         if choice.get("finish_reason") == "stop" and not isinstance(choice.get("stop_reason"), str) and tokens:
@@ -203,7 +202,14 @@ def generate_with_server(
         )
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(conversations)))) as pool:
+    import httpx
+
+    workers = max(1, min(concurrency, len(conversations)))
+    # One pooled client for every request thread (httpx.Client is thread-safe); vLLM batches what arrives together.
+    with (
+        httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=workers)) as client,
+        ThreadPoolExecutor(max_workers=workers) as pool,
+    ):
         outputs = list(pool.map(one, conversations))
     elapsed = time.perf_counter() - started
     generated = sum(o.tokens for o in outputs)

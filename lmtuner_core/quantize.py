@@ -42,6 +42,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from lmtuner_core.errors import LmtunerError, shown
+from lmtuner_core.export import folder_size
 
 ProgressFn = Callable[[float, float, str], None]
 Method = Literal["bnb-nf4", "bnb-int8", "gptq-w4a16"]
@@ -100,10 +101,6 @@ class QuantizeResult(BaseModel):
 
 def _top_level_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-
-
-def _folder_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def source_size(model_ref: str) -> int:
@@ -249,7 +246,7 @@ def quantize(
                 shutil.rmtree(output_dir, ignore_errors=True)
             raise
         original = source_size(source)
-    size = _folder_size(output_dir)
+    size = folder_size(output_dir)
     report(steps, f"done: {size / 2**20:.1f} MiB, {size / original:.0%} of the source" if original else "done")
     return QuantizeResult(
         output_dir=str(output_dir),

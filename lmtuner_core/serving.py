@@ -25,8 +25,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -34,6 +32,7 @@ from typing import Literal, get_args
 import psutil
 from pydantic import BaseModel, Field
 
+from lmtuner_core.distributed import free_port
 from lmtuner_core.errors import LmtunerError, NotFoundError, remote_code_refusal, shown
 from lmtuner_core.jobs import resolve_model
 from lmtuner_core.paths import AllowedRoots
@@ -156,13 +155,6 @@ def build_command(
     return LaunchPlan(argv=argv, env=env)
 
 
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 def _port_taken(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as sock:
@@ -174,11 +166,12 @@ def _port_taken(host: str, port: int) -> bool:
 
 
 def _healthy(record: ServerRecord, timeout: float = 2.0) -> bool:
+    import httpx
+
     url = record.base_url.removesuffix("/v1") + "/health"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
+        return httpx.get(url, timeout=timeout).status_code == 200
+    except (httpx.HTTPError, OSError):
         return False
 
 
@@ -334,7 +327,7 @@ class ServerService:
         if name in resolved:
             raise LmtunerError(f"adapters: name {shown(name)} is also the base model's served name; pick another")
         if port is None:
-            port = _free_port(host)
+            port = free_port(host)
         elif _port_taken(host, port):
             raise LmtunerError(f"port: {host}:{port} is already in use; pick another or leave port out")
         cpu = not has_gpu()

@@ -14,6 +14,8 @@ from pathlib import Path
 import mcp
 from mcp.client.stdio import StdioServerParameters
 
+from lmtuner_core.distributed import free_port
+
 TERMINAL = ("completed", "failed", "cancelled")
 # What --read-only serves: the tools that change nothing, in registration order.
 READ_ONLY_TOOLS = [
@@ -109,12 +111,6 @@ def marked_result(stdout: str):
 
 LMTUNER_MCP = str(Path(sys.executable).parent / "lmtuner-mcp")
 TOKEN = "test-token-7f3a"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
