@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, Field
 
+from lmtuner_core.chat_template import ensure_chat_template
 from lmtuner_core.config import DatasetSpec
 from lmtuner_core.data import (
     example_chars,
@@ -210,12 +211,9 @@ def _clipped(example: dict, chars: int) -> dict:
 def _load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
-    from lmtuner_core.tiny_model import CHAT_TEMPLATE
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as exc:
         raise LmtunerError(f"model: cannot load the tokenizer of {shown(model)} ({exc})", field="model") from None
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = CHAT_TEMPLATE  # what training would use for chat data
+    ensure_chat_template(tokenizer)  # what training would use for chat data
     return tokenizer

@@ -53,8 +53,8 @@ def _load(model_ref: str, adapter: str | None, trust_remote_code: bool = False):
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from lmtuner_core.chat_template import ensure_chat_template
     from lmtuner_core.rope import apply_recorded_rope, restore_xpos
-    from lmtuner_core.tiny_model import CHAT_TEMPLATE
 
     transformers.utils.logging.disable_progress_bar()  # a server's stderr is a log, not a terminal
 
@@ -78,8 +78,7 @@ def _load(model_ref: str, adapter: str | None, trust_remote_code: bool = False):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only batches are padded on the left so every row ends at the prompt
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = CHAT_TEMPLATE
+    ensure_chat_template(tokenizer)
     _LOADED.update(key=key, model=model, tokenizer=tokenizer)
     return model, tokenizer
 

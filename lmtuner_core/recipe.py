@@ -28,6 +28,7 @@ import transformers
 from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from lmtuner_core.chat_template import ensure_chat_template
 from lmtuner_core.config import TrainConfig
 from lmtuner_core.data import (
     FlatRowsCollator,
@@ -50,7 +51,6 @@ from lmtuner_core.model_setup import (
 from lmtuner_core.paths import AllowedRoots, lmtuner_home
 from lmtuner_core.rope import recorded_positions
 from lmtuner_core.run_folder import ARTIFACT_MARKER, RunDir, StateFile, write_json_atomic
-from lmtuner_core.tiny_model import CHAT_TEMPLATE
 from lmtuner_core.varlen import ATTENTION_NAME as VARLEN_ATTENTION
 from lmtuner_core.varlen import register as register_varlen
 from lmtuner_core.varlen import supports_varlen
@@ -176,11 +176,10 @@ class SFTRecipe:
         self.state.update(phase="reading data")
         loaded = load_examples(self.config.dataset, AllowedRoots(None))
         is_chat = loaded.format != "text"
-        if is_chat and not self.tokenizer.chat_template:
+        if is_chat and ensure_chat_template(self.tokenizer):
             print(
                 "[lmtuner] the model has no chat template; using ChatML (<|im_start|>role ... <|im_end|>)", flush=True
             )
-            self.tokenizer.chat_template = CHAT_TEMPLATE
         train_rows, eval_rows = split_eval(loaded.examples, self.config.dataset.eval_fraction, self.config.seed)
         self.state.update(phase="tokenizing")
         started = time.monotonic()

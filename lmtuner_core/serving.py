@@ -209,7 +209,7 @@ def _chat_template_for(model_dir: Path, server_dir: Path) -> Path | None:
         config = {}
     if config.get("chat_template"):
         return None
-    from lmtuner_core.tiny_model import CHAT_TEMPLATE
+    from lmtuner_core.chat_template import CHAT_TEMPLATE
 
     path = server_dir / "chat_template.jinja"
     path.write_text(CHAT_TEMPLATE, encoding="utf-8")

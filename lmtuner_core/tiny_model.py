@@ -16,7 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "make_tiny_model"]
+from lmtuner_core.chat_template import CHAT_TEMPLATE
+
+__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "make_tiny_model"]  # CHAT_TEMPLATE: the tokenizer it builds uses it
 
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
@@ -39,55 +41,6 @@ _REQUIRED_FILES = (
 _MIN_HEAD_DIM = 32  # vLLM's CPU attention backend rejects head_dim 16
 _MIN_VOCAB = 300  # 256 byte symbols + special tokens + a few merges
 
-# ChatML with a bos prefix. Assistant content and its <|im_end|> sit inside {% generation %} so that
-# return_assistant_tokens_mask (and TRL's assistant_only_loss) train on exactly those tokens.
-CHAT_TEMPLATE = r"""
-{%- macro render_content(content) -%}
-{%- if content is string -%}{{ content }}
-{%- elif content is mapping -%}{{ content | tojson }}
-{%- elif content is iterable -%}
-{%- for part in content -%}{%- if part.type == 'text' -%}{{ part.text }}{%- endif -%}{%- endfor -%}
-{%- elif content is defined and content is not none -%}{{ content }}
-{%- endif -%}
-{%- endmacro -%}
-{{- bos_token -}}
-{%- set merge_system = tools and messages and messages[0].role == 'system' -%}
-{%- if tools -%}
-{{- '<|im_start|>system\n' -}}
-{%- if merge_system -%}{{- render_content(messages[0].content) + '\n\n' -}}{%- endif -%}
-{{- '# Tools\nYou may call these functions:\n' -}}
-{%- for tool in tools -%}{{- tool | tojson -}}{{- '\n' -}}{%- endfor -%}
-{{- 'To call a function, reply with <tool_call>\n' -}}
-{{- '{"name": <function-name>, "arguments": <args-object>}\n</tool_call><|im_end|>\n' -}}
-{%- endif -%}
-{%- for message in messages -%}
-{%- if not (loop.first and merge_system) -%}
-{%- if message.role == 'assistant' -%}
-{{- '<|im_start|>assistant\n' -}}
-{%- generation -%}
-{%- set content = render_content(message.content) if message.content is defined else '' -%}
-{{- content -}}
-{%- if message.tool_calls is defined and message.tool_calls -%}
-{%- for call in message.tool_calls -%}
-{%- set fn = call.function if call.function is defined else call -%}
-{%- if content or not loop.first -%}{{- '\n' -}}{%- endif -%}
-{{- '<tool_call>\n{"name": ' + (fn.name | tojson) + ', "arguments": ' -}}
-{%- if fn.arguments is string -%}{{- fn.arguments -}}{%- else -%}{{- fn.arguments | tojson -}}{%- endif -%}
-{{- '}\n</tool_call>' -}}
-{%- endfor -%}
-{%- endif -%}
-{{- '<|im_end|>' -}}
-{%- endgeneration -%}
-{{- '\n' -}}
-{%- else -%}
-{{- '<|im_start|>' + message.role + '\n' -}}
-{{- render_content(message.content) if message.content is defined else '' -}}
-{{- '<|im_end|>\n' -}}
-{%- endif -%}
-{%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
-""".strip()
 
 # Common English words plus the vocabulary of typical instruction datasets, so real prompts tokenize compactly.
 _WORD_TEXT = """
