@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmtuner_core.memory import GIB, cpu_process_bytes, estimate_memory, shape_from_config
+from lmtuner_core.planning.memory import GIB, cpu_process_bytes, estimate_memory, shape_from_config
 
 SHAPES = {
     "tiny-0.6m": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,

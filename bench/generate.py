@@ -1,7 +1,7 @@
 """Generation throughput (issue #8): the embedded transformers engine vs our vLLM server (serve_model) on CPU,
 at batch 1 and 32, greedy float32, for the tiny model and a ~21M-parameter random Llama built locally.
 
-Both engines get the same prompts through lmtuner's own code paths (lmtuner_core.inference.generate and
+Both engines get the same prompts through lmtuner's own code paths (lmtuner_core.models.inference.generate and
 generate_with_server); tokens/s counts generated tokens over the wall time of the whole batch.
 
     LMTUNER_VLLM_PYTHON=~/.cache/lmtuner/vllm-venv/bin/python .venv/bin/python bench/generate.py [--new-tokens 64]
@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmtuner_core.inference import generate, generate_with_server
+from lmtuner_core.models.inference import generate, generate_with_server
+from lmtuner_core.models.serving import ServerService
 from lmtuner_core.paths import AllowedRoots
-from lmtuner_core.serving import ServerService
-from lmtuner_core.tiny_model import make_tiny_model
+from lmtuner_core.training.tiny_model import make_tiny_model
 
 SHAPES = {
     "tiny-0.6m": {},

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmtuner_core.memory import estimate_memory, shape_from_config
+from lmtuner_core.planning.memory import estimate_memory, shape_from_config
 
 SHAPES = {
     "llama-3.2-1b": {

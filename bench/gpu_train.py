@@ -43,7 +43,7 @@ def make_model(folder: Path, tiny: bool) -> Path:
     if (folder / "config.json").exists():
         return folder
     if tiny:
-        from lmtuner_core.tiny_model import make_tiny_model
+        from lmtuner_core.training.tiny_model import make_tiny_model
 
         return make_tiny_model(folder)
     import torch
@@ -62,7 +62,7 @@ def run_case(model_dir: str, case: str, steps: int, warmup: int, seq: int, batch
 
     from lmtuner_core.config import parse_train_config
     from lmtuner_core.errors import LmtunerError
-    from lmtuner_core.model_setup import apply_method, load_base_model, resolve_liger, resolve_precision
+    from lmtuner_core.training.model_setup import apply_method, load_base_model, resolve_liger, resolve_precision
 
     method, liger = CASES[case]
     cuda = torch.cuda.is_available()

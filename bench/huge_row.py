@@ -23,7 +23,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmtuner_core.tiny_model import make_tiny_model
+from lmtuner_core.training.tiny_model import make_tiny_model
 from tests.helpers import stdio_client
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lmtuner_core.sample_data import write_demo_dataset
-from lmtuner_core.tiny_model import make_tiny_model
+from lmtuner_core.data.sample_data import write_demo_dataset
+from lmtuner_core.training.tiny_model import make_tiny_model
 from tests.helpers import TOKEN, free_port, http_client, http_server, quick_config
 
 BARE_HTTP = """

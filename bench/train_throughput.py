@@ -70,8 +70,8 @@ def build_model(work: Path, rows: list[dict], shape_name: str = "bench-26m") -> 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from lmtuner_core.chat_template import CHAT_TEMPLATE
-    from lmtuner_core.tiny_model import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+    from lmtuner_core.data.chat_template import CHAT_TEMPLATE
+    from lmtuner_core.training.tiny_model import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -150,7 +150,7 @@ def child_plain(spec: dict, result: dict) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from lmtuner_core.data import ALPACA_COLUMNS, alpaca_to_example, fit_to_length, tokenize_examples
+    from lmtuner_core.data.datasets import ALPACA_COLUMNS, alpaca_to_example, fit_to_length, tokenize_examples
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     rows = json.loads(Path(spec["rows"]).read_text())
@@ -186,9 +186,9 @@ def child_lmtuner(spec: dict, result: dict) -> None:
     import threading
 
     from lmtuner_core.config import parse_train_config
-    from lmtuner_core.recipe import SFTRecipe
-    from lmtuner_core.run_folder import RunDir
-    from lmtuner_core.train import StateFile
+    from lmtuner_core.jobs.run_folder import RunDir
+    from lmtuner_core.training.recipe import SFTRecipe
+    from lmtuner_core.training.train import StateFile
 
     config = parse_train_config({
         "model": spec["model"], "dataset": {"path": spec["rows"], "format": "alpaca"}, "method": "lora",
@@ -282,7 +282,7 @@ def reference_tokens(args, model: Path, rows_path: Path) -> int:
     sys.path.insert(0, str(REPO))
     from transformers import AutoTokenizer
 
-    from lmtuner_core.data import ALPACA_COLUMNS, alpaca_to_example, fit_to_length, tokenize_examples
+    from lmtuner_core.data.datasets import ALPACA_COLUMNS, alpaca_to_example, fit_to_length, tokenize_examples
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     examples = [alpaca_to_example(r, ALPACA_COLUMNS) for r in json.loads(rows_path.read_text())]

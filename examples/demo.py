@@ -19,9 +19,9 @@ import anyio
 import mcp
 from mcp.client.stdio import StdioServerParameters
 
+from lmtuner_core.data.sample_data import write_demo_dataset
 from lmtuner_core.library_noise import quiet_library_noise
-from lmtuner_core.sample_data import write_demo_dataset
-from lmtuner_core.tiny_model import make_tiny_model
+from lmtuner_core.training.tiny_model import make_tiny_model
 
 DEMO_DIR = Path(".lmtuner-demo").resolve()
 

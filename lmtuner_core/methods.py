@@ -14,7 +14,7 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class MemoryProfile:
-    """What the planner counts for a method (lmtuner_core.memory)."""
+    """What the planner counts for a method (lmtuner_core.planning.memory)."""
 
     trains: Literal["all", "last_layers", "adapter"]  # every weight, the last layers, or an adapter on a frozen base
     base_quant: Literal["nf4", "int8"] | None = None  # bitsandbytes storage of the frozen base's block linears
@@ -27,7 +27,7 @@ class MethodSpec:
     name: str
     learning_rate: float  # what practitioners start from
     summary: str
-    builder: str  # the function in lmtuner_core.model_setup that makes the model trainable
+    builder: str  # the function in lmtuner_core.training.model_setup that makes the model trainable
     memory: MemoryProfile
     optimizer: str | None = None  # the Trainer's `optim` when the method brings its own; else the config's
     needs_cuda: str | None = None  # why it cannot run without a CUDA GPU, with what to use instead

@@ -12,10 +12,10 @@ from pydantic import BaseModel
 
 from lmtuner_core.config import load_train_config_file
 from lmtuner_core.errors import LmtunerError
+from lmtuner_core.jobs.progress import JobProgress
+from lmtuner_core.jobs.store import TERMINAL
 from lmtuner_core.library_noise import quiet_library_noise
 from lmtuner_core.paths import lmtuner_home
-from lmtuner_core.progress import JobProgress
-from lmtuner_core.store import TERMINAL
 from server.cli_args import add_tool_arguments, tool_arguments
 from tools import data, evaluation, hardware, inference, planning, quantize, serving, training
 from tools.context import ToolContext
@@ -243,7 +243,7 @@ def cmd_inspect(ctx: ToolContext, args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(ctx: ToolContext, args: argparse.Namespace) -> int:
-    from lmtuner_core.tiny_model import make_tiny_model
+    from lmtuner_core.training.tiny_model import make_tiny_model
 
     try:
         out = make_tiny_model(args.dir, overwrite=args.overwrite)

@@ -9,9 +9,9 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError
 
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.plots import loss_curve_png
-from lmtuner_core.progress import tail_lines
-from lmtuner_core.run_folder import RunDir
+from lmtuner_core.jobs.plots import loss_curve_png
+from lmtuner_core.jobs.progress import tail_lines
+from lmtuner_core.jobs.run_folder import RunDir
 from lmtuner_core.secrets import redact
 from tools.context import ToolContext
 

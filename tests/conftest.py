@@ -14,7 +14,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny Llama + BPE tokenizer with a chat template (built offline, ~0.1 s after imports)."""
-    from lmtuner_core.tiny_model import make_tiny_model
+    from lmtuner_core.training.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 

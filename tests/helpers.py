@@ -14,7 +14,7 @@ from pathlib import Path
 import mcp
 from mcp.client.stdio import StdioServerParameters
 
-from lmtuner_core.distributed import free_port
+from lmtuner_core.jobs.distributed import free_port
 
 TERMINAL = ("completed", "failed", "cancelled")
 # What --read-only serves: the tools that change nothing, in registration order.

@@ -8,7 +8,7 @@ import anyio
 import mcp
 from transformers import AutoTokenizer
 
-from lmtuner_core.sample_data import write_demo_dataset
+from lmtuner_core.data.sample_data import write_demo_dataset
 from server.app import build_server
 from tests.helpers import call_error
 

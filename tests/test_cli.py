@@ -13,7 +13,7 @@ from pathlib import Path
 
 import anyio
 
-from lmtuner_core.sample_data import write_demo_dataset
+from lmtuner_core.data.sample_data import write_demo_dataset
 from tests.helpers import call_error, quick_config, stdio_client
 
 LMTUNER = str(Path(sys.executable).parent / "lmtuner")

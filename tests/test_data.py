@@ -1,4 +1,4 @@
-"""Tests for lmtuner_core.data: reading, checking and normalising rows, and tokenizing them with assistant masks.
+"""Tests for lmtuner_core.data.datasets: reading, checking and normalising rows, tokenizing them with assistant masks.
 
 The shared LLaMA-Factory and LMTuner files are read as they are; edge cases are small files in tmp_path.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lmtuner_core.config import DatasetSpec
-from lmtuner_core.data import (
+from lmtuner_core.data.datasets import (
     DatasetError,
     RowError,
     _tokenize_by_prefixes,

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from lmtuner_core.config import parse_train_config
-from lmtuner_core.distributed import deepspeed_config, launch_command, launch_environment
+from lmtuner_core.data.sample_data import write_demo_dataset
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.jobs import JobService
+from lmtuner_core.jobs.distributed import deepspeed_config, launch_command, launch_environment
+from lmtuner_core.jobs.service import JobService
 from lmtuner_core.paths import AllowedRoots
-from lmtuner_core.sample_data import write_demo_dataset
 from tests.helpers import TERMINAL, free_port, quick_config, read_losses
 
 # Measured (2 cores, tiny model, 6 steps): ZeRO-2 and ZeRO-3 losses equal the plain run's exactly, ZeRO-3 with
@@ -111,9 +111,13 @@ def test_generated_deepspeed_json_leaves_the_job_settings_to_the_trainer():
 def test_launch_command_and_environment(tmp_path):
     run = tmp_path / "run"
     single = launch_command("python", run, {}, "cpu", 29999)
-    assert single == ["python", "-m", "lmtuner_core.train", str(run)]
+    assert single == ["python", "-m", "lmtuner_core.training.train", str(run)]
     two = launch_command("python", run, {"processes_per_node": 2}, "cpu", 29999)
-    assert two[:3] == ["python", "-m", "torch.distributed.run"] and two[-3:] == ["-m", "lmtuner_core.train", str(run)]
+    assert two[:3] == ["python", "-m", "torch.distributed.run"] and two[-3:] == [
+        "-m",
+        "lmtuner_core.training.train",
+        str(run),
+    ]
     assert two[two.index("--nproc_per_node") + 1] == "2" and two[two.index("--master_port") + 1] == "29999"
     nodes = {"count": 2, "rank": 1, "master_addr": "10.0.0.5", "master_port": 29400}
     multi = launch_command("python", run, {"nodes": nodes}, "0,1", 29999)
@@ -168,14 +172,14 @@ def test_user_deepspeed_file_is_checked_and_copied(tiny_model, data, tmp_path, l
     with pytest.raises(LmtunerError, match="deepspeed: method 'lomo' updates the weights inside the backward"):
         service.submit(parse_train_config(job_config(tiny_model, data, method="lomo", deepspeed={"stage": 2})))
     with pytest.raises(LmtunerError, match="processes_per_node: 3 processes but the job has"):
-        from lmtuner_core.jobs import check_processes
+        from lmtuner_core.jobs.service import check_processes
 
         check_processes(checked.model_copy(update={"processes_per_node": 3}), "0,1")
 
 
 def test_a_failing_rank_fails_the_job_with_its_reason(tmp_path):
-    from lmtuner_core.run_folder import RunDir
-    from lmtuner_core.supervisor import record_rank_failure
+    from lmtuner_core.jobs.run_folder import RunDir
+    from lmtuner_core.jobs.supervisor import record_rank_failure
 
     # Rank 1 raised; torchrun then stopped rank 0, which recorded 'cancelled' as a stop looks to it.
     (tmp_path / "state.json").write_text(json.dumps({"status": "cancelled", "step": 3}))
@@ -217,7 +221,7 @@ def check_artifact_loads_and_generates(base: Path, adapter: Path) -> None:
     values (LoRA B starts at zero, so trained B matrices are non-zero) and generates."""
     from safetensors.torch import load_file
 
-    from lmtuner_core.inference import generate
+    from lmtuner_core.models.inference import generate
 
     weights = load_file(adapter / "adapter_model.safetensors")
     lora_b = [tensor for name, tensor in weights.items() if "lora_B" in name]

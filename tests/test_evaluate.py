@@ -15,9 +15,9 @@ from nltk.translate.nist_score import corpus_nist
 from rouge_score import rouge_scorer
 
 from lmtuner_core.config import parse_train_config
-from lmtuner_core.metrics import clean_prediction, ensure_wordnet, words
+from lmtuner_core.data.sample_data import write_demo_dataset
+from lmtuner_core.models.metrics import clean_prediction, ensure_wordnet, words
 from lmtuner_core.paths import AllowedRoots
-from lmtuner_core.sample_data import write_demo_dataset
 from server.app import build_server
 from tests.helpers import call_ok, quick_config
 from tools import training

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmtuner_core.config import parse_train_config
+from lmtuner_core.data.sample_data import write_demo_dataset
 from lmtuner_core.paths import AllowedRoots
-from lmtuner_core.sample_data import write_demo_dataset
 from server.app import build_server
 from tests.helpers import call_error, call_ok, quick_config
 from tools import training

@@ -15,7 +15,7 @@ import anyio
 import psutil
 import pytest
 
-from lmtuner_core.sample_data import write_demo_dataset
+from lmtuner_core.data.sample_data import write_demo_dataset
 from tests.helpers import LMTUNER_MCP, call_error, call_ok, quick_config, stdio_client
 
 CONCURRENT_ANSWER_S = 3.0  # generous on a shared 2-core machine; the same calls waited 17-19 s before the fix
@@ -83,8 +83,8 @@ def test_a_50mb_row_is_refused_by_size_and_the_server_keeps_answering(tiny_model
 
 def test_a_huge_file_is_read_only_up_to_the_budget_and_says_so(tmp_path, monkeypatch):
     """Extra, in process (the budget is 200M characters; a file that size is too slow to write in a test)."""
-    from lmtuner_core import analysis
     from lmtuner_core.config import dataset_spec
+    from lmtuner_core.data import analysis
     from lmtuner_core.paths import AllowedRoots
 
     monkeypatch.setattr(analysis, "MAX_READ_CHARS", 2_000)

@@ -11,9 +11,9 @@ from pathlib import Path
 import anyio
 
 from lmtuner_core.config import parse_train_config
-from lmtuner_core.jobs import JobService, check_config
+from lmtuner_core.data.sample_data import write_demo_dataset
+from lmtuner_core.jobs.service import JobService, check_config
 from lmtuner_core.paths import AllowedRoots
-from lmtuner_core.sample_data import write_demo_dataset
 from tests.helpers import call_ok, http_client, http_server, quick_config
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmtuner_core.sample_data import write_demo_dataset
+from lmtuner_core.data.sample_data import write_demo_dataset
 from tests.helpers import call_error, call_ok, quick_config, read_losses, stdio_client, wait_for_end
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.memory import GIB, estimate_memory, load_shape, shape_from_config
+from lmtuner_core.planning.memory import GIB, estimate_memory, load_shape, shape_from_config
 
 # The dimensions each model's published config.json gives; the counts are the published parameter counts.
 LLAMA_3_8B = {
@@ -243,7 +243,7 @@ def test_activations_are_what_autograd_saves(tiny_model, method, precision):
     import torch
 
     from lmtuner_core.config import TrainConfig
-    from lmtuner_core.model_setup import apply_method, load_base_model
+    from lmtuner_core.training.model_setup import apply_method, load_base_model
 
     config = TrainConfig.model_validate(
         {"model": str(tiny_model), "dataset": "unused.jsonl", "method": method, "precision": precision}

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmtuner_core.config import parse_train_config
+from lmtuner_core.data.sample_data import write_demo_dataset
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.paths import AllowedRoots
-from lmtuner_core.sample_data import write_demo_dataset
 from tests.helpers import quick_config, read_losses
 from tools import training
 from tools.context import ToolContext
@@ -33,10 +33,10 @@ METHODS = {
 def test_every_registered_method_has_a_builder_a_memory_profile_and_a_training_test():
     """Adding a method is one MethodSpec and its builder: the planner, the checks and the recipe read the
     registry, so a method missing any part fails here rather than at a user's first job."""
-    from lmtuner_core import model_setup
     from lmtuner_core.config import Method
-    from lmtuner_core.memory import estimate_memory, shape_from_config
     from lmtuner_core.methods import METHODS as REGISTRY
+    from lmtuner_core.planning.memory import estimate_memory, shape_from_config
+    from lmtuner_core.training import model_setup
 
     shape = shape_from_config({"model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
                                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from lmtuner_core.config import parse_train_config
-from lmtuner_core.data import FlatRowsCollator
+from lmtuner_core.data.datasets import FlatRowsCollator
+from lmtuner_core.jobs.run_folder import RunDir
 from lmtuner_core.paths import AllowedRoots
-from lmtuner_core.run_folder import RunDir
 from tests.helpers import quick_config
 from tests.test_training_formats import run_job
 from tools.context import ToolContext
@@ -36,7 +36,7 @@ def _flat_batch(rows: list[list[int]]) -> dict:
 def _model(tiny_model: Path, attention: str):
     from transformers import AutoModelForCausalLM
 
-    from lmtuner_core import varlen
+    from lmtuner_core.training import varlen
 
     varlen.register()
     return AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention).eval()
@@ -108,7 +108,7 @@ def test_varlen_gradients_equal_padded_batch(tiny_model):
 def test_varlen_attention_is_chosen_only_where_it_is_exact(tiny_model):
     from transformers import AutoConfig
 
-    from lmtuner_core.varlen import supports_varlen
+    from lmtuner_core.training.varlen import supports_varlen
 
     config = AutoConfig.from_pretrained(tiny_model)
     config._attn_implementation = "sdpa"
@@ -125,8 +125,8 @@ def test_varlen_attention_is_chosen_only_where_it_is_exact(tiny_model):
 
 def _dataloader_counts(model: Path, dataset: dict, tmp_path: Path, **overrides) -> dict:
     """Builds the recipe's trainer (no training) and counts what one epoch of its dataloader feeds the model."""
-    from lmtuner_core.recipe import SFTRecipe
-    from lmtuner_core.run_folder import StateFile
+    from lmtuner_core.jobs.run_folder import StateFile
+    from lmtuner_core.training.recipe import SFTRecipe
 
     config = parse_train_config(quick_config(model, dataset, num_epochs=1, max_steps=None, **overrides))
     run = RunDir(tmp_path / f"run-{overrides.get('packing')}")
@@ -194,7 +194,7 @@ def test_tokenization_is_cached_by_rows_tokenizer_and_template(tiny_model, share
     from transformers import AutoTokenizer
 
     from lmtuner_core.config import DatasetSpec
-    from lmtuner_core.data import load_examples, tokenize_cached
+    from lmtuner_core.data.datasets import load_examples, tokenize_cached
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     rows = load_examples(DatasetSpec(path=str(shared_data / ALPACA), max_rows=20), AllowedRoots(None)).examples
@@ -215,7 +215,7 @@ def test_tokenization_is_cached_by_rows_tokenizer_and_template(tiny_model, share
 def test_varlen_flash_path_on_cuda_equals_rows_alone():
     """On CUDA in bf16 the whole flattened batch goes to torch's varlen_attn in one call; it must give each row what
     causal SDPA gives the row alone (GQA heads included)."""
-    from lmtuner_core.varlen import varlen_attention
+    from lmtuner_core.training.varlen import varlen_attention
 
     class Module:
         is_causal = True

@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from lmtuner_core.sample_data import write_demo_dataset
+from lmtuner_core.data.sample_data import write_demo_dataset
 from tests.helpers import http_client, http_server, stdio_client
 
 

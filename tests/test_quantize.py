@@ -14,11 +14,11 @@ import anyio
 import mcp
 import pytest
 
-from lmtuner_core import quantize as core
 from lmtuner_core.config import parse_train_config
+from lmtuner_core.data.sample_data import write_demo_dataset
 from lmtuner_core.errors import LmtunerError
+from lmtuner_core.models import quantize as core
 from lmtuner_core.paths import AllowedRoots
-from lmtuner_core.sample_data import write_demo_dataset
 from server import cli
 from server.app import build_server
 from tests.helpers import call_error, marked_result, quick_config, stdio_client
@@ -256,7 +256,7 @@ def test_vllm_loads_the_gptq_output_and_generates(gptq_output, tmp_path):
 
 
 def test_bad_requests_are_refused_with_the_fix(tiny_model, work, tmp_path, monkeypatch):
-    from lmtuner_core.tiny_model import make_tiny_model
+    from lmtuner_core.training.tiny_model import make_tiny_model
 
     ctx, folder, data, _ = work
 

@@ -19,9 +19,9 @@ import psutil
 import pytest
 
 from lmtuner_core.config import parse_train_config
+from lmtuner_core.data.sample_data import write_demo_dataset
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.ray_launcher import RayClusterReport, RayNode, dashboard_url, plan_workers, workers_that_fit
-from lmtuner_core.sample_data import write_demo_dataset
+from lmtuner_core.jobs.ray_launcher import RayClusterReport, RayNode, dashboard_url, plan_workers, workers_that_fit
 from tests.helpers import call_error, call_ok, quick_config, read_losses, stdio_client, wait_for_end
 from tests.ray_cluster import HEAD_IP, WORKER_IP, ray_cluster, ray_worker_pids
 

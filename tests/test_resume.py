@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import mcp
 
-from lmtuner_core.sample_data import write_demo_dataset
+from lmtuner_core.data.sample_data import write_demo_dataset
 from server.app import build_server
 from tests.helpers import call_error, call_ok, quick_config
 

@@ -12,10 +12,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lmtuner_core.config import RopeScaling, parse_train_config
+from lmtuner_core.data.sample_data import write_demo_dataset
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.paths import AllowedRoots
-from lmtuner_core.rope import apply_rope_scaling
-from lmtuner_core.sample_data import write_demo_dataset
+from lmtuner_core.training.rope import apply_rope_scaling
 from tests.helpers import quick_config
 from tools import training
 from tools.context import ToolContext
@@ -94,7 +94,7 @@ WORDS = ("the", "model", "reads", "a", "long", "story", "about", "rivers", "and"
 
 @pytest.fixture(scope="module")
 def short_context_model(tmp_path_factory) -> Path:
-    from lmtuner_core.tiny_model import make_tiny_model
+    from lmtuner_core.training.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("short") / "tiny64", max_position_embeddings=SHORT_CONTEXT)
 
@@ -116,7 +116,7 @@ def long_rows(tmp_path_factory, short_context_model) -> Path:
 def test_each_type_trains_beyond_the_trained_context_and_generate_uses_its_positions(
     kind, short_context_model, long_rows, tmp_path, lmtuner_home
 ):
-    from lmtuner_core import inference
+    from lmtuner_core.models import inference
 
     ctx = ToolContext(home=lmtuner_home, roots=AllowedRoots([tmp_path, long_rows.parent, short_context_model]))
     config = quick_config(
@@ -150,7 +150,7 @@ def test_each_type_trains_beyond_the_trained_context_and_generate_uses_its_posit
 
 
 def test_liger_is_off_on_the_cpu_unless_asked_for_and_then_refused():
-    from lmtuner_core.model_setup import resolve_liger
+    from lmtuner_core.training.model_setup import resolve_liger
 
     if torch.cuda.is_available():
         pytest.skip("checks the CPU behaviour")

@@ -22,11 +22,11 @@ import psutil
 import pytest
 
 from lmtuner_core.config import parse_train_config
+from lmtuner_core.data.sample_data import write_demo_dataset
 from lmtuner_core.errors import LmtunerError
+from lmtuner_core.models.servers_store import ServerStore
+from lmtuner_core.models.serving import LORA_RANKS, build_command, max_lora_rank
 from lmtuner_core.paths import AllowedRoots
-from lmtuner_core.sample_data import write_demo_dataset
-from lmtuner_core.servers_store import ServerStore
-from lmtuner_core.serving import LORA_RANKS, build_command, max_lora_rank
 from server.app import build_server
 from tests.helpers import call_ok, http_client, http_server, quick_config, stdio_client
 from tools import inference, serving, training

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from lmtuner_core.config import parse_train_config
+from lmtuner_core.data.sample_data import write_demo_dataset
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.jobs import JobService
+from lmtuner_core.jobs.service import JobService
 from lmtuner_core.paths import AllowedRoots
-from lmtuner_core.sample_data import write_demo_dataset
 from tests.helpers import quick_config
 
 

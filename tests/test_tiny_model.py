@@ -1,4 +1,4 @@
-"""Tests for lmtuner_core.tiny_model: a real offline build, reloaded through the Auto* classes."""
+"""Tests for lmtuner_core.training.tiny_model: a real offline build, reloaded through the Auto* classes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lmtuner_core.tiny_model import IM_END, MARKER_FILE, make_tiny_model
+from lmtuner_core.training.tiny_model import IM_END, MARKER_FILE, make_tiny_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -253,7 +253,7 @@ def test_bad_shapes_refused(tmp_path: Path, kwargs: dict, named: str) -> None:
 
 def test_module_import_is_light() -> None:
     heavy = "{'torch', 'transformers', 'tokenizers'}"
-    code = f"import sys, lmtuner_core.tiny_model; print(sorted({heavy} & set(sys.modules)))"
+    code = f"import sys, lmtuner_core.training.tiny_model; print(sorted({heavy} & set(sys.modules)))"
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -63,7 +63,7 @@ FORMATS = {
 def test_each_format_trains(name, tiny_model, shared_data, lmtuner_home, tmp_path):
     build, expected_format = FORMATS[name]
     if build is None:
-        from lmtuner_core.sample_data import write_demo_dataset
+        from lmtuner_core.data.sample_data import write_demo_dataset
 
         dataset = str(write_demo_dataset(tmp_path / "demo.jsonl", n=32))
     else:

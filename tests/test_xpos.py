@@ -11,11 +11,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from lmtuner_core import xpos
 from lmtuner_core.config import RopeScaling, parse_train_config
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.model_setup import load_base_model
-from lmtuner_core.rope import apply_recorded_rope, apply_rope_scaling, attention_implementation
+from lmtuner_core.training import xpos
+from lmtuner_core.training.model_setup import load_base_model
+from lmtuner_core.training.rope import apply_recorded_rope, apply_rope_scaling, attention_implementation
 
 HEAD_DIM = 32  # the tiny model's
 
@@ -128,9 +128,9 @@ def test_a_saved_xpos_model_gets_xpos_back_from_our_loaders(tiny_model, tmp_path
 
 
 def test_engines_keep_or_refuse_xpos_for_a_full_model(tiny_model, tmp_path):
-    from lmtuner_core.inference import _load
+    from lmtuner_core.models.inference import _load
+    from lmtuner_core.models.serving import ServerService
     from lmtuner_core.paths import AllowedRoots
-    from lmtuner_core.serving import ServerService
 
     xpos_model(tiny_model).save_pretrained(tmp_path / "full")
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "full")

@@ -10,9 +10,9 @@ from typing import Annotated
 from pydantic import Field
 
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.jobs import JobService
+from lmtuner_core.jobs.service import JobService
+from lmtuner_core.models.serving import ServerService
 from lmtuner_core.paths import AllowedRoots
-from lmtuner_core.serving import ServerService
 
 TrustRemoteCode = Annotated[
     bool,

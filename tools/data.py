@@ -6,10 +6,10 @@ from typing import Annotated
 
 from pydantic import Field
 
-from lmtuner_core.analysis import DatasetAnalysis, ProgressFn
-from lmtuner_core.analysis import analyze_dataset as analyze
 from lmtuner_core.config import DatasetSpec, dataset_spec
-from lmtuner_core.jobs import resolve_model
+from lmtuner_core.data.analysis import DatasetAnalysis, ProgressFn
+from lmtuner_core.data.analysis import analyze_dataset as analyze
+from lmtuner_core.jobs.service import resolve_model
 from tools.context import ToolContext
 
 

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from pydantic import Field
 
-from lmtuner_core.hardware import HardwareReport, inspect_hardware
-from lmtuner_core.ray_launcher import cluster_report
+from lmtuner_core.jobs.ray_launcher import cluster_report
+from lmtuner_core.planning.hardware import HardwareReport, inspect_hardware
 from tools.context import ToolContext
 
 

@@ -7,14 +7,14 @@ from typing import Annotated
 
 from pydantic import Field
 
-from lmtuner_core.analysis import ProgressFn
-from lmtuner_core.analysis import analyze_dataset as analyze
 from lmtuner_core.config import DatasetSpec, Method, TrainConfig, dataset_spec
-from lmtuner_core.hardware import inspect_hardware
-from lmtuner_core.jobs import resolve_model
-from lmtuner_core.memory import load_shape
-from lmtuner_core.planner import HardwareSpec, Proposal, propose
-from lmtuner_core.ray_launcher import cluster_report, plan_workers
+from lmtuner_core.data.analysis import ProgressFn
+from lmtuner_core.data.analysis import analyze_dataset as analyze
+from lmtuner_core.jobs.ray_launcher import cluster_report, plan_workers
+from lmtuner_core.jobs.service import resolve_model
+from lmtuner_core.planning.hardware import inspect_hardware
+from lmtuner_core.planning.memory import load_shape
+from lmtuner_core.planning.planner import HardwareSpec, Proposal, propose
 from tools.context import ToolContext
 
 

@@ -8,10 +8,17 @@ from pydantic import Field
 
 from lmtuner_core.config import DatasetSpec, dataset_spec
 from lmtuner_core.errors import LmtunerError, remote_code_explained, shown
-from lmtuner_core.jobs import check_writable, resolve_model
+from lmtuner_core.jobs.service import check_writable, resolve_model
+from lmtuner_core.models.quantize import (
+    BUILTIN_CALIBRATION_TEXTS,
+    GROUP_SIZES,
+    METHODS,
+    Method,
+    ProgressFn,
+    QuantizeResult,
+)
+from lmtuner_core.models.quantize import quantize as run_quantize
 from lmtuner_core.paths import check_outside_state
-from lmtuner_core.quantize import BUILTIN_CALIBRATION_TEXTS, GROUP_SIZES, METHODS, Method, ProgressFn, QuantizeResult
-from lmtuner_core.quantize import quantize as run_quantize
 from tools.context import ToolContext, TrustRemoteCode
 
 
@@ -20,7 +27,7 @@ def _calibration_texts(ctx: ToolContext, dataset: str | DatasetSpec, model: str,
     (the text the quantized model will see when served)."""
     from transformers import AutoTokenizer
 
-    from lmtuner_core.data import load_examples
+    from lmtuner_core.data.datasets import load_examples
 
     spec = dataset_spec(dataset)
     loaded = load_examples(spec.model_copy(update={"max_rows": limit}), ctx.roots)

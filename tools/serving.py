@@ -6,8 +6,8 @@ from typing import Annotated
 
 from pydantic import Field
 
-from lmtuner_core.servers_store import ServerStatus
-from lmtuner_core.serving import ServerInfo, ServerList, VllmDtype
+from lmtuner_core.models.servers_store import ServerStatus
+from lmtuner_core.models.serving import ServerInfo, ServerList, VllmDtype
 from tools.context import ToolContext, TrustRemoteCode
 
 ServerId = Annotated[

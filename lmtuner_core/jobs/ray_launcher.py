@@ -6,7 +6,7 @@ cluster's dashboard and compares what the job asks for with what its nodes have,
 `job_info` and `stop` follow and end it by its Ray job id, which the job store keeps, so a restarted server
 reattaches.
 
-Cluster side: the job's entry point, `python -m lmtuner_core.ray_launcher RUN_DIR RAY_JOB_ID`, runs a
+Cluster side: the job's entry point, `python -m lmtuner_core.jobs.ray_launcher RUN_DIR RAY_JOB_ID`, runs a
 TorchTrainer whose `train_worker` runs our SFTRecipe on each of num_workers ranks with Ray Train's Transformers
 integration (prepare_trainer, RayTrainReportCallback): checkpoints go to storage_path, and a restarted worker
 group (FailureConfig.max_failures) continues from the newest one. The run folder, the data, the model and
@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 
 from lmtuner_core.config import RAY_ADDRESS, RaySettings, TrainConfig
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.run_folder import RunDir
+from lmtuner_core.jobs.run_folder import RunDir
 
 DASHBOARD_PORT = 8265  # Ray's default; a ray:// address names the client port, the dashboard is here
 REACH_TIMEOUT_SECONDS = 5.0
@@ -273,7 +273,7 @@ def submit(run: RunDir, config: TrainConfig, ray_job_id: str, env: dict[str, str
     python = config.ray.python or sys.executable  # the job's bare `python` would be whatever PATH `ray start` had
     try:
         client.submit_job(
-            entrypoint=shlex.join([python, "-m", "lmtuner_core.ray_launcher", str(run.root), ray_job_id]),
+            entrypoint=shlex.join([python, "-m", "lmtuner_core.jobs.ray_launcher", str(run.root), ray_job_id]),
             submission_id=ray_job_id,
             runtime_env={
                 "py_modules": [str(Path(lmtuner_core.__file__).parent)],  # this server's lmtuner_core, on every node
@@ -356,8 +356,8 @@ def train_worker(loop_config: dict) -> None:
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
-    from lmtuner_core.recipe import SFTRecipe
-    from lmtuner_core.run_folder import StateFile
+    from lmtuner_core.jobs.run_folder import StateFile
+    from lmtuner_core.training.recipe import SFTRecipe
 
     run = RunDir(Path(loop_config["run_dir"]))
     rank = ray.train.get_context().get_world_rank()
@@ -381,7 +381,7 @@ def train_worker(loop_config: dict) -> None:
             recipe.train()
             recipe.save()
         except BaseException as exc:
-            from lmtuner_core.train import explain
+            from lmtuner_core.training.train import explain
 
             if rank == 0:
                 traceback.print_exc()
@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     """The Ray job's driver: a TorchTrainer over train_worker; records how it ended in state.json."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
-        print("usage: python -m lmtuner_core.ray_launcher RUN_DIR RAY_JOB_ID", file=sys.stderr)
+        print("usage: python -m lmtuner_core.jobs.ray_launcher RUN_DIR RAY_JOB_ID", file=sys.stderr)
         return 2
     run = RunDir(Path(argv[0]).resolve())
     tee = tee_output(run.log)

@@ -1,4 +1,4 @@
-"""`python -m lmtuner_core.supervisor RUN_DIR`: runs the training child and records how it ended.
+"""`python -m lmtuner_core.jobs.supervisor RUN_DIR`: runs the training child and records how it ended.
 
 Only a parent learns a child's exit status, and the server that started a job may be gone (restarted, or a
 CLI that exited). This small stdlib-only parent stays with the job and writes RUN_DIR/exit.json, so any
@@ -15,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-from lmtuner_core.run_folder import RunDir, read_json  # stdlib only, like this module
+from lmtuner_core.jobs.run_folder import RunDir, read_json  # stdlib only, like this module
 
 TRAINING_NICENESS = 5
 
@@ -39,7 +39,7 @@ def _launcher_setup() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m lmtuner_core.supervisor RUN_DIR", file=sys.stderr)
+        print("usage: python -m lmtuner_core.jobs.supervisor RUN_DIR", file=sys.stderr)
         return 2
     run_dir = Path(argv[0])
     command, env = training_command(run_dir)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def training_command(run_dir: Path) -> tuple[list[str], dict[str, str]]:
     """The training command (one process, or torchrun for several) and its environment, from config.json."""
-    from lmtuner_core import distributed  # stdlib only at import time
+    from lmtuner_core.jobs import distributed  # stdlib only at import time
 
     config = read_json(RunDir(run_dir).config) or {}  # the trainer itself reports an unreadable one in state.json
     devices = os.environ.get("LMTUNER_DEVICES", "cpu")
@@ -103,7 +103,7 @@ def conclude_and_start_next(run_dir: Path) -> None:
     """Records this job's end and starts whatever was queued for its devices, so a queue advances even when
     no server or CLI is running. Failures here only cost promptness: the next reader does the same."""
     try:
-        from lmtuner_core.jobs import JobService
+        from lmtuner_core.jobs.service import JobService
         from lmtuner_core.paths import AllowedRoots, lmtuner_home
 
         service = JobService(lmtuner_home(), AllowedRoots(None))

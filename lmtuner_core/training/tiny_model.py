@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lmtuner_core.chat_template import CHAT_TEMPLATE
+from lmtuner_core.data.chat_template import CHAT_TEMPLATE
 
 __all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "make_tiny_model"]  # CHAT_TEMPLATE: the tokenizer it builds uses it
 
@@ -209,7 +209,7 @@ def _validate_args(
 
 
 def _marker(build_args: dict[str, Any]) -> dict[str, Any]:
-    return {"format": _FORMAT_VERSION, "builder": "lmtuner_core.tiny_model", "args": build_args}
+    return {"format": _FORMAT_VERSION, "builder": "lmtuner_core.training.tiny_model", "args": build_args}
 
 
 def _is_matching_build(out: Path, build_args: dict[str, Any]) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 
 from lmtuner_core.config import RopeScaling
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.xpos import ATTENTION_NAME, CONFIG_KEY, enable_xpos, restore_xpos, xpos_parameters
+from lmtuner_core.training.xpos import ATTENTION_NAME, CONFIG_KEY, enable_xpos, restore_xpos, xpos_parameters
 
 RopeResult = tuple[dict[str, Any], int]  # (rope_parameters, max_position_embeddings)
 

@@ -3,7 +3,7 @@ batched, greedy or sampled, stopping at the model's end tokens.
 
 One model stays loaded between calls (the agent usually asks several questions of the same model); asking
 for another one replaces it. `generate_with_server` sends the same conversations to a vLLM server of ours
-(lmtuner_core.serving) through its OpenAI-compatible /v1/chat/completions, concurrently, and returns the same
+(lmtuner_core.models.serving) through its OpenAI-compatible /v1/chat/completions, concurrently, and returns the same
 result shape.
 """
 
@@ -53,8 +53,8 @@ def _load(model_ref: str, adapter: str | None, trust_remote_code: bool = False):
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from lmtuner_core.chat_template import ensure_chat_template
-    from lmtuner_core.rope import apply_recorded_rope, restore_xpos
+    from lmtuner_core.data.chat_template import ensure_chat_template
+    from lmtuner_core.training.rope import apply_recorded_rope, restore_xpos
 
     transformers.utils.logging.disable_progress_bar()  # a server's stderr is a log, not a terminal
 

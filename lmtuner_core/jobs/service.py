@@ -2,7 +2,7 @@
 
 The server never trains. A job is recorded `queued`; `schedule` claims queued jobs whose devices are free
 (in one SQLite write transaction, so two servers never start the same job or overbook a GPU) and spawns each
-under `lmtuner_core.supervisor` in its own session. Whoever looks next — a server, the CLI, or the
+under `lmtuner_core.jobs.supervisor` in its own session. Whoever looks next — a server, the CLI, or the
 supervisor of a job that just ended — concludes finished jobs from their run folders and starts the next.
 """
 
@@ -20,16 +20,16 @@ from pathlib import Path
 import psutil
 
 from lmtuner_core.config import TrainConfig
-from lmtuner_core.data import load_examples, resolve_dataset
-from lmtuner_core.distributed import write_deepspeed_config
+from lmtuner_core.data.datasets import load_examples, resolve_dataset
 from lmtuner_core.errors import LmtunerError, NotFoundError, shown
+from lmtuner_core.jobs.distributed import write_deepspeed_config
+from lmtuner_core.jobs.processes import alive, exit_reason, reap, reap_finished, signal_group, spawn_supervised
+from lmtuner_core.jobs.progress import JobProgress, read_progress
+from lmtuner_core.jobs.run_folder import RunDir
+from lmtuner_core.jobs.store import STATUSES, TERMINAL, JobRecord, JobStore
 from lmtuner_core.methods import METHODS
 from lmtuner_core.paths import AllowedRoots, check_job_id, check_outside_state
-from lmtuner_core.processes import alive, exit_reason, reap, reap_finished, signal_group, spawn_supervised
-from lmtuner_core.progress import JobProgress, read_progress
-from lmtuner_core.run_folder import RunDir
 from lmtuner_core.secrets import child_environment
-from lmtuner_core.store import STATUSES, TERMINAL, JobRecord, JobStore
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # A job claimed for starting but still without a process after this long lost its starter: queue it again.
@@ -51,7 +51,7 @@ def cpu_job_slots() -> int:
 
 def resolve_devices(requested: list[int] | str) -> str:
     """The devices a job will hold, as the store keeps them: 'cpu' or '0,1'."""
-    from lmtuner_core.hardware import list_gpus
+    from lmtuner_core.planning.hardware import list_gpus
 
     gpus = [g.index for g in list_gpus()]
     if requested == "cpu":
@@ -68,11 +68,11 @@ def resolve_devices(requested: list[int] | str) -> str:
 def preflight(config: TrainConfig, devices: str, *, refuse: bool) -> list[str]:
     """Estimates the job's memory on the devices it will use; refuses (refuse=True) or warns when it does not
     fit. A model whose config.json is not local cannot be estimated: that is a warning, not a refusal."""
-    from lmtuner_core.hardware import list_gpus
-    from lmtuner_core.planner import HardwareSpec, check_fits
+    from lmtuner_core.planning.hardware import list_gpus
+    from lmtuner_core.planning.planner import HardwareSpec, check_fits
 
     try:
-        from lmtuner_core.memory import load_shape
+        from lmtuner_core.planning.memory import load_shape
 
         shape = load_shape(config.model)
     except LmtunerError as exc:
@@ -210,7 +210,7 @@ def check_config(
 
 def check_deepspeed(config: TrainConfig, roots: AllowedRoots):
     """The deepspeed settings with a user's config_file resolved (inside the allowed roots) and read as JSON."""
-    from lmtuner_core.distributed import read_user_deepspeed_config
+    from lmtuner_core.jobs.distributed import read_user_deepspeed_config
 
     if importlib.util.find_spec("deepspeed") is None:
         raise LmtunerError(
@@ -236,7 +236,7 @@ def check_deepspeed(config: TrainConfig, roots: AllowedRoots):
 
 def check_processes(config: TrainConfig, devices: str) -> None:
     """More processes than GPUs would put two on one GPU: refused, naming what fits."""
-    from lmtuner_core.distributed import count_devices, processes_per_node
+    from lmtuner_core.jobs.distributed import count_devices, processes_per_node
 
     gpus = count_devices(devices)
     if gpus and processes_per_node(config.model_dump(), devices) > gpus:
@@ -324,7 +324,7 @@ class JobService:
     ) -> tuple[JobRecord | None, TrainConfig, list[str]]:
         """A job for a Ray cluster: the cluster is reached and its resources compared with the request before
         anything is written; then the job is submitted there and recorded with its Ray job id."""
-        from lmtuner_core import ray_launcher
+        from lmtuner_core.jobs import ray_launcher
 
         assert checked.ray is not None
         storage = checked.ray.storage_path
@@ -349,7 +349,7 @@ class JobService:
 
     def _send_to_ray(self, job_id: str, config: TrainConfig, ray_job_id: str) -> None:
         """Submits the job to its cluster and marks it running there (failed, with the reason, if refused)."""
-        from lmtuner_core import ray_launcher
+        from lmtuner_core.jobs import ray_launcher
 
         assert config.ray is not None
         run = self.run_dir(job_id)
@@ -431,7 +431,7 @@ class JobService:
     def _refresh_ray(self, record: JobRecord) -> JobRecord:
         """A Ray job's status, asked of its cluster by its Ray job id (so any server, restarted or not, follows
         it). While the cluster cannot be reached the job stays as last seen."""
-        from lmtuner_core import ray_launcher
+        from lmtuner_core.jobs import ray_launcher
 
         try:
             ray_status, message = ray_launcher.job_info(record.ray_address or "", record.ray_job_id or "")
@@ -519,7 +519,7 @@ class JobService:
     def _resume_on_ray(self, record: JobRecord, config: TrainConfig) -> tuple[JobRecord, TrainConfig]:
         """Submits the job again, under a new Ray job id, from the newest checkpoint Ray Train kept in
         storage_path (Ray Train restores the same run from there)."""
-        from lmtuner_core import ray_launcher
+        from lmtuner_core.jobs import ray_launcher
 
         assert config.ray is not None
         run = RunDir(Path(record.run_dir))
@@ -560,7 +560,7 @@ class JobService:
             return record
         self.store.update(job_id, cancel_requested=1)
         if record.ray_job_id is not None:
-            from lmtuner_core import ray_launcher
+            from lmtuner_core.jobs import ray_launcher
 
             # Ray stops the driver (SIGTERM, then SIGKILL) and with it every worker; the last checkpoint stays.
             ray_status = ray_launcher.stop(record.ray_address or "", record.ray_job_id, grace_seconds)

@@ -42,7 +42,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from lmtuner_core.errors import LmtunerError, shown
-from lmtuner_core.export import folder_size
+from lmtuner_core.models.export import folder_size
 
 ProgressFn = Callable[[float, float, str], None]
 Method = Literal["bnb-nf4", "bnb-int8", "gptq-w4a16"]
@@ -215,7 +215,7 @@ def quantize(
     with tempfile.TemporaryDirectory(prefix=".lmtuner-quantize-", dir=output_dir.parent) as scratch:
         source = model_ref
         if adapter is not None:
-            from lmtuner_core.export import merge_adapter
+            from lmtuner_core.models.export import merge_adapter
 
             report(0, f"merging adapter {adapter.name} into {model_ref}")
             source = merge_adapter(

@@ -1,7 +1,7 @@
 """propose_config: from a model, a dataset and a machine, a TrainConfig that fits, with the reasons.
 
 The judgement LMTuner put in a GPT-4 prompt as a prose table lives here as code: the memory model
-(`lmtuner_core.memory`) prices each candidate, and the planner walks from the configuration a practitioner
+(`lmtuner_core.planning.memory`) prices each candidate, and the planner walks from the configuration a practitioner
 would want to the cheapest one that still fits, explaining each step in plain words.
 """
 
@@ -14,9 +14,9 @@ from pydantic import BaseModel, Field
 
 from lmtuner_core.config import DatasetSpec, LoraSettings, TrainConfig
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.hardware import GpuInfo
-from lmtuner_core.memory import MemoryEstimate, ModelShape, estimate_memory
 from lmtuner_core.methods import default_learning_rate
+from lmtuner_core.planning.hardware import GpuInfo
+from lmtuner_core.planning.memory import MemoryEstimate, ModelShape, estimate_memory
 
 USABLE_GPU_SHARE = 0.92  # what a job can really use: the rest goes to other processes and the driver
 USABLE_RAM_SHARE = 0.80

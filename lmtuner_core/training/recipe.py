@@ -28,9 +28,9 @@ import transformers
 from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from lmtuner_core.chat_template import ensure_chat_template
 from lmtuner_core.config import TrainConfig
-from lmtuner_core.data import (
+from lmtuner_core.data.chat_template import ensure_chat_template
+from lmtuner_core.data.datasets import (
     FlatRowsCollator,
     fit_to_length,
     has_generation_markers,
@@ -38,23 +38,23 @@ from lmtuner_core.data import (
     split_eval,
     tokenize_cached,
 )
-from lmtuner_core.distributed import DEEPSPEED_FILE, process_rank
 from lmtuner_core.errors import LmtunerError, shown
+from lmtuner_core.jobs.distributed import DEEPSPEED_FILE, process_rank
+from lmtuner_core.jobs.run_folder import ARTIFACT_MARKER, RunDir, StateFile, write_json_atomic
 from lmtuner_core.methods import METHODS
-from lmtuner_core.model_setup import (
+from lmtuner_core.paths import AllowedRoots, lmtuner_home
+from lmtuner_core.training.model_setup import (
     apply_method,
     count_parameters,
     load_base_model,
     resolve_liger,
     resolve_precision,
 )
-from lmtuner_core.paths import AllowedRoots, lmtuner_home
-from lmtuner_core.rope import recorded_positions
-from lmtuner_core.run_folder import ARTIFACT_MARKER, RunDir, StateFile, write_json_atomic
-from lmtuner_core.varlen import ATTENTION_NAME as VARLEN_ATTENTION
-from lmtuner_core.varlen import register as register_varlen
-from lmtuner_core.varlen import supports_varlen
-from lmtuner_core.xpos import xpos_parameters
+from lmtuner_core.training.rope import recorded_positions
+from lmtuner_core.training.varlen import ATTENTION_NAME as VARLEN_ATTENTION
+from lmtuner_core.training.varlen import register as register_varlen
+from lmtuner_core.training.varlen import supports_varlen
+from lmtuner_core.training.xpos import xpos_parameters
 
 # TrainConfig.optimizer -> the Trainer's `optim` name.
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit"}

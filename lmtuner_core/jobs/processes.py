@@ -9,18 +9,18 @@ import sys
 
 import psutil
 
-from lmtuner_core.progress import tail_lines
-from lmtuner_core.run_folder import RunDir
+from lmtuner_core.jobs.progress import tail_lines
+from lmtuner_core.jobs.run_folder import RunDir
 
 # Popen handles of children this process started, so their exit codes are collected (no zombies).
 _CHILDREN: dict[int, subprocess.Popen] = {}
 
 
 def spawn_supervised(run: RunDir, env: dict[str, str]) -> tuple[int, float | None]:
-    """Starts `python -m lmtuner_core.supervisor RUN_DIR` in a new session; returns (pid, start time)."""
+    """Starts `python -m lmtuner_core.jobs.supervisor RUN_DIR` in a new session; returns (pid, start time)."""
     with run.log.open("ab") as log:
         child = subprocess.Popen(
-            [sys.executable, "-m", "lmtuner_core.supervisor", str(run.root)],
+            [sys.executable, "-m", "lmtuner_core.jobs.supervisor", str(run.root)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             cwd=run.root, env=env, start_new_session=True,
         )  # fmt: skip

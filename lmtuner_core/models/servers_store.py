@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from lmtuner_core.store import SqliteTable
+from lmtuner_core.jobs.store import SqliteTable
 
 ServerStatus = Literal["starting", "running", "stopped", "failed"]
 SERVER_STATUSES = get_args(ServerStatus)

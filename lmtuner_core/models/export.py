@@ -28,7 +28,7 @@ def merge_adapter(model_ref: str, adapter: Path, output_dir: Path, *, trust_remo
     from peft import PeftConfig, PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from lmtuner_core.rope import apply_recorded_rope
+    from lmtuner_core.training.rope import apply_recorded_rope
 
     transformers.utils.logging.disable_progress_bar()
     if output_dir.exists() and any(output_dir.iterdir()):

@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, Field
 
-from lmtuner_core.chat_template import ensure_chat_template
 from lmtuner_core.config import DatasetSpec
-from lmtuner_core.data import (
+from lmtuner_core.data.chat_template import ensure_chat_template
+from lmtuner_core.data.datasets import (
     example_chars,
     has_generation_markers,
     load_examples,

@@ -74,7 +74,7 @@ def load_base_model(config: TrainConfig, precision: str, compute_dtype: torch.dt
     qlora / lora-8bit load a bitsandbytes-quantized base."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lmtuner_core.rope import apply_rope_scaling, attention_implementation
+    from lmtuner_core.training.rope import apply_rope_scaling, attention_implementation
 
     full_weights = METHODS[config.method].full_weights
     dtype = torch.float32 if precision == "fp16" and full_weights else compute_dtype

@@ -32,14 +32,14 @@ from typing import Literal, get_args
 import psutil
 from pydantic import BaseModel, Field
 
-from lmtuner_core.distributed import free_port
 from lmtuner_core.errors import LmtunerError, NotFoundError, remote_code_refusal, shown
-from lmtuner_core.jobs import resolve_model
+from lmtuner_core.jobs.distributed import free_port
+from lmtuner_core.jobs.processes import alive, process_start_time, reap
+from lmtuner_core.jobs.progress import tail_lines
+from lmtuner_core.jobs.service import resolve_model
+from lmtuner_core.models.servers_store import LIVE, ServerRecord, ServerStore
 from lmtuner_core.paths import AllowedRoots
-from lmtuner_core.processes import alive, process_start_time, reap
-from lmtuner_core.progress import tail_lines
-from lmtuner_core.servers_store import LIVE, ServerRecord, ServerStore
-from lmtuner_core.xpos import is_xpos_model
+from lmtuner_core.training.xpos import is_xpos_model
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 SERVER_ID = re.compile(r"^srv-[0-9]{8}-[0-9]{6}-[0-9a-f]{4}$")
@@ -209,7 +209,7 @@ def _chat_template_for(model_dir: Path, server_dir: Path) -> Path | None:
         config = {}
     if config.get("chat_template"):
         return None
-    from lmtuner_core.chat_template import CHAT_TEMPLATE
+    from lmtuner_core.data.chat_template import CHAT_TEMPLATE
 
     path = server_dir / "chat_template.jinja"
     path.write_text(CHAT_TEMPLATE, encoding="utf-8")

@@ -4,7 +4,7 @@ Stdlib only at import time: the supervisor (which must stay light) builds the co
 from RUN_DIR/config.json read as plain JSON, so every function here takes the config as a dict (the
 `TrainConfig.model_dump()` shape) and never imports torch.
 
-One process runs `python -m lmtuner_core.train RUN_DIR`; several processes on a node, or several nodes, run
+One process runs `python -m lmtuner_core.training.train RUN_DIR`; several processes on a node, or several nodes, run
 the same module under `python -m torch.distributed.run` (torchrun), which starts one worker per process and
 sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT for each.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 DEEPSPEED_FILE = "deepspeed.json"
-TRAIN_MODULE = "lmtuner_core.train"
+TRAIN_MODULE = "lmtuner_core.training.train"
 
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed JSON

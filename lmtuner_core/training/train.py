@@ -1,4 +1,4 @@
-"""The training child: `python -m lmtuner_core.train RUN_DIR`.
+"""The training child: `python -m lmtuner_core.training.train RUN_DIR`.
 
 It installs its stop handler before the slow imports, runs the recipe, and always leaves a final state in
 RUN_DIR/state.json — completed, cancelled, or failed with a reason a person can act on.
@@ -13,10 +13,10 @@ import threading
 import traceback
 from pathlib import Path
 
-from lmtuner_core.distributed import process_rank
 from lmtuner_core.errors import LmtunerError
+from lmtuner_core.jobs.distributed import process_rank
+from lmtuner_core.jobs.run_folder import RunDir, StateFile
 from lmtuner_core.library_noise import quiet_library_noise
-from lmtuner_core.run_folder import RunDir, StateFile
 
 
 def install_stop_handler() -> threading.Event:
@@ -67,7 +67,7 @@ def die_with_launcher() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m lmtuner_core.train RUN_DIR", file=sys.stderr)
+        print("usage: python -m lmtuner_core.training.train RUN_DIR", file=sys.stderr)
         return 2
     quiet_library_noise()
     run = RunDir(Path(argv[0]).resolve())
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     state.update(phase="loading libraries")
     try:
         from lmtuner_core.config import TrainConfig
-        from lmtuner_core.recipe import SFTRecipe
+        from lmtuner_core.training.recipe import SFTRecipe
 
         config = TrainConfig.model_validate_json(run.config.read_text(encoding="utf-8"))
         recipe = SFTRecipe(config, run, state, stop)

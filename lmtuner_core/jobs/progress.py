@@ -9,10 +9,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, PrivateAttr
 
-from lmtuner_core.ray_launcher import RayJobView, read_view
-from lmtuner_core.run_folder import RunDir
+from lmtuner_core.jobs.ray_launcher import RayJobView, read_view
+from lmtuner_core.jobs.run_folder import RunDir
+from lmtuner_core.jobs.store import JobRecord
 from lmtuner_core.secrets import redact
-from lmtuner_core.store import JobRecord
 
 
 class JobProgress(BaseModel):

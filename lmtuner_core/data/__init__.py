@@ -1,0 +1,1 @@
+"""Datasets: find, read and check them, analyze them, the default chat template, the sample data."""

@@ -1,0 +1,1 @@
+"""Models in and out: generate, evaluate, merge, quantize, GGUF, and vLLM servers."""
