@@ -184,7 +184,7 @@ def test_a_failing_rank_fails_the_job_with_its_reason(tmp_path):
     # Rank 1 raised; torchrun then stopped rank 0, which recorded 'cancelled' as a stop looks to it.
     (tmp_path / "state.json").write_text(json.dumps({"status": "cancelled", "step": 3}))
     RunDir(tmp_path).record_failure(1, "RuntimeError: boom — lower batch_size")
-    record_rank_failure(tmp_path, 1)
+    record_rank_failure(RunDir(tmp_path), 1)
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["status"] == "failed" and state["error"] == "rank 1: RuntimeError: boom — lower batch_size"
     assert state["step"] == 3
@@ -192,7 +192,7 @@ def test_a_failing_rank_fails_the_job_with_its_reason(tmp_path):
     # A rank killed without a word (no failure file): still failed, not cancelled, pointing at the log.
     (tmp_path / "failure-rank-1.json").unlink()
     (tmp_path / "state.json").write_text(json.dumps({"status": "cancelled"}))
-    record_rank_failure(tmp_path, 1)
+    record_rank_failure(RunDir(tmp_path), 1)
     assert "another training process died" in json.loads((tmp_path / "state.json").read_text())["error"]
 
 

@@ -277,7 +277,7 @@ class SFTRecipe:
             deepspeed=deepspeed,
             # gloo for several processes on the CPU; naming a backend for one process would start a process group.
             ddp_backend="gloo" if not torch.cuda.is_available() and process_rank()[2] > 1 else None,
-            gradient_checkpointing=config.gradient_checkpointing,
+            activation_checkpointing=config.gradient_checkpointing,  # transformers 5.2x: the old name warns
             use_liger_kernel=self.liger,
             report_to=config.report_to or "none",
             max_length=config.max_seq_len,
