@@ -69,7 +69,7 @@ def test_full_job_writes_a_model_that_differs_from_the_base(tiny_model, demo_dat
     assert (tuned - base).abs().max() > 1e-3
 
 
-def test_cancel_reaches_cancelled_within_ten_seconds(tiny_model, demo_data, lmtuner_home, tmp_path):
+def test_cancel_reaches_cancelled_before_the_grace_period(tiny_model, demo_data, lmtuner_home, tmp_path):
     async def scenario():
         async with stdio_client(lmtuner_home, [tmp_path, tiny_model]) as client:
             config = quick_config(tiny_model, demo_data, max_steps=100_000, save_steps=1_000_000)
@@ -89,7 +89,10 @@ def test_cancel_reaches_cancelled_within_ten_seconds(tiny_model, demo_data, lmtu
 
     cancelled, took, after, listed = anyio.run(scenario)
     assert cancelled["status"] == "cancelled"
-    assert took < 10, f"cancel took {took:.1f}s"
+    # Cancel waits for the step in progress and a checkpoint: ~1 s each on an idle machine, 12 s measured with two
+    # other test suites on the same 2 cores. The bound catches a cancel that waits for the grace period (20 s) or
+    # hangs, not a slow step.
+    assert took < 20, f"cancel took {took:.1f}s"
     assert after["status"] == "cancelled" and after["error"] is None
     assert cancelled["checkpoints"], "a cancelled job keeps a checkpoint to resume from"
     assert [job["job_id"] for job in listed["jobs"]] == [cancelled["job_id"]]
