@@ -1,4 +1,4 @@
-"""xPos (hand-written, lmtuner_core/training/xpos.py): the scales follow the paper's formula, attention scores depend only
+"""xPos (hand-written, lmtuner_core/training/xpos.py): the scales follow the paper's formula, attention scores depend
 on the distance and decay with it, cached generation and left padding see the same positions, a saved model
 gets xPos back through lmtuner's loaders, and a model without xPos is untouched."""
 
