@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 KEY_PACKAGES = (
     "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed",
-    "liger-kernel", "lomo-optim", "vllm", "flash-attn", "mcp", "lmtuner",
+    "liger-kernel", "lomo-optim", "vllm", "flash-attn", "gguf", "mcp", "lmtuner",
 )  # fmt: skip
 
 

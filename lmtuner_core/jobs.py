@@ -23,6 +23,7 @@ from lmtuner_core.config import TrainConfig
 from lmtuner_core.data import load_examples, resolve_dataset
 from lmtuner_core.distributed import write_deepspeed_config
 from lmtuner_core.errors import LmtunerError, NotFoundError
+from lmtuner_core.gguf_import import converted_folder, find_gguf, gguf_source
 from lmtuner_core.methods import METHODS
 from lmtuner_core.paths import AllowedRoots, RunDir, check_job_id
 from lmtuner_core.processes import alive, exit_reason, reap, reap_finished, signal_group, spawn_supervised
@@ -139,22 +140,28 @@ def new_job_id() -> str:
 
 
 def resolve_model(value: str, roots: AllowedRoots, field: str = "model") -> str:
-    """A local model folder (absolute path returned) or a hub id (returned as is)."""
+    """A local model folder (absolute path returned), a hub id (returned as is), or a `.gguf` file (or a folder
+    holding exactly one), returned as the Hugging Face folder it is converted into once (see gguf_import)."""
     local = value.startswith(("/", ".", "~")) or Path(value).expanduser().exists()
     if not local:
         if HUB_ID.match(value) and ".." not in value:
             return value
         raise LmtunerError(
-            f"{field}: {value!r} is neither an existing folder nor a hub id like 'Qwen/Qwen2.5-0.5B-Instruct'",
+            f"{field}: {value!r} is neither an existing folder, a .gguf file nor a hub id like "
+            "'Qwen/Qwen2.5-0.5B-Instruct'",
             field=field,
         )
     path = roots.resolve(value, field)
+    gguf_file = find_gguf(path, field)
+    if gguf_file is not None:
+        return str(converted_folder(gguf_file, field))
     if not path.is_dir():
         raise LmtunerError(f"{field}: folder {value!r} not found (resolved to {path})", field=field)
     if not (path / "config.json").is_file():
         raise LmtunerError(
             f"{field}: folder {path} has no config.json, so it is not a Hugging Face model folder; point to the "
-            "folder that save_pretrained wrote (config.json + weights), e.g. one made by `lmtuner make-tiny-model DIR`",
+            "folder that save_pretrained wrote (config.json + weights) or a .gguf file, e.g. a folder made by "
+            "`lmtuner make-tiny-model DIR`",
             field=field,
         )
     return str(path)
@@ -180,6 +187,7 @@ def check_config(
             )
     warnings: list[str] = []
     updates: dict = {"model": resolve_model(config.model, roots)}
+    updates["model_gguf"] = gguf_source(updates["model"])
     if config.deepspeed is not None:
         updates["deepspeed"] = check_deepspeed(config, roots)
     if config.model == updates["model"] and not config.model.startswith("/"):

