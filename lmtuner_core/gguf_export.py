@@ -189,6 +189,13 @@ def run_converter(script: Path, model_dir: Path, outfile: Path, outtype: str, ar
             f"{', '.join(names) or 'other architectures'}",
             field="model",
         )
+    if "pre-tokenizer was not recognized" in proc.stderr:
+        raise LmtunerError(
+            "model: llama.cpp's converter does not know this model's BPE pre-tokenizer (it recognises the "
+            "tokenizers of published model families by a hash); a model fine-tuned from a published base converts, "
+            "one with a tokenizer of its own needs llama.cpp's convert_hf_to_gguf_update.py first",
+            field="model",
+        )
     raise LmtunerError(f"llama.cpp's converter failed (exit code {proc.returncode}):\n{_tail(proc.stderr)}")
 
 
@@ -238,10 +245,13 @@ def ollama_modelfile(model_dir: Path, gguf_name: str) -> str:
     if not tokenizer.chat_template:
         return "\n".join(lines) + "\n"
 
+    # A tokenizer that adds BOS when encoding gets it from llama.cpp and Ollama too: the template must not repeat it.
+    ids = tokenizer("x").input_ids
+    added_bos = tokenizer.bos_token if ids and ids[0] == tokenizer.bos_token_id else None
+
     def render(messages: list[dict]) -> str:
         text = tokenizer.apply_chat_template(messages, tokenize=False)
-        bos = tokenizer.bos_token
-        return text.removeprefix(bos) if bos else text  # llama.cpp and Ollama add BOS themselves
+        return text.removeprefix(added_bos) if added_bos else text
 
     turn = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": RESPONSE}]
     plain = render(turn)

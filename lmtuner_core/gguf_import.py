@@ -85,6 +85,7 @@ def converted_folder(gguf_path: Path, field: str = "model") -> Path:
         if (target / "config.json").is_file():  # another process finished it while we waited
             return target
         scratch = Path(tempfile.mkdtemp(prefix=f".tmp-{digest[:16]}-", dir=models))
+        scratch.chmod(0o755)  # mkdtemp makes it private; the model folder is readable like the others
         try:
             _run_conversion(gguf_path, scratch, field)
             record = {"gguf_file": str(gguf_path), "sha256": digest, "size_bytes": gguf_path.stat().st_size}
