@@ -145,6 +145,7 @@ def resolve_model(value: str, roots: AllowedRoots, field: str = "model") -> str:
     local = value.startswith(("/", ".", "~")) or Path(value).expanduser().exists()
     if not local:
         if HUB_ID.match(value) and ".." not in value:
+            check_hub_cache(value, field)
             return value
         raise LmtunerError(
             f"{field}: {value!r} is neither an existing folder, a .gguf file nor a hub id like "
@@ -165,6 +166,21 @@ def resolve_model(value: str, roots: AllowedRoots, field: str = "model") -> str:
             field=field,
         )
     return str(path)
+
+
+def check_hub_cache(repo_id: str, field: str = "model") -> None:
+    """With downloads off (HF_HUB_OFFLINE), a hub id must already be in the Hugging Face cache, where
+    transformers finds it by itself; refused here, before any process is spent on it, when it is not."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    raise LmtunerError(
+        f"{field}: {repo_id!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and downloads are off "
+        f"(HF_HUB_OFFLINE); download it where the hub is reachable (`hf download {repo_id}`) into that cache, or "
+        "give a local model folder (config.json + weights) or a .gguf file instead",
+        field=field,
+    )
 
 
 def check_config(
