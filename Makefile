@@ -97,12 +97,16 @@ $(SMOLLM2_GGUF):
 
 smollm2: $(SMOLLM2_GGUF)
 
+# Where the side pieces above are, for the code (its defaults are the same paths; these follow overrides).
+LLAMACPP_ENV := LMTUNER_LLAMACPP_DIR=$(LLAMACPP_SRC)/$(LLAMACPP_SDIST)/vendor/llama.cpp \
+	LMTUNER_LLAMACPP_PYTHON=$(LLAMACPP_VENV)/bin/python LMTUNER_SMOLLM2_GGUF=$(SMOLLM2_GGUF)
+
 demo: install smollm2 llamacpp-src
-	$(PY) -m examples.demo
+	$(LLAMACPP_ENV) $(PY) -m examples.demo
 
 test: install vllm-venv gptq-venv llamacpp-venv smollm2
 	$(PY) -m ruff check --no-cache .
-	LMTUNER_VLLM_PYTHON=$(VLLM_VENV)/bin/python LMTUNER_GPTQ_PYTHON=$(GPTQ_VENV)/bin/python \
+	LMTUNER_VLLM_PYTHON=$(VLLM_VENV)/bin/python LMTUNER_GPTQ_PYTHON=$(GPTQ_VENV)/bin/python $(LLAMACPP_ENV) \
 		TORCH_EXTENSIONS_DIR=$(TORCH_EXTENSIONS_CACHE) $(PY) -m pytest -q
 
 lint: install
