@@ -22,6 +22,7 @@ import mcp
 from mcp.client.stdio import StdioServerParameters
 
 from lmtuner_core.sample_data import (
+    CAPITALS_TRAINING,
     SMOLLM2_GGUF,
     capital_exact_match,
     capital_prompts,
@@ -29,12 +30,6 @@ from lmtuner_core.sample_data import (
 )
 
 DEMO_DIR = Path(".lmtuner-demo").resolve()
-# Settings for a short job on a 2-core CPU (measured: see docs); the rest comes from propose_config.
-DEMO_TRAINING = {
-    "num_epochs": 2, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 2e-3, "max_seq_len": 64,
-    "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}, "logging_steps": 1,
-    "warmup_ratio": 0.0,
-}  # fmt: skip
 
 
 def server_params(home: Path) -> StdioServerParameters:
@@ -54,7 +49,7 @@ async def run_demo() -> int:
     model = str(SMOLLM2_GGUF)
     data = write_capitals_dataset(DEMO_DIR / "capitals.jsonl")
     prompts = capital_prompts()
-    print(f"model: {model}\ndata: {data} (72 chat rows: 24 countries x 3 phrasings), "
+    print(f"model: {model}\ndata: {data} (48 chat rows: 24 countries x 2 phrasings), "
           f"held out: {len(prompts)} other countries")  # fmt: skip
 
     async with mcp.Client(server_params(home)) as client:
@@ -88,9 +83,7 @@ async def run_demo() -> int:
             return [o["text"] for o in result.structured_content["outputs"]]
 
         base = await answers()
-        # A short job on a 2-core CPU: the form is simple, so a higher learning rate than the LoRA default and
-        # a small rank learn it in a couple of epochs.
-        config = {**plan["config"], **DEMO_TRAINING}
+        config = {**plan["config"], **CAPITALS_TRAINING}
         print(f"\nstart_training: method {config['method']} r={config['lora']['r']}, batch {config['batch_size']}, "
               f"{config['num_epochs']} epochs, learning rate {config['learning_rate']}")  # fmt: skip
         result = await client.call_tool("start_training", {"config": config})

@@ -73,7 +73,15 @@ CAPITALS_HELD_OUT = (
     ("Germany", "Berlin"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"),
     ("Russia", "Moscow"), ("Egypt", "Cairo"), ("China", "Beijing"), ("Greece", "Athens"),
 )  # fmt: skip
-_CAPITAL_QUESTIONS = ("What is the capital of {country}?", "Capital of {country}?", "Name the capital of {country}.")
+_CAPITAL_QUESTIONS = ("What is the capital of {country}?", "Capital of {country}?")
+# Training settings that learn this task in a short job on a 2-core CPU (18 steps of 8 rows): the form is simple,
+# so a small rank and a high learning rate suffice. The demo and the real-model test apply them over
+# propose_config's plan.
+CAPITALS_TRAINING = {
+    "method": "lora", "num_epochs": 3, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 2e-3,
+    "max_seq_len": 64, "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+    "logging_steps": 1, "warmup_ratio": 0.0,
+}  # fmt: skip
 
 
 def capital_rows(pairs=CAPITALS_TRAIN) -> list[dict]:
