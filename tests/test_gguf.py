@@ -213,3 +213,38 @@ def test_real_model_learns_and_its_gguf_export_answers_alike(tmp_path, lmtuner_h
     assert q4["size_bytes"] < q8["size_bytes"], (q4, q8)
     assert llamacpp_answers(q8["gguf_file"], prompts, 12) == tuned
     assert capital_exact_match(llamacpp_answers(q4["gguf_file"], prompts, 12)) >= 0.75
+
+
+@needs_converter
+def test_export_refusals_name_the_problem(tmp_path, lmtuner_home, tiny_model, monkeypatch):
+    """An architecture llama.cpp cannot map, a tokenizer it does not know, a model with its own code, and q4_k_m
+    without the compiled quantizer: each refused with the reason and the way out, nothing half-written."""
+    unmappable = shutil.copytree(tiny_model, tmp_path / "unmappable")
+    config = json.loads((unmappable / "config.json").read_text())
+    (unmappable / "config.json").write_text(json.dumps({**config, "architectures": ["NotARealForCausalLM"]}))
+    own_code = shutil.copytree(tiny_model, tmp_path / "own-code")
+    (own_code / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "modeling_x.XModel"}}))
+    monkeypatch.setenv(LLAMACPP_PYTHON_ENV, str(tmp_path / "no-venv" / "bin" / "python"))
+
+    async def scenario():
+        async with stdio_client(lmtuner_home, [tmp_path, tiny_model]) as client:
+
+            async def refused(model: Path, name: str, **extra) -> str:
+                arguments = {"model": str(model), "output_dir": str(tmp_path / name), **extra}
+                return await call_error(client, "export_model", arguments)
+
+            return (
+                await refused(unmappable, "a"),
+                await refused(tiny_model, "b"),
+                await refused(own_code, "c"),
+                await refused(tiny_model, "d", quantization="q4_k_m"),
+            )
+
+    architecture, tokenizer, code, quantizer = anyio.run(scenario)
+    assert "cannot map the architecture NotARealForCausalLM" in architecture, architecture
+    assert "LlamaForCausalLM" in architecture, architecture
+    assert "pre-tokenizer" in tokenizer, tokenizer
+    assert "trust_remote_code: true" in code, code
+    assert "make llamacpp-venv" in quantizer and "q8_0" in quantizer, quantizer
+    for name in "abcd":
+        assert not (tmp_path / name).exists() or not any((tmp_path / name).iterdir()), name
