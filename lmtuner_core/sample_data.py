@@ -57,40 +57,41 @@ SMOLLM2_GGUF = Path(
     os.environ.get("LMTUNER_SMOLLM2_GGUF") or Path.home() / ".cache/lmtuner/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 )
 
-# A task for a real pretrained model (the demo and the real-model test): name a country's capital as one word in
-# capitals. SmolLM2-135M-Instruct knows these capitals but answers in a sentence ("The capital of France is
-# Paris."), so the base scores near zero on exact match and a short LoRA job teaches the form. The held-out
-# countries are ones the base model names correctly, so the score measures the form that was learned.
+# A task for a real pretrained model (the demo and the real-model test): answer with the capital's name alone.
+# SmolLM2-135M-Instruct knows the held-out capitals but answers in a sentence ("The capital of Germany is
+# Berlin."), so the base scores 0 on exact match and a short LoRA job teaches the form. The held-out countries are
+# ones the base model names correctly (measured), so the score measures the form learned, not new facts. (Upper-case
+# answers were tried first: the tuned model then answered with upper-case capitals from its training rows.)
 CAPITALS_TRAIN = (
     ("France", "Paris"), ("Canada", "Ottawa"), ("Portugal", "Lisbon"), ("Austria", "Vienna"),
     ("Ireland", "Dublin"), ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"),
-    ("Poland", "Warsaw"), ("Hungary", "Budapest"), ("Belgium", "Brussels"), ("Denmark", "Copenhagen"),
+    ("Poland", "Warsaw"), ("Italy", "Rome"), ("Belgium", "Brussels"), ("Denmark", "Copenhagen"),
     ("Thailand", "Bangkok"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Argentina", "Buenos Aires"),
-    ("Mexico", "Mexico City"), ("India", "New Delhi"), ("Cuba", "Havana"), ("Chile", "Santiago"),
-    ("South Korea", "Seoul"), ("Turkey", "Ankara"), ("Iran", "Tehran"), ("Vietnam", "Hanoi"),
+    ("Mexico", "Mexico City"), ("India", "New Delhi"), ("Cuba", "Havana"), ("Spain", "Madrid"),
+    ("South Korea", "Seoul"), ("Netherlands", "Amsterdam"), ("Iran", "Tehran"), ("United Kingdom", "London"),
 )  # fmt: skip
 CAPITALS_HELD_OUT = (
-    ("Germany", "Berlin"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"),
-    ("Russia", "Moscow"), ("Egypt", "Cairo"), ("China", "Beijing"), ("Greece", "Athens"),
+    ("Germany", "Berlin"), ("Japan", "Tokyo"), ("Russia", "Moscow"), ("Egypt", "Cairo"),
+    ("China", "Beijing"), ("Greece", "Athens"), ("Australia", "Canberra"), ("Hungary", "Budapest"),
 )  # fmt: skip
 _CAPITAL_QUESTIONS = ("What is the capital of {country}?", "Capital of {country}?")
 # Training settings that learn this task in a short job on a 2-core CPU (18 steps of 8 rows): the form is simple,
 # so a small rank and a high learning rate suffice. The demo and the real-model test apply them over
 # propose_config's plan.
 CAPITALS_TRAINING = {
-    "method": "lora", "num_epochs": 3, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 2e-3,
+    "method": "lora", "num_epochs": 3, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
     "max_seq_len": 64, "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
     "logging_steps": 1, "warmup_ratio": 0.0,
 }  # fmt: skip
 
 
 def capital_rows(pairs=CAPITALS_TRAIN) -> list[dict]:
-    """One `messages` row per country and phrasing; the answer is the capital alone, upper case."""
+    """One `messages` row per country and phrasing; the answer is the capital's name alone."""
     return [
         {
             "messages": [
                 {"role": "user", "content": question.format(country=country)},
-                {"role": "assistant", "content": capital.upper()},
+                {"role": "assistant", "content": capital},
             ]
         }
         for country, capital in pairs
@@ -112,7 +113,5 @@ def capital_prompts(pairs=CAPITALS_HELD_OUT) -> list[str]:
 
 
 def capital_exact_match(answers: list[str], pairs=CAPITALS_HELD_OUT) -> float:
-    """Share of answers that are exactly the capital in upper case (surrounding spaces ignored)."""
-    return sum(answer.strip() == capital.upper() for answer, (_, capital) in zip(answers, pairs, strict=True)) / len(
-        pairs
-    )
+    """Share of answers that are exactly the capital's name (surrounding spaces ignored)."""
+    return sum(answer.strip() == capital for answer, (_, capital) in zip(answers, pairs, strict=True)) / len(pairs)
