@@ -35,7 +35,10 @@ DEMO_DIR = Path(".lmtuner-demo").resolve()
 def server_params(home: Path) -> StdioServerParameters:
     command = shutil.which("lmtuner-mcp", path=str(Path(sys.executable).parent)) or "lmtuner-mcp"
     return StdioServerParameters(
-        command=command, args=["--root", str(DEMO_DIR)], env={**os.environ, "LMTUNER_HOME": str(home)}, cwd=DEMO_DIR
+        command=command,
+        args=["--root", str(DEMO_DIR), "--root", str(SMOLLM2_GGUF.parent)],
+        env={**os.environ, "LMTUNER_HOME": str(home)},
+        cwd=DEMO_DIR,
     )
 
 
