@@ -75,13 +75,13 @@ CAPITALS_HELD_OUT = (
     ("China", "Beijing"), ("Greece", "Athens"), ("Australia", "Canberra"), ("Hungary", "Budapest"),
 )  # fmt: skip
 _CAPITAL_QUESTIONS = ("What is the capital of {country}?", "Capital of {country}?")
-# Training settings that learn this task in a short job on a 2-core CPU (18 steps of 8 rows): the form is simple,
-# so a small rank and a high learning rate suffice. The demo and the real-model test apply them over
-# propose_config's plan.
+# Training settings for this task in a short job on a 2-core CPU (12 steps of 8 rows), applied over propose_config's
+# plan by the demo and the real-model test. LoRA on the attention projections only: with every linear layer
+# (r=8, 3 epochs, lr 1e-3) the tuned model kept the form but lost facts the MLPs hold (Japan -> 'Seattle'), 2/8.
 CAPITALS_TRAINING = {
-    "method": "lora", "num_epochs": 3, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
-    "max_seq_len": 64, "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
-    "logging_steps": 1, "warmup_ratio": 0.0,
+    "method": "lora", "num_epochs": 2, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 2e-3,
+    "max_seq_len": 64, "logging_steps": 1, "warmup_ratio": 0.0,
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
 }  # fmt: skip
 
 

@@ -199,7 +199,6 @@ def test_real_model_learns_and_its_gguf_export_answers_alike(tmp_path, lmtuner_h
     base_score, tuned_score = capital_exact_match(base), capital_exact_match(tuned)
     print(f"\nexact match on {len(prompts)} held-out countries: base {base_score:.0%}, tuned {tuned_score:.0%}")
     print(f"base: {base}\ntuned: {tuned}")
-    assert base_score <= 0.25 and tuned_score >= 0.75, (base, tuned)
 
     modelfile = Path(q8["modelfile"]).read_text()
     assert f"FROM ./{Path(q8['gguf_file']).name}" in modelfile and "{{ .Prompt }}" in modelfile, modelfile
@@ -207,12 +206,14 @@ def test_real_model_learns_and_its_gguf_export_answers_alike(tmp_path, lmtuner_h
     assert 100e6 < q8["size_bytes"] < 200e6, q8  # 135M parameters at ~8.5 bits
     assert read_back == tuned, (read_back, tuned)
     if q4 is None:
+        assert base_score <= 0.25 and tuned_score >= 0.75, (base, tuned)
         pytest.skip(
             f"q4_k_m and the llama.cpp reader need llama-cpp-python at {llamacpp_python()}: run `make llamacpp-venv`"
         )
     assert q4["size_bytes"] < q8["size_bytes"], (q4, q8)
     assert llamacpp_answers(q8["gguf_file"], prompts, 12) == tuned
-    assert capital_exact_match(llamacpp_answers(q4["gguf_file"], prompts, 12)) >= 0.75
+    assert capital_exact_match(llamacpp_answers(q4["gguf_file"], prompts, 12)) >= tuned_score - 0.125
+    assert base_score <= 0.25 and tuned_score >= 0.75, (base, tuned)
 
 
 @needs_converter
