@@ -206,14 +206,14 @@ def test_real_model_learns_and_its_gguf_export_answers_alike(tmp_path, lmtuner_h
     assert 100e6 < q8["size_bytes"] < 200e6, q8  # 135M parameters at ~8.5 bits
     assert read_back == tuned, (read_back, tuned)
     if q4 is None:
-        assert base_score <= 0.25 and tuned_score >= 0.75, (base, tuned)
+        assert base_score <= 0.125 and tuned_score >= 0.5, (base, tuned)
         pytest.skip(
             f"q4_k_m and the llama.cpp reader need llama-cpp-python at {llamacpp_python()}: run `make llamacpp-venv`"
         )
     assert q4["size_bytes"] < q8["size_bytes"], (q4, q8)
     assert llamacpp_answers(q8["gguf_file"], prompts, 12) == tuned
     assert capital_exact_match(llamacpp_answers(q4["gguf_file"], prompts, 12)) >= tuned_score - 0.125
-    assert base_score <= 0.25 and tuned_score >= 0.75, (base, tuned)
+    assert base_score <= 0.125 and tuned_score >= 0.5, (base, tuned)
 
 
 @needs_converter
