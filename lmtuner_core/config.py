@@ -233,9 +233,15 @@ class TrainConfig(StrictModel):
     """A complete fine-tuning job. Only `model` and `dataset` are required; the rest have practitioners' defaults."""
 
     model: str = Field(
-        description="Local model folder (containing config.json) or Hugging Face hub id. Example: "
-        "'Qwen/Qwen2.5-0.5B-Instruct' or './models/tiny'.",
+        description="Local model folder (containing config.json), a .gguf file (converted once), or Hugging Face "
+        "hub id. Example: 'Qwen/Qwen2.5-0.5B-Instruct', './models/tiny' or './SmolLM2-135M-Instruct.Q4_1.gguf'.",
         min_length=1,
+        max_length=4096,
+    )
+    model_gguf: str | None = Field(
+        None,
+        description="Set by start_training when `model` was a .gguf file: that file, while `model` becomes the "
+        "Hugging Face folder it was converted into (under $LMTUNER_HOME/models/). Leave unset.",
         max_length=4096,
     )
     dataset: DatasetSpec = Field(

@@ -27,7 +27,7 @@ from lmtuner_core.secrets import redact
 from server.logs import report_unexpected
 from server.prompts import register_prompts
 from server.resources import register_resources
-from tools import data, evaluation, hardware, inference, planning, quantize, serving, training
+from tools import data, evaluation, export, hardware, inference, planning, quantize, serving, training
 from tools.context import ToolContext
 
 # pydantic's validation messages (which the SDK shows for schema violations) without documentation URLs.
@@ -49,7 +49,8 @@ lmtuner fine-tunes language models on the user's machine. The usual flow:
    user what changed.
 8. serve_model serves a model and its adapters through vLLM's OpenAI-compatible API (base_url); while it runs,
    generate uses it. stop_serving when done (it holds memory); list_servers shows what runs.
-9. quantize (bnb-nf4, bnb-int8, or gptq-w4a16 for vLLM) makes a smaller copy, merging an adapter first if given.
+9. quantize (bnb-nf4, bnb-int8, or gptq-w4a16 for vLLM) makes a smaller copy, merging an adapter first if given;
+   export_model writes a GGUF file (and an Ollama Modelfile) for llama.cpp, Ollama and LM Studio.
 Read state (list_jobs, job_status) before starting new work, so two jobs do not fight over one GPU.
 Errors name the field to change and the values accepted."""
 
@@ -80,6 +81,7 @@ TOOLS = (
     ToolSpec(evaluation.evaluate, "Evaluate a model, adapter or predictions file", read_only=True),
     ToolSpec(inference.merge_adapter, "Merge an adapter into its base model", read_only=False),
     ToolSpec(quantize.quantize, "Quantize a model (bnb-nf4, bnb-int8, gptq-w4a16)", read_only=False),
+    ToolSpec(export.export_model, "Export a model or adapter as GGUF (llama.cpp, Ollama)", read_only=False),
     ToolSpec(serving.serve_model, "Serve a model and adapters with vLLM", read_only=False),
     ToolSpec(serving.stop_serving, "Stop a vLLM server", read_only=False, destructive=True, idempotent=True),
     ToolSpec(serving.list_servers, "List vLLM servers", read_only=True, idempotent=True),
@@ -172,8 +174,9 @@ def build_server(
     """The lmtuner MCP server. roots=None confines file arguments to the working directory and $LMTUNER_HOME.
     server_options: more MCPServer arguments (the auth of `--auth oauth|oidc`, see server/auth/setup.py)."""
     home = home or lmtuner_home()
-    # The server's own run folders are always readable: an agent passes a job's output_dir to generate/merge.
-    allowed = AllowedRoots([*roots, home / "runs"] if roots is not None else [Path.cwd(), home])
+    # The server's own run folders are always readable: an agent passes a job's output_dir to generate/merge;
+    # so are the folders it converted .gguf models into, which propose_config puts in its config.
+    allowed = AllowedRoots([*roots, home / "runs", home / "models"] if roots is not None else [Path.cwd(), home])
     ctx = ToolContext(home=home, roots=allowed, read_only=read_only)
     tools = [make_tool(spec, ctx) for spec in TOOLS if spec.read_only or not read_only]
     server = MCPServer(

@@ -17,7 +17,7 @@ from lmtuner_core.jobs.store import TERMINAL
 from lmtuner_core.library_noise import quiet_library_noise
 from lmtuner_core.paths import lmtuner_home
 from server.cli_args import add_tool_arguments, tool_arguments
-from tools import data, evaluation, hardware, inference, planning, quantize, serving, training
+from tools import data, evaluation, export, hardware, inference, planning, quantize, serving, training
 from tools.context import ToolContext
 
 # Where results go. With --json, main() points sys.stdout at stderr while a command runs, so whatever the
@@ -155,6 +155,17 @@ def cmd_quantize(ctx: ToolContext, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(ctx: ToolContext, args: argparse.Namespace) -> int:
+    result = export.export_model(ctx, **tool_arguments(export.export_model, args), progress=_progress_to_stderr)
+    commands = "\n".join(f"  {name}: {command}" for name, command in result.run_commands.items())
+    summary = (
+        f"{result.quantization} GGUF in {result.gguf_file} ({result.size_bytes / 2**20:.1f} MiB, "
+        f"{result.seconds:.0f} s), Ollama Modelfile beside it; run it with\n{commands}"
+    )
+    _print(result, args.json, summary)
+    return 0
+
+
 def _server_line(s) -> str:
     names = ", ".join([s.served_model_name, *s.adapters])
     return f"{s.server_id} {s.status:<8} {s.base_url}  models: {names}" + (f"  error: {s.error}" if s.error else "")
@@ -288,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
             inference.merge_adapter, positional=("model", "adapter", "output_dir"))  # fmt: skip
     command("quantize", cmd_quantize, "Quantize a model (merging an adapter first): bnb-nf4, bnb-int8, gptq-w4a16.",
             quantize.quantize, positional=("model",), aliases={"output_dir": "--output"})  # fmt: skip
+    command("export", cmd_export, "Export a model (merging an adapter first) as GGUF for llama.cpp and Ollama.",
+            export.export_model, positional=("model",), aliases={"output_dir": "--output"})  # fmt: skip
     command("serve", cmd_serve, "Serve a model (and adapters) with vLLM's OpenAI-compatible API.", serving.serve_model,
             positional=("model",), aliases={"adapters": "--adapter"})  # fmt: skip
     command("stop-serving", cmd_stop_serving, "Stop a vLLM server (every process of it).", serving.stop_serving,

