@@ -24,16 +24,24 @@ def _lower_priority() -> None:
     os.nice(TRAINING_NICENESS)
 
 
-def _launcher_setup() -> None:
-    """For torchrun: lower priority, and die with this supervisor (prctl PR_SET_PDEATHSIG, hand-written with
-    ctypes: no stdlib call exposes it), since the launcher runs in its own session (see main)."""
-    _lower_priority()
+def die_with_parent() -> None:
+    """Asks Linux to SIGKILL this process when its parent dies: for a process in a session of its own, which a
+    SIGKILL to the job's process group does not reach. Hand-written with ctypes (prctl PR_SET_PDEATHSIG): no
+    stdlib call or library we use exposes it."""
+    if not sys.platform.startswith("linux"):
+        return
     try:
         import ctypes
 
-        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def _launcher_setup() -> None:
+    """For torchrun, which runs in its own session (see main): lower priority, and die with this supervisor."""
+    _lower_priority()
+    die_with_parent()
 
 
 def main(argv: list[str] | None = None) -> int:

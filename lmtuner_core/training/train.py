@@ -16,6 +16,7 @@ from pathlib import Path
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.jobs.distributed import process_rank
 from lmtuner_core.jobs.run_folder import RunDir, StateFile
+from lmtuner_core.jobs.supervisor import die_with_parent
 from lmtuner_core.library_noise import quiet_library_noise
 
 
@@ -52,16 +53,9 @@ def explain(exc: BaseException) -> str:
 
 def die_with_launcher() -> None:
     """Under torchrun each worker is in its own session, so a SIGKILL to the job's process group (a cancel
-    past its grace) reaches the launcher only: ask Linux to kill this worker when its parent dies.
-    Hand-written with ctypes (prctl PR_SET_PDEATHSIG): no library we use exposes it."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    past its grace) reaches the launcher only: this worker dies with it."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent()
 
 
 def main(argv: list[str] | None = None) -> int:
