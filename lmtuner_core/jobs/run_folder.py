@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,15 @@ class RunDir:
             if isinstance(failure, dict) and "rank" in failure and "error" in failure:
                 reasons.append(f"rank {failure['rank']}: {failure['error']}")
         return reasons
+
+
+def run_dir_argument(argv: list[str], module: str) -> RunDir | None:
+    """The run folder named by the one argument of a job's entry point (`python -m MODULE RUN_DIR`), or None
+    after printing the usage."""
+    if len(argv) != 1:
+        print(f"usage: python -m {module} RUN_DIR", file=sys.stderr)
+        return None
+    return RunDir(Path(argv[0]).resolve())
 
 
 class StateFile:

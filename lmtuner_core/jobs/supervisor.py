@@ -15,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-from lmtuner_core.jobs.run_folder import RunDir, read_json  # stdlib only, like this module
+from lmtuner_core.jobs.run_folder import RunDir, read_json, run_dir_argument  # stdlib only, like this module
 
 TRAINING_NICENESS = 5
 
@@ -45,11 +45,10 @@ def _launcher_setup() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m lmtuner_core.jobs.supervisor RUN_DIR", file=sys.stderr)
+    run = run_dir_argument(sys.argv[1:] if argv is None else argv, "lmtuner_core.jobs.supervisor")
+    if run is None:
         return 2
-    run_dir = Path(argv[0])
+    run_dir = run.root
     command, env = training_command(run_dir)
     # Slightly lower CPU priority for training: under contention the server's answers stay prompt, and with
     # the CPU otherwise idle (or the work on a GPU) training loses nothing.
@@ -73,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, forward)
     code = child.wait()
     if code != 0 and not signalled:
-        record_rank_failure(RunDir(run_dir), code)
-    RunDir(run_dir).write_exit(code, signal.Signals(-code).name if code < 0 else None)
+        record_rank_failure(run, code)
+    run.write_exit(code, signal.Signals(-code).name if code < 0 else None)
     conclude_and_start_next(run_dir)
     return code if code >= 0 else 128 - code
 

@@ -11,11 +11,10 @@ import signal
 import sys
 import threading
 import traceback
-from pathlib import Path
 
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.jobs.distributed import process_rank
-from lmtuner_core.jobs.run_folder import RunDir, StateFile
+from lmtuner_core.jobs.run_folder import StateFile, run_dir_argument
 from lmtuner_core.jobs.supervisor import die_with_parent
 from lmtuner_core.library_noise import quiet_library_noise
 
@@ -59,12 +58,10 @@ def die_with_launcher() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m lmtuner_core.training.train RUN_DIR", file=sys.stderr)
+    run = run_dir_argument(sys.argv[1:] if argv is None else argv, "lmtuner_core.training.train")
+    if run is None:
         return 2
     quiet_library_noise()
-    run = RunDir(Path(argv[0]).resolve())
     stop = install_stop_handler()
     die_with_launcher()
     rank, local_rank, world_size = process_rank()
