@@ -19,7 +19,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -84,8 +83,10 @@ class LaunchPlan:
 
 
 def has_gpu() -> bool:
-    """The same test the Makefile makes: an NVIDIA driver is installed."""
-    return shutil.which("nvidia-smi") is not None
+    """Whether vLLM runs on a GPU here: the NVIDIA GPUs lmtuner plans and queues jobs with (NVML, no torch)."""
+    from lmtuner_core.planning.hardware import list_gpus
+
+    return bool(list_gpus())
 
 
 def vllm_python() -> str:
