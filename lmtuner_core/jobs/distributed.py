@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,20 @@ def launch_command(python: str, run_dir: Path, config: dict[str, Any], devices: 
         "--master_port", str(nodes["master_port"] or port),
         "-m", TRAIN_MODULE, str(run_dir),
     ]  # fmt: skip
+
+
+def die_with_parent() -> None:
+    """Asks Linux to SIGKILL this process when its parent dies: for a process in a session of its own, which a
+    SIGKILL to the job's process group does not reach. Hand-written with ctypes (prctl PR_SET_PDEATHSIG): no
+    stdlib call or library we use exposes it."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def process_rank() -> tuple[int, int, int]:

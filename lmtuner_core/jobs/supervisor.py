@@ -15,6 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
+from lmtuner_core.jobs.distributed import die_with_parent
 from lmtuner_core.jobs.run_folder import RunDir, read_json, run_dir_argument  # stdlib only, like this module
 
 TRAINING_NICENESS = 5
@@ -22,20 +23,6 @@ TRAINING_NICENESS = 5
 
 def _lower_priority() -> None:
     os.nice(TRAINING_NICENESS)
-
-
-def die_with_parent() -> None:
-    """Asks Linux to SIGKILL this process when its parent dies: for a process in a session of its own, which a
-    SIGKILL to the job's process group does not reach. Hand-written with ctypes (prctl PR_SET_PDEATHSIG): no
-    stdlib call or library we use exposes it."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _launcher_setup() -> None:

@@ -13,9 +13,8 @@ import threading
 import traceback
 
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.jobs.distributed import process_rank
+from lmtuner_core.jobs.distributed import die_with_parent, process_rank
 from lmtuner_core.jobs.run_folder import StateFile, run_dir_argument
-from lmtuner_core.jobs.supervisor import die_with_parent
 from lmtuner_core.library_noise import quiet_library_noise
 
 
