@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from lmtuner_core.errors import LmtunerError, shown
@@ -72,3 +73,19 @@ class AllowedRoots:
                 field=field,
             )
         return path
+
+
+def check_writable(folder: Path, field: str) -> None:
+    """Refuses a folder the job could not write to, by writing a probe file into its nearest existing
+    ancestor (so a check creates nothing). Root ignores permission bits, so only a real write tells."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lmtuner-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise LmtunerError(
+            f"{field}: cannot write to {folder} ({exc.strerror}); choose a folder on a writable disk", field=field
+        ) from None

@@ -8,7 +8,6 @@ from pydantic import Field
 
 from lmtuner_core.config import DatasetSpec, dataset_spec
 from lmtuner_core.errors import LmtunerError, remote_code_explained, shown
-from lmtuner_core.jobs.service import check_writable, resolve_model
 from lmtuner_core.models.quantize import (
     BUILTIN_CALIBRATION_TEXTS,
     GROUP_SIZES,
@@ -18,7 +17,8 @@ from lmtuner_core.models.quantize import (
     QuantizeResult,
 )
 from lmtuner_core.models.quantize import quantize as run_quantize
-from lmtuner_core.paths import check_outside_state
+from lmtuner_core.models.reference import resolve_model
+from lmtuner_core.paths import check_outside_state, check_writable
 from tools.context import ToolContext, TrustRemoteCode
 
 

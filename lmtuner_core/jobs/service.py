@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import secrets
 import signal
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,11 +26,11 @@ from lmtuner_core.jobs.progress import JobProgress, read_progress
 from lmtuner_core.jobs.run_folder import RunDir
 from lmtuner_core.jobs.store import STATUSES, TERMINAL, JobRecord, JobStore
 from lmtuner_core.methods import METHODS
-from lmtuner_core.models.gguf_import import converted_folder, find_gguf, gguf_source
-from lmtuner_core.paths import AllowedRoots, check_job_id, check_outside_state
+from lmtuner_core.models.gguf_import import gguf_source
+from lmtuner_core.models.reference import resolve_model
+from lmtuner_core.paths import AllowedRoots, check_job_id, check_outside_state, check_writable
 from lmtuner_core.secrets import child_environment
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # A job claimed for starting but still without a process after this long lost its starter: queue it again.
 CLAIM_TIMEOUT_SECONDS = 60.0
 TRACKER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
@@ -130,50 +128,6 @@ def new_job_id() -> str:
 # ---------------------------------------------------------------------------------------------- checking
 
 
-def resolve_model(value: str, roots: AllowedRoots, field: str = "model") -> str:
-    """A local model folder (absolute path returned), a hub id (returned as is), or a `.gguf` file (or a folder
-    holding exactly one), returned as the Hugging Face folder it is converted into once (see gguf_import)."""
-    local = value.startswith(("/", ".", "~")) or Path(value).expanduser().exists()
-    if not local:
-        if HUB_ID.match(value) and ".." not in value:
-            check_hub_cache(value, field)
-            return value
-        raise LmtunerError(
-            f"{field}: {shown(value)} is neither an existing folder, a .gguf file nor a hub id like "
-            "'Qwen/Qwen2.5-0.5B-Instruct'",
-            field=field,
-        )
-    path = roots.resolve(value, field)
-    gguf_file = find_gguf(path, field)
-    if gguf_file is not None:
-        return str(converted_folder(gguf_file, field))
-    if not path.is_dir():
-        raise LmtunerError(f"{field}: folder {shown(value)} not found (resolved to {shown(str(path))})", field=field)
-    if not (path / "config.json").is_file():
-        raise LmtunerError(
-            f"{field}: folder {path} has no config.json, so it is not a Hugging Face model folder; point to the "
-            "folder that save_pretrained wrote (config.json + weights) or a .gguf file, e.g. a folder made by "
-            "`lmtuner make-tiny-model DIR`",
-            field=field,
-        )
-    return str(path)
-
-
-def check_hub_cache(repo_id: str, field: str = "model") -> None:
-    """With downloads off (HF_HUB_OFFLINE), a hub id must already be in the Hugging Face cache, where
-    transformers finds it by itself; refused here, before any process is spent on it, when it is not."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if not constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
-        return
-    raise LmtunerError(
-        f"{field}: {repo_id!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and downloads are off "
-        f"(HF_HUB_OFFLINE); download it where the hub is reachable (`hf download {repo_id}`) into that cache, or "
-        "give a local model folder (config.json + weights) or a .gguf file instead",
-        field=field,
-    )
-
-
 def check_config(
     config: TrainConfig, roots: AllowedRoots, run_dir: RunDir, *, dry_run: bool = False
 ) -> tuple[TrainConfig, list[str]]:
@@ -269,22 +223,6 @@ def check_processes(config: TrainConfig, devices: str) -> None:
             f"use at most {gpus}, or 'auto'",
             field="processes_per_node",
         )
-
-
-def check_writable(folder: Path, field: str) -> None:
-    """Refuses a folder the job could not write to, by writing a probe file into its nearest existing
-    ancestor (so a check creates nothing). Root ignores permission bits, so only a real write tells."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".lmtuner-write-test-", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise LmtunerError(
-            f"{field}: cannot write to {folder} ({exc.strerror}); choose a folder on a writable disk", field=field
-        ) from None
 
 
 # ---------------------------------------------------------------------------------------------- running

@@ -35,7 +35,7 @@ from lmtuner_core.errors import LmtunerError, NotFoundError, remote_code_refusal
 from lmtuner_core.jobs.distributed import free_port
 from lmtuner_core.jobs.processes import alive, process_start_time, reap
 from lmtuner_core.jobs.progress import tail_lines
-from lmtuner_core.jobs.service import resolve_model
+from lmtuner_core.models.reference import resolve_model
 from lmtuner_core.models.servers_store import LIVE, ServerRecord, ServerStore
 from lmtuner_core.paths import AllowedRoots
 from lmtuner_core.training.xpos import is_xpos_model
