@@ -73,7 +73,8 @@ def test_a_claim_whose_starter_died_is_queued_again_and_runs(tiny_model, tmp_pat
 def test_server_killed_mid_job_then_restarted_reattaches(tiny_model, tmp_path, lmtuner_home):
     data = write_demo_dataset(tmp_path / "demo.jsonl", n=32)
     roots = ["--root", str(tmp_path), "--root", str(tiny_model)]
-    config = quick_config(tiny_model, data, max_steps=40, batch_size=2)
+    # Long enough that the job is still running when the second server answers (40 steps once finished first).
+    config = quick_config(tiny_model, data, max_steps=120, batch_size=2)
 
     async def start(url):
         async with http_client(url) as client:
@@ -98,7 +99,7 @@ def test_server_killed_mid_job_then_restarted_reattaches(tiny_model, tmp_path, l
         assert later["status"] == "completed" or later["step"] > seen["step"], (seen, later)
         wait_for_state(run_dir, lambda s: s.get("status") == "completed")
         final = anyio.run(status, url, started["job_id"])
-    assert final["status"] == "completed" and final["step"] == 40
+    assert final["status"] == "completed" and final["step"] == 120
 
 
 def test_job_that_finishes_while_the_server_is_down_is_reported_completed(tiny_model, tmp_path, lmtuner_home):
