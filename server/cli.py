@@ -61,7 +61,7 @@ TRUST_HELP = "Run the Python code shipped with the model, if it needs it (only f
 
 def cmd_train(ctx: ToolContext, args: argparse.Namespace) -> int:
     config = load_train_config_file(args.config)
-    result = training.start_training(ctx, config, dry_run=args.dry_run)
+    result = training.start_training(ctx, config, dry_run=args.dry_run, force=args.force)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     _print(result, args.json, f"job {result.job_id} {result.status}; run folder {result.run_dir}")
@@ -281,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path)
     p.add_argument("--dry-run", action="store_true", help="Check everything, start nothing.")
     p.add_argument("--follow", action="store_true", help="Show progress until the job ends.")
+    p.add_argument("--force", action="store_true", help="Start even if the memory estimate says it does not fit.")
 
     p = command("status", cmd_status, "Show a job's progress.", training.job_status, positional=("job_id",),
                 exclude=("include_plot",))  # fmt: skip

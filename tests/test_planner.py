@@ -113,3 +113,18 @@ def test_start_training_refuses_a_job_that_cannot_fit_unless_forced(workspace, l
     assert dry_refused == refused  # a dry run answers as the real start would
     assert any(w.startswith("memory: this job needs") for w in dry["warnings"])
     assert jobs["jobs"] == []
+
+
+def test_the_cli_can_force_what_the_memory_check_refuses(workspace, lmtuner_home):
+    """The refusal names how to override it; `lmtuner train --force` is that override on the command line."""
+    from tests.test_cli import run_cli
+
+    config_file = workspace / "job.json"
+    config_file.write_text(json.dumps({
+        "model": str(workspace / "llama3-70b"), "dataset": str(workspace / "train.jsonl"), "method": "full",
+    }))  # fmt: skip
+    refused = run_cli("train", str(config_file), "--dry-run", home=lmtuner_home, check=False)
+    assert refused.returncode == 2 and "lmtuner train --force" in refused.stderr, refused.stderr
+    forced = run_cli("--json", "train", str(config_file), "--dry-run", "--force", home=lmtuner_home)
+    assert json.loads(forced.stdout)["status"] == "dry_run"
+    assert "memory: this job needs" in forced.stderr

@@ -94,7 +94,8 @@ def preflight(config: TrainConfig, devices: str, *, refuse: bool) -> list[str]:
         "gradient_checkpointing)"
     )
     if refuse:
-        raise LmtunerError(f"memory: this job {message}; or set force: true to start it anyway", field="config")
+        override = "set force: true (`lmtuner train --force`) to start it anyway"
+        raise LmtunerError(f"memory: this job {message}; or {override}", field="config")
     return [f"memory: this job {message}"]
 
 
