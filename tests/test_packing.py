@@ -105,6 +105,43 @@ def test_varlen_gradients_equal_padded_batch(tiny_model):
         assert torch.allclose(grad, padded_grads[name], atol=1e-5, rtol=1e-4), name
 
 
+def test_label_logits_answer_the_fused_head_as_trl_does(tiny_model):
+    """On the CPU a flattened batch's fused-head call is answered from the label positions' logits only
+    (`label_logits`): the same per-token log-probabilities, entropy, top-1 flags, loss and gradients as TRL's head."""
+    from peft import LoraConfig, get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from lmtuner_core.training import label_logits
+
+    generator = torch.Generator().manual_seed(2)
+    rows = [torch.randint(5, 900, (n,), generator=generator).tolist() for n in (40, 9, 64, 17)]
+    batch = FlatRowsCollator()([
+        {"input_ids": ids, "assistant_masks": [int(i >= len(ids) // 2) for i in range(len(ids))]} for ids in rows
+    ])  # fmt: skip
+    results = []
+    for installed in (False, True):
+        torch.manual_seed(0)
+        model = _model(tiny_model, "lmtuner_varlen_sdpa").train()
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        if installed:
+            assert label_logits.install(model)
+        outputs = model(**batch, fused_lm_head=True, use_cache=False)  # as SFTTrainer.compute_loss calls it
+        outputs.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((outputs, grads))
+    (trl, trl_grads), (ours, our_grads) = results
+    assert int(ours.label_mask.sum()) == sum(len(r) - len(r) // 2 for r in rows)  # the assistant halves
+    assert torch.equal(ours.label_mask, trl.label_mask)
+    for field in ("log_probs", "entropy"):
+        assert torch.allclose(getattr(ours, field), getattr(trl, field), atol=1e-5), field
+    assert torch.equal(ours.is_top1, trl.is_top1)
+    assert ours.loss.item() == pytest.approx(trl.loss.item(), rel=1e-5)
+    assert our_grads.keys() == trl_grads.keys() and len(our_grads) == 8  # A and B of q, v in 2 layers
+    for name, grad in our_grads.items():
+        assert torch.allclose(grad, trl_grads[name], atol=1e-6, rtol=1e-4), name
+
+
 def test_varlen_attention_is_chosen_only_where_it_is_exact(tiny_model):
     from transformers import AutoConfig
 

@@ -43,6 +43,7 @@ from lmtuner_core.jobs.distributed import DEEPSPEED_FILE, process_rank
 from lmtuner_core.jobs.run_folder import ARTIFACT_MARKER, RunDir, StateFile, write_json_atomic
 from lmtuner_core.methods import METHODS
 from lmtuner_core.paths import AllowedRoots, lmtuner_home
+from lmtuner_core.training.label_logits import install as install_label_logits
 from lmtuner_core.training.model_setup import (
     apply_method,
     count_parameters,
@@ -302,6 +303,8 @@ class SFTRecipe:
         self.trainer.remove_callback(PrinterCallback)  # ProgressWriter logs each step as one JSON line
         if self.packing:
             self.trainer.data_collator = FlatRowsCollator()
+            if not torch.cuda.is_available():
+                install_label_logits(self.trainer.model)  # TRL's fused head off CUDA scores every position, slowly
 
     @property
     def packing(self) -> bool:

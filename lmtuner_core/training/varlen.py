@@ -75,12 +75,15 @@ def varlen_attention(
     if bounds is None or len(bounds) <= 2:  # not a flattened batch, or a single row: transformers' SDPA as usual
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
-    pieces = []
-    for start, end in itertools.pairwise(bounds):
-        if end == start:
-            continue
-        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
-        pieces.append(F.scaled_dot_product_attention(q, k, v, None, dropout, True, scale=scaling, enable_gqa=gqa))
+    # split, not a slice per row: the backward of each slice writes a zero tensor the size of the whole batch and
+    # adds it up (rows × batch), while split's backward is one concatenation.
+    lengths = [end - start for start, end in itertools.pairwise(bounds)]
+    rows = zip(*(t.split(lengths, dim=2) for t in (query, key, value)), strict=True)
+    pieces = [
+        F.scaled_dot_product_attention(q, k, v, None, dropout, True, scale=scaling, enable_gqa=gqa)
+        for q, k, v in rows
+        if q.shape[2]
+    ]
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 
 
