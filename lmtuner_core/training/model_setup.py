@@ -14,6 +14,7 @@ from torch import nn
 from lmtuner_core.config import TrainConfig
 from lmtuner_core.errors import LmtunerError, shown
 from lmtuner_core.methods import METHODS
+from lmtuner_core.training.cpu_dropout import use_cpu_dropout
 
 
 def resolve_precision(requested: str) -> tuple[str, torch.dtype]:
@@ -146,6 +147,8 @@ def lora(model: nn.Module, config: TrainConfig, *, use_dora: bool = False) -> nn
         raise LmtunerError(f"lora.target_modules: {exc}; 'all-linear' works for every model") from None
     if config.gradient_checkpointing:
         wrapped.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    if not torch.cuda.is_available():
+        use_cpu_dropout(wrapped)  # the same dropout, its masks drawn 3x faster on the CPU
     return wrapped
 
 

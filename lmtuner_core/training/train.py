@@ -49,6 +49,13 @@ def explain(exc: BaseException) -> str:
     return text
 
 
+def peak_rss_mib() -> int:
+    """This process's peak resident memory: what the memory estimate is checked against (docs/MEMORY.md)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
+
+
 def die_with_launcher() -> None:
     """Under torchrun each worker is in its own session, so a SIGKILL to the job's process group (a cancel
     past its grace) reaches the launcher only: this worker dies with it."""
@@ -80,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         recipe.save()
         if rank == 0:
-            state.update(status="completed", phase=None, output_dir=config.output_dir)
-            print(f"[lmtuner] completed; output in {config.output_dir}", flush=True)
+            peak = peak_rss_mib()
+            state.update(status="completed", phase=None, output_dir=config.output_dir, peak_rss_mib=peak)
+            print(f"[lmtuner] completed; output in {config.output_dir}; peak RSS {peak} MiB", flush=True)
         else:  # another node's first process: the model and metrics are written by node 0's job
             state.update(status="completed", phase=None, note="the output is written by the job of node rank 0")
         return 0

@@ -80,11 +80,11 @@ def varlen_attention(
     lengths = [end - start for start, end in itertools.pairwise(bounds)]
     rows = zip(*(t.split(lengths, dim=2) for t in (query, key, value)), strict=True)
     pieces = [
-        F.scaled_dot_product_attention(q, k, v, None, dropout, True, scale=scaling, enable_gqa=gqa)
+        F.scaled_dot_product_attention(q, k, v, None, dropout, True, scale=scaling, enable_gqa=gqa).transpose(1, 2)
         for q, k, v in rows
         if q.shape[2]
     ]
-    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+    return torch.cat(pieces, dim=1), None  # (1, tokens, heads, dim), contiguous: one copy, not a cat and a transpose
 
 
 def varlen_mask(*args: Any, **kwargs: Any) -> Any:
