@@ -327,8 +327,8 @@ def test_gradients_and_activations_do_not_coexist_with_one_micro_batch():
 
 
 # Peak RSS above the pre-load baseline (MiB) of lmtuner's recipe training SmolLM2-135M on the CPU: fp32, batch 2,
-# 3 steps, glibc defaults (bench/cpu_memory.py --model, docs/MEMORY.md). QLoRA peaks ~4 LM-head tiles below LoRA
-# for a reason not yet found (its saved tensors are LoRA's): its estimate stays over, on the safe side.
+# 3 steps, glibc defaults (bench/cpu_memory.py --model, docs/MEMORY.md). QLoRA peaks ~0.5 MiB per token below
+# LoRA for a reason not yet found (its saved tensors are LoRA's): its estimate stays over, on the safe side.
 SMOLLM2_MEASURED = [("full", 256, 3194.2), ("lora", 256, 2674.6), ("qlora", 256, 2173.2),
                     ("full", 1024, 7353.5), ("lora", 1024, 8992.8), ("qlora", 1024, 6929.9)]  # fmt: skip
 
