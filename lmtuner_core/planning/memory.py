@@ -33,7 +33,7 @@ CPU_RUNTIME_GIB = 0.043  # measured on the tiny model, mmap threshold pinned: th
 # the Trainer's and TRL's (44 MiB in lmtuner's recipe; 14 MiB in a bare training loop)
 GLIBC_MMAP_MAX = 32 * 2**20  # glibc's dynamic mmap threshold stops here (64-bit): bigger blocks are always mmapped
 # Share of one step's heap-served tensors that glibc still holds at the next step's peak, measured with lmtuner's
-# recipe (bench/cpu_memory.py, glibc defaults minus a pinned threshold): 0.16-0.65 over 12 runs, SmolLM2 included
+# recipe (bench/cpu_memory.py, glibc defaults minus a pinned threshold): 0.16-0.65 in 12 cases, SmolLM2 included
 GLIBC_RETAINED_SHARE = 0.5
 FRAGMENTATION = 0.10  # the caching allocator rarely packs tensors tightly: ~10% of what they need
 # TRL's SFTTrainer (1.16) scores the LM head in tiles of at most this many tokens × vocabulary entries (its
