@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -145,8 +146,15 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--malloc-fixed", action="store_true", help="pin glibc's mmap threshold (live tensors)")
     args = parser.parse_args()
-    env = dict(os.environ)
     work = Path(tempfile.mkdtemp(prefix="cpu-memory-"))
+    try:
+        run_cases(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # random models, text rows and run folders
+
+
+def run_cases(args: argparse.Namespace, work: Path) -> None:
+    env = dict(os.environ)
     env["LMTUNER_HOME"] = str(work / "home")  # the tokenized-data cache stays out of the user's home
     if args.malloc_fixed:
         env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
