@@ -8,7 +8,7 @@ import json
 import pytest
 
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.planning.memory import GIB, estimate_memory, load_shape, shape_from_config
+from lmtuner_core.planning.memory import GIB, cpu_process_bytes, estimate_memory, load_shape, shape_from_config
 
 # The dimensions each model's published config.json gives; the counts are the published parameter counts.
 LLAMA_3_8B = {
@@ -61,6 +61,18 @@ MISTRAL_7B = {
     "vocab_size": 32000,
     "max_position_embeddings": 32768,
     "tie_word_embeddings": False,
+}
+SMOLLM2_135M = {  # SmolLM2-135M-Instruct's config.json (the dimensions only)
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
 }
 GPT2 = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, "vocab_size": 50257}
 
@@ -278,13 +290,17 @@ def test_allocator_slack_cuda_fragmentation_and_glibc_retention():
     held -= gpu.overlap_gib
     assert gpu.allocator_gib == pytest.approx(0.10 * held)
     assert gpu.overhead_gib == pytest.approx(gpu.runtime_gib + gpu.allocator_gib)
-    # CPU: glibc keeps one step's freed activations while its tensors stay under its 32 MiB mmap ceiling...
+    # CPU: glibc keeps half of one step's freed activations (measured 0.16-0.65) while its tensors stay under its
+    # 32 MiB mmap ceiling...
     small = {**QWEN_25_05B, "vocab_size": 1000}
     short = estimate(small, method="lora", precision="fp32", seq_len=256, on_gpu=False)
-    assert short.allocator_gib == pytest.approx(short.activations_gib + short.logits_gib)
-    # ...and none of it once every activation tensor is big enough to be mmapped and handed back on free
+    assert short.allocator_gib == pytest.approx(0.5 * (short.activations_gib + short.logits_gib))
+    # ...and none of the activations once every activation tensor is big enough to be mmapped and handed back on
+    # free; the LM head's tiles (at most 4096 tokens × a 1000-token vocabulary) stay under the ceiling at any length
     long = estimate(small, method="lora", precision="fp32", seq_len=4096, batch_size=4, on_gpu=False)
-    assert long.allocator_gib == 0
+    assert long.allocator_gib == pytest.approx(0.5 * long.logits_gib)
+    wide = estimate(QWEN_25_05B, method="lora", precision="fp32", seq_len=4096, batch_size=4, on_gpu=False)
+    assert wide.allocator_gib == 0
 
 
 def test_lora_dropout_and_the_cpu_mask():
@@ -308,3 +324,20 @@ def test_gradients_and_activations_do_not_coexist_with_one_micro_batch():
     assert accumulated.per_gpu_gib - one.per_gpu_gib == pytest.approx(one.overlap_gib * 1.10)  # + fragmentation
     lora = estimate(method="lora")
     assert lora.overlap_gib == lora.gradients_gib  # adapters' gradients are tiny next to the activations
+
+
+# Peak RSS above the pre-load baseline (MiB) of lmtuner's recipe training SmolLM2-135M on the CPU: fp32, batch 2,
+# 3 steps, glibc defaults (bench/cpu_memory.py --model, docs/MEMORY.md). QLoRA peaks ~0.5 MiB per token below
+# LoRA for a reason not yet found (its saved tensors are LoRA's): its estimate stays over, on the safe side.
+SMOLLM2_MEASURED = [("full", 256, 3194.2), ("lora", 256, 2674.6), ("qlora", 256, 2173.2),
+                    ("full", 1024, 7353.5), ("lora", 1024, 8992.8), ("qlora", 1024, 6929.9)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "seq", "measured_mib"), SMOLLM2_MEASURED)
+def test_cpu_estimate_within_20_percent_of_smollm2_measured(method, seq, measured_mib):
+    shape = shape_from_config(SMOLLM2_135M)
+    assert shape.param_count == 134_515_008
+    e = estimate(SMOLLM2_135M, method=method, precision="fp32", batch_size=2, seq_len=seq, on_gpu=False)
+    error = ((e.per_gpu_gib * GIB - cpu_process_bytes()) / 2**20 - measured_mib) / measured_mib
+    low, high = (0.0, 0.30) if method == "qlora" else (-0.20, 0.20)
+    assert low <= error <= high

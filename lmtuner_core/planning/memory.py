@@ -27,10 +27,22 @@ LOAD_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes per weight as loaded, an
 NF4_BITS = 4 + 0.127  # QLoRA paper: 4-bit NF4 plus 0.127 bits/param of double-quantized block constants
 LORA_BYTES = 4  # adapters (and DoRA magnitudes) are kept in fp32 for stable updates
 CUDA_CONTEXT_GIB = 0.75  # CUDA context, cuBLAS workspaces and kernels: present before any tensor
-CPU_PROCESS_GIB = 0.38  # measured: RSS of a process that imported torch, transformers, peft, bitsandbytes (391 MiB)
-CPU_RUNTIME_GIB = 0.014  # measured on the tiny model, mmap threshold pinned: the first step's pools and lazy imports
+CPU_PROCESS_GIB = 0.49  # measured: RSS of the training child once its recipe's imports are done (torch, transformers,
+# peft, bitsandbytes, trl, datasets and what they pull in): 506 MiB in bench/cpu_memory.py
+CPU_RUNTIME_GIB = 0.043  # measured on the tiny model, mmap threshold pinned: the first step's pools and lazy imports,
+# the Trainer's and TRL's (44 MiB in lmtuner's recipe; 14 MiB in a bare training loop)
 GLIBC_MMAP_MAX = 32 * 2**20  # glibc's dynamic mmap threshold stops here (64-bit): bigger blocks are always mmapped
+# Share of one step's heap-served tensors that glibc still holds at the next step's peak, measured with lmtuner's
+# recipe (bench/cpu_memory.py, glibc defaults minus a pinned threshold): 0.16-0.65 in 12 cases, SmolLM2 included
+GLIBC_RETAINED_SHARE = 0.5
 FRAGMENTATION = 0.10  # the caching allocator rarely packs tensors tightly: ~10% of what they need
+# TRL's SFTTrainer (1.16) scores the LM head in tiles of at most this many tokens × vocabulary entries (its
+# chunked_logprob TOKEN_CHUNK_SIZE and _CHUNKED_LOGPROB_CHUNK_SIZE): the full tokens × vocab logits never exist.
+HEAD_TILE_TOKENS, HEAD_TILE_VOCAB = 4096, 32768
+# Without Triton (the CPU) the backward of one tile holds the tile, seven fp32 temporaries of its size (the scaled
+# logits twice, log p, p, the gradient, 1[target] - p and its product with the incoming gradient) and a
+# one-byte target mask: counted from trl/kernels/chunked_logprob.py `_backward_tile`, the step's largest moment.
+HEAD_TILE_COPIES_CPU = 7
 
 
 def cpu_process_bytes() -> float:
@@ -327,13 +339,15 @@ def _glibc_retained(activations: float, logits: float, tokens: int, shape: Model
 
     glibc serves a block from mmap (returned to the OS on free) only above its mmap threshold, and it raises that
     threshold to the size of each mmapped block freed, up to 32 MiB. After the first step, every activation
-    tensor under that size comes from the heap, which is given back only from its top: the previous step's
-    freed activations stay resident beside the next step's. Measured (bench/cpu_memory.py, defaults vs a
-    pinned threshold): 0.5-0.9 of one step's activations and logits, depending on how allocations interleave;
-    this counts all of it (the safe side for a RAM budget), and nothing once the tensors reach 32 MiB."""
+    tensor under that size comes from the heap, which is given back only from its top: part of the previous
+    step's freed activations stays resident beside the next step's. How much depends on how allocations
+    interleave; measured with lmtuner's recipe (bench/cpu_memory.py, defaults vs a pinned threshold) it was
+    0.16-0.65 of one step's heap-served tensors (0.5-0.9 in a bare training loop): GLIBC_RETAINED_SHARE, and
+    nothing for tensors of 32 MiB or more."""
     widest = max(shape.hidden_size, shape.intermediate_size) * tokens * 4  # an MLP activation or a dropout mask
     retained = activations if widest < GLIBC_MMAP_MAX else 0.0
-    return retained + (logits if tokens * shape.vocab_size * 4 < GLIBC_MMAP_MAX else 0.0)
+    tile = min(tokens, HEAD_TILE_TOKENS) * min(shape.vocab_size, HEAD_TILE_VOCAB) * 4  # the LM head's largest tensor
+    return GLIBC_RETAINED_SHARE * (retained + (logits if tile < GLIBC_MMAP_MAX else 0.0))
 
 
 def _check(name: str, value: object, allowed: Collection[object]) -> None:
@@ -482,10 +496,20 @@ def estimate_memory(
     else:
         activations = tokens * (layers_with_grad * per_token_block + outer)
 
-    # Logits: the loss upcasts them to fp32 and log-softmax keeps its fp32 output for backward; the backward of
-    # the loss then holds that output, the gradient arriving at it and the gradient it passes on, all
+    # Logits. On a GPU: HF's loss upcasts them to fp32 and log-softmax keeps its fp32 output for backward; the
+    # backward of the loss then holds that output, the gradient arriving at it and the gradient it passes on, all
     # batch × seq × vocab in fp32, at once (× 3; measured: a 128k vocabulary's peak grows by exactly 3 copies).
+    # lmtuner's recipe runs TRL's chunked LM head instead, which on CUDA (Triton) holds far less; not measured on a
+    # GPU here, so the GPU keeps this upper bound. On the CPU it is measured (bench/cpu_memory.py, SmolLM2):
     logits = tokens * V * 4 * 3
+    if not on_gpu:
+        # TRL's chunked head without Triton: the loss's backward, while every activation is still alive, holds one
+        # tile of tokens × vocabulary (the tile buffer in the compute dtype, 7 fp32 temporaries, a 1-byte mask),
+        # the fp32 gradient of the hidden states and, when the head's weight trains, its fp32 gradient
+        # (V × h; the tied embedding's, for full fine-tuning).
+        tile = min(tokens, HEAD_TILE_TOKENS) * min(V, HEAD_TILE_VOCAB)
+        head_trains = m.trains == "all"  # freeze leaves embeddings and head frozen; adapters never wrap lm_head
+        logits = tile * (load + 4 * HEAD_TILE_COPIES_CPU + 1) + tokens * h * 4 + (V * h * 4 if head_trains else 0)
 
     # ZeRO: stage 1 shards optimizer states over the GPUs, stage 2 also gradients, stage 3 also weights.
     # Activations and logits belong to each GPU's own micro-batch and are not sharded.
