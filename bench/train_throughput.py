@@ -21,6 +21,7 @@ themselves) on the same first N rows of LLaMA-Factory's alpaca_en_demo.json, bat
   plain        the script a user writes: transformers Trainer + PEFT, each batch padded to its longest row
   llamafactory LLaMA-Factory in its own venv (bench/setup_llamafactory.sh) with its fastest settings: packing on,
                gradient checkpointing off; skipped with a message when that venv is absent
+  llamafactory-padded  the same with LLaMA-Factory's default packing off (batches padded, like plain)
   lmtuner      lmtuner's recipe (SFTRecipe) with its defaults: padding-free packing, SDPA
 Runs alternate (plain, llamafactory, lmtuner, plain, ...) so a machine shared with others loads all alike; each
 run is its own process so peak RSS values do not mix. Timed: trainer.train() from on_train_begin to
@@ -44,7 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "llamafactory" / "alpaca_en_demo.json"
 DEFAULT_LF_VENV = Path(os.environ.get("LLAMAFACTORY_VENV", "~/.cache/lmtuner/llamafactory-venv")).expanduser()
-CONFIGS = ("plain", "llamafactory", "lmtuner", "lmtuner-grouped")
+CONFIGS = ("plain", "llamafactory", "llamafactory-padded", "lmtuner", "lmtuner-grouped")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {  # model shapes (random init); the tokenizer is always the 1,200-token BPE trained on the rows
     "bench-26m": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8,
@@ -273,7 +274,7 @@ def child_llamafactory(spec: dict, result: dict) -> None:
         "dataset_dir": spec["work"],
         "template": "chatml",
         "cutoff_len": spec["max_len"],
-        "packing": True,
+        "packing": spec.get("packing", True),
         "disable_gradient_checkpointing": True,
         "flash_attn": "sdpa",
         "per_device_train_batch_size": spec["batch"],
@@ -298,6 +299,13 @@ def child_llamafactory(spec: dict, result: dict) -> None:
     run_exp(lf_args, callbacks=[timing_callback(result)])
 
 
+def child_llamafactory_padded(spec: dict, result: dict) -> None:
+    """LLaMA-Factory with its default packing off: each batch padded to its longest row, like plain. Its packed
+    batches (8 packs of max length) hold every logit of 8 × 1,024 positions, which a 24 GiB machine cannot on
+    SmolLM2's 49k vocabulary."""
+    child_llamafactory({**spec, "packing": False}, result)
+
+
 def child_lmtuner_grouped(spec: dict, result: dict) -> None:
     """lmtuner with packing off: rows of similar length batched together (group_by_length), each row padded only
     to its batch's longest. No attention is computed between rows or over other rows' positions."""
@@ -306,7 +314,7 @@ def child_lmtuner_grouped(spec: dict, result: dict) -> None:
 
 CHILDREN = {
     "plain": child_plain, "lmtuner": child_lmtuner, "lmtuner-grouped": child_lmtuner_grouped,
-    "llamafactory": child_llamafactory,
+    "llamafactory": child_llamafactory, "llamafactory-padded": child_llamafactory_padded,
 }  # fmt: skip
 
 
@@ -398,9 +406,9 @@ def main() -> int:
     if not DATA.is_file():
         parser.error(f"{DATA} not found (the shared data sits beside the repository)")
     lf_python = args.lf_venv / "bin" / "python"
-    if "llamafactory" in configs and not lf_python.is_file():
+    if any(c.startswith("llamafactory") for c in configs) and not lf_python.is_file():
         print(f"llamafactory: skipped, no venv at {args.lf_venv} (create it with bash bench/setup_llamafactory.sh)")
-        configs.remove("llamafactory")
+        configs = [c for c in configs if not c.startswith("llamafactory")]
     args.work.mkdir(parents=True, exist_ok=True)
     rows = json.loads(DATA.read_text())[: args.rows]
     model = real_model(args.model, args.work) if args.model else build_model(args.work, rows, args.shape)
@@ -422,7 +430,7 @@ def main() -> int:
                 "model": str(model), "rows": str(rows_path), "work": str(args.work), "max_len": args.max_len,
                 "batch": args.batch, "out": str(args.work / f"out-{name}-{round_}"), "cuda": cuda,
             }  # fmt: skip
-            python = str(lf_python) if name == "llamafactory" else sys.executable
+            python = str(lf_python) if name.startswith("llamafactory") else sys.executable
             if whole and name.startswith("lmtuner"):
                 overrides = {"packing": False, "group_by_length": True} if name == "lmtuner-grouped" else {}
                 result = run_lmtuner_cli({**spec, "overrides": overrides}, whole)
@@ -432,7 +440,7 @@ def main() -> int:
                 continue
             if whole:
                 result["seconds"] = result["process_seconds"]
-            if name == "llamafactory":
+            if name.startswith("llamafactory"):
                 # LLaMA-Factory's packing (without neat_packing) marks its pack padding as attended, so its
                 # non-padding count is every position; the real tokens are those of the same rows, as counted
                 # in the plain run (its chatml template has no bos: one token a row fewer, 0.3% here).
@@ -460,7 +468,7 @@ def main() -> int:
             f"{s['peak_rss_mib_max']:6d}"
         )
     if "lmtuner" in summary:
-        for other in ("plain", "llamafactory"):
+        for other in ("plain", "llamafactory", "llamafactory-padded"):
             if other in summary:
                 ratio = summary["lmtuner"]["tokens_per_s_median"] / summary[other]["tokens_per_s_median"]
                 pairs = [

@@ -35,6 +35,10 @@ GLIBC_MMAP_MAX = 32 * 2**20  # glibc's dynamic mmap threshold stops here (64-bit
 # Share of one step's heap-served tensors that glibc still holds at the next step's peak, measured with lmtuner's
 # recipe (bench/cpu_memory.py, glibc defaults minus a pinned threshold): 0.16-0.65 in 12 cases, SmolLM2 included
 GLIBC_RETAINED_SHARE = 0.5
+# With a 4-bit base glibc keeps much less (measured on SmolLM2 after the CPU loss and dropout of issue #14: QLoRA's
+# peak sat 174 MiB and 35 MiB above its live tensors at 512 and 2,048 tokens, LoRA's 496 and 1,602 MiB): every
+# 4-bit matmul dequantizes its weight into a fresh fp32 block, which changes how freed blocks are reused.
+GLIBC_RETAINED_SHARE_NF4 = 0.2
 FRAGMENTATION = 0.10  # the caching allocator rarely packs tensors tightly: ~10% of what they need
 # TRL's SFTTrainer (1.16) scores the LM head in tiles of at most this many tokens × vocabulary entries (its
 # chunked_logprob TOKEN_CHUNK_SIZE and _CHUNKED_LOGPROB_CHUNK_SIZE): the full tokens × vocab logits never exist.
@@ -312,9 +316,9 @@ def _activation_bytes_per_token(
         # seq × seq matrix, only a per-row logsumexp. SwiGLU keeps gate (SiLU's input), silu(gate) and up.
         core = 2 * norm + load * (2 * q_dim + 2 * kv_dim) + load * 3 * i
     sizes = {"attn_in": h, "attn_out": q_dim, "mlp_in": h, "mlp_mid": i}
-    # A linear keeps its input only when its own weight trains (a frozen F.linear keeps just the weight). CUDA's
-    # fused dropout keeps a 1-byte mask; the CPU kernel multiplies by a noise tensor of the input's dtype (fp32).
-    mask = 1 if on_gpu else 4
+    # A linear keeps its input only when its own weight trains (a frozen F.linear keeps just the weight). LoRA's
+    # dropout keeps a 1-byte mask: CUDA's fused kernel, and on the CPU lmtuner's CPUDropout (training/cpu_dropout).
+    mask = 1
     extra = 0
     for name, size in sizes.items():
         readers = [x for x in adapted if _linear_input(x) == name]
@@ -334,7 +338,9 @@ def _activation_bytes_per_token(
     return core + extra
 
 
-def _glibc_retained(activations: float, logits: float, tokens: int, shape: ModelShape) -> float:
+def _glibc_retained(
+    activations: float, logits: float, tokens: int, shape: ModelShape, packing: bool, share: float
+) -> float:
     """Bytes glibc malloc keeps resident after torch has freed them, in a CPU training process.
 
     glibc serves a block from mmap (returned to the OS on free) only above its mmap threshold, and it raises that
@@ -342,12 +348,18 @@ def _glibc_retained(activations: float, logits: float, tokens: int, shape: Model
     tensor under that size comes from the heap, which is given back only from its top: part of the previous
     step's freed activations stays resident beside the next step's. How much depends on how allocations
     interleave; measured with lmtuner's recipe (bench/cpu_memory.py, defaults vs a pinned threshold) it was
-    0.16-0.65 of one step's heap-served tensors (0.5-0.9 in a bare training loop): GLIBC_RETAINED_SHARE, and
+    0.16-0.65 of one step's heap-served tensors (0.5-0.9 in a bare training loop): GLIBC_RETAINED_SHARE (less with
+    a 4-bit base: GLIBC_RETAINED_SHARE_NF4), and
     nothing for tensors of 32 MiB or more."""
     widest = max(shape.hidden_size, shape.intermediate_size) * tokens * 4  # an MLP activation or a dropout mask
     retained = activations if widest < GLIBC_MMAP_MAX else 0.0
-    tile = min(tokens, HEAD_TILE_TOKENS) * min(shape.vocab_size, HEAD_TILE_VOCAB) * 4  # the LM head's largest tensor
-    return GLIBC_RETAINED_SHARE * (retained + (logits if tile < GLIBC_MMAP_MAX else 0.0))
+    # the LM head's largest tensor: all label positions' logits (padding-free batches), else TRL's tile
+    tile = (
+        tokens * shape.vocab_size * 4
+        if packing
+        else min(tokens, HEAD_TILE_TOKENS) * min(shape.vocab_size, HEAD_TILE_VOCAB) * 4
+    )
+    return share * (retained + (logits if tile < GLIBC_MMAP_MAX else 0.0))
 
 
 def _check(name: str, value: object, allowed: Collection[object]) -> None:
@@ -374,6 +386,7 @@ def estimate_memory(
     offload_params: bool = False,
     freeze_trainable_layers: int = 2,
     on_gpu: bool = True,
+    packing: bool = True,
 ) -> MemoryEstimate:
     """What training `shape` with these settings holds on each GPU, term by term."""
     _check("method", method, METHODS)
@@ -502,13 +515,19 @@ def estimate_memory(
     # lmtuner's recipe runs TRL's chunked LM head instead, which on CUDA (Triton) holds far less; not measured on a
     # GPU here, so the GPU keeps this upper bound. On the CPU it is measured (bench/cpu_memory.py, SmolLM2):
     logits = tokens * V * 4 * 3
-    if not on_gpu:
+    head_trains = m.trains == "all"  # freeze leaves embeddings and head frozen; adapters never wrap lm_head
+    if not on_gpu and packing:
+        # lmtuner's CPU loss for padding-free batches (training/label_logits.py): the logits of the label positions
+        # (at most every token), their fp32 log-softmax kept for backward, and in the backward the gradient that
+        # arrives at it and the one it passes on (× 3), plus the hidden states' fp32 gradient and, when the head's
+        # weight trains, its fp32 gradient (V × h; the tied embedding's, for full fine-tuning).
+        logits = tokens * V * 4 * 3 + tokens * h * 4 + (V * h * 4 if head_trains else 0)
+    elif not on_gpu:
         # TRL's chunked head without Triton: the loss's backward, while every activation is still alive, holds one
         # tile of tokens × vocabulary (the tile buffer in the compute dtype, 7 fp32 temporaries, a 1-byte mask),
         # the fp32 gradient of the hidden states and, when the head's weight trains, its fp32 gradient
         # (V × h; the tied embedding's, for full fine-tuning).
         tile = min(tokens, HEAD_TILE_TOKENS) * min(V, HEAD_TILE_VOCAB)
-        head_trains = m.trains == "all"  # freeze leaves embeddings and head frozen; adapters never wrap lm_head
         logits = tile * (load + 4 * HEAD_TILE_COPIES_CPU + 1) + tokens * h * 4 + (V * h * 4 if head_trains else 0)
 
     # ZeRO: stage 1 shards optimizer states over the GPUs, stage 2 also gradients, stage 3 also weights.
@@ -545,7 +564,8 @@ def estimate_memory(
         # are mmapped (RSS then follows the live tensors to within ~1%: bench/cpu_memory.py --malloc-fixed), but
         # with its default, moving mmap threshold it keeps freed activation memory (see `_glibc_retained`)
         runtime = cpu_process_bytes() + CPU_RUNTIME_GIB * GIB
-        allocator = _glibc_retained(activations, logits, tokens, shape)
+        share = GLIBC_RETAINED_SHARE_NF4 if m.base_quant == "nf4" else GLIBC_RETAINED_SHARE
+        allocator = _glibc_retained(activations, logits, tokens, shape, packing, share)
     overhead = runtime + allocator
     per_gpu = held + overhead
 

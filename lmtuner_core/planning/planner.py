@@ -114,7 +114,7 @@ def _estimate(
         gradient_accumulation_steps=accumulation,
         gradient_checkpointing=c.gradient_checkpointing, optimizer=c.optimizer, num_gpus=max(1, gpus),
         zero_stage=c.zero_stage, offload_optimizer=c.offload_optimizer, offload_params=c.offload_params,
-        on_gpu=on_gpu,
+        on_gpu=on_gpu, packing=config.packing if config else True,
     )  # fmt: skip
 
 
