@@ -22,9 +22,9 @@ GPTQ_VENV ?= $(HOME)/.cache/lmtuner/gptq-venv
 TORCH_EXTENSIONS_CACHE ?= $(HOME)/.cache/lmtuner/torch_extensions
 GPTQ_STAMP := $(GPTQ_VENV)/.installed-$(shell echo "llmcompressor==$(LLMCOMPRESSOR_VERSION)" | cat - constraints-cpu.txt | sha1sum | cut -c1-12)
 # export_model's GGUF writer is llama.cpp's own convert_hf_to_gguf.py (with its bundled gguf-py), taken from the
-# llama-cpp-python source distribution and unpacked once (≈1 min). The same package compiled gives the K-quants
-# and llama.cpp as a second GGUF reader. It is built for AVX2
-# rather than -march=native: the native build on an AVX-512/AMX machine here crashed in ggml_backend_amx_mul_mat
+# llama-cpp-python source distribution and unpacked once (≈1.5 min; only this package from source, its build tools
+# as wheels). The same package compiled gives the K-quants and llama.cpp as a second GGUF reader. It is built for
+# AVX2 rather than -march=native: the native build on an AVX-512/AMX machine here crashed in ggml_backend_amx_mul_mat
 # on every prompt longer than a few tokens, and AVX2 runs on both kinds of machine we get.
 LLAMACPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
 	-DGGML_BMI2=ON
@@ -85,7 +85,7 @@ chromium:
 
 $(LLAMACPP_SRC_STAMP):
 	rm -rf $(LLAMACPP_SRC) && mkdir -p $(LLAMACPP_SRC)
-	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --no-binary llama-cpp-python \
 		'llama-cpp-python==$(LLAMACPP_VERSION)' -d $(LLAMACPP_SRC) 2>&1 \
 		| grep -v "is ignored: it is neither a file nor a directory" || true
 	tar xzf $(LLAMACPP_SRC)/$(LLAMACPP_SDIST).tar.gz -C $(LLAMACPP_SRC)

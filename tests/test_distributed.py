@@ -307,3 +307,29 @@ def test_cancelling_a_two_process_job_stops_every_process_with_a_checkpoint(tiny
     saved = [p.name for p in Path(run_dir, "checkpoints").glob("checkpoint-*")]
     assert len(saved) == 1, saved  # both processes stopped at the same step and saved it together
     assert json.loads(Path(run_dir, "state.json").read_text())["status"] == "cancelled"
+
+
+def test_a_stop_signal_after_the_vote_waits_for_the_next_vote(monkeypatch, tmp_path):
+    """A SIGTERM landing between the stop vote (all_reduce) and the decision must not stop this process alone: it
+    would wait in the final all_gather while the others run the next step (seen once in CI as a hung cancel)."""
+    import threading
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from transformers import TrainerControl, TrainerState
+
+    from lmtuner_core.jobs.run_folder import RunDir, StateFile
+    from lmtuner_core.training.recipe import ProgressWriter
+
+    stop = threading.Event()
+    run = RunDir(tmp_path)
+    writer = ProgressWriter(run, StateFile(run), stop)
+    args, control = SimpleNamespace(world_size=2, device="cpu"), TrainerControl()
+
+    monkeypatch.setattr(dist, "all_reduce", lambda flag, op=None: stop.set())  # all voted 0; then the signal
+    writer.on_step_end(args, TrainerState(), control)
+    assert not control.should_training_stop
+
+    monkeypatch.setattr(dist, "all_reduce", lambda flag, op=None: None)  # the next vote carries it
+    writer.on_step_end(args, TrainerState(), control)
+    assert control.should_training_stop and control.should_save

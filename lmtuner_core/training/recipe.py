@@ -90,9 +90,8 @@ class ProgressWriter(TrainerCallback):
             force=False, step=state.global_step, epoch=round(state.epoch or 0, 4),
             train_seconds=round(time.monotonic() - self.started, 2),
         )  # fmt: skip
-        if args.world_size > 1:
-            self._agree_on_stop(args)
-        if self.stop.is_set():
+        stop = self._agree_on_stop(args) if args.world_size > 1 else self.stop.is_set()
+        if stop:
             if not control.should_training_stop:
                 print(f"[lmtuner] stop requested: saving a checkpoint at step {state.global_step}", flush=True)
                 # If stopping ever stalls, train.log shows where every thread was (the server kills after its grace).
@@ -100,15 +99,19 @@ class ProgressWriter(TrainerCallback):
             control.should_training_stop = True
             control.should_save = True  # what is learned so far survives as a resumable checkpoint
 
-    def _agree_on_stop(self, args) -> None:
+    def _agree_on_stop(self, args) -> bool:
         """Processes get SIGTERM a moment apart: all stop at the same step (the first one that any process saw
-        the request), or the others would wait forever in the next step's collective."""
+        the request), or the others would wait forever in the next step's collective. The answer is the reduced
+        flag alone: reading the local flag again after the all_reduce would let a signal landing in between stop
+        one process a step before the others (seen: rank 0 in the final all_gather, rank 1 in the next step)."""
         import torch.distributed as dist
 
         flag = torch.tensor([1.0 if self.stop.is_set() else 0.0], device=args.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0:
+        agreed = flag.item() > 0
+        if agreed:
             self.stop.set()
+        return agreed
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero:
