@@ -117,7 +117,10 @@ smollm2: $(SMOLLM2_GGUF)
 LLAMACPP_ENV := LMTUNER_LLAMACPP_DIR=$(LLAMACPP_SRC)/$(LLAMACPP_SDIST)/vendor/llama.cpp \
 	LMTUNER_LLAMACPP_PYTHON=$(LLAMACPP_VENV)/bin/python LMTUNER_SMOLLM2_GGUF=$(SMOLLM2_GGUF)
 
-demo: install smollm2 llamacpp-src
+DEMO_PIECES := install smollm2 llamacpp-src
+
+demo:
+	$(MAKE) --no-print-directory -j$(words $(DEMO_PIECES)) --output-sync=target $(DEMO_PIECES)
 	$(LLAMACPP_ENV) $(PY) -m examples.demo
 
 # The side pieces are made side by side: on a fresh machine llama.cpp's compile (CPU-bound) overlaps the pip
