@@ -339,7 +339,7 @@ def _activation_bytes_per_token(
 
 
 def _glibc_retained(
-    activations: float, logits: float, tokens: int, shape: ModelShape, packing: bool, share: float
+    activations: float, logits: float, tokens: int, shape: ModelShape, head_tensor: float, share: float
 ) -> float:
     """Bytes glibc malloc keeps resident after torch has freed them, in a CPU training process.
 
@@ -349,17 +349,11 @@ def _glibc_retained(
     step's freed activations stays resident beside the next step's. How much depends on how allocations
     interleave; measured with lmtuner's recipe (bench/cpu_memory.py, defaults vs a pinned threshold) it was
     0.16-0.65 of one step's heap-served tensors (0.5-0.9 in a bare training loop): GLIBC_RETAINED_SHARE (less with
-    a 4-bit base: GLIBC_RETAINED_SHARE_NF4), and
-    nothing for tensors of 32 MiB or more."""
+    a 4-bit base: GLIBC_RETAINED_SHARE_NF4), and nothing for tensors of 32 MiB or more. `head_tensor` is the LM
+    head's largest single tensor in bytes, which decides the same for the logits term."""
     widest = max(shape.hidden_size, shape.intermediate_size) * tokens * 4  # an MLP activation or a dropout mask
     retained = activations if widest < GLIBC_MMAP_MAX else 0.0
-    # the LM head's largest tensor: all label positions' logits (padding-free batches), else TRL's tile
-    tile = (
-        tokens * shape.vocab_size * 4
-        if packing
-        else min(tokens, HEAD_TILE_TOKENS) * min(shape.vocab_size, HEAD_TILE_VOCAB) * 4
-    )
-    return share * (retained + (logits if tile < GLIBC_MMAP_MAX else 0.0))
+    return share * (retained + (logits if head_tensor < GLIBC_MMAP_MAX else 0.0))
 
 
 def _check(name: str, value: object, allowed: Collection[object]) -> None:
@@ -515,20 +509,23 @@ def estimate_memory(
     # lmtuner's recipe runs TRL's chunked LM head instead, which on CUDA (Triton) holds far less; not measured on a
     # GPU here, so the GPU keeps this upper bound. On the CPU it is measured (bench/cpu_memory.py, SmolLM2):
     logits = tokens * V * 4 * 3
-    head_trains = m.trains == "all"  # freeze leaves embeddings and head frozen; adapters never wrap lm_head
-    if not on_gpu and packing:
-        # lmtuner's CPU loss for padding-free batches (training/label_logits.py): the logits of the label positions
-        # (at most every token), their fp32 log-softmax kept for backward, and in the backward the gradient that
-        # arrives at it and the one it passes on (× 3), plus the hidden states' fp32 gradient and, when the head's
-        # weight trains, its fp32 gradient (V × h; the tied embedding's, for full fine-tuning).
-        logits = tokens * V * 4 * 3 + tokens * h * 4 + (V * h * 4 if head_trains else 0)
-    elif not on_gpu:
-        # TRL's chunked head without Triton: the loss's backward, while every activation is still alive, holds one
-        # tile of tokens × vocabulary (the tile buffer in the compute dtype, 7 fp32 temporaries, a 1-byte mask),
-        # the fp32 gradient of the hidden states and, when the head's weight trains, its fp32 gradient
-        # (V × h; the tied embedding's, for full fine-tuning).
-        tile = min(tokens, HEAD_TILE_TOKENS) * min(V, HEAD_TILE_VOCAB)
-        logits = tile * (load + 4 * HEAD_TILE_COPIES_CPU + 1) + tokens * h * 4 + (V * h * 4 if head_trains else 0)
+    head_tensor = tokens * V * 4  # the head's largest single tensor: one fp32 copy of the logits
+    if not on_gpu:
+        # Both CPU paths hold, while every activation is still alive, the hidden states' fp32 gradient and, when
+        # the head's weight trains, its fp32 gradient (V × h; the tied embedding's, for full fine-tuning). Then:
+        head_trains = m.trains == "all"  # freeze leaves embeddings and head frozen; adapters never wrap lm_head
+        head_gradients = tokens * h * 4 + (V * h * 4 if head_trains else 0)
+        if packing:
+            # lmtuner's loss for padding-free batches (training/label_logits.py): the logits of the label positions
+            # (at most every token), their fp32 log-softmax kept for backward, and in the backward the gradient
+            # that arrives at it and the one it passes on (× 3).
+            logits = tokens * V * 4 * 3 + head_gradients
+        else:
+            # TRL's chunked head without Triton: the loss's backward holds one tile of tokens × vocabulary (the
+            # tile buffer in the compute dtype, 7 fp32 temporaries, a 1-byte mask).
+            tile = min(tokens, HEAD_TILE_TOKENS) * min(V, HEAD_TILE_VOCAB)
+            logits = tile * (load + 4 * HEAD_TILE_COPIES_CPU + 1) + head_gradients
+            head_tensor = tile * 4
 
     # ZeRO: stage 1 shards optimizer states over the GPUs, stage 2 also gradients, stage 3 also weights.
     # Activations and logits belong to each GPU's own micro-batch and are not sharded.
@@ -565,7 +562,7 @@ def estimate_memory(
         # with its default, moving mmap threshold it keeps freed activation memory (see `_glibc_retained`)
         runtime = cpu_process_bytes() + CPU_RUNTIME_GIB * GIB
         share = GLIBC_RETAINED_SHARE_NF4 if m.base_quant == "nf4" else GLIBC_RETAINED_SHARE
-        allocator = _glibc_retained(activations, logits, tokens, shape, packing, share)
+        allocator = _glibc_retained(activations, logits, tokens, shape, head_tensor, share)
     overhead = runtime + allocator
     per_gpu = held + overhead
 
