@@ -46,6 +46,8 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "llamafactory" / "alpaca_en_demo.json"
 DEFAULT_LF_VENV = Path(os.environ.get("LLAMAFACTORY_VENV", "~/.cache/lmtuner/llamafactory-venv")).expanduser()
 CONFIGS = ("plain", "llamafactory", "llamafactory-padded", "lmtuner", "lmtuner-grouped")
+# lmtuner-grouped: packing off, rows of similar length batched together
+GROUPED = {"packing": False, "group_by_length": True}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {  # model shapes (random init); the tokenizer is always the 1,200-token BPE trained on the rows
     "bench-26m": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8,
@@ -309,7 +311,7 @@ def child_llamafactory_padded(spec: dict, result: dict) -> None:
 def child_lmtuner_grouped(spec: dict, result: dict) -> None:
     """lmtuner with packing off: rows of similar length batched together (group_by_length), each row padded only
     to its batch's longest. No attention is computed between rows or over other rows' positions."""
-    child_lmtuner({**spec, "overrides": {"packing": False, "group_by_length": True}}, result)
+    child_lmtuner({**spec, "overrides": GROUPED}, result)
 
 
 CHILDREN = {
@@ -414,10 +416,12 @@ def main() -> int:
     model = real_model(args.model, args.work) if args.model else build_model(args.work, rows, args.shape)
     cuda = _cuda_available()
     rows_path = write_rows(args.work, rows)
-    whole = reference_tokens(args, model, rows_path) if args.whole_process else None
+    # The rows' real tokens, for the runs that cannot count them themselves (LLaMA-Factory, whole processes).
+    counted_elsewhere = args.whole_process or any(c.startswith("llamafactory") for c in configs)
+    reference = reference_tokens(args, model, rows_path) if counted_elsewhere else None
     print(
         f"{args.model or args.shape} on {'cuda (bf16)' if cuda else 'cpu (fp32)'}; "
-        f"{'whole processes' if whole else 'trainer.train() only'}; "
+        f"{'whole processes' if args.whole_process else 'trainer.train() only'}; "
         f"{len(rows)} rows of {DATA.name}, max length {args.max_len}, batch {args.batch}, LoRA r=8 on "
         f"{len(LORA_TARGETS)} modules, 1 epoch, {args.rounds} rounds of {', '.join(configs)}; load average "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
@@ -431,21 +435,21 @@ def main() -> int:
                 "batch": args.batch, "out": str(args.work / f"out-{name}-{round_}"), "cuda": cuda,
             }  # fmt: skip
             python = str(lf_python) if name.startswith("llamafactory") else sys.executable
-            if whole and name.startswith("lmtuner"):
-                overrides = {"packing": False, "group_by_length": True} if name == "lmtuner-grouped" else {}
-                result = run_lmtuner_cli({**spec, "overrides": overrides}, whole)
+            if args.whole_process and name.startswith("lmtuner"):
+                overrides = GROUPED if name == "lmtuner-grouped" else {}
+                result = run_lmtuner_cli({**spec, "overrides": overrides}, reference)
             else:
                 result = run_child(name, spec, python)
             if result is None:
                 continue
-            if whole:
+            if args.whole_process:
                 result["seconds"] = result["process_seconds"]
             if name.startswith("llamafactory"):
                 # LLaMA-Factory's packing (without neat_packing) marks its pack padding as attended, so its
                 # non-padding count is every position; the real tokens are those of the same rows, as counted
                 # in the plain run (its chatml template has no bos: one token a row fewer, 0.3% here).
                 result["positions"] = result["real_tokens"]
-                result["real_tokens"] = reference_tokens(args, model, rows_path)
+                result["real_tokens"] = reference
             results[name].append(result)
             gpu = ""
             if "peak_gpu_mib" in result:
