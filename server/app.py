@@ -23,6 +23,7 @@ from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from lmtuner_core import __version__
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.paths import AllowedRoots, lmtuner_home
+from lmtuner_core.reporting import ProgressFn
 from lmtuner_core.secrets import redact
 from server.logs import report_unexpected
 from server.prompts import register_prompts
@@ -132,7 +133,7 @@ def bind_tool(fn: Callable[..., Any], ctx: ToolContext, inline: bool = False) ->
     return tool
 
 
-def progress_reporter(mcp_context: Context) -> Callable[[float, float, str], None] | None:
+def progress_reporter(mcp_context: Context) -> ProgressFn | None:
     """A progress function that any thread may call, or None when the client sent no progress token (then the
     tool skips the work of reporting). Must be made on the event loop: tools run in a worker thread, and some
     fan out into threads of their own (generate's concurrent requests to vLLM), which are not AnyIO's and can

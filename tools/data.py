@@ -7,9 +7,10 @@ from typing import Annotated
 from pydantic import Field
 
 from lmtuner_core.config import DatasetSpec, dataset_spec
-from lmtuner_core.data.analysis import DatasetAnalysis, ProgressFn
+from lmtuner_core.data.analysis import DatasetAnalysis
 from lmtuner_core.data.analysis import analyze_dataset as analyze
 from lmtuner_core.models.reference import resolve_model
+from lmtuner_core.reporting import ProgressFn
 from tools.context import ToolContext
 
 

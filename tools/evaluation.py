@@ -9,10 +9,10 @@ from pydantic import BaseModel, Field
 from lmtuner_core.config import DatasetSpec, dataset_spec
 from lmtuner_core.data.datasets import iter_rows, load_examples
 from lmtuner_core.errors import LmtunerError, remote_code_explained, shown
-from lmtuner_core.models.inference import ProgressFn
 from lmtuner_core.models.inference import generate as run_generation
 from lmtuner_core.models.metrics import Scores, score
 from lmtuner_core.models.reference import resolve_model
+from lmtuner_core.reporting import ProgressFn
 from tools.context import ToolContext, TrustRemoteCode
 
 MetricName = Literal["bleu_2", "bleu_4", "meteor", "nist_2", "nist_4", "rouge_l"]

@@ -6,10 +6,11 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from lmtuner_core.models.gguf_export import ExportResult, ProgressFn
+from lmtuner_core.models.gguf_export import ExportResult
 from lmtuner_core.models.gguf_export import export_model as run_export
 from lmtuner_core.models.reference import resolve_model
 from lmtuner_core.paths import check_writable
+from lmtuner_core.reporting import ProgressFn
 from tools.context import ToolContext
 
 

@@ -9,10 +9,11 @@ from pydantic import BaseModel, Field
 from lmtuner_core.errors import LmtunerError, remote_code_explained
 from lmtuner_core.models.export import MergeResult
 from lmtuner_core.models.export import merge_adapter as run_merge
-from lmtuner_core.models.inference import GenerateResult, ProgressFn, generate_with_server
+from lmtuner_core.models.inference import GenerateResult, generate_with_server
 from lmtuner_core.models.inference import generate as run_generation
 from lmtuner_core.models.reference import resolve_model
 from lmtuner_core.paths import check_outside_state, check_writable
+from lmtuner_core.reporting import ProgressFn
 from tools.context import ToolContext, TrustRemoteCode
 
 

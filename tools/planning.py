@@ -8,13 +8,13 @@ from typing import Annotated
 from pydantic import Field
 
 from lmtuner_core.config import DatasetSpec, Method, TrainConfig, dataset_spec
-from lmtuner_core.data.analysis import ProgressFn
 from lmtuner_core.data.analysis import analyze_dataset as analyze
 from lmtuner_core.jobs.ray_launcher import cluster_report, plan_workers
 from lmtuner_core.models.reference import resolve_model
 from lmtuner_core.planning.hardware import inspect_hardware
 from lmtuner_core.planning.memory import load_shape
 from lmtuner_core.planning.planner import HardwareSpec, Proposal, propose
+from lmtuner_core.reporting import ProgressFn
 from tools.context import ToolContext
 
 

@@ -13,12 +13,12 @@ from lmtuner_core.models.quantize import (
     GROUP_SIZES,
     METHODS,
     Method,
-    ProgressFn,
     QuantizeResult,
 )
 from lmtuner_core.models.quantize import quantize as run_quantize
 from lmtuner_core.models.reference import resolve_model
 from lmtuner_core.paths import check_outside_state, check_writable
+from lmtuner_core.reporting import ProgressFn
 from tools.context import ToolContext, TrustRemoteCode
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
 
 from pydantic import BaseModel, Field
 
@@ -22,8 +21,8 @@ from lmtuner_core.data.datasets import (
 )
 from lmtuner_core.errors import LmtunerError, shown
 from lmtuner_core.paths import AllowedRoots
+from lmtuner_core.reporting import ProgressFn
 
-ProgressFn = Callable[[float, float, str], None]
 CUT_POINTS = (256, 512, 1024, 2048, 4096, 8192)
 MAX_TOKENIZED_ROWS = 20_000  # beyond this, an even sample keeps the call to seconds; the result says so
 MAX_TOKENIZED_CHARS = 8_000_000  # characters tokenized per call (~2 µs each on a busy core): the same, by size

@@ -16,12 +16,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from lmtuner_core.errors import LmtunerError
+from lmtuner_core.reporting import ProgressFn
 
 LLAMACPP_VERSION = "0.3.36"
 LLAMACPP_DIR_ENV = "LMTUNER_LLAMACPP_DIR"
@@ -35,8 +35,6 @@ CONVERTER_TYPES = ("f16", "bf16", "q8_0")
 QUANTIZER_TYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 QUANTIZATIONS = (*CONVERTER_TYPES, *QUANTIZER_TYPES)
 STEP_TIMEOUT_SECONDS = 3600
-
-ProgressFn = Callable[[float, float, str], None]
 
 
 class ExportResult(BaseModel):

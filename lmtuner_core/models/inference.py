@@ -12,18 +12,17 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
 from lmtuner_core.errors import LmtunerError, shown
+from lmtuner_core.reporting import ProgressFn
 
 if TYPE_CHECKING:  # imported where used: the server starts without it
     import httpx
 
-ProgressFn = Callable[[float, float, str], None]
 _LOADED: dict[str, Any] = {}  # {"key": (model, adapter), "model": ..., "tokenizer": ...}
 _LOCK = threading.Lock()  # one generation at a time: the loaded model is shared
 

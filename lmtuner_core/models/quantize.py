@@ -43,8 +43,8 @@ from pydantic import BaseModel, Field
 
 from lmtuner_core.errors import LmtunerError, shown
 from lmtuner_core.models.export import folder_size
+from lmtuner_core.reporting import ProgressFn
 
-ProgressFn = Callable[[float, float, str], None]
 Method = Literal["bnb-nf4", "bnb-int8", "gptq-w4a16"]
 METHODS: tuple[str, ...] = ("bnb-nf4", "bnb-int8", "gptq-w4a16")
 GROUP_SIZES = (128, 64, 32)
