@@ -214,8 +214,11 @@ class DatasetSpec(StrictModel):
         description="Column mapping as in LLaMA-Factory: {'prompt': 'question', 'response': 'answer'}; keys: "
         "prompt, query, response, system, history, messages, tools, text.",
     )
-    eval_fraction: float = Field(
-        0.0, ge=0.0, le=0.5, description="Share of rows held out for eval loss. Example: 0.05."
+    eval_fraction: Annotated[float, Field(ge=0.0, le=0.5)] | Literal["auto"] = Field(
+        "auto",
+        description="Share of rows held out (never trained on) for the held-out loss, the best checkpoint, early "
+        "stopping and the result report. 'auto' = 10%, at least 8 rows and at most 20% of them (none under 18 "
+        "rows), at most 200; 0 = hold nothing out. Ignored when the config names an eval_dataset. Example: 0.1.",
     )
     max_rows: int | None = Field(None, ge=1, description="Use only the first N rows (for quick trials).")
     skip_bad_rows: bool = Field(
@@ -227,6 +230,21 @@ class DatasetSpec(StrictModel):
         if (self.path is None) == (self.name is None):
             raise ValueError("give exactly one of `path` (a data file) or `name` (a dataset_info.json entry)")
         return self
+
+
+class ReportSettings(StrictModel):
+    """The result report a completed job writes: base vs tuned on the held-out rows, and what the model kept."""
+
+    enabled: bool = Field(True, description="Write the report when the job completes. Example: true.")
+    retention: bool = Field(
+        True,
+        description="Also ask lmtuner's general-knowledge probe of the base and the tuned model and report the share "
+        "of what the base knew that the tuned model lost (forgetting). Example: true.",
+    )
+    max_rows: int = Field(
+        48, ge=1, le=2000, description="Held-out rows answered by both models for the report (the first N). E.g. 48."
+    )
+    samples: int = Field(5, ge=0, le=50, description="Answers shown side by side in the report. Example: 5.")
 
 
 class TrainConfig(StrictModel):
@@ -331,6 +349,32 @@ class TrainConfig(StrictModel):
     )
     save_steps: int = Field(500, ge=1, le=10_000_000, description="Checkpoint every N steps (and at the end).")
     save_total_limit: int = Field(2, ge=1, le=1000, description="Checkpoints kept; older ones are deleted.")
+    eval_dataset: DatasetSpec | None = Field(
+        None,
+        description="Your own held-out rows (a path or an object like `dataset`): used instead of holding out a share "
+        "of `dataset`. Example: 'data/test.jsonl'.",
+    )
+    eval_steps: int | None = Field(
+        None, ge=1, le=10_000_000, description="Held-out loss every N steps. Default: about 8 times per run."
+    )
+    keep_best: bool = Field(
+        True,
+        description="The result is the checkpoint with the lowest held-out loss, not the last one (needs held-out "
+        "rows). Example: true.",
+    )
+    early_stopping_patience: int | None = Field(
+        3,
+        ge=1,
+        le=1000,
+        description="Stop when the held-out loss has not improved for this many evaluations in a row; null = "
+        "never stop early. Example: 3.",
+    )
+    report: ReportSettings = Field(
+        default_factory=ReportSettings,
+        description="The result report of a completed job (held-out scores base vs tuned, retention check, "
+        "advice); false turns it off. It costs a few percent of a job's time (the report states how much). "
+        "Example: {'retention': true, 'max_rows': 48} or false.",
+    )
     assistant_only_loss: bool = Field(
         True, description="For chat data, learn only the assistant's turns (not the prompts)."
     )
@@ -345,6 +389,16 @@ class TrainConfig(StrictModel):
     @classmethod
     def _dataset_shorthand(cls, value: Any) -> Any:
         return {"path": value} if isinstance(value, str) else value
+
+    @field_validator("eval_dataset", mode="before")
+    @classmethod
+    def _eval_dataset_shorthand(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    @field_validator("report", mode="before")
+    @classmethod
+    def _report_shorthand(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
 
     @field_validator("report_to", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ from lmtuner_core.data.datasets import (
     _tokenize_by_prefixes,
     detect_format,
     has_generation_markers,
+    held_out_count,
     load_examples,
     resolve_dataset,
     split_eval,
@@ -783,6 +784,16 @@ def test_split_eval_edge_cases():
     assert len(train) == 1 and len(held) == 1  # at least one row each side
     train, held = split_eval(examples, 0.5, seed=1)
     assert len(held) == 2 and len(train) == 1
+
+
+@pytest.mark.parametrize(
+    ("rows", "held"),
+    [(1, 0), (17, 0), (18, 4), (20, 4), (30, 6), (40, 8), (96, 10), (150, 15), (1000, 100), (5000, 200)],
+)
+def test_auto_hold_out_has_a_floor_a_share_cap_and_a_ceiling(rows, held):
+    assert held_out_count(rows, "auto") == held
+    train, held_rows = split_eval([{"text": str(i)} for i in range(rows)], "auto", seed=3)
+    assert len(held_rows) == held and len(train) == rows - held
 
 
 # ---------------------------------------------------------------------------------------------- tokenizing

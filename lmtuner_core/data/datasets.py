@@ -609,13 +609,32 @@ def _is_jsonl_file(path: Path) -> bool:
     return path.suffix == ".json" and _is_json_lines(path)
 
 
-def split_eval(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """A reproducible held-out split; at least one row each side when a fraction is asked for."""
-    if fraction <= 0 or len(examples) < 2:
+# eval_fraction 'auto': enough rows for a steady held-out loss and a readable report, never a large share of a small
+# set (each row held out is a row not learned from).
+AUTO_EVAL_SHARE, AUTO_EVAL_FLOOR, AUTO_EVAL_CEILING, AUTO_EVAL_MAX_SHARE, AUTO_EVAL_MIN_ROWS = 0.1, 8, 200, 0.2, 4
+
+
+def held_out_count(rows: int, fraction: float | str) -> int:
+    """How many of `rows` rows a split holds out: the asked share (at least one, leaving one to train on), or for
+    'auto' 10% with a floor of 8, at most 20% of the rows and 200 in all, and none when that would be under 4."""
+    if rows < 2:
+        return 0
+    if fraction == "auto":
+        count = min(max(round(rows * AUTO_EVAL_SHARE), AUTO_EVAL_FLOOR), round(rows * AUTO_EVAL_MAX_SHARE))
+        count = min(count, AUTO_EVAL_CEILING)
+        return count if count >= AUTO_EVAL_MIN_ROWS else 0
+    if fraction <= 0:
+        return 0
+    return min(rows - 1, max(1, round(rows * float(fraction))))
+
+
+def split_eval(examples: list[dict], fraction: float | str, seed: int) -> tuple[list[dict], list[dict]]:
+    """A reproducible held-out split of `held_out_count` rows, drawn at random with the job's seed."""
+    n_eval = held_out_count(len(examples), fraction)
+    if not n_eval:
         return examples, []
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    n_eval = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
     held = set(order[:n_eval])
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 

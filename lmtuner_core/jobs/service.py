@@ -17,8 +17,8 @@ from pathlib import Path
 
 import psutil
 
-from lmtuner_core.config import TrainConfig
-from lmtuner_core.data.datasets import load_examples, resolve_dataset
+from lmtuner_core.config import DatasetSpec, TrainConfig
+from lmtuner_core.data.datasets import LoadedData, held_out_count, load_examples, resolve_dataset
 from lmtuner_core.errors import LmtunerError, NotFoundError, shown
 from lmtuner_core.jobs.distributed import write_deepspeed_config
 from lmtuner_core.jobs.processes import alive, exit_reason, reap, reap_finished, signal_group, spawn_supervised
@@ -156,18 +156,24 @@ def check_config(
         warnings.append(
             f"model {shown(config.model)} is a hub id: the training process downloads it unless it is cached"
         )
-    source = resolve_dataset(config.dataset, roots)
-    loaded = load_examples(config.dataset, roots, source)
+    updates["dataset"], loaded = checked_dataset(config.dataset, roots, "dataset")
     if loaded.skipped:
         warnings.append(f"{len(loaded.skipped)} malformed rows will be skipped; first: {loaded.skipped[0]}")
-    spec = config.dataset
-    if source.registry_dir is not None:  # a dataset_info.json entry: the child looks it up the same way
-        dataset = spec.model_copy(
-            update={"name": spec.name or spec.path, "path": None, "dataset_dir": str(source.registry_dir)}
-        )
+    if config.eval_dataset is not None:
+        updates["eval_dataset"], held_out = checked_dataset(config.eval_dataset, roots, "eval_dataset")
+        if updates["eval_dataset"] == updates["dataset"]:
+            raise LmtunerError(
+                "eval_dataset: it names the training data itself; held-out rows must be rows the model never trains "
+                "on — give another file, or omit eval_dataset to hold out a share of dataset (eval_fraction)",
+                field="eval_dataset",
+            )
     else:
-        dataset = spec.model_copy(update={"path": str(roots.resolve(spec.path or "", "dataset.path"))})
-    updates["dataset"] = dataset
+        held_out = held_out_count(len(loaded.examples), config.dataset.eval_fraction)
+        if not held_out and config.report.enabled:
+            warnings.append(
+                f"no held-out rows ({len(loaded.examples)} rows, eval_fraction {config.dataset.eval_fraction}): the "
+                "report cannot say whether the model got better; give an eval_dataset or more rows"
+            )
     output = roots.resolve(config.output_dir, "output_dir") if config.output_dir else run_dir.default_output
     if config.output_dir:
         check_outside_state(output, run_dir.root.parents[1], "output_dir")  # run folders live in $LMTUNER_HOME/runs
@@ -185,6 +191,23 @@ def check_config(
         updates["resume_from"] = str(resume)
     checked = config.model_copy(update=updates)
     return TrainConfig.model_validate(checked.model_dump()), warnings
+
+
+def checked_dataset(spec: DatasetSpec, roots: AllowedRoots, field: str) -> tuple[DatasetSpec, LoadedData]:
+    """The dataset spec as the child will read it (its file resolved inside the roots, or the dataset_info.json
+    entry's folder), and its rows, read once here so a bad row is refused before a process is spent."""
+    try:
+        source = resolve_dataset(spec, roots)
+        loaded = load_examples(spec, roots, source)
+    except LmtunerError as exc:
+        if field == "dataset":
+            raise
+        raise LmtunerError(f"{field}: {exc}", field=field) from None  # the readers name `dataset` in their messages
+    if source.registry_dir is not None:  # a dataset_info.json entry: the child looks it up the same way
+        update = {"name": spec.name or spec.path, "path": None, "dataset_dir": str(source.registry_dir)}
+    else:
+        update = {"path": str(roots.resolve(spec.path or "", f"{field}.path"))}
+    return spec.model_copy(update=update), loaded
 
 
 def check_deepspeed(config: TrainConfig, roots: AllowedRoots):
@@ -436,8 +459,8 @@ class JobService:
         self.schedule()
         return self.store.list(statuses=(status,) if status else None)
 
-    def progress(self, record: JobRecord, log_lines: int | None = 20) -> JobProgress:
-        progress = read_progress(record, log_lines)
+    def progress(self, record: JobRecord, log_lines: int | None = 20, with_report: bool = True) -> JobProgress:
+        progress = read_progress(record, log_lines, with_report)
         if record.status == "queued":
             progress.queue_position = self.store.queue_position(record)
         return progress
