@@ -12,6 +12,7 @@ from lmtuner_core.errors import LmtunerError
 from lmtuner_core.jobs.plots import loss_curve_png
 from lmtuner_core.jobs.progress import tail_lines
 from lmtuner_core.jobs.run_folder import RunDir
+from lmtuner_core.report.result import REPORT_FILE
 from lmtuner_core.secrets import redact
 from tools.context import ToolContext
 
@@ -55,6 +56,19 @@ def register_resources(server: MCPServer, ctx: ToolContext) -> None:
     )
     def job_config(job_id: str) -> str:
         return json.dumps(json.loads(run_of(job_id).config.read_text(encoding="utf-8")), indent=2)
+
+    @server.resource(
+        "lmtuner://jobs/{job_id}/report",
+        name="job_report",
+        title="Result report",
+        description="A completed job's report.json: base vs tuned on held-out rows, the retention check, advice.",
+        mime_type="application/json",
+    )
+    def job_report(job_id: str) -> str:
+        path = run_of(job_id).root / REPORT_FILE
+        if not path.is_file():
+            raise ResourceError(f"job {job_id} has no result report (yet): it is written when a job completes")
+        return path.read_text(encoding="utf-8")
 
     @server.resource(
         "lmtuner://jobs/{job_id}/loss.png",

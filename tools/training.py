@@ -125,8 +125,8 @@ def list_jobs(
     status: Annotated[JobStatus | None, Field(description="Only jobs with this status. Example: 'running'.")] = None,
 ) -> JobList:
     """List jobs, newest first, with their progress. Use it to find a job_id or to see whether the GPU is busy
-    before starting another job."""
-    return JobList(jobs=[ctx.jobs.progress(r, log_lines=None) for r in ctx.jobs.list(status)])
+    before starting another job. A completed job's result report is in job_status."""
+    return JobList(jobs=[ctx.jobs.progress(r, log_lines=None, with_report=False) for r in ctx.jobs.list(status)])
 
 
 def cancel_job(

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, PrivateAttr
 from lmtuner_core.jobs.ray_launcher import RayJobView, read_view
 from lmtuner_core.jobs.run_folder import RunDir
 from lmtuner_core.jobs.store import JobRecord
+from lmtuner_core.report.result import ResultReport, read_report
 from lmtuner_core.secrets import redact
 
 
@@ -44,6 +45,12 @@ class JobProgress(BaseModel):
     queue_position: int | None = Field(None, description="For a queued job: 1 = next to start.")
     ray: RayJobView | None = Field(
         None, description="For a job on a Ray cluster: its Ray job id, workers and their nodes, restarts."
+    )
+    report: ResultReport | None = Field(
+        None,
+        description="For a completed job: did the model get better? Base vs tuned on the held-out rows (the metric "
+        "named), answers side by side, the answers that went from right to wrong, the retention check (what the "
+        "model kept of what it knew) and advice for the next run (propose_config(previous_job=...) applies it).",
     )
     # A loss-curve PNG to send as image content beside the structured result (job_status include_plot).
     _plot_png: bytes | None = PrivateAttr(None)
@@ -94,7 +101,7 @@ def redacted_tail(path: Path, n: int) -> list[str]:
     return redact("\n".join(lines)).split("\n") if lines else []
 
 
-def read_progress(record: JobRecord, log_lines: int | None = 20) -> JobProgress:
+def read_progress(record: JobRecord, log_lines: int | None = 20, with_report: bool = True) -> JobProgress:
     run = RunDir(Path(record.run_dir))
     state = run.read_state()
     train, evaluation = latest_metrics(run)
@@ -139,4 +146,5 @@ def read_progress(record: JobRecord, log_lines: int | None = 20) -> JobProgress:
         created_at=record.created_at,
         devices=record.devices,
         ray=read_view(run, record.ray_job_id, record.ray_address or "") if record.ray_job_id else None,
+        report=read_report(run.root) if with_report and record.status == "completed" else None,
     )

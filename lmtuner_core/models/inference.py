@@ -82,33 +82,28 @@ def _load(model_ref: str, adapter: str | None, trust_remote_code: bool = False):
     return model, tokenizer
 
 
-def generate(
-    model_ref: str,
+def answer(
+    model: Any,
+    tokenizer: Any,
     conversations: list[list[dict]],
     *,
-    adapter: str | None = None,
-    max_new_tokens: int = 256,
+    max_new_tokens: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
     batch_size: int = 8,
     seed: int = 0,
-    trust_remote_code: bool = False,
     progress: ProgressFn | None = None,
-) -> GenerateResult:
-    """Answers each conversation (a list of {role, content}) with the assistant's next turn."""
+) -> list[GeneratedText]:
+    """The assistant's next turn for each conversation, from a loaded model (the `generate` tool's, or the model a
+    training job has just trained), in batches padded on the left, stopping at the model's end tokens."""
     import torch
 
-    with _LOCK:
-        try:
-            model, tokenizer = _load(model_ref, adapter, trust_remote_code)
-        except OSError as exc:
-            raise LmtunerError(f"model: cannot load {shown(model_ref)} ({exc})", field="model") from None
-        eos = model.generation_config.eos_token_id
-        end_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        torch.manual_seed(seed)
-        outputs: list[GeneratedText] = []
-        generated = 0
-        started = time.perf_counter()
+    eos = model.generation_config.eos_token_id
+    end_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    torch.manual_seed(seed)
+    outputs: list[GeneratedText] = []
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # every row ends where its answer begins
+    try:
         for first in range(0, len(conversations), batch_size):
             batch = conversations[first : first + batch_size]
             texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in batch]
@@ -123,7 +118,6 @@ def generate(
             for row in out[:, inputs["input_ids"].shape[1] :].tolist():
                 stop = next((i for i, t in enumerate(row) if t in end_ids), None)
                 new = row[:stop] if stop is not None else [t for t in row if t != tokenizer.pad_token_id]
-                generated += len(new)
                 outputs.append(
                     GeneratedText(
                         text=tokenizer.decode(new, skip_special_tokens=True),
@@ -133,6 +127,34 @@ def generate(
                 )
             if progress:
                 progress(len(outputs), len(conversations), f"generated {len(outputs)} of {len(conversations)}")
+    finally:
+        tokenizer.padding_side = padding_side
+    return outputs
+
+
+def generate(
+    model_ref: str,
+    conversations: list[list[dict]],
+    *,
+    adapter: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    progress: ProgressFn | None = None,
+) -> GenerateResult:
+    """Answers each conversation (a list of {role, content}) with the assistant's next turn."""
+    with _LOCK:
+        try:
+            model, tokenizer = _load(model_ref, adapter, trust_remote_code)
+        except OSError as exc:
+            raise LmtunerError(f"model: cannot load {shown(model_ref)} ({exc})", field="model") from None
+        started = time.perf_counter()
+        outputs = answer(model, tokenizer, conversations, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_p=top_p, batch_size=batch_size, seed=seed, progress=progress)  # fmt: skip
+        generated = sum(o.tokens for o in outputs)
         elapsed = time.perf_counter() - started
     return GenerateResult(
         outputs=outputs,

@@ -10,13 +10,19 @@ Liger kernels when CUDA and liger-kernel are present (`liger`, through SFTConfig
 DeepSpeed ZeRO 0-3 (+ CPU offload) from RUN_DIR/deepspeed.json, and several processes under torchrun (see
 `distributed`): every process trains, only global rank 0 writes metrics.jsonl and the final artifacts.
 
-Read top to bottom: setup() builds tokenizer → data → model → trainer; train(); save().
+Held-out rows (eval_dataset, or eval_fraction 'auto' of the data) give the held-out loss about 8 times a run; the
+result is the checkpoint with the lowest one (keep_best) and training stops when it stops improving
+(early_stopping_patience). The result report (lmtuner_core.report) asks the base model its questions in setup() and
+the tuned one after save(), in this process, on the model in memory.
+
+Read top to bottom: setup() builds tokenizer → data → model (base answers) → trainer; train(); save(); report().
 """
 
 from __future__ import annotations
 
 import faulthandler
 import json
+import math
 import sys
 import threading
 import time
@@ -25,7 +31,7 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
-from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+from transformers import AutoTokenizer, EarlyStoppingCallback, PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from lmtuner_core.config import TrainConfig
@@ -43,6 +49,7 @@ from lmtuner_core.jobs.distributed import DEEPSPEED_FILE, process_rank
 from lmtuner_core.jobs.run_folder import ARTIFACT_MARKER, RunDir, StateFile, write_json_atomic
 from lmtuner_core.methods import METHODS
 from lmtuner_core.paths import AllowedRoots, lmtuner_home
+from lmtuner_core.report.result import LossComparison, write_report
 from lmtuner_core.training.label_logits import install as install_label_logits
 from lmtuner_core.training.model_setup import (
     apply_method,
@@ -57,6 +64,7 @@ from lmtuner_core.training.varlen import register as register_varlen
 from lmtuner_core.training.varlen import supports_varlen
 from lmtuner_core.training.xpos import xpos_parameters
 
+EVALUATIONS_PER_RUN = 8
 # TrainConfig.optimizer -> the Trainer's `optim` name.
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit"}
 # Attention implementations that keep the rows of a flattened batch apart: lmtuner's varlen SDPA and flash read the
@@ -98,6 +106,7 @@ class ProgressWriter(TrainerCallback):
                 faulthandler.dump_traceback_later(15, exit=False, file=sys.stdout)
             control.should_training_stop = True
             control.should_save = True  # what is learned so far survives as a resumable checkpoint
+            control.should_evaluate = False  # with save_strategy 'best' an evaluation would decide the save instead
 
     def _agree_on_stop(self, args) -> bool:
         """Processes get SIGTERM a moment apart: all stop at the same step (the first one that any process saw
@@ -184,7 +193,19 @@ class SFTRecipe:
             print(
                 "[lmtuner] the model has no chat template; using ChatML (<|im_start|>role ... <|im_end|>)", flush=True
             )
-        train_rows, eval_rows = split_eval(loaded.examples, self.config.dataset.eval_fraction, self.config.seed)
+        if self.config.eval_dataset is not None:
+            train_rows = loaded.examples
+            eval_rows = load_examples(self.config.eval_dataset, AllowedRoots(None)).examples
+            self.held_out_source = f"eval_dataset ({len(eval_rows)} rows)"
+        else:
+            fraction = self.config.dataset.eval_fraction
+            train_rows, eval_rows = split_eval(loaded.examples, fraction, self.config.seed)
+            self.held_out_source = (
+                f"{len(eval_rows)} of {len(loaded.examples)} dataset rows held out at random (eval_fraction "
+                f"{fraction}, seed {self.config.seed})"
+            )
+        self.held_out_rows = eval_rows
+        self.is_chat = is_chat
         self.state.update(phase="tokenizing")
         started = time.monotonic()
         assistant_only = self.config.assistant_only_loss
@@ -233,6 +254,7 @@ class SFTRecipe:
             register_varlen()
             model.set_attn_implementation(VARLEN_ATTENTION)
         self.model = apply_method(model, self.config)
+        self._setup_report()
         trainable, total = count_parameters(self.model)
         print(
             f"[lmtuner] model: {self.config.model} ({total / 1e6:.1f}M parameters), method {self.config.method}: "
@@ -240,16 +262,55 @@ class SFTRecipe:
             flush=True,
         )
 
+    def _setup_report(self) -> None:
+        """Asks the base model the report's questions now, while the model still answers as the base."""
+        self.report_runner = None
+        self.report_skipped = self._report_skipped()
+        if self.report_skipped:
+            print(f"[lmtuner] result report: off ({self.report_skipped})", flush=True)
+            return
+        from lmtuner_core.report.runner import ReportRunner
+
+        self.state.update(phase="asking the base model")
+        runner = ReportRunner(self.config, self.tokenizer, self.held_out_rows, self.held_out_source, lmtuner_home())
+        runner.measure_base(self.model)
+        print(
+            f"[lmtuner] result report: base model answered {len(runner.items)} held-out rows and "
+            f"{len(runner.probe)} probe questions in {runner.seconds:.0f}s ({runner.metric})",
+            flush=True,
+        )
+        self.report_runner = runner
+
+    def _report_skipped(self) -> str | None:
+        """Why this job writes no report, or None when it does."""
+        if not self.config.report.enabled:
+            return "report: false"
+        if process_rank()[2] > 1 or self.config.deepspeed is not None:
+            return "several processes or DeepSpeed: run evaluate on the output instead"
+        if not self.is_chat:
+            return "plain-text data has no answers to compare; the held-out loss is in metrics.jsonl"
+        if not self.held_out_rows:
+            return "no held-out rows: give an eval_dataset, or more rows so that eval_fraction 'auto' holds some out"
+        return None
+
+    def _total_steps(self, rows: int) -> int:
+        world = process_rank()[2]
+        per_epoch = max(1, math.ceil(rows / (self.config.batch_size * self.config.gradient_accumulation_steps * world)))
+        return self.config.max_steps or max(1, math.ceil(per_epoch * self.config.num_epochs))
+
     def _logging_steps(self, rows: int) -> int:
         if self.config.logging_steps:
             return self.config.logging_steps
-        per_epoch = max(1, rows // (self.config.batch_size * self.config.gradient_accumulation_steps))
-        total = self.config.max_steps or int(per_epoch * self.config.num_epochs)
-        return max(1, min(10, total // 20))
+        return max(1, min(10, self._total_steps(rows) // 20))
+
+    def _eval_steps(self, rows: int) -> int:
+        """About EVALUATIONS_PER_RUN held-out evaluations: enough to find the best step and to stop early."""
+        return self.config.eval_steps or max(1, self._total_steps(rows) // EVALUATIONS_PER_RUN)
 
     def _setup_trainer(self) -> None:
         config = self.config
         has_eval = self.eval_dataset is not None
+        keep_best = has_eval and config.keep_best
         deepspeed_file = self.run.root / DEEPSPEED_FILE
         deepspeed = str(deepspeed_file) if config.deepspeed is not None else None
         if deepspeed is not None and not deepspeed_file.is_file():
@@ -268,11 +329,15 @@ class SFTRecipe:
             max_grad_norm=config.max_grad_norm,
             logging_steps=self._logging_steps(len(self.train_dataset)),
             logging_first_step=True,
-            save_strategy="steps",
+            # keep_best: a checkpoint is written when the held-out loss improves, and the best one is the result.
+            save_strategy="best" if keep_best else "steps",
             save_steps=config.save_steps,
             save_total_limit=config.save_total_limit,
             eval_strategy="steps" if has_eval else "no",
-            eval_steps=self._logging_steps(len(self.train_dataset)) * 5 if has_eval else None,
+            eval_steps=self._eval_steps(len(self.train_dataset)) if has_eval else None,
+            metric_for_best_model="eval_loss" if has_eval else None,
+            greater_is_better=False,
+            load_best_model_at_end=keep_best,
             seed=config.seed,
             bf16=self.precision == "bf16",
             fp16=self.precision == "fp16",
@@ -303,6 +368,8 @@ class SFTRecipe:
             processing_class=self.tokenizer,
             callbacks=[ProgressWriter(self.run, self.state, self.stop)],
         )
+        if has_eval and config.early_stopping_patience:
+            self.trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
         self.trainer.remove_callback(PrinterCallback)  # ProgressWriter logs each step as one JSON line
         if self.packing:
             self.trainer.data_collator = FlatRowsCollator()
@@ -321,8 +388,32 @@ class SFTRecipe:
         """Runs training; returns True when it was stopped on request (a checkpoint is then saved)."""
         self._check_stop()
         resume = self.config.resume_from
+        self.base_eval_loss = None
+        if self.eval_dataset is not None and not resume:
+            self.state.update(phase="held-out loss of the base model")
+            self.base_eval_loss = self.trainer.evaluate()["eval_loss"]  # logged at step 0 beside the curve
         self.trainer.train(resume_from_checkpoint=resume)
         return self.stop.is_set()
+
+    def held_out_loss(self) -> LossComparison:
+        state = self.trainer.state
+        return LossComparison(
+            base=self.base_eval_loss, best=state.best_metric, best_step=state.best_global_step,
+            final_step=state.global_step,
+            stopped_early=bool(state.max_steps and state.global_step < state.max_steps and not self.stop.is_set()),
+        )  # fmt: skip
+
+    def report(self, job_seconds: float) -> None:
+        """Writes report.json: the tuned model's answers beside the base's, scored, with the retention check."""
+        if self.report_runner is None or not self.trainer.is_world_process_zero():
+            return
+        self.state.update(phase="writing the result report")
+        report = self.report_runner.build(self.trainer.model, self.held_out_loss(), job_seconds)
+        write_report(self.run.root, report)
+        retention = report.retention
+        kept = f"; kept {retention.kept} of {retention.known} probe facts" if retention else ""
+        print(f"[lmtuner] result report ({report.seconds:.0f}s): {report.metric} {report.base} -> {report.tuned} on "
+              f"{report.held_out_rows} held-out rows{kept}: {report.verdict}", flush=True)  # fmt: skip
 
     def save(self) -> None:
         """Writes the adapter (LoRA family) or the full model, with the tokenizer, in Hugging Face layout."""

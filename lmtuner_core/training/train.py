@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 
 from lmtuner_core.errors import LmtunerError
@@ -64,6 +65,7 @@ def die_with_launcher() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
     run = run_dir_argument(sys.argv[1:] if argv is None else argv, "lmtuner_core.training.train")
     if run is None:
         return 2
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             print("[lmtuner] cancelled; checkpoint saved", flush=True)
             return 0
         recipe.save()
+        recipe.report(time.monotonic() - started)
         if rank == 0:
             peak = peak_rss_mib()
             state.update(status="completed", phase=None, output_dir=config.output_dir, peak_rss_mib=peak)
