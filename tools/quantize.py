@@ -17,7 +17,6 @@ from lmtuner_core.models.quantize import (
 )
 from lmtuner_core.models.quantize import quantize as run_quantize
 from lmtuner_core.models.reference import resolve_model
-from lmtuner_core.paths import check_outside_state, check_writable
 from lmtuner_core.reporting import ProgressFn
 from tools.context import ToolContext, TrustRemoteCode
 
@@ -102,11 +101,9 @@ def quantize(
     gives a folder vLLM serves. Takes disk space for the output and, with an adapter, a temporary merged copy."""
     if method not in METHODS:  # the schema already limits it; direct (CLI, script) callers get the same message
         raise LmtunerError(f"method: {shown(method)} is not supported; use one of {', '.join(METHODS)}", field="method")
-    adapter_path = ctx.adapter_folder(adapter) if adapter else None
-    output = ctx.roots.resolve(output_dir, "output_dir")
-    check_outside_state(output, ctx.home, "output_dir")
-    check_writable(output, "output_dir")
-    model_ref = resolve_model(model, ctx.roots)
+    adapter_path = ctx.adapter_folder(adapter, trust_remote_code) if adapter else None
+    output = ctx.output_folder(output_dir)
+    model_ref = resolve_model(model, ctx.roots, trust_remote_code=trust_remote_code)
     texts = source = None
     if dataset is not None:
         if method != "gptq-w4a16":
