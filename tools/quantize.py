@@ -27,7 +27,9 @@ def _calibration_texts(ctx: ToolContext, dataset: str | DatasetSpec, model: str,
     from transformers import AutoTokenizer
 
     from lmtuner_core.data.datasets import load_examples
+    from lmtuner_core.data.template_bounds import bound_chat_templates
 
+    bound_chat_templates()
     spec = dataset_spec(dataset)
     loaded = load_examples(spec.model_copy(update={"max_rows": limit}), ctx.roots)
     tokenizer = AutoTokenizer.from_pretrained(model)

@@ -273,6 +273,9 @@ def ollama_modelfile(model_dir: Path, gguf_name: str) -> str:
     literal text (with the template's default system prompt when the user gives none)."""
     from transformers import AutoTokenizer
 
+    from lmtuner_core.data.template_bounds import bound_chat_templates
+
+    bound_chat_templates()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     lines = [f"FROM ./{gguf_name}"]
     if not tokenizer.chat_template:
