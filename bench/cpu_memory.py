@@ -162,7 +162,8 @@ def run_cases(args: argparse.Namespace, work: Path) -> None:
         from lmtuner_core.models.reference import resolve_model
         from lmtuner_core.paths import AllowedRoots
 
-        folder = resolve_model(args.model, AllowedRoots(None))  # a .gguf is converted once, as start_training does
+        # a .gguf is converted once, as start_training does
+        folder = resolve_model(args.model, AllowedRoots(None), trust_remote_code=False)
         models = {Path(args.model).name: Path(folder)}
     else:
         models = {name: random_model(name, work / "models") for name in args.shapes}

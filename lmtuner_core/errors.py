@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -27,6 +29,32 @@ def _cut(message: str) -> str:
     if len(message) <= MESSAGE_LIMIT:
         return message
     return f"{message[: MESSAGE_LIMIT - 60]}… (message cut: {len(message):,} characters)"
+
+
+# An absolute path in a message: starts after a space, quote, bracket, '=' or the start, runs to a space, quote,
+# bracket, comma or colon-space (as libraries print them: "File "/x/y.py", line 3", "(/x/y)", "at /x/y: …").
+_ABSOLUTE_PATH = re.compile(r"""(?<![\w.~-])/(?:[^\s'"(),:\[\]<>]|:(?!\s))+""")
+HIDDEN_PATH = "<path outside the allowed folders>"
+
+
+def hide_outside_paths(message: str, allowed: Iterable[Path] | None) -> str:
+    """The message with every absolute path outside `allowed` (the roots and $LMTUNER_HOME) replaced: an error
+    shows the user's own files, not where the server's libraries and caches live. None: unconfined (the CLI)."""
+    if allowed is None:
+        return message
+    folders = [Path(a) for a in allowed]
+    hidden = False
+
+    def replace(match: re.Match) -> str:
+        nonlocal hidden
+        path = Path(match.group(0).rstrip("."))
+        if any(path == f or path.is_relative_to(f) for f in folders):
+            return match.group(0)
+        hidden = True
+        return HIDDEN_PATH
+
+    shown_message = _ABSOLUTE_PATH.sub(replace, message)
+    return shown_message + (" (details in server.log)" if hidden and "server.log" not in message else "")
 
 
 class LmtunerError(Exception):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import unicodedata
 from pathlib import Path
 
 from lmtuner_core.errors import LmtunerError, shown
@@ -63,8 +64,13 @@ class AllowedRoots:
             raise LmtunerError(f"{field}: a path is required", field=field)
         if value.startswith("-"):
             raise LmtunerError(f"{field}: {shown(value)} starts with '-'; paths may not look like options", field=field)
-        if "\x00" in value:
-            raise LmtunerError(f"{field}: the path contains a NUL byte", field=field)
+        control = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+        if control is not None:  # a newline or escape in a path breaks every command and log line that shows it
+            raise LmtunerError(
+                f"{field}: the path contains the control character {control!r}; paths may not contain newlines, tabs, "
+                "escapes or NUL bytes",
+                field=field,
+            )
         path = Path(value).expanduser().resolve()
         if self.roots is not None and not any(path == r or path.is_relative_to(r) for r in self.roots):
             raise LmtunerError(

@@ -21,11 +21,11 @@ from mcp.server.mcpserver.tools import Tool
 from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 
 from lmtuner_core import __version__
-from lmtuner_core.errors import LmtunerError
+from lmtuner_core.errors import LmtunerError, hide_outside_paths
 from lmtuner_core.paths import AllowedRoots, lmtuner_home
 from lmtuner_core.reporting import ProgressFn
 from lmtuner_core.secrets import redact
-from server.logs import report_unexpected
+from server.logs import report_unexpected, server_logger
 from server.prompts import register_prompts
 from server.resources import register_resources
 from tools import data, evaluation, export, hardware, inference, planning, quantize, serving, training
@@ -105,9 +105,14 @@ def bind_tool(fn: Callable[..., Any], ctx: ToolContext, inline: bool = False) ->
         try:
             result = fn(ctx, **kwargs)
         except LmtunerError as exc:
-            raise ToolError(redact(str(exc))) from None
+            message = redact(str(exc))
+            shown = hide_outside_paths(message, ctx.visible_folders())
+            if shown != message:
+                server_logger(ctx.home).warning("tool %s refused: %s", name, message)
+            raise ToolError(shown) from None
         except Exception as exc:
-            raise ToolError(report_unexpected(ctx.home, name, mcp_context.request_id, exc)) from None
+            message = report_unexpected(ctx.home, name, mcp_context.request_id, exc)
+            raise ToolError(hide_outside_paths(message, ctx.visible_folders())) from None
         png = getattr(result, "_plot_png", None)
         if png:  # structured result plus the picture, for hosts that show images
             return CallToolResult(

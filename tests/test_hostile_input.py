@@ -216,8 +216,8 @@ def test_a_model_that_needs_its_own_code_names_trust_remote_code(custom_code_mod
 
     refused, ran_before, answered = anyio.run(scenario)
     for tool, message in refused.items():
-        assert f"trust_remote_code: '{custom_code_model}' needs code of its own" in message, message
-        assert f"call {tool} again with trust_remote_code: true" in message
+        assert f"trust_remote_code: model folder {custom_code_model} ships code of its own" in message, message
+        assert "custom_llama.py" in message and "call again with trust_remote_code: true" in message, (tool, message)
     assert not ran_before, "the model's code ran without trust_remote_code"
     assert marker.exists() and answered["outputs"][0]["tokens"] >= 1
     assert not (tmp_path / "q").exists()

@@ -11,8 +11,9 @@ from pydantic import Field
 
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.jobs.service import JobService
+from lmtuner_core.models.model_code import check_model_code
 from lmtuner_core.models.serving import ServerService
-from lmtuner_core.paths import AllowedRoots
+from lmtuner_core.paths import AllowedRoots, check_outside_state, check_writable
 
 TrustRemoteCode = Annotated[
     bool,
@@ -37,8 +38,20 @@ class ToolContext:
     def servers(self) -> ServerService:
         return ServerService(self.home, self.roots)
 
-    def adapter_folder(self, value: str) -> Path:
-        """A tool's `adapter` argument: a folder inside the allowed roots that holds a PEFT adapter."""
+    def visible_folders(self) -> list[Path] | None:
+        """The folders whose paths an error may show: the roots and $LMTUNER_HOME (None: unconfined, the CLI)."""
+        return None if self.roots.roots is None else [*self.roots.roots, self.home.resolve()]
+
+    def output_folder(self, value: str, field: str = "output_dir") -> Path:
+        """A writing tool's output folder: inside the roots, not lmtuner's own state, and writable."""
+        path = self.roots.resolve(value, field)
+        check_outside_state(path, self.home, field)
+        check_writable(path, field)
+        return path
+
+    def adapter_folder(self, value: str, trust_remote_code: bool = False) -> Path:
+        """A tool's `adapter` argument: a folder inside the allowed roots that holds a PEFT adapter, refused when
+        loading it would run code of its own (its tokenizer files are loaded too) unless trust_remote_code."""
         path = self.roots.resolve(value, "adapter")
         if not (path / "adapter_config.json").is_file():
             raise LmtunerError(
@@ -46,4 +59,5 @@ class ToolContext:
                 "fine-tune's output_dir is a model: pass it as `model` instead)",
                 field="adapter",
             )
+        check_model_code(path, self.roots, trust_remote_code, "adapter")
         return path

@@ -37,5 +37,5 @@ def analyze_dataset(
     on, malformed and duplicate rows, and problems in plain sentences. Use it to pick max_seq_len (about p95)
     and to catch data errors before spending GPU time."""
     spec = dataset_spec(dataset)
-    model_ref = resolve_model(model, ctx.roots) if model else None
+    model_ref = resolve_model(model, ctx.roots, trust_remote_code=None) if model else None  # the tokenizer only
     return analyze(spec, ctx.roots, model_ref, progress)

@@ -104,8 +104,8 @@ def evaluate(
     too, so the user sees what fine-tuning changed."""
     spec = dataset_spec(dataset)
     conversations, prompts, references = _pairs(spec, ctx, max_samples)
-    model_ref = resolve_model(model, ctx.roots)
-    adapter_path = str(ctx.adapter_folder(adapter)) if adapter else None
+    model_ref = resolve_model(model, ctx.roots, trust_remote_code=trust_remote_code)
+    adapter_path = str(ctx.adapter_folder(adapter, trust_remote_code)) if adapter else None
 
     def scored(texts: list[str], prompt_texts: list[str] | None) -> Scores:
         return score(texts, references[: len(texts)], home=ctx.home, prompts=prompt_texts, strip_prompt=strip_prompt)

@@ -9,7 +9,6 @@ from pydantic import Field
 from lmtuner_core.models.gguf_export import ExportResult
 from lmtuner_core.models.gguf_export import export_model as run_export
 from lmtuner_core.models.reference import resolve_model
-from lmtuner_core.paths import check_writable
 from lmtuner_core.reporting import ProgressFn
 from tools.context import ToolContext
 
@@ -42,10 +41,9 @@ def export_model(
     """Export a model, with a fine-tuned adapter merged in, as one GGUF file (weights, tokenizer and chat
     template) for llama.cpp, Ollama and LM Studio, written by llama.cpp's own converter and quantizer, plus an
     Ollama Modelfile beside it. Returns the paths, the size and the commands to run it: show those to the user."""
-    adapter_path = ctx.adapter_folder(adapter) if adapter else None
-    output = ctx.roots.resolve(output_dir, "output_dir")
-    check_writable(output, "output_dir")
+    adapter_path = ctx.adapter_folder(adapter, trust_remote_code) if adapter else None
+    output = ctx.output_folder(output_dir)
+    model_ref = resolve_model(model, ctx.roots, trust_remote_code=trust_remote_code)
     return run_export(
-        resolve_model(model, ctx.roots), output, quantization, adapter=adapter_path,
-        trust_remote_code=trust_remote_code, progress=progress,
-    )  # fmt: skip
+        model_ref, output, quantization, adapter=adapter_path, trust_remote_code=trust_remote_code, progress=progress
+    )

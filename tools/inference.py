@@ -12,7 +12,6 @@ from lmtuner_core.models.export import merge_adapter as run_merge
 from lmtuner_core.models.inference import GenerateResult, generate_with_server
 from lmtuner_core.models.inference import generate as run_generation
 from lmtuner_core.models.reference import resolve_model
-from lmtuner_core.paths import check_outside_state, check_writable
 from lmtuner_core.reporting import ProgressFn
 from tools.context import ToolContext, TrustRemoteCode
 
@@ -62,8 +61,8 @@ def generate(
     )
     if not conversations or any(not c for c in conversations):
         raise LmtunerError("prompts/messages: give at least one non-empty prompt or conversation")
-    adapter_path = ctx.adapter_folder(adapter) if adapter else None
-    model_ref = resolve_model(model, ctx.roots)
+    adapter_path = ctx.adapter_folder(adapter, trust_remote_code) if adapter else None
+    model_ref = resolve_model(model, ctx.roots, trust_remote_code=trust_remote_code)
     adapter_ref = str(adapter_path) if adapter_path else None
     if engine != "transformers":
         found = ctx.servers.find(model_ref, adapter_ref)
@@ -109,10 +108,8 @@ def merge_adapter(
     """Merge a trained adapter into its base model and save a standalone Hugging Face model (safetensors,
     config, tokenizer) that vLLM and other tools load without peft. Takes the base's full-precision size on
     disk; the merged model behaves as base + adapter."""
-    adapter_path = ctx.adapter_folder(adapter)
-    output = ctx.roots.resolve(output_dir, "output_dir")
-    check_outside_state(output, ctx.home, "output_dir")
-    check_writable(output, "output_dir")
-    model_ref = resolve_model(model, ctx.roots)
+    adapter_path = ctx.adapter_folder(adapter, trust_remote_code)
+    output = ctx.output_folder(output_dir)
+    model_ref = resolve_model(model, ctx.roots, trust_remote_code=trust_remote_code)
     with remote_code_explained(model_ref, "merge_adapter"):
         return run_merge(model_ref, adapter_path, output, trust_remote_code=trust_remote_code)

@@ -67,7 +67,7 @@ def propose_config(
     model's context. Returns the config (ready for start_training), the memory breakdown per device, fits,
     plain-language rationale, alternatives with their memory, and warnings. Not fitting is an answer (fits:
     false and the smallest change that would fit). Explain the rationale to the user before starting."""
-    model_ref = resolve_model(model, ctx.roots)
+    model_ref = resolve_model(model, ctx.roots, trust_remote_code=None)  # reads config.json and the tokenizer
     shape = load_shape(model_ref)
     spec = dataset_spec(dataset)
     # Exact token counts need the tokenizer; a folder with only config.json (or a hub id) gets an estimate.

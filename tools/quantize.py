@@ -17,7 +17,6 @@ from lmtuner_core.models.quantize import (
 )
 from lmtuner_core.models.quantize import quantize as run_quantize
 from lmtuner_core.models.reference import resolve_model
-from lmtuner_core.paths import check_outside_state, check_writable
 from lmtuner_core.reporting import ProgressFn
 from tools.context import ToolContext, TrustRemoteCode
 
@@ -28,7 +27,9 @@ def _calibration_texts(ctx: ToolContext, dataset: str | DatasetSpec, model: str,
     from transformers import AutoTokenizer
 
     from lmtuner_core.data.datasets import load_examples
+    from lmtuner_core.data.template_bounds import bound_chat_templates
 
+    bound_chat_templates()
     spec = dataset_spec(dataset)
     loaded = load_examples(spec.model_copy(update={"max_rows": limit}), ctx.roots)
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -102,11 +103,9 @@ def quantize(
     gives a folder vLLM serves. Takes disk space for the output and, with an adapter, a temporary merged copy."""
     if method not in METHODS:  # the schema already limits it; direct (CLI, script) callers get the same message
         raise LmtunerError(f"method: {shown(method)} is not supported; use one of {', '.join(METHODS)}", field="method")
-    adapter_path = ctx.adapter_folder(adapter) if adapter else None
-    output = ctx.roots.resolve(output_dir, "output_dir")
-    check_outside_state(output, ctx.home, "output_dir")
-    check_writable(output, "output_dir")
-    model_ref = resolve_model(model, ctx.roots)
+    adapter_path = ctx.adapter_folder(adapter, trust_remote_code) if adapter else None
+    output = ctx.output_folder(output_dir)
+    model_ref = resolve_model(model, ctx.roots, trust_remote_code=trust_remote_code)
     texts = source = None
     if dataset is not None:
         if method != "gptq-w4a16":

@@ -57,7 +57,11 @@ CHAT_TEMPLATE = r"""
 
 
 def ensure_chat_template(tokenizer: Any) -> bool:
-    """Gives the tokenizer CHAT_TEMPLATE when it has no template of its own; True when it did."""
+    """Gives the tokenizer CHAT_TEMPLATE when it has no template of its own; True when it did. Either way its
+    template renders in the bounded sandbox from here on (template_bounds: a model's template is its author's)."""
+    from lmtuner_core.data.template_bounds import bound_chat_templates
+
+    bound_chat_templates()
     if tokenizer.chat_template:
         return False
     tokenizer.chat_template = CHAT_TEMPLATE

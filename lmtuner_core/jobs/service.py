@@ -148,7 +148,7 @@ def check_config(
                 field="report_to",
             )
     warnings: list[str] = []
-    updates: dict = {"model": resolve_model(config.model, roots)}
+    updates: dict = {"model": resolve_model(config.model, roots, trust_remote_code=config.trust_remote_code)}
     updates["model_gguf"] = gguf_source(updates["model"])
     if config.deepspeed is not None:
         updates["deepspeed"] = check_deepspeed(config, roots)

@@ -9,8 +9,10 @@ K-quants come from llama.cpp's C quantizer, `llama_model_quantize`, in the compi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,7 +23,10 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from lmtuner_core.errors import LmtunerError
+from lmtuner_core.models.code_guard import REFUSAL
 from lmtuner_core.reporting import ProgressFn
+
+logger = logging.getLogger(__name__)
 
 LLAMACPP_VERSION = "0.3.36"
 LLAMACPP_DIR_ENV = "LMTUNER_LLAMACPP_DIR"
@@ -100,7 +105,7 @@ def export_model(
     model_ref = local_model_folder(model_ref)
     script = converter_script()
     quantizer = llamacpp_python() if quantization in QUANTIZER_TYPES else None
-    architecture = check_architecture(Path(model_ref), trust_remote_code)
+    architecture = model_architecture(Path(model_ref))
     steps = 2 + (adapter is not None) + (quantizer is not None)
     done = 0
 
@@ -121,7 +126,8 @@ def export_model(
         gguf_file = output_dir / f"{name}-{quantization}.gguf"
         report("converting with llama.cpp's convert_hf_to_gguf.py")
         converted = scratch / "model-f16.gguf" if quantizer else scratch / gguf_file.name
-        run_converter(script, source, converted, "f16" if quantizer else quantization, architecture)
+        outtype = "f16" if quantizer else quantization
+        run_converter(script, source, converted, outtype, architecture, trust_remote_code=trust_remote_code)
         if quantizer:
             report(f"quantizing to {quantization} with llama.cpp")
             run_quantizer(quantizer, converted, scratch / gguf_file.name, QUANTIZER_TYPES[quantization])
@@ -141,12 +147,18 @@ def export_model(
         model=model_ref,
         adapter=str(adapter) if adapter else None,
         seconds=round(time.monotonic() - started, 1),
-        run_commands={
-            "ollama": f"cd {output_dir} && ollama create {name} -f Modelfile && ollama run {name}",
-            "llama.cpp": f"llama-cli -m {gguf_file} -cnv",
-            "llama-cpp-python": f"python -m llama_cpp.server --model {gguf_file}",
-        },
+        run_commands=run_commands(output_dir, gguf_file, name),
     )
+
+
+def run_commands(output_dir: Path, gguf_file: Path, name: str) -> dict[str, str]:
+    """Shell commands to show the user: every path quoted (a folder may be named `a;touch X`)."""
+    folder, model, name = shlex.quote(str(output_dir)), shlex.quote(str(gguf_file)), shlex.quote(name)
+    return {
+        "ollama": f"cd {folder} && ollama create {name} -f Modelfile && ollama run {name}",
+        "llama.cpp": f"llama-cli -m {model} -cnv",
+        "llama-cpp-python": f"python -m llama_cpp.server --model {model}",
+    }
 
 
 def local_model_folder(model_ref: str) -> str:
@@ -166,30 +178,35 @@ def local_model_folder(model_ref: str) -> str:
         ) from None
 
 
-def check_architecture(model_dir: Path, trust_remote_code: bool) -> str:
-    """The folder's architecture; a model that ships its own code is refused unless trust_remote_code is set,
-    since llama.cpp's converter loads some tokenizers with trust_remote_code=True."""
+def model_architecture(model_dir: Path) -> str:
+    """The folder's architecture, from config.json. (Whether its own code may run was decided by check_model_code
+    when the tool resolved the folder; run_converter enforces it in the child as well.)"""
     try:
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise LmtunerError(f"model: {model_dir}/config.json is not readable ({exc})", field="model") from None
-    architecture = (config.get("architectures") or ["unknown"])[0]
-    if (config.get("auto_map") or any(model_dir.glob("*.py"))) and not trust_remote_code:
-        raise LmtunerError(
-            f"trust_remote_code: {model_dir} ships its own Python code, which the conversion would run; set "
-            "trust_remote_code: true if you trust its author",
-            field="trust_remote_code",
-        )
-    return architecture
+    return str((config.get("architectures") or ["unknown"])[0])
 
 
-def run_converter(script: Path, model_dir: Path, outfile: Path, outtype: str, architecture: str) -> None:
+def run_converter(
+    script: Path, model_dir: Path, outfile: Path, outtype: str, architecture: str, *, trust_remote_code: bool = False
+) -> None:
     """llama.cpp's convert_hf_to_gguf.py in our interpreter (it needs torch, transformers and sentencepiece);
-    it puts its bundled gguf-py ahead of any installed gguf by itself."""
-    command = [sys.executable, str(script), str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
+    it puts its bundled gguf-py ahead of any installed gguf by itself. Without trust_remote_code it runs under
+    code_guard: the converter asks transformers for some tokenizers with trust_remote_code=True, whatever we say."""
+    guard = [] if trust_remote_code else ["-m", "lmtuner_core.models.code_guard", "--deny", str(model_dir), "--"]
+    command = [sys.executable, *guard, str(script), str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
     proc = _run(command, "llama.cpp's converter")
     if proc.returncode == 0 and outfile.is_file():
         return
+    if REFUSAL in proc.stderr:
+        logger.warning("llama.cpp's converter stopped by code_guard:\n%s", _tail(proc.stderr))
+        raise LmtunerError(
+            f"trust_remote_code: converting {model_dir} would run code shipped with the model (llama.cpp's converter "
+            "loads this tokenizer with its own code); nothing of it was run. If you trust its author, call "
+            "export_model again with trust_remote_code: true",
+            field="trust_remote_code",
+        )
     if "is not supported" in proc.stderr:
         supported = _run([sys.executable, str(script), "--print-supported-models"], "llama.cpp's converter")
         text_models = supported.stderr.partition("TEXT models:")[2].partition("MMPROJ models:")[0]
@@ -206,7 +223,7 @@ def run_converter(script: Path, model_dir: Path, outfile: Path, outtype: str, ar
             "one with a tokenizer of its own needs llama.cpp's convert_hf_to_gguf_update.py first",
             field="model",
         )
-    raise LmtunerError(f"llama.cpp's converter failed (exit code {proc.returncode}):\n{_tail(proc.stderr)}")
+    raise _failed("llama.cpp's converter", proc)
 
 
 def run_quantizer(python: str, source: Path, target: Path, ftype: str) -> None:
@@ -219,7 +236,7 @@ def run_quantizer(python: str, source: Path, target: Path, ftype: str) -> None:
     )
     proc = _run([python, "-I", "-c", code, str(source), str(target)], "llama.cpp's quantizer")
     if proc.returncode != 0 or not target.is_file():
-        raise LmtunerError(f"llama.cpp's quantizer failed (exit code {proc.returncode}):\n{_tail(proc.stderr)}")
+        raise _failed("llama.cpp's quantizer", proc)
 
 
 def _run(command: list[str], what: str) -> subprocess.CompletedProcess:
@@ -228,6 +245,12 @@ def _run(command: list[str], what: str) -> subprocess.CompletedProcess:
         return subprocess.run(command, capture_output=True, text=True, env=env, timeout=STEP_TIMEOUT_SECONDS)
     except subprocess.TimeoutExpired:
         raise LmtunerError(f"{what} did not finish in {STEP_TIMEOUT_SECONDS} s") from None
+
+
+def _failed(what: str, proc: subprocess.CompletedProcess) -> LmtunerError:
+    """The error for a failed step: its output (library paths, tracebacks) goes to server.log, not to the caller."""
+    logger.warning("%s failed (exit code %s):\n%s", what, proc.returncode, _tail(proc.stderr, 40))
+    return LmtunerError(f"{what} failed (exit code {proc.returncode}); its output is in server.log")
 
 
 def _tail(text: str, lines: int = 15) -> str:
@@ -250,6 +273,9 @@ def ollama_modelfile(model_dir: Path, gguf_name: str) -> str:
     literal text (with the template's default system prompt when the user gives none)."""
     from transformers import AutoTokenizer
 
+    from lmtuner_core.data.template_bounds import bound_chat_templates
+
+    bound_chat_templates()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     lines = [f"FROM ./{gguf_name}"]
     if not tokenizer.chat_template:
@@ -290,5 +316,8 @@ def ollama_modelfile(model_dir: Path, gguf_name: str) -> str:
 
 
 def _go_text(text: str) -> str:
-    """Literal text inside a Go template: only '{{' has a meaning there."""
-    return text.replace("{{", '{{ "{{" }}')
+    """Literal text inside a Go template in a Modelfile's TEMPLATE block (between triple quotes): '{{' starts an
+    action, and a double quote could close the block (a chat template printing three quotes, a newline and
+    SYSTEM would write directives of its own into the Modelfile). Each becomes an action printing it, so no quote
+    is left in the literal text."""
+    return re.sub(r'\{\{|"', lambda m: '{{ "{{" }}' if m.group() == "{{" else '{{ "\\"" }}', text)

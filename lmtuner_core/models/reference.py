@@ -8,14 +8,19 @@ from pathlib import Path
 
 from lmtuner_core.errors import LmtunerError, shown
 from lmtuner_core.models.gguf_import import converted_folder, find_gguf
+from lmtuner_core.models.model_code import check_model_code
 from lmtuner_core.paths import AllowedRoots
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def resolve_model(value: str, roots: AllowedRoots, field: str = "model") -> str:
+def resolve_model(value: str, roots: AllowedRoots, field: str = "model", *, trust_remote_code: bool | None) -> str:
     """A local model folder (absolute path returned), a hub id (returned as is), or a `.gguf` file (or a folder
-    holding exactly one), returned as the Hugging Face folder it is converted into once (see gguf_import)."""
+    holding exactly one), returned as the Hugging Face folder it is converted into once (see gguf_import).
+    Every tool that loads the model passes its trust_remote_code: a folder whose loading would run code of its own
+    is refused here unless it is true (check_model_code). None only for callers that read config.json and load the
+    tokenizer with trust_remote_code=False, where transformers refuses code by itself (propose_config,
+    analyze_dataset)."""
     local = value.startswith(("/", ".", "~")) or Path(value).expanduser().exists()
     if not local:
         if HUB_ID.match(value) and ".." not in value:
@@ -29,7 +34,7 @@ def resolve_model(value: str, roots: AllowedRoots, field: str = "model") -> str:
     path = roots.resolve(value, field)
     gguf_file = find_gguf(path, field)
     if gguf_file is not None:
-        return str(converted_folder(gguf_file, field))
+        return str(converted_folder(gguf_file, field))  # written by us from tensors and metadata: no code
     if not path.is_dir():
         raise LmtunerError(f"{field}: folder {shown(value)} not found (resolved to {shown(str(path))})", field=field)
     if not (path / "config.json").is_file():
@@ -39,6 +44,8 @@ def resolve_model(value: str, roots: AllowedRoots, field: str = "model") -> str:
             "`lmtuner make-tiny-model DIR`",
             field=field,
         )
+    if trust_remote_code is not None:
+        check_model_code(path, roots, trust_remote_code, field)
     return str(path)
 
 

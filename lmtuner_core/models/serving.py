@@ -35,6 +35,7 @@ from lmtuner_core.errors import LmtunerError, NotFoundError, remote_code_refusal
 from lmtuner_core.jobs.distributed import free_port
 from lmtuner_core.jobs.processes import alive, process_start_time, reap
 from lmtuner_core.jobs.progress import tail_lines
+from lmtuner_core.models.model_code import check_model_code
 from lmtuner_core.models.reference import resolve_model
 from lmtuner_core.models.servers_store import LIVE, ServerRecord, ServerStore
 from lmtuner_core.paths import AllowedRoots
@@ -239,7 +240,7 @@ class ServerService:
 
     # --- checks -------------------------------------------------------------------------------------------------
 
-    def resolve_adapters(self, adapters: dict[str, str] | None) -> dict[str, str]:
+    def resolve_adapters(self, adapters: dict[str, str] | None, trust_remote_code: bool = False) -> dict[str, str]:
         resolved: dict[str, str] = {}
         for name, value in (adapters or {}).items():
             if not isinstance(name, str) or not ADAPTER_NAME.match(name) or len(name) > 128:
@@ -255,6 +256,7 @@ class ServerService:
                     f"adapters.{name}: {path} has no adapter_config.json; give the output_dir of a LoRA-family job",
                     field="adapters",
                 )
+            check_model_code(path, self.roots, trust_remote_code, f"adapters.{name}")
             config = json.loads(config_file.read_text(encoding="utf-8"))
             if config.get("peft_type", "LORA") != "LORA":
                 raise LmtunerError(
@@ -299,9 +301,9 @@ class ServerService:
         trust_remote_code: bool = False,
     ) -> ServerInfo:
         """Starts a server and returns once /health answers (or raises with the log tail)."""
-        model_ref = resolve_model(model, self.roots)
+        model_ref = resolve_model(model, self.roots, trust_remote_code=trust_remote_code)
         model_dir = Path(model_ref) if Path(model_ref).is_absolute() else None
-        resolved = self.resolve_adapters(adapters)
+        resolved = self.resolve_adapters(adapters, trust_remote_code)
         for path in ([model_dir] if model_dir else []) + [Path(p) for p in resolved.values()]:
             if is_xpos_model(path):
                 raise LmtunerError(
