@@ -24,8 +24,9 @@ from lmtuner_core.errors import LmtunerError
 from server.auth.client_assertion import ClientAssertionError, asserted_client_id, verify_client_assertion, with_form
 from server.auth.client_metadata import ClientMetadataError
 from server.auth.consent import ConsentPage
+from server.auth.jwks import ALGORITHMS
 from server.auth.oauth import OwnerAuthorizationServer
-from server.auth.oidc import ALGORITHMS, JwtVerifier
+from server.auth.oidc import JwtVerifier
 from server.auth.scopes import ALL_SCOPES, enforce_scopes
 from server.auth.store import AuthStore
 from server.http import is_loopback
