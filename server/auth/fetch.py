@@ -55,6 +55,7 @@ class BoundedFetcher:
         self._cache: OrderedDict[str, tuple[float, float, Any, FetchError | None]] = OrderedDict()
         self._pending: dict[str, asyncio.Task] = {}
         self._per_host: dict[str, int] = {}
+        self._http: tuple[asyncio.AbstractEventLoop, httpx.AsyncClient] | None = None
 
     async def get_json(
         self, url: str, *, max_bytes: int, what: str, parse: Callable[[Any], Any] = lambda document: document
@@ -80,6 +81,15 @@ class BoundedFetcher:
             task = self._pending[url] = asyncio.ensure_future(self._fetch_and_cache(url, host, max_bytes, what, parse))
         # shield: one caller giving up (its client went away) does not cancel the fetch others wait for
         return await asyncio.shield(task)
+
+    def _client(self) -> httpx.AsyncClient:
+        """One client per event loop (making one loads the CA bundle: tens of milliseconds)."""
+        loop = asyncio.get_running_loop()
+        if self._http is None or self._http[0] is not loop:
+            limits = httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight)
+            client = httpx.AsyncClient(timeout=self.total_seconds, follow_redirects=False, limits=limits)
+            self._http = (loop, client)
+        return self._http[1]
 
     def forget(self, url: str, older_than: float) -> bool:
         """Drops a cached copy fetched over `older_than` seconds ago (a JWKS asked for a key it lacks: the keys
@@ -117,10 +127,7 @@ class BoundedFetcher:
         body = bytearray()
         try:
             with anyio.fail_after(self.total_seconds):
-                async with (
-                    httpx.AsyncClient(timeout=self.total_seconds, follow_redirects=False) as http,
-                    http.stream("GET", url, headers=HEADERS) as response,
-                ):
+                async with self._client().stream("GET", url, headers=HEADERS) as response:
                     if response.status_code != 200:
                         raise FetchError(f"{what}: fetching it gave HTTP {response.status_code}")
                     if response.headers.get("content-encoding", "identity") != "identity":
