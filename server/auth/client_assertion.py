@@ -67,9 +67,15 @@ async def verify_client_assertion(
 
 def with_form(request: Request, form: dict[str, str]) -> Request:
     """The same request with `form` as its body (to add the client_id an assertion-only request leaves out)."""
-    body = urlencode(form).encode()
-    headers = [(k, v) for k, v in request.scope["headers"] if k not in (b"content-length", b"content-type")]
-    headers += [(b"content-type", b"application/x-www-form-urlencoded"), (b"content-length", str(len(body)).encode())]
+    return with_body(request, urlencode(form).encode(), b"application/x-www-form-urlencoded")
+
+
+def with_body(request: Request, body: bytes, content_type: bytes | None = None) -> Request:
+    """The same request with `body` (already read) as its body, and `content_type` when given."""
+    dropped = (b"content-length", b"content-type") if content_type else (b"content-length",)
+    headers = [(k, v) for k, v in request.scope["headers"] if k not in dropped]
+    headers += [(b"content-type", content_type)] if content_type else []
+    headers += [(b"content-length", str(len(body)).encode())]
     sent = False
 
     async def receive() -> dict:
