@@ -220,6 +220,7 @@ def oauth_setup(public_url: str, owner_token: str, home: Path, access_token_seco
         # mcp 2.3's RegistrationHandler stores whatever fits in 4 MB, as often as asked: registration is open to
         # anyone, so the size of every field, the rate per address and in all, and the age of clients the owner
         # never approved are bounded here before it runs.
+        store.purge_unapproved(UNAPPROVED_CLIENT_SECONDS)  # on every request, refused or not
         address = address_key(request.client.host if request.client else None)
         for window, whose in ((per_address, address), (everyone, "")):
             wait = window.retry_after(whose)
@@ -249,7 +250,6 @@ def oauth_setup(public_url: str, owner_token: str, home: Path, access_token_seco
         problem = client_field_problem(fields) if isinstance(fields, dict) else None
         if problem:
             return _registration_error(problem, 400)
-        store.purge_unapproved(UNAPPROVED_CLIENT_SECONDS)
         return await sdk_register.handle(with_body(request, bytes(body)))
 
     consent = ConsentPage(provider, owner_token)
