@@ -79,6 +79,7 @@ async def fetch_client_metadata(url: str) -> dict[str, Any]:
     try:
         return await FETCHER.get_json(
             url,
+            kind="client-metadata",
             max_bytes=MAX_DOCUMENT_BYTES,
             what=f"client_id {url}",
             parse=lambda doc: client_info_from_document(url, doc),

@@ -52,24 +52,27 @@ class BoundedFetcher:
         self.total_seconds = total_seconds
         self.max_in_flight = max_in_flight
         self.max_in_flight_per_host = max_in_flight_per_host
-        self._cache: OrderedDict[str, tuple[float, float, Any, FetchError | None]] = OrderedDict()
-        self._pending: dict[str, asyncio.Task] = {}
+        # keyed by (kind, url): one URL given as a client's metadata document and as its JWKS is two documents
+        self._cache: OrderedDict[tuple[str, str], tuple[float, float, Any, Exception | None]] = OrderedDict()
+        self._pending: dict[tuple[str, str], asyncio.Task] = {}
         self._per_host: dict[str, int] = {}
         self._http: tuple[asyncio.AbstractEventLoop, httpx.AsyncClient] | None = None
 
     async def get_json(
-        self, url: str, *, max_bytes: int, what: str, parse: Callable[[Any], Any] = lambda document: document
+        self, url: str, *, kind: str, max_bytes: int, what: str, parse: Callable[[Any], Any] = lambda doc: doc
     ) -> Any:
-        """`parse(the JSON document at url)`, from the cache when fresh. `what` names the document in errors
-        ("client_id https://…", "jwks_uri https://…"). Raises FetchError, or what `parse` raises (cached too)."""
+        """`parse(the JSON document at url)`, from the cache when fresh. `kind` says what the document is for
+        ("client-metadata", "jwks", …); `what` names it in errors ("client_id https://…"). Raises FetchError, or
+        what `parse` raises (cached too)."""
         now = time.monotonic()
-        cached = self._cache.get(url)
+        key = (kind, url)
+        cached = self._cache.get(key)
         if cached is not None and cached[0] > now:
-            self._cache.move_to_end(url)
+            self._cache.move_to_end(key)
             if cached[3] is not None:
                 raise cached[3]
             return cached[2]
-        task = self._pending.get(url)
+        task = self._pending.get(key)
         if task is None:
             host = urlsplit(url).hostname or ""
             if len(self._pending) >= self.max_in_flight or self._per_host.get(host, 0) >= self.max_in_flight_per_host:
@@ -78,7 +81,8 @@ class BoundedFetcher:
                     f"{self.max_in_flight_per_host} per host); try again in a few seconds"
                 )
             self._per_host[host] = self._per_host.get(host, 0) + 1
-            task = self._pending[url] = asyncio.ensure_future(self._fetch_and_cache(url, host, max_bytes, what, parse))
+            fetch = self._fetch_and_cache(key, host, max_bytes, what, parse)
+            task = self._pending[key] = asyncio.ensure_future(fetch)
         # shield: one caller giving up (its client went away) does not cancel the fetch others wait for
         return await asyncio.shield(task)
 
@@ -91,16 +95,19 @@ class BoundedFetcher:
             self._http = (loop, client)
         return self._http[1]
 
-    def forget(self, url: str, older_than: float) -> bool:
+    def forget(self, kind: str, url: str, older_than: float) -> bool:
         """Drops a cached copy fetched over `older_than` seconds ago (a JWKS asked for a key it lacks: the keys
         may have rotated); True when it was dropped."""
-        cached = self._cache.get(url)
+        cached = self._cache.get((kind, url))
         if cached is not None and time.monotonic() - cached[1] > older_than:
-            del self._cache[url]
+            del self._cache[(kind, url)]
             return True
         return False
 
-    async def _fetch_and_cache(self, url: str, host: str, max_bytes: int, what: str, parse: Callable) -> Any:
+    async def _fetch_and_cache(
+        self, key: tuple[str, str], host: str, max_bytes: int, what: str, parse: Callable
+    ) -> Any:
+        url = key[1]
         try:
             try:
                 value, error = parse(await self._fetch(url, max_bytes, what)), None
@@ -110,15 +117,15 @@ class BoundedFetcher:
                 value, error = None, exc
             now = time.monotonic()
             expires = now + (CACHE_SECONDS if error is None else FAILURE_CACHE_SECONDS)
-            self._cache[url] = (expires, now, value, error)
-            self._cache.move_to_end(url)
+            self._cache[key] = (expires, now, value, error)
+            self._cache.move_to_end(key)
             while len(self._cache) > MAX_CACHE_ENTRIES:
                 self._cache.popitem(last=False)
             if error is not None:
                 raise error
             return value
         finally:
-            del self._pending[url]
+            del self._pending[key]
             self._per_host[host] -= 1
             if not self._per_host[host]:
                 del self._per_host[host]

@@ -32,12 +32,12 @@ async def signing_key(token: str, jwks_uri: str, what: str) -> jwt.PyJWK:
         )
     kid = header.get("kid")
     for attempt in range(2):
-        key_set = await FETCHER.get_json(jwks_uri, max_bytes=MAX_JWKS_BYTES, what=what, parse=_key_set)
+        key_set = await FETCHER.get_json(jwks_uri, kind="jwks", max_bytes=MAX_JWKS_BYTES, what=what, parse=_key_set)
         keys = [k for k in key_set.keys if k.public_key_use in (None, "sig")]
         found = [k for k in keys if k.key_id == kid] if kid else keys
         if len(found) == 1 or (found and kid):
             return found[0]
-        if attempt == 0 and not (kid and FETCHER.forget(jwks_uri, REFETCH_AFTER_SECONDS)):
+        if attempt == 0 and not (kid and FETCHER.forget("jwks", jwks_uri, REFETCH_AFTER_SECONDS)):
             break
     raise jwt.PyJWKClientError(
         f"no signing key {'with kid ' + repr(kid) if kid else '(the token names no kid and the set has several)'} "

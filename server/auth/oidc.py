@@ -55,7 +55,9 @@ class JwtVerifier:
         for path in DISCOVERY_PATHS:
             url = self.issuer.rstrip("/") + path
             try:
-                return await FETCHER.get_json(url, max_bytes=MAX_DISCOVERY_BYTES, what=url, parse=self._jwks_uri_in)
+                return await FETCHER.get_json(
+                    url, kind="oidc-discovery", max_bytes=MAX_DISCOVERY_BYTES, what=url, parse=self._jwks_uri_in
+                )
             except (FetchError, ValueError) as exc:
                 problems.append(str(exc))
         raise ValueError("no jwks_uri in the issuer's metadata (" + "; ".join(problems) + ")")
