@@ -17,6 +17,7 @@ from lmtuner_core.jobs.store import TERMINAL
 from lmtuner_core.library_noise import quiet_library_noise
 from lmtuner_core.paths import lmtuner_home
 from server.cli_args import add_tool_arguments, tool_arguments
+from server.text import printable
 from tools import data, evaluation, export, hardware, inference, planning, quantize, serving, training
 from tools.context import ToolContext
 
@@ -193,8 +194,10 @@ def cmd_clients(ctx: ToolContext, args: argparse.Namespace) -> int:
     from server.auth.store import AuthStore
 
     clients = AuthStore(ctx.home / "oauth.db").clients()
+    # Client ids and names are written by whoever registered: no control character reaches the terminal (JSON
+    # output escapes them as \u001b and the like).
     lines = [
-        f"{c['client_id']}  {c['client_name'] or '-'}  ({c['source']}, {c['active_grants']} active grant(s))"
+        printable(f"{c['client_id']}  {c['client_name'] or '-'}  ({c['source']}, {c['active_grants']} active grant(s))")
         for c in clients
     ]
     print(json.dumps(clients, indent=2) if args.json else "\n".join(lines) or "no clients", file=RESULTS)
@@ -206,8 +209,8 @@ def cmd_revoke_client(ctx: ToolContext, args: argparse.Namespace) -> int:
     from server.auth.store import AuthStore
 
     if not AuthStore(ctx.home / "oauth.db").delete_client(args.client_id):
-        raise NotFoundError(f"client_id {args.client_id}: no such client; `lmtuner clients` lists them")
-    print(f"revoked {args.client_id}: its tokens no longer work", file=RESULTS)
+        raise NotFoundError(f"client_id {printable(args.client_id)}: no such client; `lmtuner clients` lists them")
+    print(f"revoked {printable(args.client_id)}: its tokens no longer work", file=RESULTS)
     return 0
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import secrets
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -136,8 +138,38 @@ def resolve_token(host: str, token: str | None, home: Path) -> tuple[str, bool]:
     return generated_token(home), True
 
 
+# On SIGTERM, requests still open this long afterwards (a long-poll, an SSE stream, a hung client) are cancelled.
+GRACEFUL_SHUTDOWN_SECONDS = 2.0
+# And the process ends this long after SIGTERM whatever is left: a worker thread blocked in a tool or a name
+# lookup cannot be cancelled, and asyncio would wait for it at exit. Jobs run in their own processes and go on.
+EXIT_DEADLINE_SECONDS = 4.0
+
+
 def serve_http(server: MCPServer, *, host: str, port: int, token: str | None, **auth: Any) -> None:
     import uvicorn
 
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            _exit_after(EXIT_DEADLINE_SECONDS)
+            await super().shutdown(sockets)
+
     app = build_http_app(server, host=host, port=port, token=token, **auth)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS
+    )
+    Server(config).run()
+
+
+def _exit_after(seconds: float) -> None:
+    def exit_now() -> None:
+        busy = [t.name for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+        logging.getLogger(__name__).warning(
+            "still running %g s after the stop signal (threads: %s); exiting now", seconds, ", ".join(busy) or "none"
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(0)
+
+    timer = threading.Timer(seconds, exit_now)
+    timer.daemon = True
+    timer.start()

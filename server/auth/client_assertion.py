@@ -1,23 +1,21 @@
 """RFC 7523 client assertions (`private_key_jwt`) for Client ID Metadata Document clients that publish keys, as
 ChatGPT's document does. mcp 2.3's token and revocation handlers know only client secrets and 'none', so the
-assertion is checked here, before them; PyJWT verifies the signature against the client's jwks_uri."""
+assertion is checked here, before them; PyJWT verifies the signature against the client's jwks_uri, fetched on the
+event loop through the bounded fetcher (server/auth/jwks.py), never in a worker thread."""
 
 from __future__ import annotations
 
-import threading
 from urllib.parse import urlencode
 
-import anyio
 import jwt
 from starlette.requests import Request
 
 from server.auth.client_metadata import ClientMetadataError, check_fetch_url
-from server.auth.oidc import ALGORITHMS
+from server.auth.fetch import FetchError
+from server.auth.jwks import verify_jwt
 from server.auth.store import AuthStore
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-_jwks_clients: dict[str, jwt.PyJWKClient] = {}
-_jwks_lock = threading.Lock()
 
 
 class ClientAssertionError(Exception):
@@ -48,9 +46,16 @@ async def verify_client_assertion(
         )
     try:
         await check_fetch_url(jwks_uri)
-    except ClientMetadataError as exc:
+        claims = await verify_jwt(
+            assertion, jwks_uri, what=f"client {client_id}'s jwks_uri {jwks_uri}",
+            audience=audiences, issuer=client_id, require=["exp", "iss", "sub", "aud"],
+        )  # fmt: skip
+    except (ClientMetadataError, FetchError) as exc:
         raise ClientAssertionError(str(exc)) from None
-    claims = await anyio.to_thread.run_sync(_decode, assertion, client_id, jwks_uri, audiences)
+    except jwt.PyJWTError as exc:
+        raise ClientAssertionError(f"client_assertion refused: {exc}") from None
+    if claims["sub"] != client_id:
+        raise ClientAssertionError("client_assertion refused: sub must be the client_id")
     jti = claims.get("jti")
     if jti:  # single use (RFC 7523 §3, item 7): remembered until the assertion expires
         marker = f"{client_id} {jti}"
@@ -60,36 +65,17 @@ async def verify_client_assertion(
                   expires_at=float(claims["exp"]))  # fmt: skip
 
 
-def _decode(assertion: str, client_id: str, jwks_uri: str, audiences: list[str]) -> dict:
-    try:
-        key = _jwks_client(jwks_uri).get_signing_key_from_jwt(assertion)
-        claims = jwt.decode(
-            assertion,
-            key.key,
-            algorithms=ALGORITHMS,
-            audience=audiences,
-            issuer=client_id,
-            options={"require": ["exp", "iss", "sub", "aud"]},
-        )
-    except jwt.PyJWTError as exc:
-        raise ClientAssertionError(f"client_assertion refused: {exc}") from None
-    if claims["sub"] != client_id:
-        raise ClientAssertionError("client_assertion refused: sub must be the client_id")
-    return claims
-
-
-def _jwks_client(jwks_uri: str) -> jwt.PyJWKClient:
-    with _jwks_lock:
-        if jwks_uri not in _jwks_clients:
-            _jwks_clients[jwks_uri] = jwt.PyJWKClient(jwks_uri, cache_keys=True, lifespan=300)
-        return _jwks_clients[jwks_uri]
-
-
 def with_form(request: Request, form: dict[str, str]) -> Request:
     """The same request with `form` as its body (to add the client_id an assertion-only request leaves out)."""
-    body = urlencode(form).encode()
-    headers = [(k, v) for k, v in request.scope["headers"] if k not in (b"content-length", b"content-type")]
-    headers += [(b"content-type", b"application/x-www-form-urlencoded"), (b"content-length", str(len(body)).encode())]
+    return with_body(request, urlencode(form).encode(), b"application/x-www-form-urlencoded")
+
+
+def with_body(request: Request, body: bytes, content_type: bytes | None = None) -> Request:
+    """The same request with `body` (already read) as its body, and `content_type` when given."""
+    dropped = (b"content-length", b"content-type") if content_type else (b"content-length",)
+    headers = [(k, v) for k, v in request.scope["headers"] if k not in dropped]
+    headers += [(b"content-type", content_type)] if content_type else []
+    headers += [(b"content-length", str(len(body)).encode())]
     sent = False
 
     async def receive() -> dict:

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import os
 import socket
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx2 as httpx
+import anyio
 
+from server.auth.fetch import FETCHER, TOTAL_SECONDS, FetchError
+from server.auth.limits import client_field_problem
+from server.auth.redirect_uris import redirect_uri_problem
 from server.auth.scopes import ALL_SCOPES
 
 LOOPBACK_FLAG = "LMTUNER_OAUTH_ALLOW_LOOPBACK_CLIENT_IDS"
 MAX_DOCUMENT_BYTES = 64 * 1024
-FETCH_TIMEOUT_SECONDS = 5.0
 
 
 class ClientMetadataError(Exception):
@@ -62,36 +63,29 @@ async def check_fetch_url(url: str) -> None:
 
 async def _resolve(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        with anyio.fail_after(TOTAL_SECONDS):  # a name server that never answers holds no request longer
+            infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except TimeoutError:
+        raise ClientMetadataError(f"host {host!r} did not resolve within {TOTAL_SECONDS:g} s") from None
     except OSError as exc:
         raise ClientMetadataError(f"client_id host {host!r} does not resolve ({exc.strerror or exc})") from None
     return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
 
 
 async def fetch_client_metadata(url: str) -> dict[str, Any]:
-    """The client information (OAuthClientInformationFull fields) that the document at `url` describes."""
+    """The client information (OAuthClientInformationFull fields) that the document at `url` describes. Fetched
+    through the bounded fetcher (server/auth/fetch.py): a total deadline, a size cap, a cache, few at a time."""
     await check_fetch_url(url)
     try:
-        async with (
-            httpx.AsyncClient(timeout=FETCH_TIMEOUT_SECONDS, follow_redirects=False) as http,
-            http.stream("GET", url, headers={"Accept": "application/json"}) as response,
-        ):
-            if response.status_code != 200:
-                raise ClientMetadataError(f"client_id {url}: fetching the document gave HTTP {response.status_code}")
-            body = b""
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_DOCUMENT_BYTES:
-                    raise ClientMetadataError(
-                        f"client_id {url}: the document is larger than {MAX_DOCUMENT_BYTES} bytes"
-                    )
-    except httpx.HTTPError as exc:
-        raise ClientMetadataError(f"client_id {url}: cannot fetch the document ({type(exc).__name__}: {exc})") from None
-    try:
-        document = json.loads(body)
-    except ValueError:
-        raise ClientMetadataError(f"client_id {url}: the document is not JSON") from None
-    return client_info_from_document(url, document)
+        return await FETCHER.get_json(
+            url,
+            kind="client-metadata",
+            max_bytes=MAX_DOCUMENT_BYTES,
+            what=f"client_id {url}",
+            parse=lambda doc: client_info_from_document(url, doc),
+        )
+    except FetchError as exc:
+        raise ClientMetadataError(str(exc)) from None
 
 
 def client_info_from_document(url: str, document: Any) -> dict[str, Any]:
@@ -102,6 +96,13 @@ def client_info_from_document(url: str, document: Any) -> dict[str, Any]:
     redirect_uris = document.get("redirect_uris")
     if not isinstance(redirect_uris, list) or not redirect_uris or not all(isinstance(u, str) for u in redirect_uris):
         raise ClientMetadataError(f"client_id {url}: the document must list its redirect_uris")
+    for i, uri in enumerate(redirect_uris):
+        problem = redirect_uri_problem(uri)
+        if problem:
+            raise ClientMetadataError(f"client_id {url}: the document's redirect_uris[{i}] {uri!r} {problem}")
+    problem = client_field_problem(document)
+    if problem:
+        raise ClientMetadataError(f"client_id {url}: the document's {problem}")
     method = document.get("token_endpoint_auth_method", "none")
     jwks_uri = document.get("jwks_uri")
     if method == "private_key_jwt":

@@ -6,22 +6,27 @@ from __future__ import annotations
 
 import hmac
 import html
+import logging
 import time
-from collections import deque
 from urllib.parse import urlsplit
 
 from mcp.server.auth.provider import construct_redirect_uri
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
+from server.auth.limits import SlidingWindow, address_key
 from server.auth.oauth import CONSENT_SECONDS, OwnerAuthorizationServer
+from server.auth.redirect_uris import redirect_uri_problem
 from server.auth.scopes import SCOPE_DESCRIPTIONS
+from server.text import printable
 
-# No library we depend on limits attempts at a form field; this is a sliding window over recent failures.
-# It is global, not per address: behind a reverse proxy every request comes from the proxy, and there is one
-# owner token to guess.
+# Wrong owner tokens lock out the address that sent them, not the page: anyone can open a consent request, so a
+# page-wide lock let anyone lock the owner out. An address is what uvicorn reports: behind a reverse proxy on this
+# machine, the client's address from X-Forwarded-For (uvicorn trusts it from 127.0.0.1 only); IPv6 by its /64.
 MAX_FAILURES = 5
 FAILURE_WINDOW_SECONDS = 300
+
+logger = logging.getLogger("lmtuner.auth")
 
 PAGE_HEADERS = {
     "Cache-Control": "no-store",
@@ -32,34 +37,11 @@ PAGE_HEADERS = {
 }
 
 
-class FailureLimiter:
-    """Counts wrong owner tokens; while MAX_FAILURES lie within the window, every attempt is refused."""
-
-    def __init__(self, max_failures: int = MAX_FAILURES, window_seconds: float = FAILURE_WINDOW_SECONDS):
-        self.max_failures = max_failures
-        self.window = window_seconds
-        self.failures: deque[float] = deque()
-
-    def retry_after(self) -> int:
-        """Seconds until an attempt is allowed again (0 when allowed now)."""
-        now = time.monotonic()
-        while self.failures and self.failures[0] <= now - self.window:
-            self.failures.popleft()
-        if len(self.failures) < self.max_failures:
-            return 0
-        return max(1, int(self.failures[0] + self.window - now) + 1)
-
-    def fail(self) -> int:
-        """Records a failure; returns how many attempts are left in the window."""
-        self.failures.append(time.monotonic())
-        return max(0, self.max_failures - len(self.failures))
-
-
 class ConsentPage:
-    def __init__(self, provider: OwnerAuthorizationServer, owner_token: str, limiter: FailureLimiter | None = None):
+    def __init__(self, provider: OwnerAuthorizationServer, owner_token: str):
         self.provider = provider
         self.owner_token = owner_token.encode()
-        self.limiter = limiter or FailureLimiter()
+        self.failures = SlidingWindow(MAX_FAILURES, FAILURE_WINDOW_SECONDS)
 
     async def handle(self, request: Request) -> Response:
         if request.method == "GET":
@@ -71,6 +53,9 @@ class ConsentPage:
         if consent is None:
             return _expired()
         data = consent.data
+        problem = redirect_uri_problem(data["redirect_uri"])
+        if problem:  # registered before this rule, or stored by hand: never send the browser there, either answer
+            return _expired(f"The client's redirect URI {data['redirect_uri']!r} {problem}; it cannot be approved.")
         if form.get("decision") == "deny":
             self.provider.store.delete(request_id)
             target = construct_redirect_uri(
@@ -78,13 +63,21 @@ class ConsentPage:
                 state=data["state"], iss=self.provider.issuer,
             )  # fmt: skip
             return RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
-        wait = self.limiter.retry_after()
+        address = address_key(request.client.host if request.client else None)
+        wait = self.failures.retry_after(address)
         if wait:
-            return self._page(request_id, status=429, headers={"Retry-After": str(wait)},
-                              error=f"Too many wrong owner tokens. Try again in {wait} s.")  # fmt: skip
+            error = f"Too many wrong owner tokens from this address. Try again in {wait} s."
+            return self._page(request_id, status=429, headers={"Retry-After": str(wait)}, error=error)
         given = str(form.get("owner_token", "")).strip().encode()
         if not hmac.compare_digest(given, self.owner_token):
-            left = self.limiter.fail()
+            left = self.failures.record(address)
+            if not left:
+                logger.warning(
+                    "consent: %d wrong owner tokens from %s (last for client %s) within %d s; that address is refused "
+                    "for %d s. If this was not you, someone who can reach this server is guessing the owner token.",
+                    MAX_FAILURES, address, printable(consent.client_id), FAILURE_WINDOW_SECONDS,
+                    FAILURE_WINDOW_SECONDS,
+                )  # fmt: skip
             return self._page(request_id, status=401, error=f"Wrong owner token ({left} attempts left).")
         issued = self.provider.issue_code(request_id)
         if issued is None:
@@ -102,8 +95,8 @@ class ConsentPage:
         assert consent is not None
         stored = self.provider.store.client(consent.client_id)
         info = stored[0] if stored else {}
-        name = info.get("client_name") or consent.client_id
-        redirect_host = urlsplit(consent.data["redirect_uri"]).netloc
+        name = printable(info.get("client_name") or consent.client_id)
+        redirect_host = printable(urlsplit(consent.data["redirect_uri"]).netloc)
         scopes = "".join(
             f"<li><code>{html.escape(s)}</code>: {html.escape(SCOPE_DESCRIPTIONS.get(s, ''))}</li>"
             for s in consent.scopes
@@ -117,7 +110,7 @@ class ConsentPage:
 button{{padding:.5rem 1.2rem;font-size:1rem;margin-right:.5rem}} code{{background:#eee;padding:0 .2rem}}</style>
 </head><body>
 <h1>Allow <span id="client-name">{e(name)}</span> to use lmtuner?</h1>
-<p>Client: <code id="client-id">{e(consent.client_id)}</code><br>
+<p>Client: <code id="client-id">{e(printable(consent.client_id))}</code><br>
 It will be sent back to <strong id="redirect-host">{e(redirect_host)}</strong>.</p>
 <p>It asks for:</p><ul id="scopes">{scopes}</ul>
 <p>Only approve a connection you started yourself. Enter this server's owner token (<code>LMTUNER_TOKEN</code>,
@@ -133,10 +126,13 @@ the <code>--token-file</code>, or <code>$LMTUNER_HOME/http-token</code>) to appr
         return HTMLResponse(body, status_code=status, headers={**PAGE_HEADERS, **(headers or {})})
 
 
-def _expired() -> HTMLResponse:
+def _expired(reason: str = "") -> HTMLResponse:
+    text = reason or (
+        f"This authorization request is unknown or has expired (requests last {CONSENT_SECONDS // 60} minutes). "
+        "Start connecting again from your agent."
+    )
     return HTMLResponse(
-        "<!doctype html><title>Request expired</title><p>This authorization request is unknown or has expired "
-        f"(requests last {CONSENT_SECONDS // 60} minutes). Start connecting again from your agent.</p>",
+        f"<!doctype html><title>Request refused</title><p>{html.escape(printable(text))}</p>",
         status_code=400,
         headers=PAGE_HEADERS,
     )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from urllib.parse import urlsplit
 
 from mcp.server.auth.provider import (
     AccessToken,
@@ -21,14 +20,18 @@ from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 from pydantic import AnyHttpUrl, ValidationError
 
 from server.auth.client_metadata import fetch_client_metadata, is_metadata_document_url
+from server.auth.redirect_uris import redirect_uri_problem
 from server.auth.scopes import ALL_SCOPES
 from server.auth.store import AuthStore, new_secret
-from server.http import is_loopback
 
 CODE_SECONDS = 300
 CONSENT_SECONDS = 600
 REFRESH_SECONDS = 30 * 86400
 DEFAULT_ACCESS_TOKEN_SECONDS = 3600
+# The refresh token rotated out last may be presented again this long after, by its client retrying a refresh
+# whose answer it lost, without ending the grant (RFC 9700 §4.14.2 allows this leeway); after, or once a token
+# issued after it has been used, presenting it again ends the grant.
+REFRESH_RETRY_SECONDS = 60
 # A metadata document is fetched again at /authorize when the stored copy is older than this.
 METADATA_DOCUMENT_MAX_AGE_SECONDS = 3600
 
@@ -80,11 +83,10 @@ class OwnerAuthorizationServer:
         self.store.save_client(client_id, info, "metadata_document")
 
     async def register_client(self, client_info: OAuthClientInformationFull) -> None:
-        for uri in client_info.redirect_uris or []:
-            parts = urlsplit(str(uri))
-            # OAuth 2.1: redirect URIs are https, or http only back to this machine (native and test clients).
-            if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
-                raise RegistrationError("invalid_redirect_uri", f"redirect_uri {uri} must use https (or http loopback)")
+        for i, uri in enumerate(client_info.redirect_uris or []):
+            problem = redirect_uri_problem(str(uri))
+            if problem:
+                raise RegistrationError("invalid_redirect_uri", f"redirect_uris[{i}] {str(uri)!r} {problem}")
         # The SDK compares client secrets in clear (ClientAuthenticator), so a confidential client's secret is
         # stored as issued; public clients (token_endpoint_auth_method 'none', what agents use) have none.
         self.store.save_client(
@@ -140,14 +142,22 @@ class OwnerAuthorizationServer:
     def _unspent(self, client: OAuthClientInformationFull, value: str, kind: str):
         """The stored code or refresh token if it is this client's and not used yet. One presented a second
         time was copied by someone who is not the client (a reused code, RFC 6749 §4.1.2; a rotated-out
-        refresh token, RFC 9700 §4.14.2): everything issued from its grant ends."""
+        refresh token, RFC 9700 §4.14.2): everything issued from its grant ends. Except a retry: the refresh
+        token rotated out last, presented again within REFRESH_RETRY_SECONDS while nothing issued after it has
+        been used, is the same client that never got the answer (a timeout, two refreshes at once)."""
         stored = self.store.get(value, kind)
         if stored is None or stored.client_id != client.client_id:
             return None
         if stored.used:
+            if kind == "refresh" and self._retry(stored):
+                return stored
             self.store.revoke_grant(stored.grant_id)
             return None
         return stored
+
+    def _retry(self, stored) -> bool:
+        spent_at = stored.used_at or 0
+        return time.time() - spent_at <= REFRESH_RETRY_SECONDS and not self.store.used_since(stored.grant_id, spent_at)
 
     async def load_authorization_code(
         self, client: OAuthClientInformationFull, authorization_code: str
@@ -194,9 +204,13 @@ class OwnerAuthorizationServer:
     async def exchange_refresh_token(
         self, client: OAuthClientInformationFull, refresh_token: GrantedRefreshToken, scopes: list[str]
     ) -> OAuthToken:
-        if not self.store.mark_used(refresh_token.token):
-            raise TokenError("invalid_grant", "refresh token was already used")
-        self.store.revoke_tokens_of_grant(refresh_token.grant_id, "access")  # rotation: the old access token ends too
+        if self.store.mark_used(refresh_token.token):
+            # rotation: the old access token ends too
+            self.store.revoke_tokens_of_grant(refresh_token.grant_id, "access")
+        else:  # a retry of the refresh that spent it (see _unspent): a second pair, the first left as it is
+            stored = self.store.get(refresh_token.token, "refresh")
+            if stored is None or not self._retry(stored):
+                raise TokenError("invalid_grant", "refresh token was already used")
         return self._issue(client.client_id, refresh_token.grant_id, scopes, refresh_token.resource)
 
     def _issue(self, client_id: str, grant_id: str, scopes: list[str], resource: str | None) -> OAuthToken:
@@ -219,6 +233,8 @@ class OwnerAuthorizationServer:
         stored = self.store.get(token, "access")
         if stored is None:
             return None
+        if not stored.used:  # its first use: the client has the pair it came with (see _retry)
+            self.store.mark_used(token)
         # The SDK's bearer check refuses it when expired or when `resource` is not this server's URL.
         return AccessToken(
             token=token,

@@ -4,45 +4,36 @@ against the issuer's JWKS, `iss`, `aud`, `exp`) with PyJWT, and reads the lmtune
 from __future__ import annotations
 
 import logging
-import threading
+from typing import Any
 
-import anyio
-import httpx2 as httpx
 import jwt
 from mcp.server.auth.provider import AccessToken
 
+from server.auth.fetch import FETCHER, FetchError
+from server.auth.jwks import verify_jwt
 from server.auth.scopes import ALL_SCOPES
 
 logger = logging.getLogger(__name__)
-# Asymmetric algorithms only: an HMAC or 'none' token would be signed with something other than the JWKS.
-ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
+MAX_DISCOVERY_BYTES = 64 * 1024
 DISCOVERY_PATHS = ("/.well-known/openid-configuration", "/.well-known/oauth-authorization-server")
 
 
 class JwtVerifier:
-    """The SDK's TokenVerifier for JWTs from `issuer`, meant for `audience` (default: the public /mcp URL)."""
+    """The SDK's TokenVerifier for JWTs from `issuer`, meant for `audience` (default: the public /mcp URL). The
+    issuer's discovery document and JWKS are fetched on the event loop through the bounded fetcher (a total
+    deadline, a size cap, a cache): an identity provider that hangs refuses tokens, it does not hold threads."""
 
     def __init__(self, issuer: str, audience: str):
         self.issuer = issuer
         self.audience = audience
-        self._jwks: jwt.PyJWKClient | None = None
-        self._lock = threading.Lock()
 
     async def verify_token(self, token: str) -> AccessToken | None:
-        return await anyio.to_thread.run_sync(self._verify, token)
-
-    def _verify(self, token: str) -> AccessToken | None:
         try:
-            key = self._jwks_client().get_signing_key_from_jwt(token)
-            claims = jwt.decode(
-                token,
-                key.key,
-                algorithms=ALGORITHMS,
-                audience=self.audience,
-                issuer=self.issuer,
-                options={"require": ["exp", "iss", "aud"]},
-            )
-        except (jwt.PyJWTError, httpx.HTTPError, ValueError) as exc:
+            claims = await verify_jwt(
+                token, await self._jwks_uri(), what="the issuer's JWKS", audience=self.audience,
+                issuer=self.issuer, require=["exp", "iss", "aud"],
+            )  # fmt: skip
+        except (jwt.PyJWTError, FetchError, ValueError) as exc:
             logger.warning("refused a bearer token: %s", exc)
             return None
         scope = claims.get("scope", claims.get("scp", []))
@@ -57,25 +48,23 @@ class JwtVerifier:
             claims={"iss": claims["iss"]},
         )
 
-    def _jwks_client(self) -> jwt.PyJWKClient:
-        """Found through the issuer's discovery document on first use (so the server starts while the IdP is down)."""
-        with self._lock:
-            if self._jwks is None:
-                self._jwks = jwt.PyJWKClient(self._discover_jwks_uri(), cache_keys=True, lifespan=300)
-            return self._jwks
-
-    def _discover_jwks_uri(self) -> str:
+    async def _jwks_uri(self) -> str:
+        """Found through the issuer's discovery document on first use (so the server starts while the IdP is down);
+        cached like every fetched document."""
         problems = []
         for path in DISCOVERY_PATHS:
             url = self.issuer.rstrip("/") + path
             try:
-                response = httpx.get(url, timeout=10)
-                if response.status_code == 200 and response.json().get("jwks_uri"):
-                    document = response.json()
-                    if document.get("issuer") not in (None, self.issuer):
-                        raise ValueError(f"{url} names issuer {document.get('issuer')}, not {self.issuer}")
-                    return document["jwks_uri"]
-                problems.append(f"{url}: HTTP {response.status_code}")
-            except (httpx.HTTPError, ValueError) as exc:
-                problems.append(f"{url}: {exc}")
+                return await FETCHER.get_json(
+                    url, kind="oidc-discovery", max_bytes=MAX_DISCOVERY_BYTES, what=url, parse=self._jwks_uri_in
+                )
+            except (FetchError, ValueError) as exc:
+                problems.append(str(exc))
         raise ValueError("no jwks_uri in the issuer's metadata (" + "; ".join(problems) + ")")
+
+    def _jwks_uri_in(self, document: Any) -> str:
+        if not isinstance(document, dict) or not isinstance(document.get("jwks_uri"), str):
+            raise ValueError("the document names no jwks_uri")
+        if document.get("issuer") not in (None, self.issuer):
+            raise ValueError(f"the document names issuer {document.get('issuer')}, not {self.issuer}")
+        return document["jwks_uri"]

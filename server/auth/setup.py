@@ -3,6 +3,7 @@ plus the few routes that replace or add to the SDK's (each says why)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from urllib.parse import urlsplit
 
 from mcp.server.auth.handlers.authorize import AuthorizationHandler
 from mcp.server.auth.handlers.metadata import MetadataHandler, ProtectedResourceMetadataHandler
+from mcp.server.auth.handlers.register import RegistrationHandler
 from mcp.server.auth.handlers.token import TokenHandler
 from mcp.server.auth.middleware.client_auth import AuthenticationError, ClientAuthenticator
 from mcp.server.auth.routes import build_metadata, cors_middleware
@@ -21,11 +23,30 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, request_response
 
 from lmtuner_core.errors import LmtunerError
-from server.auth.client_assertion import ClientAssertionError, asserted_client_id, verify_client_assertion, with_form
+from server.auth.client_assertion import (
+    ClientAssertionError,
+    asserted_client_id,
+    verify_client_assertion,
+    with_body,
+    with_form,
+)
 from server.auth.client_metadata import ClientMetadataError
 from server.auth.consent import ConsentPage
+from server.auth.jwks import ALGORITHMS
+from server.auth.limits import (
+    MAX_NAME_CHARS,
+    MAX_REDIRECT_URIS,
+    MAX_REGISTRATION_BYTES,
+    REGISTRATION_WINDOW_SECONDS,
+    REGISTRATIONS_GLOBAL,
+    REGISTRATIONS_PER_ADDRESS,
+    UNAPPROVED_CLIENT_SECONDS,
+    SlidingWindow,
+    address_key,
+    client_field_problem,
+)
 from server.auth.oauth import OwnerAuthorizationServer
-from server.auth.oidc import ALGORITHMS, JwtVerifier
+from server.auth.oidc import JwtVerifier
 from server.auth.scopes import ALL_SCOPES, enforce_scopes
 from server.auth.store import AuthStore
 from server.http import is_loopback
@@ -191,6 +212,46 @@ def oauth_setup(public_url: str, owner_token: str, home: Path, access_token_seco
             await provider.revoke_token(found)
         return Response(status_code=200, headers={"Cache-Control": "no-store"})
 
+    sdk_register = RegistrationHandler(provider, settings.client_registration_options)
+    per_address = SlidingWindow(REGISTRATIONS_PER_ADDRESS, REGISTRATION_WINDOW_SECONDS)
+    everyone = SlidingWindow(REGISTRATIONS_GLOBAL, REGISTRATION_WINDOW_SECONDS)
+
+    async def register(request: Request) -> Response:
+        # mcp 2.3's RegistrationHandler stores whatever fits in 4 MB, as often as asked: registration is open to
+        # anyone, so the size of every field, the rate per address and in all, and the age of clients the owner
+        # never approved are bounded here before it runs.
+        store.purge_unapproved(UNAPPROVED_CLIENT_SECONDS)  # on every request, refused or not
+        address = address_key(request.client.host if request.client else None)
+        for window, whose in ((per_address, address), (everyone, "")):
+            wait = window.retry_after(whose)
+            if wait:
+                scope = f"from {address}" if whose else "in all"
+                return _registration_error(
+                    f"too many registrations {scope} ({window.max_events} per {REGISTRATION_WINDOW_SECONDS // 60} "
+                    f"minutes); try again in {wait} s",
+                    429, {"Retry-After": str(wait)},
+                )  # fmt: skip
+        per_address.record(address)
+        everyone.record("")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_REGISTRATION_BYTES:
+                return _registration_error(
+                    f"the registration request is over {MAX_REGISTRATION_BYTES} bytes; send the client's metadata "
+                    f"only (client_name at most {MAX_NAME_CHARS} characters, at most {MAX_REDIRECT_URIS} "
+                    "redirect_uris)",
+                    413,
+                )
+        try:
+            fields = json.loads(body)
+        except ValueError:
+            fields = None  # the SDK's handler answers invalid JSON
+        problem = client_field_problem(fields) if isinstance(fields, dict) else None
+        if problem:
+            return _registration_error(problem, 400)
+        return await sdk_register.handle(with_body(request, bytes(body)))
+
     consent = ConsentPage(provider, owner_token)
     routes = [
         Route(
@@ -203,8 +264,17 @@ def oauth_setup(public_url: str, owner_token: str, home: Path, access_token_seco
         Route("/token", endpoint=_limited(cors_middleware(token, ["POST", "OPTIONS"])), methods=["POST", "OPTIONS"]),
         Route("/revoke", endpoint=_limited(cors_middleware(revoke, ["POST", "OPTIONS"])), methods=["POST", "OPTIONS"]),
         Route("/consent", endpoint=_limited(request_response(consent.handle)), methods=["GET", "POST"]),
+        Route("/register", endpoint=cors_middleware(register, ["POST", "OPTIONS"]), methods=["POST", "OPTIONS"]),
     ]
     return AuthSetup({"auth": settings, "auth_server_provider": provider}, public_url, routes)
+
+
+def _registration_error(description: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"error": "invalid_client_metadata", "error_description": description},
+        status_code=status,
+        headers={"Cache-Control": "no-store", **(headers or {})},
+    )
 
 
 def oidc_setup(public_url: str, issuer: str | None, audience: str | None) -> AuthSetup:

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS secrets (
     resource TEXT,
     expires_at REAL NOT NULL,
     used INTEGER NOT NULL DEFAULT 0,
-    data TEXT NOT NULL DEFAULT '{}'
+    data TEXT NOT NULL DEFAULT '{}',
+    used_at REAL                   -- when a code or refresh token was spent, an access token first used
 );
 CREATE INDEX IF NOT EXISTS secrets_by_grant ON secrets (grant_id);
 CREATE INDEX IF NOT EXISTS secrets_by_client ON secrets (client_id);
@@ -60,6 +61,7 @@ class StoredSecret:
     expires_at: float
     used: bool
     data: dict[str, Any]
+    used_at: float | None = None
 
 
 class AuthStore:
@@ -72,6 +74,8 @@ class AuthStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            if "used_at" not in {row[1] for row in db.execute("PRAGMA table_info(secrets)")}:
+                db.execute("ALTER TABLE secrets ADD COLUMN used_at REAL")  # a database from before the column
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -157,24 +161,37 @@ class AuthStore:
     def get(self, value: str, kind: str) -> StoredSecret | None:
         with self._connect() as db:
             row = db.execute(
-                "SELECT kind, client_id, grant_id, scopes, resource, expires_at, used, data FROM secrets "
+                "SELECT kind, client_id, grant_id, scopes, resource, expires_at, used, data, used_at FROM secrets "
                 "WHERE hash = ? AND kind = ?",
                 (secret_hash(value), kind),
             ).fetchone()
         if row is None:
             return None
-        kind, client_id, grant_id, scopes, resource, expires_at, used, data = row
+        kind, client_id, grant_id, scopes, resource, expires_at, used, data, used_at = row
         return StoredSecret(
-            kind, client_id, grant_id, scopes.split(), resource, expires_at, bool(used), json.loads(data)
+            kind, client_id, grant_id, scopes.split(), resource, expires_at, bool(used), json.loads(data), used_at
         )
 
     def mark_used(self, value: str) -> bool:
-        """Marks a code or refresh token spent; False when it already was (a replay)."""
+        """Marks a code or refresh token spent (an access token: used once at least); False when it already was."""
         with self._connect() as db:
             return (
-                db.execute("UPDATE secrets SET used = 1 WHERE hash = ? AND used = 0", (secret_hash(value),)).rowcount
+                db.execute(
+                    "UPDATE secrets SET used = 1, used_at = ? WHERE hash = ? AND used = 0",
+                    (time.time(), secret_hash(value)),
+                ).rowcount
                 > 0
             )
+
+    def used_since(self, grant_id: str, since: float) -> bool:
+        """Whether a token of the grant was spent or first used after `since` (its holder has moved on)."""
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT 1 FROM secrets WHERE grant_id = ? AND kind IN ('access', 'refresh') AND used = 1 "
+                "AND used_at > ? LIMIT 1",
+                (grant_id, since),
+            ).fetchone()
+        return row is not None
 
     def delete(self, value: str) -> bool:
         """False when it was already gone (another request took it first)."""
@@ -196,6 +213,18 @@ class AuthStore:
     def mark_approved(self, client_id: str) -> None:
         with self._connect() as db:
             db.execute("UPDATE clients SET approved_at = ? WHERE client_id = ?", (time.time(), client_id))
+
+    def purge_unapproved(self, older_than_seconds: float) -> int:
+        """Drops clients the owner never approved that appeared over `older_than_seconds` ago, with their pending
+        consent requests; returns how many. Run on every registration: registration is open to anyone."""
+        cutoff = time.time() - older_than_seconds
+        with self._connect() as db:
+            db.execute(
+                "DELETE FROM secrets WHERE client_id IN "
+                "(SELECT client_id FROM clients WHERE approved_at IS NULL AND created_at < ?)",
+                (cutoff,),
+            )
+            return db.execute("DELETE FROM clients WHERE approved_at IS NULL AND created_at < ?", (cutoff,)).rowcount
 
     def purge_expired(self, grace_seconds: float = 86400) -> None:
         """Drops what expired over a day ago (spent codes are kept that long to recognise replays), and clients
