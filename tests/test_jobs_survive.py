@@ -52,6 +52,28 @@ def test_second_cpu_job_is_queued_and_started_by_the_first_when_it_ends(
     assert service.get(second.job_id).status == "completed"
 
 
+def test_a_queued_job_starts_when_the_job_ahead_of_it_was_killed_and_only_the_queued_one_is_watched(
+    tiny_model, tmp_path, lmtuner_home, monkeypatch
+):
+    """The job ahead is killed outright (its supervisor too, so nothing advances the queue); a client that follows
+    only the queued job must still see it start."""
+    monkeypatch.setenv("LMTUNER_MAX_CPU_JOBS", "1")
+    data = write_demo_dataset(tmp_path / "demo.jsonl", n=32)
+    service = JobService(lmtuner_home, AllowedRoots([tmp_path, tiny_model]))
+    first, _, _ = service.submit(parse_train_config(quick_config(tiny_model, data, max_steps=400, batch_size=2)))
+    second, _, _ = service.submit(parse_train_config(quick_config(tiny_model, data, max_steps=2)))
+    assert first.status == "running" and second.status == "queued"
+    wait_for_state(Path(first.run_dir), lambda s: s.get("step", 0) >= 1)
+    os.killpg(first.pid, signal.SIGKILL)  # the supervisor leads the job's process group
+
+    deadline = time.monotonic() + 60
+    while service.get(second.job_id).status == "queued" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert service.get(second.job_id).status in ("running", "completed")
+    wait_for_state(Path(second.run_dir), lambda s: s.get("status") == "completed")
+    assert service.store.get(first.job_id).status == "failed"
+
+
 def test_a_claim_whose_starter_died_is_queued_again_and_runs(tiny_model, tmp_path, lmtuner_home):
     data = write_demo_dataset(tmp_path / "demo.jsonl", n=16)
     service = JobService(lmtuner_home, AllowedRoots([tmp_path, tiny_model]))

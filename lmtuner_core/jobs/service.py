@@ -406,6 +406,9 @@ class JobService:
                     self.schedule()
             return self.store.get(record.job_id) or record
         if record.status == "queued":
+            # Whoever watches only a queued job must still see it start once the job ahead of it has died.
+            if schedule and record.job_id in self.schedule():
+                return self.store.get(record.job_id) or record
             return record
         if run.read_state().get("status") in TERMINAL or not alive(record.pid, record.pid_started_at):  # type: ignore[arg-type]
             reap(record.pid)
