@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -9,11 +10,15 @@ from pydantic import Field
 
 from lmtuner_core.config import DatasetSpec, Method, TrainConfig, dataset_spec
 from lmtuner_core.data.analysis import analyze_dataset as analyze
+from lmtuner_core.data.datasets import load_examples
+from lmtuner_core.errors import LmtunerError
 from lmtuner_core.jobs.ray_launcher import cluster_report, plan_workers
 from lmtuner_core.models.reference import resolve_model
 from lmtuner_core.planning.hardware import inspect_hardware
+from lmtuner_core.planning.hyperparameters import answer_profile
 from lmtuner_core.planning.memory import load_shape
 from lmtuner_core.planning.planner import HardwareSpec, Proposal, propose
+from lmtuner_core.report.result import read_report
 from lmtuner_core.reporting import ProgressFn
 from tools.context import ToolContext
 
@@ -22,6 +27,36 @@ def this_machine(ctx: ToolContext) -> HardwareSpec:
     report = inspect_hardware(ctx.home)
     return HardwareSpec(
         gpus=report.gpus, memory_total_mib=report.memory_total_mib, memory_available_mib=report.memory_available_mib
+    )
+
+
+# What a report's advice may change: how the model trains, never what fits the machine (planned afresh).
+RECIPE_FIELDS = ("learning_rate", "num_epochs", "max_steps", "lora", "lr_scheduler", "warmup_ratio",
+                 "assistant_only_loss")  # fmt: skip
+
+
+def follow_report(ctx: ToolContext, plan: Proposal, job_id: str) -> None:
+    """Plans the next run from a completed job: its recipe, changed as its result report advises."""
+    record = ctx.jobs.get(job_id)
+    report = read_report(Path(record.run_dir)) if record.status == "completed" else None
+    if report is None:
+        raise LmtunerError(
+            f"previous_job: job {job_id} is {record.status} and has no result report; give a completed job whose "
+            "config kept held-out rows and the report on (job_status shows `report`)",
+            field="previous_job",
+        )
+    previous = json.loads(Path(record.run_dir, "config.json").read_text(encoding="utf-8"))
+    recipe = {key: previous[key] for key in RECIPE_FIELDS if key in previous}
+    changed = {**recipe, **report.next_config}
+    plan.config = TrainConfig.model_validate({**plan.config.model_dump(), **changed})
+    scores = f"{report.metric} {report.base} -> {report.tuned}"
+    if report.retention:
+        scores += f", kept {report.retention.kept} of {report.retention.known} probe facts"
+    moves = ", ".join(f"{key} {recipe.get(key)} -> {value}" for key, value in report.next_config.items())
+    plan.rationale.append(
+        f"From job {job_id}'s report ({report.verdict}: {scores}): "
+        + (f"changed {moves}. " if moves else "nothing to change, so its recipe is kept. ")
+        + " ".join(report.advice)
     )
 
 
@@ -59,6 +94,15 @@ def propose_config(
             "(one node's inspect_gpus output). Example: 'http://10.0.0.5:8265'.",
         ),
     ] = None,
+    previous_job: Annotated[
+        str | None,
+        Field(
+            max_length=64,
+            description="A completed job whose result report should shape this plan: its recipe (learning rate, "
+            "epochs, LoRA shape) with the changes its report advises (the report's next_config). Example: "
+            "'20261205-121335-c7e0'.",
+        ),
+    ] = None,
     progress: ProgressFn | None = None,
 ) -> Proposal:
     """Propose a TrainConfig that fits the hardware: method (LoRA, QLoRA when LoRA does not fit, full when
@@ -79,11 +123,14 @@ def propose_config(
         # Each Ray worker is one process on one device: plan the memory of one.
         hardware = hardware or this_machine(ctx)
         hardware = hardware.model_copy(update={"gpus": hardware.gpus[:1]})
+    profile = answer_profile(load_examples(spec, ctx.roots).examples) if analysis.format != "text" else None
     plan = propose(
         model=model_ref, shape=shape, dataset=spec, hardware=hardware or this_machine(ctx), rows=analysis.rows,
         p95_tokens=analysis.token_lengths.p95, method=method, max_seq_len=max_seq_len, target_context=target_context,
-        goal=goal,
+        goal=goal, profile=profile,
     )  # fmt: skip
+    if previous_job is not None:
+        follow_report(ctx, plan, previous_job)
     if not local_model:
         plan.warnings.append(f"Token lengths are estimated ({analysis.tokenizer}): the model's tokenizer is not local.")
     plan.warnings += [f"Data: {p}" for p in analysis.problems]

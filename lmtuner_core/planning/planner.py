@@ -16,6 +16,7 @@ from lmtuner_core.config import DatasetSpec, LoraSettings, TrainConfig
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.methods import default_learning_rate
 from lmtuner_core.planning.hardware import GpuInfo
+from lmtuner_core.planning.hyperparameters import AnswerProfile, training_recipe
 from lmtuner_core.planning.memory import MemoryEstimate, ModelShape, estimate_memory
 
 USABLE_GPU_SHARE = 0.92  # what a job can really use: the rest goes to other processes and the driver
@@ -164,6 +165,7 @@ def propose(
     max_seq_len: int | None = None,
     target_context: int | None = None,
     goal: str | None = None,
+    profile: AnswerProfile | None = None,
 ) -> Proposal:
     """Plans a job; not fitting is an answer (fits: false plus the smallest change that would fit)."""
     budget, on_gpu = _budget_gib(hardware)
@@ -221,8 +223,8 @@ def propose(
     candidate, estimate = chosen
     if candidate.method in ("lora", "dora"):
         rationale.append(
-            "LoRA trains small adapter matrices (r=16 on every linear layer) on a frozen model: a fraction of the "
-            "memory of full fine-tuning, and usually as good for teaching a task or style."
+            "LoRA trains small adapter matrices on a frozen model: a fraction of the memory of full fine-tuning, and "
+            "usually as good for teaching a task or style."
         )
     elif candidate.method == "qlora":
         rationale.append(
@@ -240,15 +242,17 @@ def propose(
         + (f" x {gpus} GPUs" if gpus > 1 else "")
         + f" = {candidate.batch_size * accumulation * max(1, gpus)} rows per update."
     )
-    epochs = 3 if (rows or 0) < 2000 else 2 if (rows or 0) < 20000 else 1
-    if rows is not None:
-        rationale.append(f"{epochs} epochs over {rows} rows: small datasets need a few passes, large ones one.")
+    recipe, why = training_recipe(profile, candidate.method, rows)
+    rationale += why
+    if rows is not None and not why:
+        rationale.append(f"{recipe['num_epochs']:g} epochs over {rows} rows: small datasets need a few passes, large "
+                         "ones one.")  # fmt: skip
     config_data: dict = {
         "model": model,
         "dataset": dataset.model_dump(exclude_none=True),
         "method": candidate.method,
-        "num_epochs": epochs,
         "learning_rate": default_learning_rate(candidate.method),
+        **recipe,
         "batch_size": candidate.batch_size,
         "gradient_accumulation_steps": accumulation,
         "max_seq_len": seq_len,

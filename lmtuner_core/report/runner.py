@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +34,9 @@ from lmtuner_core.report.result import (
 from lmtuner_core.report.scoring import choose_metric, is_right, score_answer
 
 PROBE_NEW_TOKENS = 32  # a sentence: the base model answers "The capital of France is Paris."
-BATCH_SIZE = 16
+# Rows per generate call: on a CPU each decoding step costs about the same for 1 or 64 short rows (overhead-bound),
+# so the probe's short questions go in large batches; held-out rows can be long.
+PROBE_BATCH, HELD_OUT_BATCH = 64, 16
 
 
 def held_out_items(examples: list[dict], limit: int) -> list[tuple[list[dict], str, str]]:
@@ -83,8 +86,12 @@ def _new_tokens(tokenizer: Any, references: list[str]) -> int:
 class ReportRunner:
     """Measures before training (`measure_base`) and after (`build`); `seconds` counts only the report's own work."""
 
-    def __init__(self, config: TrainConfig, tokenizer: Any, held_out: list[dict], held_out_source: str, home: Path):
+    def __init__(
+        self, config: TrainConfig, tokenizer: Any, held_out: list[dict], held_out_source: str, home: Path,
+        stop: threading.Event,
+    ):  # fmt: skip
         self.config = config
+        self.stop = stop
         self.settings = config.report
         self.tokenizer = tokenizer
         self.items = held_out_items(held_out, self.settings.max_rows)
@@ -97,12 +104,17 @@ class ReportRunner:
         self.base_answers: list[str] = []
         self.base_probe: list[str] = []
 
-    def _ask(self, model: Any, conversations: list[list[dict]], new_tokens: int) -> list[str]:
+    def _ask(self, model: Any, conversations: list[list[dict]], new_tokens: int, batch: int) -> list[str]:
+        def stop_between_batches(*_: Any) -> None:  # a cancel must not wait for hundreds of answers
+            if self.stop.is_set():
+                raise InterruptedError("stopped while writing the result report")
+
         with generating(model):
-            outputs = answer(model, self.tokenizer, conversations, max_new_tokens=new_tokens, batch_size=BATCH_SIZE)
+            outputs = answer(model, self.tokenizer, conversations, max_new_tokens=new_tokens, batch_size=batch,
+                             progress=stop_between_batches)  # fmt: skip
         return [o.text.strip() for o in outputs]
 
-    def _ask_base(self, model: Any, conversations: list[list[dict]], new_tokens: int) -> list[str]:
+    def _ask_base(self, model: Any, conversations: list[list[dict]], new_tokens: int, batch: int) -> list[str]:
         """The base model's answers, from the cache when this model was asked the same before."""
         if not conversations:
             return []
@@ -113,21 +125,21 @@ class ReportRunner:
         cached = read_json(path)
         if isinstance(cached, list) and len(cached) == len(conversations):
             return cached
-        answers = self._ask(model, conversations, new_tokens)
+        answers = self._ask(model, conversations, new_tokens, batch)
         self.cache.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, answers)
         return answers
 
     def measure_base(self, model: Any) -> None:
         started = time.monotonic()
-        self.base_answers = self._ask_base(model, [c for c, _, _ in self.items], self.new_tokens)
+        self.base_answers = self._ask_base(model, [c for c, _, _ in self.items], self.new_tokens, HELD_OUT_BATCH)
         probe = [[{"role": "user", "content": q.question}] for q in self.probe]
-        self.base_probe = self._ask_base(model, probe, PROBE_NEW_TOKENS)
+        self.base_probe = self._ask_base(model, probe, PROBE_NEW_TOKENS, PROBE_BATCH)
         self.seconds += time.monotonic() - started
 
     def build(self, model: Any, loss: LossComparison, job_seconds: float | None) -> ResultReport:
         started = time.monotonic()
-        tuned_answers = self._ask(model, [c for c, _, _ in self.items], self.new_tokens)
+        tuned_answers = self._ask(model, [c for c, _, _ in self.items], self.new_tokens, HELD_OUT_BATCH)
         pairs = []
         for (_, question, reference), base, tuned in zip(self.items, self.base_answers, tuned_answers, strict=True):
             pairs.append(AnswerPair(
@@ -153,7 +165,8 @@ class ReportRunner:
         return report
 
     def _retention(self, model: Any) -> Retention:
-        tuned = self._ask(model, [[{"role": "user", "content": q.question}] for q in self.probe], PROBE_NEW_TOKENS)
+        probe = [[{"role": "user", "content": q.question}] for q in self.probe]
+        tuned = self._ask(model, probe, PROBE_NEW_TOKENS, PROBE_BATCH)
         known = kept = gained = 0
         lost: list[LostFact] = []
         for question, before, after in zip(self.probe, self.base_probe, tuned, strict=True):

@@ -26,6 +26,7 @@ import math
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import datasets
@@ -272,7 +273,9 @@ class SFTRecipe:
         from lmtuner_core.report.runner import ReportRunner
 
         self.state.update(phase="asking the base model")
-        runner = ReportRunner(self.config, self.tokenizer, self.held_out_rows, self.held_out_source, lmtuner_home())
+        runner = ReportRunner(
+            self.config, self.tokenizer, self.held_out_rows, self.held_out_source, lmtuner_home(), self.stop
+        )
         runner.measure_base(self.model)
         print(
             f"[lmtuner] result report: base model answered {len(runner.items)} held-out rows and "
@@ -408,7 +411,15 @@ class SFTRecipe:
         if self.report_runner is None or not self.trainer.is_world_process_zero():
             return
         self.state.update(phase="writing the result report")
-        report = self.report_runner.build(self.trainer.model, self.held_out_loss(), job_seconds)
+        try:
+            report = self.report_runner.build(self.trainer.model, self.held_out_loss(), job_seconds)
+        except InterruptedError:
+            print("[lmtuner] result report: stopped on request; the trained model is saved", flush=True)
+            return
+        except Exception:  # the model is saved: a report that fails must not fail the job
+            traceback.print_exc()
+            self.state.update(report_error="the result report failed (traceback in train.log); the model is saved")
+            return
         write_report(self.run.root, report)
         retention = report.retention
         kept = f"; kept {retention.kept} of {retention.known} probe facts" if retention else ""

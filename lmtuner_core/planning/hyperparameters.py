@@ -1,0 +1,115 @@
+"""The training recipe propose_config picks (learning rate, epochs, LoRA shape), from what the answers in the data
+look like, by rules measured on a real model (bench/recipe_study.py; the table and its reading are docs/TUNING.md).
+
+The planner decides memory (method, batch, checkpointing) elsewhere; this module decides how hard to train, which is
+what decides whether the model gets better at the task without losing what it knew.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from typing import Literal
+
+AnswerKind = Literal["json", "labels", "short", "long"]
+LORA_FAMILY = ("lora", "dora", "qlora", "lora-8bit")
+
+
+@dataclass(frozen=True)
+class AnswerProfile:
+    """What the training answers look like: the planner's evidence about the task."""
+
+    rows: int
+    median_words: float
+    json_share: float
+    distinct_share: float  # distinct answers / answers: low for labels
+
+    @property
+    def kind(self) -> AnswerKind:
+        if self.json_share >= 0.8:
+            return "json"
+        if self.median_words <= 4 and self.distinct_share <= 0.2 and self.rows >= 10:
+            return "labels"
+        return "short" if self.median_words <= 8 else "long"
+
+    def describe(self) -> str:
+        words = {"json": "JSON objects", "labels": "a few labels repeated",
+                 "short": "short answers", "long": "long answers"}[self.kind]  # fmt: skip
+        return f"{words} (median {self.median_words:g} words, {self.distinct_share:.0%} distinct, {self.rows} rows)"
+
+
+def answer_profile(examples: list[dict]) -> AnswerProfile | None:
+    """The profile of a chat dataset's last assistant answers; None for plain text (nothing to profile)."""
+    answers = []
+    for example in examples:
+        turns = [m["content"] for m in example.get("messages") or [] if m.get("role") == "assistant"]
+        if turns:
+            answers.append(str(turns[-1]))
+    if not answers:
+        return None
+
+    def is_json(text: str) -> bool:
+        try:
+            return isinstance(json.loads(text), dict | list)
+        except ValueError:
+            return False
+
+    return AnswerProfile(
+        rows=len(answers),
+        median_words=float(statistics.median(len(a.split()) for a in answers)),
+        json_share=sum(map(is_json, answers)) / len(answers),
+        distinct_share=len(set(answers)) / len(answers),
+    )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How hard to train LoRA-family adapters for one kind of answer, and the measurement behind it."""
+
+    learning_rate: float
+    epochs: float
+    r: int
+    target_modules: tuple[str, ...] | Literal["all-linear"]
+    evidence: str
+
+    def lora(self) -> dict:
+        targets = list(self.target_modules) if isinstance(self.target_modules, tuple) else self.target_modules
+        return {"r": self.r, "alpha": 2 * self.r, "dropout": 0.05, "target_modules": targets}
+
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Measured on SmolLM2-135M-Instruct (docs/TUNING.md): per kind of answer, the recipe whose held-out score was best
+# among those that kept at least 95% of the probe facts the base knew.
+RECIPES: dict[AnswerKind, Recipe] = {
+    "short": Recipe(2e-4, 3, 16, "all-linear", "placeholder"),
+    "labels": Recipe(2e-4, 3, 16, "all-linear", "placeholder"),
+    "json": Recipe(2e-4, 3, 16, "all-linear", "placeholder"),
+    "long": Recipe(2e-4, 3, 16, "all-linear", "placeholder"),
+}
+
+
+def epochs_for(rows: int, base_epochs: float) -> float:
+    """Small sets need several passes; a large one needs one (each row seen about 3 times under 2,000 rows)."""
+    if rows >= 20_000:
+        return 1
+    if rows >= 2_000:
+        return min(base_epochs, 2)
+    return base_epochs
+
+
+def training_recipe(profile: AnswerProfile | None, method: str, rows: int | None) -> tuple[dict, list[str]]:
+    """(config fields, rationale) for the learning rate, epochs and LoRA shape of a method on this data."""
+    if profile is None or method not in LORA_FAMILY:
+        return {"num_epochs": epochs_for(rows or 0, 3)}, []
+    recipe = RECIPES[profile.kind]
+    epochs = epochs_for(rows or profile.rows, recipe.epochs)
+    targets = "every linear layer" if recipe.target_modules == "all-linear" else "the attention projections"
+    why = [
+        f"The answers are {profile.describe()}: LoRA r={recipe.r} on {targets}, learning rate "
+        f"{recipe.learning_rate:g}, {epochs:g} epochs. {recipe.evidence}",
+        "Held-out rows are kept aside (eval_fraction 'auto'): the result is the checkpoint with the lowest held-out "
+        "loss, training stops early when it stops improving, and the job's report compares base and tuned answers and "
+        "checks what the model kept of what it knew.",
+    ]
+    return {"learning_rate": recipe.learning_rate, "num_epochs": epochs, "lora": recipe.lora()}, why
