@@ -49,7 +49,7 @@ class CountingServer(ThreadingHTTPServer):
 class SecretHandler(BaseHTTPRequestHandler):
     """Stands for a page on the private network (a metadata service, an internal wiki)."""
 
-    def do_GET(self):  # noqa: N802 (http.server's naming)
+    def do_GET(self):
         self.server.requests.append(self.path)
         body = SECRET.encode()
         self.send_response(200)
@@ -67,7 +67,7 @@ def trap_handler(secret_url: str) -> type[BaseHTTPRequestHandler]:
     path redirects to the secret page."""
 
     class TrapHandler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             self.server.requests.append(self.path)
             if self.path.startswith("/api/version"):
                 self.send_response(401)
@@ -78,7 +78,7 @@ def trap_handler(secret_url: str) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Length", "0")
             self.end_headers()
 
-        do_POST = do_PUT = do_GET  # noqa: N815
+        do_POST = do_PUT = do_GET
 
         def log_message(self, *args):
             pass
@@ -99,9 +99,8 @@ def serving(server: CountingServer):
 
 @contextmanager
 def trap_and_secret():
-    with serving(CountingServer(SecretHandler)) as secret:
-        with serving(CountingServer(trap_handler(secret.url))) as trap:
-            yield trap, secret
+    with serving(CountingServer(SecretHandler)) as secret, serving(CountingServer(trap_handler(secret.url))) as trap:
+        yield trap, secret
 
 
 @asynccontextmanager
