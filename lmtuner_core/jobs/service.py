@@ -420,7 +420,12 @@ class JobService:
         elif ray_status in ("FAILED", "GONE"):
             state = RunDir(Path(record.run_dir)).read_state()
             error = state.get("error") if state.get("status") == "failed" else None
-            self._finish(record, "failed", error or f"Ray job {record.ray_job_id}: {message}", None)
+            # Ray's message goes on with the driver's last output (paths of the cluster's machines, tracebacks),
+            # which the driver also wrote into train.log: the job's error keeps Ray's first line.
+            lines = (message or "").strip().splitlines()
+            said = lines[0][:300] if lines else "no message from Ray"
+            error = error or f"Ray job {record.ray_job_id}: {said} (the job's output is in train.log)"
+            self._finish(record, "failed", error, None)
         return self.store.get(record.job_id) or record
 
     def conclude(self, record: JobRecord) -> None:
