@@ -185,10 +185,11 @@ def _reach(url: str, field: str) -> str | None:
                     field=field,
                 )
             body = b""
+            deadline = time.monotonic() + REACH_TIMEOUT_SECONDS  # in all: httpx's timeout is per read
             for chunk in answer.iter_bytes():
                 body += chunk
-                if len(body) > VERSION_ANSWER_LIMIT:
-                    raise ValueError("answer too long")
+                if len(body) > VERSION_ANSWER_LIMIT or time.monotonic() > deadline:
+                    raise ValueError("answer too long or too slow")
         version = json.loads(body).get("ray_version")
     except (httpx.HTTPError, ValueError, AttributeError) as exc:
         raise LmtunerError(
