@@ -8,11 +8,13 @@ any connection, by the owner's list of clusters.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
+import time
 from contextlib import asynccontextmanager, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -211,6 +213,38 @@ def test_a_read_scope_token_over_http_cannot_make_the_server_fetch_an_address(tm
     assert "ray_address: 'http://10.0.0.1:8265' is not a Ray cluster this server may reach" in private
     assert "is not a Ray cluster this server may reach" in trapped
     assert "unknown argument 'ray_adress' (did you mean 'ray_address'?)" in typo
+
+
+class DripHandler(BaseHTTPRequestHandler):
+    """A listed address that answers /api/version a byte a second (httpx's timeout is per read)."""
+
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", "120")
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            for _ in range(120):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(1)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_dashboard_that_answers_a_byte_a_second_is_given_up_on_in_seconds(tmp_path):
+    async def scenario(url: str) -> tuple[str, float]:
+        async with mcp_server(tmp_path / "home", [tmp_path], env_list=url) as client:
+            started = time.monotonic()
+            message = await call_error(client, "inspect_gpus", {"ray_address": url})
+            return message, time.monotonic() - started
+
+    with serving(CountingServer(DripHandler)) as drip:
+        message, seconds = anyio.run(scenario, drip.url)
+    print(f"\ngave up on the dripping dashboard after {seconds:.1f}s")
+    assert f"no Ray dashboard answers at {drip.url} (ValueError)" in message
+    assert seconds < 60  # 5 s in all (a generous bound on a loaded machine); it would drip for 120 s
 
 
 def test_the_flag_and_the_environment_add_up(tmp_path):
