@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -101,6 +102,11 @@ class NodeSettings(StrictModel):
         return self
 
 
+# Ray rounds resource amounts to 4 decimals: a smaller amount is not one.
+RAY_RESOURCE_STEP = 0.0001
+# What one Ray Train worker (a training process) takes at least: a tenth of a core, or a hundredth of a GPU.
+MIN_WORKER_CPU = 0.1
+MIN_WORKER_GPU = 0.01
 RAY_ADDRESS = re.compile(r"^(auto|(https?|ray)://[A-Za-z0-9.\[\]:_-]+(:[0-9]{1,5})?/?)$")
 
 
@@ -111,7 +117,7 @@ class RaySettings(StrictModel):
         max_length=300,
         description="The cluster: its dashboard (Jobs API) 'http://head:8265', a Ray Client address "
         "'ray://head:10001' (its dashboard on port 8265 is used), or 'auto' (the cluster this machine is part of). "
-        "Example: 'http://10.0.0.5:8265'.",
+        "Other than 'auto', one the server's owner listed (lmtuner-mcp --ray-address). Example: 'http://10.0.0.5:8265'.",
     )
     num_workers: int = Field(
         2, ge=1, le=4096, description="Training processes (torch.distributed ranks); one GPU each with use_gpu. E.g. 4."
@@ -119,8 +125,8 @@ class RaySettings(StrictModel):
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); false trains on CPUs (gloo).")
     resources_per_worker: dict[str, float] | None = Field(
         None,
-        description="Ray resources each worker reserves. Default {'CPU': 1} (plus 'GPU': 1 with use_gpu). Example: "
-        "{'CPU': 8, 'GPU': 1}.",
+        description="Ray resources each worker reserves: each amount 0 or at least 0.0001, and at least 0.1 'CPU' or "
+        "0.01 'GPU'. Default {'CPU': 1} (plus 'GPU': 1 with use_gpu). Example: {'CPU': 8, 'GPU': 1}.",
     )
     storage_path: str | None = Field(
         None,
@@ -158,12 +164,32 @@ class RaySettings(StrictModel):
     @field_validator("resources_per_worker")
     @classmethod
     def _resources(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value is not None:
-            if not value:
-                raise ValueError("give at least one resource, e.g. {'CPU': 1}, or omit it for the default")
-            bad = [name for name, amount in value.items() if amount < 0 or not name]
-            if bad:
-                raise ValueError(f"resource {bad[0]!r}: amounts must be 0 or more, e.g. {{'CPU': 2, 'GPU': 1}}")
+        """Every amount is 0 (none) or at least RAY_RESOURCE_STEP, Ray's own resource granularity (it rounds to
+        4 decimals); and a worker takes at least MIN_WORKER_CPU CPUs or MIN_WORKER_GPU GPUs, so that the fit check
+        counts real room: with CPU 0 or 1e-300, any number of workers would "fit" one node."""
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("give at least one resource, e.g. {'CPU': 1}, or omit it for the default")
+        for name, amount in value.items():
+            if not name:
+                raise ValueError("a resource needs a name, e.g. {'CPU': 2, 'GPU': 1}")
+            if not math.isfinite(amount) or amount < 0 or 0 < amount < RAY_RESOURCE_STEP:
+                raise ValueError(
+                    f"resource {shown(name)}: {amount:g} is not an amount; give 0 (none) or at least "
+                    f"{RAY_RESOURCE_STEP:g} (Ray's resource granularity), e.g. {{'CPU': 2, 'GPU': 1}}"
+                )
+        cpus, gpus = value.get("CPU", 0), value.get("GPU", 0)
+        if "CPU" in value and 0 < cpus < MIN_WORKER_CPU:
+            raise ValueError(f"resource 'CPU': {cpus:g} is below {MIN_WORKER_CPU:g} CPU per worker (a training "
+                             "process needs a real share of a core); e.g. {'CPU': 1}")  # fmt: skip
+        if "GPU" in value and 0 < gpus < MIN_WORKER_GPU:
+            raise ValueError(f"resource 'GPU': {gpus:g} is below {MIN_WORKER_GPU:g} GPU per worker; e.g. {{'GPU': 1}}")
+        if cpus < MIN_WORKER_CPU and gpus < MIN_WORKER_GPU:
+            raise ValueError(
+                f"each worker must take at least {MIN_WORKER_CPU:g} 'CPU' or {MIN_WORKER_GPU:g} 'GPU' (it is a "
+                "training process; with neither, any number of workers would seem to fit); e.g. {'CPU': 1}"
+            )
         return value
 
     @model_validator(mode="after")

@@ -4,6 +4,7 @@ user-facing errors into tool errors the agent can read. Importing this module mu
 from __future__ import annotations
 
 import base64
+import difflib
 import functools
 import inspect
 import logging
@@ -19,9 +20,11 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
+from pydantic import BaseModel, create_model, model_validator
 
 from lmtuner_core import __version__
-from lmtuner_core.errors import LmtunerError, hide_outside_paths
+from lmtuner_core.errors import LmtunerError, hide_outside_paths, shown
+from lmtuner_core.jobs.ray_launcher import RayAddresses
 from lmtuner_core.paths import AllowedRoots, lmtuner_home
 from lmtuner_core.reporting import ProgressFn
 from lmtuner_core.secrets import redact
@@ -175,15 +178,19 @@ def build_server(
     roots: list[str | Path] | None = None,
     home: Path | None = None,
     read_only: bool = False,
+    ray_addresses: list[str] | None = None,
     server_options: dict[str, Any] | None = None,
 ) -> MCPServer:
     """The lmtuner MCP server. roots=None confines file arguments to the working directory and $LMTUNER_HOME.
-    server_options: more MCPServer arguments (the auth of `--auth oauth|oidc`, see server/auth/setup.py)."""
+    ray_addresses: the Ray clusters callers may name (`--ray-address`), with those of LMTUNER_RAY_ADDRESSES; with
+    neither, only 'auto'. server_options: more MCPServer arguments (the auth of `--auth oauth|oidc`, see
+    server/auth/setup.py)."""
     home = home or lmtuner_home()
     # The server's own run folders are always readable: an agent passes a job's output_dir to generate/merge;
     # so are the folders it converted .gguf models into, which propose_config puts in its config.
     allowed = AllowedRoots([*roots, home / "runs", home / "models"] if roots is not None else [Path.cwd(), home])
-    ctx = ToolContext(home=home, roots=allowed, read_only=read_only)
+    clusters = RayAddresses.from_settings(ray_addresses, os.environ)
+    ctx = ToolContext(home=home, roots=allowed, read_only=read_only, ray_addresses=clusters)
     tools = [make_tool(spec, ctx) for spec in TOOLS if spec.read_only or not read_only]
     server = MCPServer(
         "lmtuner",
@@ -212,10 +219,37 @@ def make_tool(spec: ToolSpec, ctx: ToolContext) -> Tool:
             openWorldHint=False,
         ),
     )
-    # Schema violations are reported by the SDK with pydantic's text; keep the caller's input out of it
-    # (it can be long, and may hold values the user would not want echoed into logs).
-    arg_model = tool.fn_metadata.arg_model
-    arg_model.model_config["hide_input_in_errors"] = True
-    arg_model.model_config["allow_inf_nan"] = False  # NaN/Infinity: "a finite number", not "should be ≤ N"
-    arg_model.model_rebuild(force=True)
+    tool.fn_metadata.arg_model = strict_arguments(tool.fn_metadata.arg_model)
+    tool.parameters = tool.fn_metadata.arg_model.model_json_schema(by_alias=True)  # now additionalProperties: false
     return tool
+
+
+def strict_arguments(arg_model: type[BaseModel]) -> type[BaseModel]:
+    """The SDK's argument model for a tool, refusing an unknown argument by name with the closest accepted one. The
+    SDK drops unknown arguments, so `"dryrun": true` (for dry_run) would start a real job and `"max_new_token": 5`
+    would generate with the default; a JSON schema with additionalProperties: false tells clients before they send.
+    Schema violations are reported with pydantic's text: the caller's input is kept out of it (it can be long, and
+    may hold values the user would not want echoed into logs)."""
+    accepted = [field.alias or name for name, field in arg_model.model_fields.items()]
+
+    def refuse_unknown(cls: type[BaseModel], data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key not in accepted:
+                    close = difflib.get_close_matches(str(key), accepted, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise ValueError(f"unknown argument {shown(key)}{hint}; accepted: {', '.join(accepted) or 'none'}")
+        return data
+
+    strict = create_model(
+        arg_model.__name__,
+        __base__=arg_model,
+        __validators__={"refuse_unknown": model_validator(mode="before")(refuse_unknown)},
+    )
+    strict.model_config.update(
+        extra="forbid",
+        hide_input_in_errors=True,
+        allow_inf_nan=False,  # NaN/Infinity: "a finite number", not "should be ≤ N"
+    )
+    strict.model_rebuild(force=True)
+    return strict

@@ -4,6 +4,7 @@ registers, so there is one implementation; output is JSON (`--json`) or a short 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from pathlib import Path
@@ -277,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         if tool is not None:
             add_tool_arguments(p, tool, **options)
-        p.set_defaults(run=run, _tool=tool)
+        p.set_defaults(run=run, _tool=tool, _parser=p)
         return p
 
     p = command("train", cmd_train, "Start a job from a JSON/YAML TrainConfig file.")
@@ -326,9 +327,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """argparse's parse, with an unknown option named together with the closest one the command takes (argparse
+    before Python 3.14 says only "unrecognized arguments"), so a typo is caught as it is over MCP."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = getattr(args, "_parser", parser)
+        accepted = sorted({flag for action in command._actions for flag in action.option_strings})
+        first = unknown[0]
+        close = difflib.get_close_matches(first.split("=", 1)[0], accepted, n=1) if first.startswith("-") else []
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        command.error(f"unknown {'option' if first.startswith('-') else 'argument'} {first}{hint}; see --help")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_library_noise()
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     ctx = ToolContext(home=lmtuner_home())
     global RESULTS
     RESULTS = sys.stdout

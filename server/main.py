@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -15,6 +16,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="A folder file arguments may name (repeatable). Default: the working directory and $LMTUNER_HOME.",
     )
     parser.add_argument("--read-only", action="store_true", help="Expose only the tools that change nothing.")
+    parser.add_argument(
+        "--ray-address",
+        action="append",
+        metavar="ADDR",
+        help="A Ray cluster callers may name (repeatable; also LMTUNER_RAY_ADDRESSES, comma-separated), e.g. "
+        "'http://10.0.0.5:8265': its dashboard is what inspect_gpus, propose_config and start_training reach. "
+        "Default: only 'auto' (the cluster this machine belongs to).",
+    )
     parser.add_argument("--http", action="store_true", help="Serve Streamable HTTP at /mcp instead of stdio.")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1).")
     parser.add_argument("--port", type=int, default=8765, help="HTTP port (default 8765).")
@@ -54,13 +63,20 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_library_noise()
     configure_process_logging(lmtuner_home())  # before the SDK's own logging set-up, which it then leaves alone
+    try:
+        from lmtuner_core.jobs.ray_launcher import RayAddresses
+
+        RayAddresses.from_settings(args.ray_address, os.environ)  # a bad entry stops the start, naming its setting
+    except LmtunerError as exc:
+        print(f"lmtuner-mcp: {exc}", file=sys.stderr)
+        return 2
     if not args.http:
         if args.auth != "token" or args.public_url is not None:
             print("lmtuner-mcp: --auth and its options apply to --http; stdio needs no auth", file=sys.stderr)
             return 2
         from server.app import build_server
 
-        build_server(roots=args.root, read_only=args.read_only).run()
+        build_server(roots=args.root, read_only=args.read_only, ray_addresses=args.ray_address).run()
         return 0
     from server.http import read_token, resolve_token, serve_http
 
@@ -90,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
     from server.app import build_server  # after the checks above: a refused option answers without the tools' imports
 
-    server = build_server(roots=args.root, read_only=args.read_only, server_options=setup and setup.server_options)
+    server = build_server(
+        roots=args.root,
+        read_only=args.read_only,
+        ray_addresses=args.ray_address,
+        server_options=setup and setup.server_options,
+    )
     where = f"http://{args.host}:{args.port}/mcp"
     if setup is None:
         print(f"lmtuner-mcp: serving {where} (bearer token required)", file=sys.stderr)

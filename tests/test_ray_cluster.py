@@ -21,7 +21,14 @@ import pytest
 from lmtuner_core.config import parse_train_config
 from lmtuner_core.data.sample_data import write_demo_dataset
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.jobs.ray_launcher import RayClusterReport, RayNode, dashboard_url, plan_workers, workers_that_fit
+from lmtuner_core.jobs.ray_launcher import (
+    RAY_ADDRESSES_ENV,
+    RayClusterReport,
+    RayNode,
+    dashboard_url,
+    plan_workers,
+    workers_that_fit,
+)
 from tests.helpers import call_error, call_ok, quick_config, read_losses, stdio_client, wait_for_end
 from tests.ray_cluster import HEAD_IP, WORKER_IP, ray_cluster, ray_worker_pids
 
@@ -38,7 +45,17 @@ def cluster(tmp_path_factory):
     started = time.monotonic()
     with ray_cluster(logs) as running:
         print(f"\nRay cluster up in {time.monotonic() - started:.1f}s at {running.dashboard}")
-        yield running
+        # The servers the tests start (they inherit the environment) may reach this cluster, and port 9 of its
+        # head, where nobody answers: every other address is refused before any connection.
+        before = os.environ.get(RAY_ADDRESSES_ENV)
+        os.environ[RAY_ADDRESSES_ENV] = f"{running.dashboard},http://{HEAD_IP}:9"
+        try:
+            yield running
+        finally:
+            if before is None:
+                os.environ.pop(RAY_ADDRESSES_ENV, None)
+            else:
+                os.environ[RAY_ADDRESSES_ENV] = before
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +267,7 @@ def test_killed_worker_restarts_from_its_checkpoint_then_cancel_and_resume(clust
         ({"address": "auto", "num_workers": 0}, "ray.num_workers: Input should be greater than or equal to 1"),
         ({"address": "auto", "resources_per_worker": {"GPU": 1}}, "asks for a GPU but use_gpu is false"),
         ({"address": "auto", "use_gpu": True, "resources_per_worker": {"CPU": 4}}, "asks for no 'GPU'"),
-        ({"address": "auto", "resources_per_worker": {"CPU": -1}}, "amounts must be 0 or more"),
+        ({"address": "auto", "resources_per_worker": {"CPU": -1}}, "resource 'CPU': -1 is not an amount"),
         ({"address": "auto", "workers": 2}, "unknown key 'workers'"),
         ({"address": "auto", "python": "python3 -c 'x'"}, "is not an absolute interpreter path"),
     ],

@@ -10,6 +10,7 @@ from typing import Annotated
 from pydantic import Field
 
 from lmtuner_core.errors import LmtunerError
+from lmtuner_core.jobs.ray_launcher import RayAddresses
 from lmtuner_core.jobs.service import JobService
 from lmtuner_core.models.model_code import check_model_code
 from lmtuner_core.models.serving import ServerService
@@ -29,10 +30,12 @@ class ToolContext:
     home: Path
     roots: AllowedRoots = field(default_factory=lambda: AllowedRoots(None))
     read_only: bool = False
+    # The Ray clusters callers may name (the owner's --ray-address list); None inside: unconfined, like the roots.
+    ray_addresses: RayAddresses = field(default_factory=lambda: RayAddresses(None))
 
     @cached_property
     def jobs(self) -> JobService:
-        return JobService(self.home, self.roots)
+        return JobService(self.home, self.roots, self.ray_addresses)
 
     @cached_property
     def servers(self) -> ServerService:

@@ -17,7 +17,8 @@ def inspect_gpus(
         str | None,
         Field(
             description="Also report a Ray cluster's nodes and resources (for a TrainConfig `ray` section): its "
-            "dashboard 'http://head:8265', 'ray://head:10001' or 'auto'. Example: 'http://10.0.0.5:8265'.",
+            "dashboard 'http://head:8265', 'ray://head:10001' or 'auto'; a cluster other than 'auto' must be one the "
+            "server's owner listed (lmtuner-mcp --ray-address). Example: 'http://10.0.0.5:8265'.",
             max_length=300,
         ),
     ] = None,
@@ -28,5 +29,5 @@ def inspect_gpus(
     With ray_address, `cluster` lists a Ray cluster's nodes and their CPUs, GPUs and memory."""
     report = inspect_hardware(ctx.home)
     if ray_address is not None:
-        report.cluster = cluster_report(ray_address, field="ray_address")
+        report.cluster = cluster_report(ray_address, ctx.ray_addresses, field="ray_address")
     return report

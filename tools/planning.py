@@ -119,7 +119,7 @@ def propose_config(
     analysis = analyze(spec, ctx.roots, model_ref if local_model else None, progress)
     cluster = None
     if ray_address is not None:
-        cluster = plan_workers(cluster_report(ray_address, field="ray_address"))
+        cluster = plan_workers(cluster_report(ray_address, ctx.ray_addresses, field="ray_address"))
         # Each Ray worker is one process on one device: plan the memory of one.
         hardware = hardware or this_machine(ctx)
         hardware = hardware.model_copy(update={"gpus": hardware.gpus[:1]})

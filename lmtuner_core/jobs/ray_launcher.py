@@ -17,26 +17,39 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shlex
 import sys
 import threading
 import time
 import traceback
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, Field
 
-from lmtuner_core.config import RAY_ADDRESS, RaySettings, TrainConfig
-from lmtuner_core.errors import LmtunerError
+from lmtuner_core.config import RAY_ADDRESS, RAY_RESOURCE_STEP, RaySettings, TrainConfig
+from lmtuner_core.errors import LmtunerError, shown
 from lmtuner_core.jobs.run_folder import RunDir
+from lmtuner_core.paths import AllowedRoots
+from lmtuner_core.secrets import redact
 
 DASHBOARD_PORT = 8265  # Ray's default; a ray:// address names the client port, the dashboard is here
 REACH_TIMEOUT_SECONDS = 5.0
 ATTEMPTS_FILE = "ray_attempts.jsonl"  # one line per start of the worker group: who ran where, resumed from what
 RAY_STORAGE_DIR = "ray"  # the default storage_path, inside the run folder
 TERMINAL_RAY_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
+RAY_ADDRESSES_ENV = "LMTUNER_RAY_ADDRESSES"  # the owner's allow-list of clusters, comma-separated
+VERSION_ANSWER_LIMIT = 64 * 1024  # bytes of /api/version read: Ray answers about 200
+RAY_VERSION = re.compile(r"[0-9][0-9A-Za-z.+-]{0,39}")
+# storage_path schemes of remote storage, passed to Ray as given; file:// and local:// (pyarrow's local disk) and
+# plain paths are folders here, held to the allowed roots; any other scheme is refused.
+REMOTE_STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs")
+LOCAL_STORAGE_SCHEMES = ("file", "local")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+log = logging.getLogger(__name__)
 # Ray resources that are bookkeeping, not capacity: left out of what is reported.
 _INTERNAL_RESOURCE_PREFIXES = ("node:", "accelerator_type:")
 
@@ -82,8 +95,8 @@ def dashboard_url(address: str, field: str = "ray.address") -> str:
     """The dashboard (Jobs API) URL of a cluster address; 'auto' stays 'auto' (Ray resolves it locally)."""
     if not RAY_ADDRESS.match(address):
         raise LmtunerError(
-            f"{field}: {address!r} is not a Ray cluster address; accepted: 'http://HOST:8265', 'ray://HOST:10001' "
-            "or 'auto'",
+            f"{field}: {shown(address)} is not a Ray cluster address; accepted: 'http://HOST:8265', "
+            "'ray://HOST:10001' or 'auto'",
             field=field,
         )
     address = address.rstrip("/")
@@ -93,25 +106,144 @@ def dashboard_url(address: str, field: str = "ray.address") -> str:
     return address
 
 
+def dashboard_origin(address: str, field: str) -> str:
+    """'scheme://host:port' of the dashboard an address reaches (host lower-cased, default port written out), the
+    form the allow-list compares; 'auto' stays 'auto'."""
+    url = dashboard_url(address, field)
+    if url == "auto":
+        return url
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None:
+        raise LmtunerError(
+            f"{field}: {shown(address)} has no valid host and port; e.g. 'http://10.0.0.5:8265'", field=field
+        )
+    host = parts.hostname.lower()
+    return f"{parts.scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+class RayAddresses:
+    """The Ray clusters this server may reach, set by its owner: `lmtuner-mcp --ray-address ADDR` (repeatable) and
+    LMTUNER_RAY_ADDRESSES (comma-separated). An address a caller names (inspect_gpus, propose_config, a TrainConfig's
+    ray.address) that is not on the list is refused before any connection: a dashboard address is a URL the server
+    fetches, and the server's network is not the caller's. 'auto' (the cluster this machine belongs to, which Ray
+    finds from the owner's own settings) is always allowed; with no list it is the only one. An entry allows the
+    dashboard it reaches: 'ray://head:10001' allows 'http://head:8265'. None: unconfined (the CLI, whose user is
+    the owner, as for AllowedRoots)."""
+
+    def __init__(self, addresses: list[str] | None, source: str = "--ray-address"):
+        self.addresses = None if addresses is None else list(dict.fromkeys(a.strip().rstrip("/") for a in addresses))
+        self.origins = None
+        if self.addresses is not None:
+            self.origins = {dashboard_origin(a, source) for a in self.addresses}
+
+    @classmethod
+    def from_settings(cls, given: list[str] | None, environ: dict[str, str] | os._Environ) -> RayAddresses:
+        """The owner's list: the --ray-address values and LMTUNER_RAY_ADDRESSES, each entry checked."""
+        listed = [a for a in (environ.get(RAY_ADDRESSES_ENV) or "").split(",") if a.strip()]
+        cls([a.strip() for a in listed], source=RAY_ADDRESSES_ENV)  # an entry that is no address names its setting
+        return cls([*(given or []), *listed])
+
+    def describe(self) -> str:
+        if self.addresses is None:
+            return "any"
+        return ", ".join(["auto", *(a for a in self.addresses if a != "auto")])
+
+    def check(self, address: str, field: str) -> str:
+        """The dashboard URL of `address`, or a refusal naming the setting that would allow it. Connects to nothing."""
+        url = dashboard_url(address, field)
+        if self.origins is None or url == "auto" or dashboard_origin(address, field) in self.origins:
+            return url
+        raise LmtunerError(
+            f"{field}: {shown(address)} is not a Ray cluster this server may reach (allowed: {self.describe()}); "
+            f"its owner allows a cluster by starting it with `lmtuner-mcp --ray-address {address}` (repeatable) or "
+            f"with {RAY_ADDRESSES_ENV}={address} (comma-separated) in its environment",
+            field=field,
+        )
+
+
 def _reach(url: str, field: str) -> str | None:
-    """The cluster's Ray version from its dashboard, or a clear error within REACH_TIMEOUT_SECONDS."""
+    """The cluster's Ray version from its dashboard, or a clear error within REACH_TIMEOUT_SECONDS. No redirect is
+    followed and nothing the address answers is quoted: an error says what kind of failure it was."""
     if url == "auto":
         return None  # Ray finds the local cluster itself (and says so when there is none)
     import httpx
 
     try:
-        answer = httpx.get(f"{url}/api/version", timeout=REACH_TIMEOUT_SECONDS)
-        if answer.status_code in (401, 403):
-            return None  # it answers and wants Ray's token (RAY_AUTH_MODE=token): Ray's own clients send it
-        answer.raise_for_status()
-        return answer.json().get("ray_version")
-    except (httpx.HTTPError, ValueError) as exc:
+        with httpx.stream("GET", f"{url}/api/version", timeout=REACH_TIMEOUT_SECONDS, follow_redirects=False) as answer:
+            if answer.status_code in (401, 403):
+                return None  # it answers and wants Ray's token (RAY_AUTH_MODE=token): Ray's own clients send it
+            if answer.is_redirect:
+                raise LmtunerError(redirect_refusal(url, answer.status_code, field), field=field)
+            if answer.status_code != 200:
+                raise LmtunerError(
+                    f"{field}: {url} is not a Ray dashboard (its /api/version answers HTTP {answer.status_code}); "
+                    "give the dashboard's address, e.g. 'http://HEAD:8265'",
+                    field=field,
+                )
+            body = b""
+            deadline = time.monotonic() + REACH_TIMEOUT_SECONDS  # in all: httpx's timeout is per read
+            for chunk in answer.iter_bytes():
+                body += chunk
+                if len(body) > VERSION_ANSWER_LIMIT or time.monotonic() > deadline:
+                    raise ValueError("answer too long or too slow")
+        version = json.loads(body).get("ray_version")
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
         raise LmtunerError(
-            f"{field}: no Ray dashboard answers at {url} ({type(exc).__name__}: {exc or 'no answer'}); start the "
-            "cluster (`ray start --head`) or give its dashboard address, e.g. 'http://HEAD:8265' (a dashboard "
-            "bound to the head's loopback is reached through an SSH tunnel)",
+            f"{field}: no Ray dashboard answers at {url} ({type(exc).__name__}); start the cluster (`ray start "
+            "--head`) or give its dashboard address, e.g. 'http://HEAD:8265' (a dashboard bound to the head's "
+            "loopback is reached through an SSH tunnel)",
             field=field,
         ) from None
+    return version if isinstance(version, str) and RAY_VERSION.fullmatch(version) else None
+
+
+def redirect_refusal(url: str, status: int, field: str) -> str:
+    return (
+        f"{field}: {url} answers with a redirect (HTTP {status}), which lmtuner does not follow; give the Ray "
+        "dashboard's own address, e.g. 'http://HEAD:8265'"
+    )
+
+
+class RedirectRefused(ConnectionError):
+    """A Ray client's request was answered with a redirect, which is not followed."""
+
+    def __init__(self, status: int):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+def _no_redirects(client_class: type) -> type:
+    """Ray's client class, with redirects refused. Its clients (requests) follow a redirect to any host and quote
+    what they fetched in their errors, so a dashboard address that redirects would make this server fetch a page
+    of the caller's choosing; Ray's dashboard itself never redirects its API."""
+
+    class NoRedirects(client_class):
+        def _do_request(self, method: str, endpoint: str, **kwargs):
+            kwargs["allow_redirects"] = False
+            response = super()._do_request(method, endpoint, **kwargs)
+            if response.is_redirect:
+                raise RedirectRefused(response.status_code)
+            return response
+
+    NoRedirects.__name__ = NoRedirects.__qualname__ = client_class.__name__
+    return NoRedirects
+
+
+def cluster_failure(field: str, doing: str, url: str, exc: BaseException) -> LmtunerError:
+    """The error for a failed call into Ray's client: what failed and the exception's type, never its text (Ray
+    quotes what the address answered, and the paths of this machine); the text goes to the server log."""
+    log.info("Ray: %s at %s failed: %s", doing, url, redact(str(exc))[:2000])
+    if isinstance(exc, RedirectRefused):
+        return LmtunerError(redirect_refusal(url, exc.status, field), field=field)
+    return LmtunerError(
+        f"{field}: {doing} at {url} failed ({type(exc).__name__}); check that it is a Ray dashboard and that the "
+        "cluster is up (Ray's own message is in the server log)",
+        field=field,
+    )
 
 
 _CLIENTS: dict[str, object] = {}  # one JobSubmissionClient per dashboard: making one costs a version check
@@ -119,7 +251,8 @@ _CLIENTS: dict[str, object] = {}  # one JobSubmissionClient per dashboard: makin
 
 def _client(address: str, field: str = "ray.address"):
     """A JobSubmissionClient for the cluster. The dashboard is probed first with a timeout on every use, since
-    Ray's client (requests) waits without one: a cluster gone quiet is an error in seconds, not a hang."""
+    Ray's client (requests) waits without one: a cluster gone quiet is an error in seconds, not a hang. Callers
+    check the address against the owner's list first (cluster_report); a recorded job's address passed it."""
     url = dashboard_url(address, field)
     _reach(url, field)
     if url in _CLIENTS:
@@ -127,24 +260,28 @@ def _client(address: str, field: str = "ray.address"):
     from ray.job_submission import JobSubmissionClient
 
     try:
-        client = _CLIENTS[url] = JobSubmissionClient(url)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise LmtunerError(f"{field}: cannot use the Ray cluster at {address!r}: {exc}", field=field) from None
+        client = _CLIENTS[url] = _no_redirects(JobSubmissionClient)(url)
+    except Exception as exc:  # requests' exceptions, Ray's RuntimeError/ValueError: none is quoted
+        raise cluster_failure(field, "reaching the Ray Jobs API", url, exc) from None
     return client
 
 
-def cluster_report(address: str, field: str = "ray.address") -> RayClusterReport:
-    """The cluster's nodes and resources (Ray's state API, through the dashboard)."""
-    url = dashboard_url(address, field)
+def cluster_report(address: str, allowed: RayAddresses, field: str = "ray.address") -> RayClusterReport:
+    """The cluster's nodes and resources (Ray's state API, through the dashboard); an address off the owner's
+    list is refused before any connection."""
+    url = allowed.check(address, field)
     version = _reach(url, field)
-    from ray.util.state import list_nodes
+    from ray.util.state.api import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
 
     try:
-        nodes = list_nodes(address=url, timeout=int(REACH_TIMEOUT_SECONDS) * 2, raise_on_missing_output=False)
-    except Exception as exc:  # the state API raises its own exception types, and ConnectionError
-        raise LmtunerError(
-            f"{field}: cannot list the nodes of the Ray cluster at {address!r}: {exc}", field=field
-        ) from None
+        nodes = _no_redirects(StateApiClient)(address=url).list(
+            StateResource.NODES,
+            options=ListApiOptions(timeout=int(REACH_TIMEOUT_SECONDS) * 2),
+            raise_on_missing_output=False,
+        )
+    except Exception as exc:  # the state API raises its own exception types, requests' and ConnectionError
+        raise cluster_failure(field, "listing the Ray cluster's nodes", url, exc) from None
     report = [
         RayNode(
             node_id=node.node_id,
@@ -177,19 +314,24 @@ def describe_resources(resources: dict[str, float]) -> str:
 
 
 def workers_that_fit(need: dict[str, float], report: RayClusterReport) -> int:
-    """How many workers of this shape the live nodes hold at once (each worker on one node)."""
+    """How many workers of this shape the live nodes hold at once (each worker on one node). Counted in Ray's own
+    units of 1/10,000 (RAY_RESOURCE_STEP), so that 10 workers of 0.1 CPU fit one CPU as they do in Ray; a shape
+    that asks for nothing fits nowhere (RaySettings refuses it)."""
+    units = {name: round(amount / RAY_RESOURCE_STEP) for name, amount in need.items()}
     room = 0
     for node in report.nodes:
         if not node.alive:
             continue
-        counts = [int(node.resources.get(name, 0) // amount) for name, amount in need.items() if amount > 0]
-        room += min(counts) if counts else 1_000_000
+        counts = [
+            round(node.resources.get(name, 0) / RAY_RESOURCE_STEP) // unit for name, unit in units.items() if unit > 0
+        ]
+        room += min(counts, default=0)
     return room
 
 
-def check_cluster(settings: RaySettings) -> list[str]:
+def check_cluster(settings: RaySettings, allowed: RayAddresses) -> list[str]:
     """Refuses a job the cluster cannot run, naming what is missing and what it has; returns warnings."""
-    report = cluster_report(settings.address)
+    report = cluster_report(settings.address, allowed)
     need = settings.worker_resources()
     have = (
         ", ".join(f"{node.node_ip} ({describe_resources(node.resources)})" for node in report.nodes if node.alive)
@@ -221,6 +363,33 @@ def check_cluster(settings: RaySettings) -> list[str]:
             "ray.storage_path not set: checkpoints go to the run folder, which every node must see at the same path"
         )
     return warnings
+
+
+def confine_storage_path(value: str, roots: AllowedRoots, field: str = "ray.storage_path") -> str:
+    """storage_path as Ray will get it: a remote store's URI (s3://, gs://, abfss://, hdfs:// …) as given; a folder
+    on this machine's disk (a plain, relative or ~ path, or a file:// or local:// URI, which pyarrow maps to the
+    local disk) resolved inside the allowed roots and given as a plain absolute path; any other scheme refused.
+    Connects to nothing."""
+    match = _SCHEME.match(value)
+    if match is None:
+        return str(roots.resolve(value, field))
+    scheme = match.group(1).lower()
+    if scheme in REMOTE_STORAGE_SCHEMES:
+        return value
+    remote = ", ".join(f"{name}://" for name in REMOTE_STORAGE_SCHEMES)
+    accepted = f"a folder such as '/shared/checkpoints', or a URI of {remote}"
+    if scheme not in LOCAL_STORAGE_SCHEMES:
+        raise LmtunerError(
+            f"{field}: {shown(value)} has a scheme Ray's storage does not use here; accepted: {accepted}", field=field
+        )
+    parts = urlsplit(value)
+    if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+        raise LmtunerError(
+            f"{field}: {shown(value)} is not a plain {scheme}:// URI of a folder on this machine (no host, query or "
+            f"fragment); accepted: {accepted}",
+            field=field,
+        )
+    return str(roots.resolve(unquote(parts.path), field))
 
 
 def plan_workers(report: RayClusterReport) -> tuple[RaySettings, str]:
@@ -283,7 +452,8 @@ def submit(run: RunDir, config: TrainConfig, ray_job_id: str, env: dict[str, str
             metadata={"lmtuner_job": run.root.name},
         )
     except Exception as exc:  # the client raises RuntimeError for HTTP errors, ConnectionError for the network
-        raise LmtunerError(f"ray.address: the Ray cluster refused the job: {exc}", field="ray.address") from None
+        url = dashboard_url(config.ray.address)
+        raise cluster_failure("ray.address", "submitting the job to the Ray cluster", url, exc) from None
 
 
 def job_info(address: str, ray_job_id: str) -> tuple[str, str | None]:
@@ -295,15 +465,21 @@ def job_info(address: str, ray_job_id: str) -> tuple[str, str | None]:
     except RuntimeError as exc:
         if "does not exist" in str(exc) or "404" in str(exc):
             return "GONE", f"the Ray cluster at {address} does not know job {ray_job_id} (was it restarted?)"
-        raise LmtunerError(f"cannot read Ray job {ray_job_id}: {exc}") from None
+        raise cluster_failure("job_id", f"reading Ray job {ray_job_id}", address, exc) from None
+    except Exception as exc:  # requests' network errors, a refused redirect
+        raise cluster_failure("job_id", f"reading Ray job {ray_job_id}", address, exc) from None
     return str(getattr(info.status, "value", info.status)), info.message
 
 
 def stop(address: str, ray_job_id: str, timeout: float) -> str:
     """Stops the Ray job (its driver, and with it every worker) and waits for Ray to say so; returns its status."""
     client = _client(address)
-    with contextlib.suppress(RuntimeError):  # already finished
+    try:
         client.stop_job(ray_job_id)
+    except RuntimeError:
+        pass  # already finished
+    except Exception as exc:  # requests' network errors, a refused redirect
+        raise cluster_failure("job_id", f"stopping Ray job {ray_job_id}", address, exc) from None
     deadline = time.monotonic() + max(timeout, 5.0)
     status = "RUNNING"
     while time.monotonic() < deadline:

@@ -23,6 +23,7 @@ from lmtuner_core.errors import LmtunerError, NotFoundError, shown
 from lmtuner_core.jobs.distributed import write_deepspeed_config
 from lmtuner_core.jobs.processes import alive, exit_reason, reap, reap_finished, signal_group, spawn_supervised
 from lmtuner_core.jobs.progress import JobProgress, read_progress
+from lmtuner_core.jobs.ray_launcher import RayAddresses
 from lmtuner_core.jobs.run_folder import RunDir
 from lmtuner_core.jobs.store import STATUSES, TERMINAL, JobRecord, JobStore
 from lmtuner_core.methods import METHODS
@@ -255,9 +256,11 @@ def check_processes(config: TrainConfig, devices: str) -> None:
 class JobService:
     """The job operations the tools and the CLI share."""
 
-    def __init__(self, home: Path, roots: AllowedRoots):
+    def __init__(self, home: Path, roots: AllowedRoots, ray_addresses: RayAddresses | None = None):
         self.home = home
         self.roots = roots
+        # The Ray clusters a job may be sent to; unconfined by default, as AllowedRoots(None) (the CLI).
+        self.ray_addresses = ray_addresses or RayAddresses(None)
         self.store = JobStore(home)
         (home / "runs").mkdir(exist_ok=True)
 
@@ -273,6 +276,8 @@ class JobService:
         devices are free. A job that would not fit its devices is refused unless force."""
         job_id = new_job_id()
         run = self.run_dir(job_id)
+        if config.ray is not None:  # what the server reaches and writes is checked first, before any connection
+            config = self._confine_ray(config)
         checked, warnings = check_config(config, self.roots, run, dry_run=dry_run)
         if checked.ray is not None:
             return self._submit_to_ray(checked, job_id, warnings, dry_run=dry_run)
@@ -313,11 +318,7 @@ class JobService:
         from lmtuner_core.jobs import ray_launcher
 
         assert checked.ray is not None
-        storage = checked.ray.storage_path
-        if storage is not None and "://" not in storage:  # a folder: inside the allowed roots, like output_dir
-            storage = str(self.roots.resolve(storage, "ray.storage_path"))
-            checked = checked.model_copy(update={"ray": checked.ray.model_copy(update={"storage_path": storage})})
-        warnings += ray_launcher.check_cluster(checked.ray)
+        warnings += ray_launcher.check_cluster(checked.ray, self.ray_addresses)
         if dry_run:
             return None, checked, warnings
         run = self.run_dir(job_id)
@@ -332,6 +333,18 @@ class JobService:
         )  # fmt: skip
         self._send_to_ray(job_id, checked, f"lmtuner-{job_id}")
         return self.store.get(job_id), checked, warnings
+
+    def _confine_ray(self, config: TrainConfig) -> TrainConfig:
+        """The config with ray.address checked against the owner's list of clusters and a local storage_path
+        resolved inside the allowed roots (like output_dir); connects to nothing."""
+        from lmtuner_core.jobs import ray_launcher
+
+        assert config.ray is not None
+        self.ray_addresses.check(config.ray.address, "ray.address")
+        if config.ray.storage_path is None:
+            return config
+        storage = ray_launcher.confine_storage_path(config.ray.storage_path, self.roots)
+        return config.model_copy(update={"ray": config.ray.model_copy(update={"storage_path": storage})})
 
     def _send_to_ray(self, job_id: str, config: TrainConfig, ray_job_id: str) -> None:
         """Submits the job to its cluster and marks it running there (failed, with the reason, if refused)."""
@@ -433,7 +446,12 @@ class JobService:
         elif ray_status in ("FAILED", "GONE"):
             state = RunDir(Path(record.run_dir)).read_state()
             error = state.get("error") if state.get("status") == "failed" else None
-            self._finish(record, "failed", error or f"Ray job {record.ray_job_id}: {message}", None)
+            # Ray's message goes on with the driver's last output (paths of the cluster's machines, tracebacks),
+            # which the driver also wrote into train.log: the job's error keeps Ray's first line.
+            lines = (message or "").strip().splitlines()
+            said = lines[0][:300] if lines else "no message from Ray"
+            error = error or f"Ray job {record.ray_job_id}: {said} (the job's output is in train.log)"
+            self._finish(record, "failed", error, None)
         return self.store.get(record.job_id) or record
 
     def conclude(self, record: JobRecord) -> None:
@@ -526,7 +544,7 @@ class JobService:
                 "there is nothing to resume; start it again (a smaller save_steps keeps more progress next time)",
                 field="job_id",
             )
-        ray_launcher.check_cluster(config.ray)
+        ray_launcher.check_cluster(config.ray, self.ray_addresses)
         config = TrainConfig.model_validate({**config.model_dump(), "resume_from": str(checkpoint)})
         run.config.write_text(config.to_json(), encoding="utf-8")
         run.state.unlink(missing_ok=True)
