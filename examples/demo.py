@@ -4,8 +4,9 @@ The model is SmolLM2-135M-Instruct as a GGUF file (`make smollm2` takes it from 
 task is to answer with a country's capital alone, which the base model answers in a full sentence instead.
 It launches `lmtuner-mcp` over stdio with the official MCP SDK client (the initialize handshake a desktop host
 performs), calls inspect_gpus, asks propose_config for a plan (the .gguf is converted once on the way), starts a
-LoRA job, follows it with job_status, compares generate with and without the adapter on held-out countries
-(exact-match rate), and exports the tuned model to GGUF for llama.cpp and Ollama with export_model.
+LoRA job exactly as proposed, follows it with job_status, prints the job's result report (held-out countries base vs
+tuned, and what the model kept of the general knowledge it had), and exports the tuned model to GGUF for llama.cpp
+and Ollama with export_model.
 """
 
 from __future__ import annotations
@@ -21,13 +22,7 @@ import anyio
 import mcp
 from mcp.client.stdio import StdioServerParameters
 
-from lmtuner_core.data.sample_data import (
-    CAPITALS_TRAINING,
-    SMOLLM2_GGUF,
-    capital_exact_match,
-    capital_prompts,
-    write_capitals_dataset,
-)
+from lmtuner_core.data.sample_data import CAPITALS_HELD_OUT, SMOLLM2_GGUF, write_capitals_dataset
 from lmtuner_core.library_noise import quiet_library_noise
 
 DEMO_DIR = Path(".lmtuner-demo").resolve()
@@ -43,6 +38,27 @@ def server_params(home: Path) -> StdioServerParameters:
     )
 
 
+def print_report(report: dict) -> None:
+    """The job's result report as a person reads it: did the model get better, and what did it keep."""
+    retention = report["retention"]
+    print(f"\nresult report ({report['seconds']:.0f}s, {report['share_of_job']:.0%} of the job): {report['verdict']}")
+    print(f"  held-out {report['metric']} ({report['held_out_rows']} rows never trained on): "
+          f"base {report['base']:.0%} -> tuned {report['tuned']:.0%}")  # fmt: skip
+    print(f"  metric: {report['metric_reason']}")
+    for sample in report["samples"]:
+        print(f"  {sample['prompt']:<34} base: {sample['base'][:44]!r:<48} tuned: {sample['tuned']!r}")
+    for pair in report["regressions"]:
+        print(f"  right before, wrong after: {pair['prompt']} {pair['base']!r} -> {pair['tuned']!r}")
+    if retention:
+        print(f"  retention: the tuned model still answers {retention['kept']} of the {retention['known']} general-"
+              f"knowledge questions the base model got right (forgetting {retention['forgetting']:.1%}, "
+              f"{retention['questions']} asked)")  # fmt: skip
+        for fact in retention["lost"][:5]:
+            print(f"    lost: {fact['question']} {fact['base']!r} -> {fact['tuned']!r}")
+    for line in report["advice"]:
+        print(f"  advice: {line}")
+
+
 async def run_demo() -> int:
     started = time.monotonic()
     if not SMOLLM2_GGUF.is_file():
@@ -52,9 +68,9 @@ async def run_demo() -> int:
     home.mkdir(parents=True, exist_ok=True)
     model = str(SMOLLM2_GGUF)
     data = write_capitals_dataset(DEMO_DIR / "capitals.jsonl")
-    prompts = capital_prompts()
-    print(f"model: {model}\ndata: {data} (48 chat rows: 24 countries x 2 phrasings), "
-          f"held out: {len(prompts)} other countries")  # fmt: skip
+    held_out = write_capitals_dataset(DEMO_DIR / "capitals-held-out.jsonl", CAPITALS_HELD_OUT)
+    print(f"model: {model}\ndata: {data} (48 chat rows: 24 countries x 2 phrasings); held out: {held_out} "
+          f"({len(CAPITALS_HELD_OUT)} other countries, never trained on)")  # fmt: skip
 
     async with mcp.Client(server_params(home)) as client:
         tools = await client.list_tools()
@@ -66,30 +82,22 @@ async def run_demo() -> int:
               f"RAM {hw['memory_available_mib']} MiB free")  # fmt: skip
 
         result = await client.call_tool(
-            "propose_config", {"model": model, "dataset": str(data),
+            "propose_config", {"model": model, "dataset": str(data), "eval_dataset": str(held_out),
                                "goal": "answer with the capital's name alone"},
         )  # fmt: skip
         if result.is_error:
             print(result.content[0].text, file=sys.stderr)
             return 1
         plan = result.structured_content
-        memory = plan["memory"]
-        print(f"\npropose_config (the .gguf converted once into {plan['config']['model']}): "
-              f"{plan['config']['method']}, fits={plan['fits']} ({memory['per_gpu_gib']:.2f} of "
-              f"{memory['budget_gib']:.1f} GiB)")  # fmt: skip
+        config, memory = plan["config"], plan["memory"]
+        print(f"\npropose_config (the .gguf converted once into {config['model']}): {config['method']}, "
+              f"fits={plan['fits']} ({memory['per_gpu_gib']:.2f} of {memory['budget_gib']:.1f} GiB)")  # fmt: skip
         for line in plan["rationale"]:
             print(f"  - {line}")
 
-        async def answers(**extra) -> list[str]:
-            result = await client.call_tool(
-                "generate", {"model": model, "prompts": prompts, "max_new_tokens": 12, **extra}
-            )
-            return [o["text"] for o in result.structured_content["outputs"]]
-
-        base = await answers()
-        config = {**plan["config"], **CAPITALS_TRAINING}
-        print(f"\nstart_training: method {config['method']} r={config['lora']['r']}, batch {config['batch_size']}, "
-              f"{config['num_epochs']} epochs, learning rate {config['learning_rate']}")  # fmt: skip
+        print(f"\nstart_training as proposed: method {config['method']} r={config['lora']['r']}, batch "
+              f"{config['batch_size']} x {config['gradient_accumulation_steps']}, {config['num_epochs']} epochs, "
+              f"learning rate {config['learning_rate']}")  # fmt: skip
         result = await client.call_tool("start_training", {"config": config})
         if result.is_error:
             print(result.content[0].text, file=sys.stderr)
@@ -104,9 +112,10 @@ async def run_demo() -> int:
             if s["loss"] is not None and first_loss is None:
                 first_loss = s["loss"]
             loss = f"{s['loss']:.3f}" if s["loss"] is not None else "-"
+            held = f" held-out {s['eval_loss']:.3f}" if s["eval_loss"] is not None else ""
             eta = f", eta {s['eta_seconds']:.0f}s" if s["eta_seconds"] is not None else ""
-            print(f"  {s['status']:<9} {s['phase'] or '':<17} step {s['step']}/{s['total_steps'] or '?'} loss {loss}"
-                  f"{eta}")  # fmt: skip
+            print(f"  {s['status']:<9} {s['phase'] or '':<26} step {s['step']}/{s['total_steps'] or '?'} loss "
+                  f"{loss}{held}{eta}")  # fmt: skip
             if s["status"] not in ("queued", "running"):
                 break
 
@@ -120,13 +129,10 @@ async def run_demo() -> int:
         image = next(c for c in plot.content if c.type == "image")
         (DEMO_DIR / "loss.png").write_bytes(base64.b64decode(image.data))
         print(f"loss curve: {DEMO_DIR / 'loss.png'}")
-
-        tuned = await answers(adapter=s["output_dir"])
-        print("\nheld-out countries (never in the training data), generate without and with the adapter:")
-        for prompt, before, after in zip(prompts, base, tuned, strict=True):
-            print(f"  {prompt:<36} base: {before.strip()!r:<44} tuned: {after.strip()!r}")
-        print(f"exact match ({len(prompts)} held-out countries, answer = the capital's name alone): "
-              f"{capital_exact_match(base):.0%} base -> {capital_exact_match(tuned):.0%} tuned")  # fmt: skip
+        if s["report"] is None:
+            print("the job wrote no result report (see its train.log)", file=sys.stderr)
+            return 1
+        print_report(s["report"])
 
         result = await client.call_tool(
             "export_model", {"model": model, "adapter": s["output_dir"], "quantization": "q8_0",

@@ -13,6 +13,7 @@ from lmtuner_core.data.analysis import analyze_dataset as analyze
 from lmtuner_core.data.datasets import load_examples
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.jobs.ray_launcher import cluster_report, plan_workers
+from lmtuner_core.jobs.service import checked_dataset
 from lmtuner_core.models.reference import resolve_model
 from lmtuner_core.planning.hardware import inspect_hardware
 from lmtuner_core.planning.hyperparameters import answer_profile
@@ -72,6 +73,14 @@ def propose_config(
     dataset: Annotated[
         str | DatasetSpec, Field(description="The training data, as in TrainConfig. Example: 'data/train.jsonl'.")
     ],
+    eval_dataset: Annotated[
+        str | DatasetSpec | None,
+        Field(
+            description="Your own held-out rows (never trained on), as in TrainConfig: the plan keeps them for the "
+            "held-out loss, the best checkpoint and the result report. Default: a share of `dataset` is held out. "
+            "Example: 'data/test.jsonl'.",
+        ),
+    ] = None,
     hardware: Annotated[
         HardwareSpec | None,
         Field(
@@ -129,6 +138,9 @@ def propose_config(
         p95_tokens=analysis.token_lengths.p95, method=method, max_seq_len=max_seq_len, target_context=target_context,
         goal=goal, profile=profile,
     )  # fmt: skip
+    if eval_dataset is not None:
+        held_out = checked_dataset(dataset_spec(eval_dataset), ctx.roots, "eval_dataset")[0]  # refused now, by name
+        plan.config = TrainConfig.model_validate({**plan.config.model_dump(), "eval_dataset": held_out.model_dump()})
     if previous_job is not None:
         follow_report(ctx, plan, previous_job)
     if not local_model:

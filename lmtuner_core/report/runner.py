@@ -33,7 +33,7 @@ from lmtuner_core.report.result import (
 )
 from lmtuner_core.report.scoring import choose_metric, is_right, score_answer
 
-PROBE_NEW_TOKENS = 32  # a sentence: the base model answers "The capital of France is Paris."
+PROBE_NEW_TOKENS = 16  # a short sentence: the base model answers "The capital of France is Paris." (7 tokens)
 # Rows per generate call: on a CPU each decoding step costs about the same for 1 or 64 short rows (overhead-bound),
 # so the probe's short questions go in large batches; held-out rows can be long.
 PROBE_BATCH, HELD_OUT_BATCH = 64, 16
