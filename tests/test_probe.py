@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tomllib
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +98,9 @@ def test_only_the_opening_of_an_answer_counts():
     assert probe_correct(long_sentence, ["Paris"])
     # within the first 30 words, a second sentence counts too (a base model may open with "Sure!")
     assert probe_correct("Sure! The capital of France is Paris.", ["Paris"])
+
+
+def test_the_probe_file_is_shipped_as_package_data():
+    # without this entry a wheel leaves probe.jsonl out (checked by building one) and load_probe fails once installed
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "probe.jsonl" in pyproject["tool"]["setuptools"]["package-data"]["lmtuner_core.report"]
