@@ -32,8 +32,9 @@ def _cut(message: str) -> str:
 
 
 # An absolute path in a message: starts after a space, quote, bracket, '=' or the start, runs to a space, quote,
-# bracket, comma or colon-space (as libraries print them: "File "/x/y.py", line 3", "(/x/y)", "at /x/y: …").
-_ABSOLUTE_PATH = re.compile(r"""(?<![\w.~-])/(?:[^\s'"(),:\[\]<>]|:(?!\s))+""")
+# bracket, comma or colon-space (as libraries print them: "File "/x/y.py", line 3", "(/x/y)", "at /x/y: …"). A URL's
+# "//host" (after "scheme:") and its path (after the host) are not file paths.
+_ABSOLUTE_PATH = re.compile(r"""(?<![\w.~-])(?<!:)(?<!:/)/(?!/)(?:[^\s'"(),:\[\]<>]|:(?!\s))+""")
 HIDDEN_PATH = "<path outside the allowed folders>"
 
 

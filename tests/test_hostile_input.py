@@ -348,3 +348,15 @@ def test_a_config_file_with_nan_says_finite_number():
     with pytest.raises(LmtunerError) as refused:
         parse_train_config({"model": "m", "dataset": "d.jsonl", "learning_rate": float("nan")})
     assert "learning_rate: must be a finite number (not NaN or Infinity)" in str(refused.value)
+
+
+def test_errors_hide_paths_outside_the_roots_but_not_web_addresses(tmp_path):
+    """A library's path is hidden; a URL the user named (a Ray dashboard) is not a path; a file URL's path is."""
+    from lmtuner_core.errors import HIDDEN_PATH, hide_outside_paths
+
+    message = (f'File "/usr/lib/python3/x.py", line 3; {tmp_path}/data.json; allowed: auto, http://127.0.0.1:8265/api, '
+               "ray://head:10001; storage file:///etc/secret")  # fmt: skip
+    shown = hide_outside_paths(message, [tmp_path])
+    assert "/usr/lib" not in shown and "/etc/secret" not in shown and shown.count(HIDDEN_PATH) == 2, shown
+    assert f"{tmp_path}/data.json" in shown and "http://127.0.0.1:8265/api" in shown and "ray://head:10001" in shown
+    assert shown.endswith("(details in server.log)")
