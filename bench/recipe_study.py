@@ -24,10 +24,10 @@ from pathlib import Path
 
 import anyio
 import mcp
+from lmtuner_core.data.study_tasks import TASKS, write_task
 from mcp.client.stdio import StdioServerParameters
 
 from lmtuner_core.data.sample_data import SMOLLM2_GGUF
-from lmtuner_core.data.study_tasks import TASKS, write_task
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "tuning_runs.jsonl"
 HOME = Path(os.environ.get("LMTUNER_STUDY_HOME") or Path.home() / ".cache/lmtuner/study-home")
@@ -52,6 +52,15 @@ RECIPES: dict[str, dict] = {
         "learning_rate": 2e-4, "num_epochs": 1, "lr_scheduler": "linear", "warmup_ratio": 0.05, "weight_decay": 0.01,
         "batch_size": 2, "gradient_accumulation_steps": 4,
         "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}, **_ANCHOR,
+    },
+    # Candidates for the plan (held-out best checkpoint and early stopping on, as the plan has them).
+    "attention_r8": {
+        "learning_rate": 2e-4, "num_epochs": 3, "lora": {"r": 8, "alpha": 16, "dropout": 0.05,
+                                                          "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    },
+    "all_r8_1e-4": {
+        "learning_rate": 1e-4, "num_epochs": 3, "lora": {"r": 8, "alpha": 16, "dropout": 0.05,
+                                                          "target_modules": "all-linear"},
     },
 }  # fmt: skip
 SIZE_NAMES = ("small", "medium", "large")
