@@ -38,8 +38,11 @@ def finished(tiny_model, tmp_path_factory):
     home.mkdir()
     data = write_demo_dataset(folder / "demo.jsonl", n=80)
     # Held-out answers the training rows pull the model away from: the same questions, answered backwards.
+    pairs = [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4)]
     unlike = _write_rows(folder / "unlike.jsonl", [(f"What is {a} plus {b}?", f"{a + b} is {b} plus {a} backwards")
-                                                   for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4)]])  # fmt: skip
+                                                   for a, b in pairs])  # fmt: skip
+
+    missing = folder / "nope.jsonl"
 
     async def scenario():
         async with stdio_client(home, [folder, tiny_model]) as client:
@@ -59,7 +62,7 @@ def finished(tiny_model, tmp_path_factory):
                 await call_error(client, "propose_config", {"model": str(tiny_model), "dataset": str(data),
                                                             "previous_job": second["job_id"]}),
                 await call_error(client, "start_training", {"config": {**auto, "eval_dataset": str(data)}}),
-                await call_error(client, "start_training", {"config": {**auto, "eval_dataset": str(folder / "nope.jsonl")}}),
+                await call_error(client, "start_training", {"config": {**auto, "eval_dataset": str(missing)}}),
                 await call_error(client, "start_training", {"config": {**auto, "report": {"max_row": 3}}}),
             ]  # fmt: skip
             return first_status, resource, second_status, plan, listed, refusals
