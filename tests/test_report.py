@@ -145,8 +145,7 @@ def test_the_metric_fits_the_answers():
 
 
 def _report(base, tuned, known=0, kept=0, best_step=10, final_step=10, regressions=()) -> ResultReport:
-    retention = Retention(questions=100, known=known, kept=kept, gained=0,
-                          forgetting=1 - kept / known if known else 0.0)  # fmt: skip
+    retention = Retention(questions=100, known=known, kept=kept, forgetting=1 - kept / known if known else 0.0)
     return ResultReport(
         verdict=verdict(base, tuned, retention), metric="exact_match", metric_reason="", base=base, tuned=tuned,
         held_out_rows=20, held_out_source="", retention=retention, regressions=list(regressions),

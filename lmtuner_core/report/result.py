@@ -42,7 +42,6 @@ class Retention(BaseModel):
     known: int = Field(description="Questions the base model answered right.")
     kept: int = Field(description="Of those, the ones the tuned model still answers right.")
     forgetting: float = Field(description="Share of what the base knew that the tuned model lost: 1 - kept/known.")
-    gained: int = Field(description="Questions the base got wrong and the tuned model gets right.")
     lost: list[LostFact] = Field(default_factory=list, description="Up to 10 facts the tuned model lost.")
 
 

@@ -34,9 +34,8 @@ from lmtuner_core.report.result import (
 from lmtuner_core.report.scoring import choose_metric, is_right, score_answer
 
 PROBE_NEW_TOKENS = 16  # a short sentence: the base model answers "The capital of France is Paris." (7 tokens)
-# Rows per generate call: on a CPU each decoding step costs about the same for 1 or 64 short rows (overhead-bound),
-# so the probe's short questions go in large batches; held-out rows can be long.
-PROBE_BATCH, HELD_OUT_BATCH = 64, 16
+# Rows per generate call: short probe questions batch well; a batch runs until its longest answer ends, so not more.
+PROBE_BATCH, HELD_OUT_BATCH = 32, 16
 
 
 def held_out_items(examples: list[dict], limit: int) -> list[tuple[list[dict], str, str]]:
@@ -165,19 +164,20 @@ class ReportRunner:
         return report
 
     def _retention(self, model: Any) -> Retention:
-        probe = [[{"role": "user", "content": q.question}] for q in self.probe]
-        tuned = self._ask(model, probe, PROBE_NEW_TOKENS, PROBE_BATCH)
-        known = kept = gained = 0
+        """Asks the tuned model only what the base knew: forgetting is measured on those, and it halves the cost."""
+        known = [(q, before) for q, before in zip(self.probe, self.base_probe, strict=True)
+                 if probe_correct(before, q.answers, question=q.question)]  # fmt: skip
+        conversations = [[{"role": "user", "content": q.question}] for q, _ in known]
+        tuned = self._ask(model, conversations, PROBE_NEW_TOKENS, PROBE_BATCH)
+        kept = 0
         lost: list[LostFact] = []
-        for question, before, after in zip(self.probe, self.base_probe, tuned, strict=True):
-            was, now = probe_correct(before, question.answers), probe_correct(after, question.answers)
-            known += was
-            kept += was and now
-            gained += now and not was
-            if was and not now and len(lost) < 10:
+        for (question, before), after in zip(known, tuned, strict=True):
+            if probe_correct(after, question.answers, question=question.question):
+                kept += 1
+            elif len(lost) < 10:
                 lost.append(LostFact(question=question.question, expected=question.answers[0], base=before,
                                      tuned=after))  # fmt: skip
         return Retention(
-            questions=len(self.probe), known=known, kept=kept, gained=gained, lost=lost,
-            forgetting=round(1 - kept / known, 4) if known else 0.0,
+            questions=len(self.probe), known=len(known), kept=kept, lost=lost,
+            forgetting=round(1 - kept / len(known), 4) if known else 0.0,
         )  # fmt: skip
