@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from lmtuner_core.data.sample_data import (
-    CAPITALS_TRAINING,
+    CAPITALS_HELD_OUT,
     SMOLLM2_GGUF,
     capital_exact_match,
     capital_prompts,
@@ -161,11 +161,14 @@ def test_gguf_file_is_a_model_for_every_tool(tmp_path, lmtuner_home):
 
 @needs_smollm2
 @needs_converter
-@pytest.mark.timeout(2400)  # ≈5 min on an idle 2-core machine; much longer when it is shared
-def test_real_model_learns_and_its_gguf_export_answers_alike(tmp_path, lmtuner_home):
-    """SmolLM2 (from its .gguf) learns a held-out task through the MCP tools; export_model writes q8_0 and q4_k_m
-    GGUF files that transformers' GGUF loader and llama.cpp both read back, answering like the tuned model."""
+@pytest.mark.timeout(2400)  # ≈6 min on an idle 2-core machine; much longer when it is shared
+def test_real_model_learns_as_proposed_keeps_what_it_knew_and_its_gguf_export_answers_alike(tmp_path, lmtuner_home):
+    """SmolLM2 (from its .gguf), trained exactly as propose_config plans it, learns to answer held-out countries with
+    the capital alone (issue 23: at least 80% of the capitals the base knew, in the asked form) and keeps at least
+    95% of the probe facts it knew, as the job's own report measures; export_model writes q8_0 and q4_k_m GGUF files
+    that transformers' GGUF loader and llama.cpp both read back, answering like the tuned model."""
     data = write_capitals_dataset(tmp_path / "capitals.jsonl")
+    held_out = write_capitals_dataset(tmp_path / "held-out.jsonl", CAPITALS_HELD_OUT)
     prompts = capital_prompts()
     gguf = str(SMOLLM2_GGUF)
 
@@ -178,10 +181,12 @@ def test_real_model_learns_and_its_gguf_export_answers_alike(tmp_path, lmtuner_h
                 )
                 return [o["text"].strip() for o in result["outputs"]]
 
-            base = await answers(gguf)
-            config = {"model": gguf, "dataset": str(data), **CAPITALS_TRAINING}
+            plan = await call_ok(client, "propose_config", {
+                "model": gguf, "dataset": str(data), "eval_dataset": str(held_out),
+                "goal": "answer with the capital's name alone"})  # fmt: skip
+            config = {**plan["config"], "report": {"samples": 16}}  # the plan's recipe, every held-out pair shown
             started = await call_ok(client, "start_training", {"config": config})
-            final = await wait_for_end(client, started["job_id"], timeout=1200)
+            final = await wait_for_end(client, started["job_id"], timeout=2000)
             assert final["status"] == "completed", final["error"]
             tuned = await answers(gguf, adapter=final["output_dir"])
             export = {"model": gguf, "adapter": final["output_dir"]}
@@ -194,14 +199,26 @@ def test_real_model_learns_and_its_gguf_export_answers_alike(tmp_path, lmtuner_h
                 q4 = await call_ok(
                     client, "export_model", {**export, "quantization": "q4_k_m", "output_dir": str(tmp_path / "q4")}
                 )
-            return started, base, tuned, q8, read_back, q4
+            return plan, started, final, tuned, q8, read_back, q4
 
-    started, base, tuned, q8, read_back, q4 = anyio.run(scenario)
+    plan, started, final, tuned, q8, read_back, q4 = anyio.run(scenario)
     saved = json.loads((Path(started["run_dir"]) / "config.json").read_text())
     assert saved["model_gguf"] == gguf and saved["model"] == str(converted_folder(SMOLLM2_GGUF))
-    base_score, tuned_score = capital_exact_match(base), capital_exact_match(tuned)
-    print(f"\nexact match on {len(prompts)} held-out countries: base {base_score:.0%}, tuned {tuned_score:.0%}")
-    print(f"base: {base}\ntuned: {tuned}")
+    for key in ("learning_rate", "num_epochs", "lora", "batch_size", "keep_best", "early_stopping_patience"):
+        assert saved[key] == plan["config"][key], key  # as proposed
+    report = final["report"]
+    print(f"\nreport: {json.dumps({k: report[k] for k in ('verdict', 'base', 'tuned', 'retention')}, indent=1)}")
+    pairs = report["samples"]
+    assert len(pairs) == report["held_out_rows"] == 2 * len(CAPITALS_HELD_OUT)
+    known = [p for p in pairs if p["reference"].lower() in p["base"].lower()]  # the base names the capital somewhere
+    in_form = [p for p in known if p["tuned_score"] == 1.0]
+    print("\n".join(f"{p['prompt']!r}: base {p['base']!r} -> tuned {p['tuned']!r}" for p in pairs))
+    assert report["base"] <= 0.125, report["base"]  # the base answers in sentences
+    assert len(known) >= 8 and len(in_form) >= 0.8 * len(known), (len(in_form), len(known))
+    retention = report["retention"]
+    assert retention["known"] >= 60 and retention["forgetting"] <= 0.05, retention
+    assert report["verdict"] == "better"
+    assert capital_exact_match(tuned) >= 0.5, tuned  # generate with the adapter agrees with the report
 
     modelfile = Path(q8["modelfile"]).read_text()
     assert f"FROM ./{Path(q8['gguf_file']).name}" in modelfile and "{{ .Prompt }}" in modelfile, modelfile
@@ -209,14 +226,12 @@ def test_real_model_learns_and_its_gguf_export_answers_alike(tmp_path, lmtuner_h
     assert 100e6 < q8["size_bytes"] < 200e6, q8  # 135M parameters at ~8.5 bits
     assert read_back == tuned, (read_back, tuned)
     if q4 is None:
-        assert base_score <= 0.125 and tuned_score >= 0.5, (base, tuned)
         pytest.skip(
             f"q4_k_m and the llama.cpp reader need llama-cpp-python at {llamacpp_python()}: run `make llamacpp-venv`"
         )
     assert q4["size_bytes"] < q8["size_bytes"], (q4, q8)
     assert llamacpp_answers(q8["gguf_file"], prompts, 12) == tuned
-    assert capital_exact_match(llamacpp_answers(q4["gguf_file"], prompts, 12)) >= tuned_score - 0.125
-    assert base_score <= 0.125 and tuned_score >= 0.5, (base, tuned)
+    assert capital_exact_match(llamacpp_answers(q4["gguf_file"], prompts, 12)) >= capital_exact_match(tuned) - 0.125
 
 
 @needs_converter

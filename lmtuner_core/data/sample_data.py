@@ -75,14 +75,6 @@ CAPITALS_HELD_OUT = (
     ("China", "Beijing"), ("Greece", "Athens"), ("Australia", "Canberra"), ("Hungary", "Budapest"),
 )  # fmt: skip
 _CAPITAL_QUESTIONS = ("What is the capital of {country}?", "Capital of {country}?")
-# Training settings for this task in a short job on a 2-core CPU (12 steps of 8 rows), applied over propose_config's
-# plan by the demo and the real-model test. LoRA on the attention projections only: with every linear layer
-# (r=8, 3 epochs, lr 1e-3) the tuned model kept the form but lost facts the MLPs hold (Japan -> 'Seattle'), 2/8.
-CAPITALS_TRAINING = {
-    "method": "lora", "num_epochs": 2, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 2e-3,
-    "max_seq_len": 64, "logging_steps": 1, "warmup_ratio": 0.0,
-    "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-}  # fmt: skip
 
 
 def capital_rows(pairs=CAPITALS_TRAIN) -> list[dict]:
