@@ -308,7 +308,7 @@ class SFTRecipe:
 
     def _eval_steps(self, rows: int) -> int:
         """About EVALUATIONS_PER_RUN held-out evaluations: enough to find the best step and to stop early."""
-        return self.config.eval_steps or max(1, self._total_steps(rows) // EVALUATIONS_PER_RUN)
+        return self.config.eval_steps or max(1, round(self._total_steps(rows) / EVALUATIONS_PER_RUN))
 
     def _setup_trainer(self) -> None:
         config = self.config
