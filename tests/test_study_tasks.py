@@ -17,11 +17,13 @@ WRITTEN_TASKS = [name for name in TASKS if name != "medical"]  # our own content
 
 
 @pytest.fixture(params=list(TASKS))
-def task(request, shared_data):
-    if request.param == "medical" and not (shared_data / "lmtuner-medical").is_dir():
-        pytest.skip(f"LMTuner's medical example not found under {shared_data}")
-    if request.param == "medical" and shared_data / "lmtuner-medical" != study_tasks.MEDICAL_DATA:
-        pytest.skip(f"LMTUNER_MEDICAL_DATA points elsewhere ({study_tasks.MEDICAL_DATA})")
+def task(request):
+    if request.param == "medical":  # only the medical task needs the shared data; the others are written here
+        folder = request.getfixturevalue("shared_data") / "lmtuner-medical"
+        if not folder.is_dir():
+            pytest.skip(f"LMTuner's medical example not found at {folder}")
+        if folder != study_tasks.MEDICAL_DATA:
+            pytest.skip(f"LMTUNER_MEDICAL_DATA points elsewhere ({study_tasks.MEDICAL_DATA})")
     return TASKS[request.param]
 
 

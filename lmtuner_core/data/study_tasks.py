@@ -115,8 +115,9 @@ CAPITAL_ALIASES = {"Kyiv": ("Kiev",)}  # other spellings a lenient check accepts
 
 def _capitals(seed: int) -> tuple[list[Item], list[Item]]:
     """Short answers over known facts: "What is the capital of Kenya?" → "Nairobi", the name alone. The base model
-    knows most of these capitals but answers in a sentence, so exact match starts near 0% while a lenient check
-    (`capital_named`) shows which facts it has; tuning should teach the form without losing the facts. Train and
+    knows most of these capitals but answers in a sentence ("The capital of France is Paris."): exact match 0/24,
+    while the lenient check (`capital_named`) finds the right city in 18 of 24 answers (SmolLM2-135M-Instruct,
+    greedy). Tuning should teach the form without losing those facts. Train and
     test countries are disjoint; each training round asks every training country once, in a phrasing it has not
     had yet, so a larger size adds phrasings rather than repeating rows."""
     countries = list(_CAPITALS_TRAIN)
@@ -201,8 +202,9 @@ def _people(rng: random.Random, first: tuple, last: tuple, cities: tuple, count:
 def _extract_json(seed: int) -> tuple[list[Item], list[Item]]:
     """Extraction to JSON: a sentence about a person ("Aged 34, Maria Lopez settled in Lisbon back in 2019.") →
     {"name": "Maria Lopez", "age": 34, "city": "Lisbon", "year": 2019}, keys in that order, ages and years as
-    numbers. Scored by JSON validity and equality with the reference. Test people and cities come from pools
-    the training rows never use."""
+    numbers. Scored by JSON validity and equality with the reference. The base model already writes JSON (31
+    of 32 parse) but gets the fields wrong: "year" as a string, a key left out, a city misspelt (1 of 32 equal).
+    Test people and cities come from pools the training rows never use."""
     train = _people(_rng("extract_json", seed), _FIRST_TRAIN, _LAST_TRAIN, _CITIES_TRAIN, EXTRACT_JSON_TRAIN_ROWS)
     test = _people(_rng("extract_json", "test"), _FIRST_TEST, _LAST_TEST, _CITIES_TEST, EXTRACT_JSON_TEST_ROWS)
     return train, test
@@ -261,7 +263,8 @@ def _dates(rng: random.Random, count: int, avoid: set[datetime.date]) -> list[It
 def _dates_iso(seed: int) -> tuple[list[Item], list[Item]]:
     """Format conversion: a written date in one of seven forms ("the fourth of March, 2021", "March 4th 2021",
     "4 Mar 2021", "Thursday, March 4, 2021", ...) → "2021-03-04". No facts are at stake, only the conversion.
-    Test dates never occur in training (any size, any seed)."""
+    The base model mostly echoes the date or writes a wrong one and rambles on (0 of 32 exact; the right ISO
+    date appears somewhere in 8). Test dates never occur in training (any size, any seed)."""
     test = _dates(_rng("dates_iso", "test"), DATES_TEST_ROWS, set())
     held_out = {datetime.date.fromisoformat(key) for key, _ in test}
     return _dates(_rng("dates_iso", seed), DATES_TRAIN_ROWS, held_out), test
@@ -382,7 +385,8 @@ def _classify(seed: int) -> tuple[list[Item], list[Item]]:
     """Classification into labels: a short customer message → one of billing, shipping, technical, account,
     other (the prompt lists them). Training rows cycle through the labels, so every size is balanced. The test
     messages come from templates no training row uses (the underlying item is the template), so the test
-    measures wording the model has not seen."""
+    measures wording the model has not seen. The base model never answers with a label alone (0 of 30): it
+    starts "This customer message is labeled as ...", lists all the labels, or apologises."""
     rng = _rng("classify", seed)
     per_label = {
         label: _messages(rng, train_templates, CLASSIFY_TRAIN_ROWS // len(CLASSIFY_LABELS))
@@ -535,8 +539,8 @@ PERSONA_TEST_ROWS = 24
 def _persona(seed: int) -> tuple[list[Item], list[Item]]:
     """Style or persona: everyday questions ("Why is the sky blue?") answered in one short sentence that starts
     "Aye," in an old ship's captain's voice. The facts hardly matter; the style is what is learned, scored with
-    ROUGE-L against the written references. The base model answers in several plain sentences. Test questions
-    are never asked in training."""
+    ROUGE-L against the written references. The base model answers in several plain sentences and never says
+    "Aye," (ROUGE-L 0.145). Test questions are never asked in training."""
     test = [(q, _row(q, a)) for q, a in _PERSONA[:PERSONA_TEST_ROWS]]
     train = [(q, _row(q, a)) for q, a in _PERSONA[PERSONA_TEST_ROWS:]]
     _rng("persona", seed).shuffle(train)
@@ -566,7 +570,9 @@ def _medical(seed: int) -> tuple[list[Item], list[Item]]:
     """Long-form answers: LMTuner's MedDialog example (COVID patient questions, "patient: ... doctor: " →
     "doctor: in brief: ..."), prompt = `input`, answer = `output` as shipped, scored with ROUGE-L. Train is
     train.jsonl (482 rows, shuffled per seed); the test set is all 61 rows of test.jsonl, in file order, which
-    share no input or output with train.jsonl, so the scores compare with those LMTuner published."""
+    share no input or output with train.jsonl, so the scores compare with those LMTuner published. The base
+    model answers off topic or restates the question, at length (ROUGE-L 0.088, BLEU-4 0.46, METEOR 0.137,
+    NIST-4 0.95 on words, 160 new tokens)."""
     train = [(r["input"], _row(r["input"], r["output"])) for r in _read_medical("train.jsonl")]
     _rng("medical", seed).shuffle(train)
     test = [(r["input"], _row(r["input"], r["output"])) for r in _read_medical("test.jsonl")]
@@ -593,7 +599,7 @@ TASKS: dict[str, StudyTask] = {
         StudyTask(
             "classify", "classification into labels",
             "label customer messages as billing, shipping, technical, account or other; reply with the label only",
-            "exact_match", (40, 80, 160), 8, _classify,
+            "exact_match", (40, 80, 160), 16, _classify,
         ),
         StudyTask(
             "persona", "style or persona",
