@@ -24,10 +24,10 @@ from pathlib import Path
 
 import anyio
 import mcp
-from lmtuner_core.data.study_tasks import TASKS, write_task
 from mcp.client.stdio import StdioServerParameters
 
 from lmtuner_core.data.sample_data import SMOLLM2_GGUF
+from lmtuner_core.data.study_tasks import TASKS, write_task
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "tuning_runs.jsonl"
 HOME = Path(os.environ.get("LMTUNER_STUDY_HOME") or Path.home() / ".cache/lmtuner/study-home")
