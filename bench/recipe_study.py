@@ -58,6 +58,27 @@ RECIPES: dict[str, dict] = {
         "learning_rate": 2e-4, "num_epochs": 3, "lora": {"r": 8, "alpha": 16, "dropout": 0.05,
                                                           "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     },
+    "attention_r8_1e-3": {
+        "learning_rate": 1e-3, "num_epochs": 3, "lora": {"r": 8, "alpha": 16, "dropout": 0.05,
+                                                          "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    },
+    "attention_r8_5e-4_6ep": {
+        "learning_rate": 5e-4, "num_epochs": 6, "lora": {"r": 8, "alpha": 16, "dropout": 0.05,
+                                                          "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    },
+    "all_r8_5e-4": {
+        "learning_rate": 5e-4, "num_epochs": 3, "lora": {"r": 8, "alpha": 16, "dropout": 0.05,
+                                                          "target_modules": "all-linear"},
+    },
+    # With self-distillation replay (TrainConfig `replay`): the base model's own answers to general requests mixed in.
+    "all_r16_2e-4_replay": {
+        "learning_rate": 2e-4, "num_epochs": 3, "replay": {"share": 0.3},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+    },
+    "all_r8_5e-4_replay": {
+        "learning_rate": 5e-4, "num_epochs": 3, "replay": {"share": 0.3},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},
+    },
     "all_r8_1e-4": {
         "learning_rate": 1e-4, "num_epochs": 3, "lora": {"r": 8, "alpha": 16, "dropout": 0.05,
                                                           "target_modules": "all-linear"},

@@ -258,6 +258,18 @@ class DatasetSpec(StrictModel):
         return self
 
 
+class ReplaySettings(StrictModel):
+    """Self-distillation replay: the base model's own answers to general requests, mixed into the training rows so
+    the tuned model keeps its general way of answering while it learns the task (less forgetting)."""
+
+    share: float = Field(
+        0.2, gt=0.0, le=0.5, description="Share of the training rows that are replay rows. Example: 0.2."
+    )
+    max_new_tokens: int = Field(
+        96, ge=8, le=1024, description="Longest base answer kept as a replay row (tokens). Example: 96."
+    )
+
+
 class ReportSettings(StrictModel):
     """The result report a completed job writes: base vs tuned on the held-out rows, and what the model kept."""
 
@@ -395,6 +407,12 @@ class TrainConfig(StrictModel):
         description="Stop when the held-out loss has not improved for this many evaluations in a row; null = "
         "never stop early. Example: 3.",
     )
+    replay: ReplaySettings | None = Field(
+        None,
+        description="Mix the base model's own answers to lmtuner's general requests into the training rows (self-"
+        "distillation replay), so the model keeps answering other questions as it did: {'share': 0.2}, or a share "
+        "alone (0.2). Chat data only. Example: {'share': 0.2}.",
+    )
     report: ReportSettings = Field(
         default_factory=ReportSettings,
         description="The result report of a completed job (held-out scores base vs tuned, retention check, "
@@ -420,6 +438,11 @@ class TrainConfig(StrictModel):
     @classmethod
     def _eval_dataset_shorthand(cls, value: Any) -> Any:
         return {"path": value} if isinstance(value, str) else value
+
+    @field_validator("replay", mode="before")
+    @classmethod
+    def _replay_shorthand(cls, value: Any) -> Any:
+        return {"share": value} if isinstance(value, int | float) and not isinstance(value, bool) else value
 
     @field_validator("report", mode="before")
     @classmethod

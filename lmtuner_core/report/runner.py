@@ -82,6 +82,41 @@ def _new_tokens(tokenizer: Any, references: list[str]) -> int:
     return max(16, min(384, int(longest * 1.25) + 8))
 
 
+def ask(
+    model: Any, tokenizer: Any, conversations: list[list[dict]], new_tokens: int, batch: int, stop: threading.Event
+) -> list[str]:
+    """Greedy answers from the model in memory, stopping between batches when the job is cancelled."""
+
+    def stop_between_batches(*_: Any) -> None:  # a cancel must not wait for hundreds of answers
+        if stop.is_set():
+            raise InterruptedError("stopped while the model was answering")
+
+    with generating(model):
+        outputs = answer(model, tokenizer, conversations, max_new_tokens=new_tokens, batch_size=batch,
+                         progress=stop_between_batches)  # fmt: skip
+    return [o.text.strip() for o in outputs]
+
+
+def base_answers(
+    model: Any, tokenizer: Any, conversations: list[list[dict]], new_tokens: int, batch: int, config: TrainConfig,
+    home: Path, stop: threading.Event,
+) -> list[str]:  # fmt: skip
+    """The base model's answers (call before training), from $LMTUNER_HOME/cache/base_answers when this model was
+    asked the same before: keyed by the model folder's files, a quantized base, the precision and the questions."""
+    if not conversations:
+        return []
+    quantized = METHODS[config.method].memory.base_quant  # a 4-bit base answers differently
+    key_text = json.dumps([model_fingerprint(config.model), quantized, config.precision, new_tokens, conversations])
+    path = home / "cache" / "base_answers" / f"{hashlib.sha256(key_text.encode()).hexdigest()[:32]}.json"
+    cached = read_json(path)
+    if isinstance(cached, list) and len(cached) == len(conversations):
+        return cached
+    answers = ask(model, tokenizer, conversations, new_tokens, batch, stop)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, answers)
+    return answers
+
+
 class ReportRunner:
     """Measures before training (`measure_base`) and after (`build`); `seconds` counts only the report's own work."""
 
@@ -95,7 +130,7 @@ class ReportRunner:
         self.tokenizer = tokenizer
         self.items = held_out_items(held_out, self.settings.max_rows)
         self.held_out_source = held_out_source
-        self.cache = home / "cache" / "base_answers"
+        self.home = home
         self.metric, self.metric_reason = choose_metric([reference for _, _, reference in self.items])
         self.new_tokens = _new_tokens(tokenizer, [reference for _, _, reference in self.items]) if self.items else 16
         self.probe = load_probe() if self.settings.retention else []
@@ -104,30 +139,10 @@ class ReportRunner:
         self.base_probe: list[str] = []
 
     def _ask(self, model: Any, conversations: list[list[dict]], new_tokens: int, batch: int) -> list[str]:
-        def stop_between_batches(*_: Any) -> None:  # a cancel must not wait for hundreds of answers
-            if self.stop.is_set():
-                raise InterruptedError("stopped while writing the result report")
-
-        with generating(model):
-            outputs = answer(model, self.tokenizer, conversations, max_new_tokens=new_tokens, batch_size=batch,
-                             progress=stop_between_batches)  # fmt: skip
-        return [o.text.strip() for o in outputs]
+        return ask(model, self.tokenizer, conversations, new_tokens, batch, self.stop)
 
     def _ask_base(self, model: Any, conversations: list[list[dict]], new_tokens: int, batch: int) -> list[str]:
-        """The base model's answers, from the cache when this model was asked the same before."""
-        if not conversations:
-            return []
-        quantized = METHODS[self.config.method].memory.base_quant  # a 4-bit base answers differently
-        key_text = json.dumps([model_fingerprint(self.config.model), quantized, self.config.precision, new_tokens,
-                               conversations])  # fmt: skip
-        path = self.cache / f"{hashlib.sha256(key_text.encode()).hexdigest()[:32]}.json"
-        cached = read_json(path)
-        if isinstance(cached, list) and len(cached) == len(conversations):
-            return cached
-        answers = self._ask(model, conversations, new_tokens, batch)
-        self.cache.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, answers)
-        return answers
+        return base_answers(model, self.tokenizer, conversations, new_tokens, batch, self.config, self.home, self.stop)
 
     def measure_base(self, model: Any) -> None:
         started = time.monotonic()

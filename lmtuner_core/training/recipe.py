@@ -256,6 +256,7 @@ class SFTRecipe:
             model.set_attn_implementation(VARLEN_ATTENTION)
         self.model = apply_method(model, self.config)
         self._setup_report()
+        self._add_replay_rows()
         trainable, total = count_parameters(self.model)
         print(
             f"[lmtuner] model: {self.config.model} ({total / 1e6:.1f}M parameters), method {self.config.method}: "
@@ -283,6 +284,36 @@ class SFTRecipe:
             flush=True,
         )
         self.report_runner = runner
+
+    def _add_replay_rows(self) -> None:
+        """Self-distillation replay: the base model answers general requests (lmtuner's own, none of the probe's
+        facts), and those answers join the training rows, so training on a narrow task does not teach the model to
+        answer everything that way. Written here: the libraries have no replay for supervised fine-tuning."""
+        settings = self.config.replay
+        if settings is None:
+            return
+        if not self.is_chat:
+            raise LmtunerError("replay: plain-text data has no questions to mix answers with; remove replay",
+                               field="replay")  # fmt: skip
+        from lmtuner_core.data.replay_prompts import load_replay_prompts
+        from lmtuner_core.report.runner import base_answers
+
+        self.state.update(phase="asking the base model (replay)")
+        started = time.monotonic()
+        wanted = round(settings.share * len(self.train_dataset) / (1 - settings.share))
+        prompts = load_replay_prompts(self.config.seed)[:wanted]
+        conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
+        answers = base_answers(self.model, self.tokenizer, conversations, settings.max_new_tokens, 16, self.config,
+                               lmtuner_home(), self.stop)  # fmt: skip
+        pairs = zip(conversations, answers, strict=True)
+        rows = [{"messages": [*c, {"role": "assistant", "content": a}]} for c, a in pairs if a]
+        cache = lmtuner_home() / "cache" / "tokenized"
+        replay = tokenize_cached(rows, self.tokenizer, cache, assistant_only=self.config.assistant_only_loss)[0]
+        replay = fit_to_length(replay, self.config.max_seq_len)[0]
+        self.train_dataset = datasets.concatenate_datasets([self.train_dataset, replay])
+        print(f"[lmtuner] replay: {len(replay)} rows of the base model's own answers to general requests mixed in "
+              f"(share {settings.share}; {time.monotonic() - started:.0f}s)", flush=True)  # fmt: skip
+        self.state.update(replay_rows=len(replay))
 
     def _report_skipped(self) -> str | None:
         """Why this job writes no report, or None when it does."""
