@@ -75,6 +75,10 @@ RECIPES: dict[str, dict] = {
         "learning_rate": 2e-4, "num_epochs": 3, "replay": {"share": 0.3},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
     },
+    "all_r16_2e-4_replay50": {
+        "learning_rate": 2e-4, "num_epochs": 3, "replay": {"share": 0.5},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+    },
     "all_r8_5e-4_replay": {
         "learning_rate": 5e-4, "num_epochs": 3, "replay": {"share": 0.3},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},

@@ -55,6 +55,9 @@ def finished(tiny_model, tmp_path_factory):
                                     eval_steps=3, early_stopping_patience=2, report=False)  # fmt: skip
             second = await call_ok(client, "start_training", {"config": stopping})
             second_status = await wait_for_end(client, second["job_id"])
+            replaying = quick_config(tiny_model, data, max_steps=2, replay=0.25)
+            third = await call_ok(client, "start_training", {"config": replaying})
+            replay_status = await wait_for_end(client, third["job_id"])
             plan = await call_ok(client, "propose_config", {"model": str(tiny_model), "dataset": str(data),
                                                             "previous_job": first["job_id"]})  # fmt: skip
             listed = await call_ok(client, "list_jobs", {})
@@ -64,8 +67,9 @@ def finished(tiny_model, tmp_path_factory):
                 await call_error(client, "start_training", {"config": {**auto, "eval_dataset": str(data)}}),
                 await call_error(client, "start_training", {"config": {**auto, "eval_dataset": str(missing)}}),
                 await call_error(client, "start_training", {"config": {**auto, "report": {"max_row": 3}}}),
+                await call_error(client, "start_training", {"config": {**auto, "replay": 0.9}}),
             ]  # fmt: skip
-            return first_status, resource, second_status, plan, listed, refusals
+            return first_status, resource, second_status, plan, listed, refusals, replay_status
 
     return anyio.run(scenario)
 
@@ -125,11 +129,23 @@ def test_propose_config_follows_a_previous_jobs_report(finished):
 
 
 def test_bad_report_and_held_out_settings_are_refused_by_name(finished):
-    no_report, same_file, missing, typo = finished[5]
+    no_report, same_file, missing, typo, replay_share = finished[5]
+    assert "replay" in replay_share and "0.5" in replay_share
     assert "previous_job" in no_report and "no result report" in no_report
     assert "eval_dataset" in same_file and "training data itself" in same_file
     assert "eval_dataset" in missing and "not found" in missing
     assert "report" in typo and "max_row" in typo and "max_rows" in typo
+
+
+def test_replay_mixes_the_base_models_own_answers_into_the_training_rows(finished):
+    """80 rows, none held out: a share of 0.25 adds 80 * 0.25 / 0.75 = 27 rows of the base model's answers to
+    lmtuner's general requests (none of them about the probe's facts)."""
+    status = finished[6]
+    assert status["status"] == "completed", status["error"]
+    state = json.loads(Path(status["run_dir"], "state.json").read_text())
+    log = Path(status["run_dir"], "train.log").read_text()
+    rows = state["replay_rows"]
+    assert 0 < rows <= 27 and f"replay: {rows} rows of the base model's own answers" in log, log[-2000:]
 
 
 def test_the_metric_fits_the_answers():
@@ -159,7 +175,10 @@ def test_advice_follows_the_numbers():
     forgot = _report(0.1, 0.8, known=50, kept=40)
     assert forgot.verdict == "forgot" and FORGETTING_LIMIT < 0.2
     advice, changes = advise(forgot, config)
-    assert "lost 10 of the 50" in advice[0]
+    assert "lost 10 of the 50" in advice[0] and "replay" in advice[0]
+    assert changes == {"replay": {"share": 0.3}}  # first the lever that kept the task score
+    advice, changes = advise(forgot, {**config, "replay": {"share": 0.3}})
+    assert "even with replay" in advice[0]
     assert changes == {"learning_rate": 1e-4, "num_epochs": 2, "lora": {**config["lora"], "r": 8, "alpha": 16}}
     still_learning = _report(0.1, 0.1, known=50, kept=50, best_step=30, final_step=30)
     assert still_learning.verdict == "no gain"

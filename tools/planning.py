@@ -33,7 +33,7 @@ def this_machine(ctx: ToolContext) -> HardwareSpec:
 
 # What a report's advice may change: how the model trains, never what fits the machine (planned afresh).
 RECIPE_FIELDS = ("learning_rate", "num_epochs", "max_steps", "lora", "lr_scheduler", "warmup_ratio",
-                 "assistant_only_loss")  # fmt: skip
+                 "assistant_only_loss", "replay")  # fmt: skip
 
 
 def follow_report(ctx: ToolContext, plan: Proposal, job_id: str) -> None:
