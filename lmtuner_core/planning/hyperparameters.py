@@ -71,6 +71,7 @@ class Recipe:
     epochs: float
     r: int
     target_modules: tuple[str, ...] | Literal["all-linear"]
+    replay: float | None  # TrainConfig.replay share: the base model's own answers mixed in
     evidence: str
 
     def lora(self) -> dict:
@@ -112,4 +113,9 @@ def training_recipe(profile: AnswerProfile | None, method: str, rows: int | None
         "loss, training stops early when it stops improving, and the job's report compares base and tuned answers and "
         "checks what the model kept of what it knew.",
     ]
-    return {"learning_rate": recipe.learning_rate, "num_epochs": epochs, "lora": recipe.lora()}, why
+    fields: dict = {"learning_rate": recipe.learning_rate, "num_epochs": epochs, "lora": recipe.lora()}
+    if recipe.replay:
+        fields["replay"] = {"share": recipe.replay}
+        why.insert(1, f"{recipe.replay:.0%} of the training rows will be the base model's own answers to general "
+                      "requests (replay), so it keeps answering other questions as it did.")  # fmt: skip
+    return fields, why
