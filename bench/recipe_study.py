@@ -165,26 +165,24 @@ async def study(tasks: list[str], sizes: list[str], recipes: list[str], results:
 
 
 def table(results: Path) -> str:
-    """Markdown: one row per task and size, one column per recipe: held-out score base -> tuned, and kept/known."""
+    """Markdown, one table per task and size: a row per recipe with the held-out score (base -> tuned), the probe
+    facts kept of those the base knew, and the job's steps and time."""
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    recipes = [r for r in RECIPES if any(row["recipe"] == r for row in rows)]
-    lines = ["| task (metric) | rows | base | " + " | ".join(recipes) + " |",
-             "|---|---|---|" + "---|" * len(recipes)]  # fmt: skip
-    keys = sorted({(r["task"], SIZE_NAMES.index(r["size"]), r["rows"], r["metric"]) for r in rows})
-    for task, _, size, metric in keys:
-        cells = []
-        base = None
-        for recipe in recipes:
-            found = [r for r in rows if (r["task"], r["rows"], r["recipe"]) == (task, size, recipe)]
-            if not found:
-                cells.append("")
-                continue
-            r = found[-1]
-            base = r["base"]
-            kept = f", kept {r['kept']}/{r['known']}" if r["known"] else ""
-            cells.append(f"{r['tuned']:.2f}{kept}")
-        lines.append(f"| {task} ({metric}) | {size} | {base:.2f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    out = []
+    for task, size in sorted({(r["task"], r["rows"]) for r in rows}):
+        runs = [r for r in rows if (r["task"], r["rows"]) == (task, size)]
+        runs.sort(key=lambda r: list(RECIPES).index(r["recipe"]) if r["recipe"] in RECIPES else 99)
+        out += [f"**{task}** ({runs[0]['kind']}, {size} training rows, {runs[0]['held_out_rows']} test rows, "
+                f"{runs[0]['metric']})", "",
+                "| recipe | held-out base -> tuned | probe facts kept | forgetting | best / last step | job s |",
+                "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in runs:
+            kept = f"{r['kept']}/{r['known']}" if r["known"] else "-"
+            forgetting = f"{r['forgetting']:.0%}" if r["known"] else "-"
+            out.append(f"| {r['recipe']} | {r['base']:.2f} -> {r['tuned']:.2f} | {kept} | {forgetting} | "
+                       f"{r['best_step']} / {r['final_step']} | {r['job_seconds']:.0f} |")  # fmt: skip
+        out.append("")
+    return "\n".join(out)
 
 
 def main() -> int:
