@@ -31,7 +31,7 @@ from lmtuner_core.data.study_tasks import TASKS, write_task
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "tuning_runs.jsonl"
 HOME = Path(os.environ.get("LMTUNER_STUDY_HOME") or Path.home() / ".cache/lmtuner/study-home")
-_ANCHOR = {"keep_best": False, "early_stopping_patience": None}  # the anchors have neither
+_ANCHOR = {"keep_best": False, "early_stopping_patience": None, "replay": None}  # the anchors have none of these
 RECIPES: dict[str, dict] = {
     "plan": {},
     # propose_config before issue 23: a fixed table (LoRA 2e-4, 3 epochs under 2,000 rows, r=16 on every linear layer).
@@ -73,6 +73,10 @@ RECIPES: dict[str, dict] = {
     # With self-distillation replay (TrainConfig `replay`): the base model's own answers to general requests mixed in.
     "all_r16_2e-4_replay": {
         "learning_rate": 2e-4, "num_epochs": 3, "replay": {"share": 0.3},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+    },
+    "all_r16_2e-4_replay_6ep": {
+        "learning_rate": 2e-4, "num_epochs": 6, "replay": {"share": 0.3},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
     },
     "all_r16_2e-4_replay50": {
