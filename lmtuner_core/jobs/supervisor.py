@@ -15,8 +15,8 @@ import time
 import traceback
 from pathlib import Path
 
-from lmtuner_core.jobs.distributed import die_with_parent
-from lmtuner_core.jobs.run_folder import RunDir, read_json, run_dir_argument  # stdlib only, like this module
+from lmtuner_core.run import RunDir, read_json, run_dir_argument  # stdlib only, like this module
+from lmtuner_core.system.processes import die_with_parent
 
 TRAINING_NICENESS = 5
 

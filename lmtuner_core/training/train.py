@@ -14,9 +14,9 @@ import time
 import traceback
 
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.jobs.distributed import die_with_parent, process_rank
-from lmtuner_core.jobs.run_folder import StateFile, run_dir_argument
 from lmtuner_core.library_noise import quiet_library_noise
+from lmtuner_core.run import StateFile, process_rank, run_dir_argument
+from lmtuner_core.system.processes import die_with_parent
 
 
 def install_stop_handler() -> threading.Event:
