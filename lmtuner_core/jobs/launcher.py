@@ -166,6 +166,27 @@ def read_handle(record: JobRecord) -> dict[str, Any]:
     return handle if isinstance(handle, dict) else {}
 
 
+def tracker_environment(run: RunDir, env: dict[str, str]) -> dict[str, str]:
+    """Settings for the trackers the run's config.json asks for (none for the others): they write inside the run
+    folder, named after the job. wandb runs offline unless the user has a key (or chose a mode); the key itself
+    stays in the environment, never in files we write."""
+    try:
+        report_to = json.loads(run.config.read_text(encoding="utf-8")).get("report_to") or []
+    except (OSError, ValueError):
+        report_to = []  # no readable config: the child fails on it with its own message
+    extra: dict[str, str] = {}
+    if "tensorboard" in report_to:
+        extra["TENSORBOARD_LOGGING_DIR"] = str(run.root / "tensorboard")
+    if "wandb" in report_to:
+        extra.update(
+            WANDB_DIR=str(run.root), WANDB_NAME=run.root.name, WANDB_PROJECT=env.get("WANDB_PROJECT", "lmtuner"),
+            WANDB_CACHE_DIR=str(run.root / "wandb" / "cache"), WANDB_DATA_DIR=str(run.root / "wandb" / "data"),
+        )  # fmt: skip
+        if "WANDB_MODE" not in env and not env.get("WANDB_API_KEY"):
+            extra["WANDB_MODE"] = "offline"
+    return extra
+
+
 def backend_for(config: TrainConfig) -> str:
     """The backend a config selects: the one whose settings block is set, else 'local'. Two blocks at once are
     refused, naming both."""

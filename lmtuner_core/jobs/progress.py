@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, PrivateAttr
 
-from lmtuner_core.jobs.ray_launcher import RayJobView, read_view
+from lmtuner_core.jobs.ray_launcher import RayJobView
 from lmtuner_core.jobs.store import JobRecord
 from lmtuner_core.report.result import ResultReport, read_report
 from lmtuner_core.run import RunDir
@@ -124,6 +124,5 @@ def read_progress(record: JobRecord, log_lines: int | None = 20, with_report: bo
         method=record.method,
         created_at=record.created_at,
         devices=record.devices,
-        ray=read_view(run, record.ray_job_id, record.ray_address or "") if record.ray_job_id else None,
         report=read_report(run.root) if with_report and record.status == "completed" else None,
     )

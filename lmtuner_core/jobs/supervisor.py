@@ -97,13 +97,15 @@ def conclude_and_start_next(run_dir: Path) -> None:
     """Records this job's end and starts whatever was queued for its devices, so a queue advances even when
     no server or CLI is running. Failures here only cost promptness: the next reader does the same."""
     try:
+        from lmtuner_core.jobs.launcher import LOCAL
         from lmtuner_core.jobs.service import JobService
         from lmtuner_core.paths import AllowedRoots, lmtuner_home
 
         service = JobService(lmtuner_home(), AllowedRoots(None))
         record = service.store.get(run_dir.name)
         if record is not None and record.status == "running":
-            service.conclude(record)
+            local = service.launchers[LOCAL]
+            service.finish(record, local.ending(record))  # type: ignore[attr-defined]
         service.schedule()
     except Exception:
         traceback.print_exc()
