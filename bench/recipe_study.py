@@ -94,6 +94,10 @@ RECIPES: dict[str, dict] = {
         "learning_rate": 2e-4, "num_epochs": 6, "replay": {"share": 0.5, "prompts": "questions"},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
     },
+    "all_r16_2e-4_qreplay50": {
+        "learning_rate": 2e-4, "num_epochs": 3, "replay": {"share": 0.5, "prompts": "questions"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+    },
     "all_r16_2e-4_6ep_mreplay50": {
         "learning_rate": 2e-4, "num_epochs": 6, "replay": {"share": 0.5, "prompts": "mixed"},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
@@ -199,8 +203,9 @@ async def study(tasks: list[str], sizes: list[str], recipes: list[str], results:
 
 
 def table(results: Path) -> str:
-    """Markdown, one table per task and size: a row per recipe with the held-out score (base -> tuned), the probe
-    facts kept of those the base knew, and the job's steps and time."""
+    """Markdown, one table per task and size: a row per recipe with the held-out score (base -> tuned), on capitals
+    the test capitals the base named that the tuned model gives in the asked form (recorded since that column was
+    added), the probe facts kept of those the base knew, and the job's steps and time."""
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     out = []
     for task, size in sorted({(r["task"], r["rows"]) for r in rows}):
@@ -208,12 +213,14 @@ def table(results: Path) -> str:
         runs.sort(key=lambda r: list(RECIPES).index(r["recipe"]) if r["recipe"] in RECIPES else 99)
         out += [f"**{task}** ({runs[0]['kind']}, {size} training rows, {runs[0]['held_out_rows']} test rows, "
                 f"{runs[0]['metric']})", "",
-                "| recipe | held-out base -> tuned | probe facts kept | forgetting | best / last step | job s |",
-                "|---|---|---|---|---|---|"]  # fmt: skip
+                "| recipe | held-out base -> tuned | base named -> asked form | probe facts kept | forgetting "
+                "| best / last step | job s |",
+                "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in runs:
             kept = f"{r['kept']}/{r['known']}" if r["known"] else "-"
             forgetting = f"{r['forgetting']:.0%}" if r["known"] else "-"
-            out.append(f"| {r['recipe']} | {r['base']:.2f} -> {r['tuned']:.2f} | {kept} | {forgetting} | "
+            form = f"{r['tuned_in_form']}/{r['base_named']}" if "base_named" in r else "-"
+            out.append(f"| {r['recipe']} | {r['base']:.2f} -> {r['tuned']:.2f} | {form} | {kept} | {forgetting} | "
                        f"{r['best_step']} / {r['final_step']} | {r['job_seconds']:.0f} |")  # fmt: skip
         out.append("")
     return "\n".join(out)
