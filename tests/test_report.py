@@ -177,7 +177,9 @@ def test_advice_follows_the_numbers():
     advice, changes = advise(forgot, config)
     assert "lost 10 of the 50" in advice[0] and "replay" in advice[0]
     assert changes == {"replay": {"share": 0.3}}  # first the lever that kept the task score
-    advice, changes = advise(forgot, {**config, "replay": {"share": 0.3}})
+    advice, changes = advise(forgot, {**config, "replay": {"share": 0.3, "prompts": "requests"}})
+    assert "replay more" in advice[0] and changes == {"replay": {"share": 0.5, "prompts": "requests"}}
+    advice, changes = advise(forgot, {**config, "replay": {"share": 0.5}})
     assert "even with replay" in advice[0]
     assert changes == {"learning_rate": 1e-4, "num_epochs": 2, "lora": {**config["lora"], "r": 8, "alpha": 16}}
     still_learning = _report(0.1, 0.1, known=50, kept=50, best_step=30, final_step=30)
