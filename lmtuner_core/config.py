@@ -268,6 +268,12 @@ class ReplaySettings(StrictModel):
     max_new_tokens: int = Field(
         96, ge=8, le=1024, description="Longest base answer kept as a replay row (tokens). Example: 96."
     )
+    prompts: Literal["requests", "questions", "mixed"] = Field(
+        "requests",
+        description="What the base model is asked: 'requests' (lmtuner's general requests, answered at length), "
+        "'questions' (short general-knowledge questions, none of the retention probe's facts) or 'mixed' (half "
+        "each). Example: 'mixed'.",
+    )
 
 
 class ReportSettings(StrictModel):

@@ -309,7 +309,7 @@ class SFTRecipe:
         self.state.update(phase="asking the base model (replay)")
         started = time.monotonic()
         wanted = round(settings.share * len(self.train_dataset) / (1 - settings.share))
-        prompts = load_replay_prompts(self.config.seed)[:wanted]
+        prompts = load_replay_prompts(self.config.seed, settings.prompts)[:wanted]
         conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
         answers = base_answers(self.model, self.tokenizer, conversations, settings.max_new_tokens, 16, self.config,
                                lmtuner_home(), self.stop)  # fmt: skip
@@ -319,7 +319,7 @@ class SFTRecipe:
         replay = tokenize_cached(rows, self.tokenizer, cache, assistant_only=self.config.assistant_only_loss)[0]
         replay = fit_to_length(replay, self.config.max_seq_len)[0]
         self.train_dataset = datasets.concatenate_datasets([self.train_dataset, replay])
-        print(f"[lmtuner] replay: {len(replay)} rows of the base model's own answers to general requests mixed in "
+        print(f"[lmtuner] replay: {len(replay)} rows of the base model's own answers ({settings.prompts}) mixed in "
               f"(share {settings.share}; {time.monotonic() - started:.0f}s)", flush=True)  # fmt: skip
         self.state.update(replay_rows=len(replay))
 
