@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmtuner_core.errors import LmtunerError, format_validation_error, shown
+from lmtuner_core.graders.specs import GraderList, check_python_opt_in
 from lmtuner_core.methods import METHOD_NAMES, default_learning_rate
 
 Method = Literal[METHOD_NAMES]  # the schema lists exactly the registry's methods
@@ -285,6 +286,27 @@ class ReportSettings(StrictModel):
     samples: int = Field(5, ge=0, le=50, description="Answers shown side by side in the report. Example: 5.")
 
 
+class GRPOSettings(StrictModel):
+    """How GRPO samples and weighs answers (TRL GRPOConfig's names)."""
+
+    num_generations: int = Field(
+        4, ge=2, le=256, description="Answers sampled per prompt; each is scored against the others of its group. "
+        "batch_size × gradient_accumulation_steps must be a multiple of it. Example: 4.",
+    )  # fmt: skip
+    max_completion_length: int = Field(
+        64, ge=1, le=131_072, description="Longest sampled answer, in tokens (keep it short on CPU). Example: 64."
+    )
+    temperature: float = Field(1.0, gt=0.0, le=5.0, description="Sampling temperature of the answers. Example: 1.0.")
+    beta: float = Field(
+        0.0, ge=0.0, le=10.0, description="KL penalty towards the starting model; 0 loads no reference model (less "
+        "memory, TRL's default). Example: 0.04.",
+    )  # fmt: skip
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="Who samples the answers: vllm (colocated in the training process, CUDA only), "
+        "transformers, or auto (vllm on CUDA when installed, else transformers). Example: 'auto'.",
+    )  # fmt: skip
+
+
 class TrainConfig(StrictModel):
     """A complete fine-tuning job. Only `model` and `dataset` are required; the rest have practitioners' defaults."""
 
@@ -428,6 +450,18 @@ class TrainConfig(StrictModel):
         "A job whose devices are busy waits as 'queued'.",
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder/hub (only if trusted).")
+    graders: GraderList | None = Field(
+        None,
+        description="Stage grpo: how each sampled answer is scored, 0-1 (a row's score is the weighted mean). Types: "
+        "string_check {reference (a column), operation eq|contains|icontains}, regex {pattern}, json {schema, "
+        "reference}, text_similarity {reference, metric rouge_l|bleu}, length {min_chars, max_chars}, python {file, "
+        "function} (needs trust_remote_code); each with weight (default 1). Example: [{'type': 'string_check', "
+        "'reference': 'answer', 'operation': 'eq'}, {'type': 'length', 'max_chars': 20, 'weight': 0.5}].",
+    )
+    grpo: GRPOSettings = Field(
+        default_factory=GRPOSettings,
+        description="Stage grpo: sampling settings. Example: {'num_generations': 4, 'max_completion_length': 32}.",
+    )
 
     @field_validator("dataset", mode="before")
     @classmethod
@@ -461,6 +495,11 @@ class TrainConfig(StrictModel):
         if self.learning_rate is None:
             # object.__setattr__: validate_assignment would re-enter this validator.
             object.__setattr__(self, "learning_rate", default_learning_rate(self.method))
+        return self
+
+    @model_validator(mode="after")
+    def _python_graders_opted_in(self) -> TrainConfig:
+        check_python_opt_in(self.graders, self.trust_remote_code)
         return self
 
     @model_validator(mode="after")
