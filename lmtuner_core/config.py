@@ -15,9 +15,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmtuner_core.errors import LmtunerError, format_validation_error, shown
-from lmtuner_core.methods import METHOD_NAMES, default_learning_rate
+from lmtuner_core.methods import METHOD_NAMES, METHODS, default_learning_rate
+from lmtuner_core.stages import STAGE_NAMES, STAGES, stage_refusal
 
 Method = Literal[METHOD_NAMES]  # the schema lists exactly the registry's methods
+Stage = Literal[STAGE_NAMES]  # and exactly the registry's stages
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 DatasetFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text"]
 RopeType = Literal["linear", "dynamic", "ntk", "yarn", "llama3", "xpos"]
@@ -304,6 +306,12 @@ class TrainConfig(StrictModel):
         description="Path to a data file (format detected), a dataset_info.json entry name, or an object. Example: "
         "'data/train.jsonl' or {'path': 'data/train.jsonl', 'format': 'alpaca', 'eval_fraction': 0.05}."
     )
+    stage: Stage = Field(
+        "sft",
+        description="What the model learns from: sft (demonstrations), dpo / orpo / simpo (preference pairs: prompt, "
+        "chosen, rejected), kto (single answers with a desirable label), reward (a reward model scoring chosen above "
+        "rejected), grpo (prompts whose sampled answers graders score). Example: 'dpo'.",
+    )
     method: Method = Field(
         "lora",
         description="full (all weights), freeze (last layers only), lora, dora, qlora (4-bit base + LoRA), "
@@ -459,8 +467,16 @@ class TrainConfig(StrictModel):
     @model_validator(mode="after")
     def _fill_method_defaults(self) -> TrainConfig:
         if self.learning_rate is None:
+            rate = STAGES[self.stage].learning_rate(default_learning_rate(self.method), METHODS[self.method].adapter)
             # object.__setattr__: validate_assignment would re-enter this validator.
-            object.__setattr__(self, "learning_rate", default_learning_rate(self.method))
+            object.__setattr__(self, "learning_rate", rate)
+        return self
+
+    @model_validator(mode="after")
+    def _stage_accepts_method(self) -> TrainConfig:
+        refusal = stage_refusal(self.stage, self.method)
+        if refusal:
+            raise ValueError(f"stage: {refusal}")
         return self
 
     @model_validator(mode="after")
