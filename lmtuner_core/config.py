@@ -16,9 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lmtuner_core.errors import LmtunerError, format_validation_error, shown
 from lmtuner_core.graders.specs import GraderList, check_python_opt_in
-from lmtuner_core.methods import METHOD_NAMES, default_learning_rate
+from lmtuner_core.methods import METHOD_NAMES, METHODS, default_learning_rate
+from lmtuner_core.stages import STAGE_NAMES, STAGES, stage_refusal
 
 Method = Literal[METHOD_NAMES]  # the schema lists exactly the registry's methods
+Stage = Literal[STAGE_NAMES]  # and exactly the registry's stages
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 DatasetFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text"]
 RopeType = Literal["linear", "dynamic", "ntk", "yarn", "llama3", "xpos"]
@@ -326,6 +328,12 @@ class TrainConfig(StrictModel):
         description="Path to a data file (format detected), a dataset_info.json entry name, or an object. Example: "
         "'data/train.jsonl' or {'path': 'data/train.jsonl', 'format': 'alpaca', 'eval_fraction': 0.05}."
     )
+    stage: Stage = Field(
+        "sft",
+        description="What the model learns from: sft (demonstrations), dpo / orpo / simpo (preference pairs: prompt, "
+        "chosen, rejected), kto (single answers with a desirable label), reward (a reward model scoring chosen above "
+        "rejected), grpo (prompts whose sampled answers graders score). Example: 'dpo'.",
+    )
     method: Method = Field(
         "lora",
         description="full (all weights), freeze (last layers only), lora, dora, qlora (4-bit base + LoRA), "
@@ -493,13 +501,36 @@ class TrainConfig(StrictModel):
     @model_validator(mode="after")
     def _fill_method_defaults(self) -> TrainConfig:
         if self.learning_rate is None:
+            rate = STAGES[self.stage].learning_rate(default_learning_rate(self.method), METHODS[self.method].adapter)
             # object.__setattr__: validate_assignment would re-enter this validator.
-            object.__setattr__(self, "learning_rate", default_learning_rate(self.method))
+            object.__setattr__(self, "learning_rate", rate)
+        return self
+
+    @model_validator(mode="after")
+    def _stage_accepts_method(self) -> TrainConfig:
+        refusal = stage_refusal(self.stage, self.method)
+        if refusal:
+            raise ValueError(f"stage: {refusal}")
         return self
 
     @model_validator(mode="after")
     def _python_graders_opted_in(self) -> TrainConfig:
+        if self.stage == "grpo" and not self.graders:
+            raise ValueError(
+                "graders: stage 'grpo' rewards sampled answers with graders; declare at least one, e.g. "
+                "[{'type': 'string_check', 'reference': 'answer', 'operation': 'eq'}] (test_grader tries them)"
+            )
+        if self.graders and self.stage != "grpo":
+            raise ValueError(f"graders: only stage 'grpo' trains with graders (this job's stage is {self.stage!r}); "
+                             "set stage 'grpo' or remove graders")  # fmt: skip
         check_python_opt_in(self.graders, self.trust_remote_code)
+        per_step = self.batch_size * self.gradient_accumulation_steps
+        if self.stage == "grpo" and per_step % self.grpo.num_generations:
+            raise ValueError(
+                f"grpo.num_generations: batch_size × gradient_accumulation_steps ({per_step}) must be a multiple of it "
+                f"({self.grpo.num_generations}): a prompt's answers are compared within one step; e.g. batch_size "
+                f"{self.grpo.num_generations * max(1, round(self.batch_size / self.grpo.num_generations))}"
+            )
         return self
 
     @model_validator(mode="after")

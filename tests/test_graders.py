@@ -13,7 +13,7 @@ from lmtuner_core.paths import AllowedRoots
 
 def graders(*declared: dict, roots=None, trust: bool = False) -> GraderSet:
     config = parse_train_config(
-        {"model": "m", "dataset": "d.jsonl", "graders": list(declared), "trust_remote_code": trust}
+        {"model": "m", "dataset": "d.jsonl", "stage": "grpo", "graders": list(declared), "trust_remote_code": trust}
     )
     return GraderSet(config.graders, AllowedRoots(roots), trust_remote_code=trust)
 
@@ -127,3 +127,10 @@ def test_every_bad_grader_is_refused_naming_its_place_and_field(declared, messag
 def test_an_empty_grader_list_is_refused():
     with pytest.raises(LmtunerError, match="graders: give at least one grader"):
         graders()
+
+
+def test_graders_belong_to_stage_grpo_and_grpo_needs_them():
+    with pytest.raises(LmtunerError, match="graders: only stage 'grpo' trains with graders"):
+        parse_train_config({"model": "m", "dataset": "d.jsonl", "graders": [{"type": "length", "max_chars": 3}]})
+    with pytest.raises(LmtunerError, match="graders: stage 'grpo' rewards sampled answers with graders"):
+        parse_train_config({"model": "m", "dataset": "d.jsonl", "stage": "grpo"})

@@ -104,3 +104,42 @@ def test_evaluate_with_graders_scores_prompt_rows_and_predictions(lmtuner_home, 
     assert 0 <= generated["grader_score"] <= 1
     assert all(s["grader_score"] is not None for s in generated["samples"])
     assert "graders[0].pattern" in bad
+
+
+def test_a_grpo_job_shows_its_reward_in_job_status_and_the_plot(lmtuner_home, tmp_path, tiny_model):
+    rows = [{"prompt": f"Say {word}", "answer": word} for word in ("cat", "dog", "sun", "tree") * 3]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    config = {
+        "model": str(tiny_model), "dataset": {"path": str(prompts), "eval_fraction": 0}, "stage": "grpo",
+        "graders": [{"type": "length", "max_chars": 6}, {"type": "string_check", "reference": "answer",
+                                                          "operation": "contains"}],
+        "grpo": {"num_generations": 4, "max_completion_length": 8}, "max_steps": 3, "batch_size": 4,
+        "gradient_accumulation_steps": 1, "learning_rate": 1e-3, "logging_steps": 1, "report": False,
+    }  # fmt: skip
+
+    async def scenario():
+        async with mcp.Client(build_server(home=lmtuner_home, roots=[tmp_path, tiny_model])) as client:
+            refused = [
+                await call_error(client, "start_training", {"config": {**config, **bad}, "dry_run": True})
+                for bad in (
+                    {"graders": [{"type": "string_check", "reference": "solution", "operation": "eq"}]},
+                    {"grpo": {"num_generations": 3}},
+                    {"dataset": str(write_jsonl(tmp_path / "bad.jsonl", [{"question": "hi"}]))},
+                )
+            ]
+            started = await call_ok(client, "start_training", {"config": config})
+            from tests.helpers import wait_for_end
+
+            final = await wait_for_end(client, started["job_id"], timeout=600)
+            plotted = await client.call_tool("job_status", {"job_id": started["job_id"], "include_plot": True})
+            return refused, final, plotted
+
+    refused, final, plotted = anyio.run(scenario)
+    assert "graders[0].reference" in refused[0] or "'solution', which the graders read" in refused[0], refused[0]
+    assert "grpo.num_generations: batch_size × gradient_accumulation_steps (4) must be a multiple" in refused[1]
+    assert "bad.jsonl row 1: no `prompt`" in refused[2], refused[2]
+    assert final["status"] == "completed", final
+    assert final["reward_mean"] is not None and 0 <= final["reward_mean"] <= 1 and final["reward_std"] is not None
+    records = [json.loads(line) for line in open(f"{final['run_dir']}/metrics.jsonl")]
+    assert [r["step"] for r in records if "reward_mean" in r] == [1, 2, 3]
+    assert any(c.type == "image" for c in plotted.content)

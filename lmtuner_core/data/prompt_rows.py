@@ -25,6 +25,10 @@ class PromptRows:
     label: str
     skipped: list[str] = field(default_factory=list)
 
+    @property
+    def examples(self) -> list[dict[str, Any]]:  # as LoadedData names its rows
+        return self.rows
+
 
 def _conversation(value: Any) -> list[dict]:
     if isinstance(value, str):

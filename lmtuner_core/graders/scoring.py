@@ -182,6 +182,25 @@ def load_python_grader(grader: PythonGrader, index: int, roots: AllowedRoots, tr
     return function
 
 
+def resolved_graders(graders: Sequence[Any] | None, roots: AllowedRoots, trust_remote_code: bool) -> list | None:
+    """The graders with each python grader's file resolved inside the roots (absolute, as the training child reads
+    it) and present; the file is not imported here (that runs the user's code, in the training process only)."""
+    if graders is None:
+        return None
+    resolved = []
+    for i, grader in enumerate(graders):
+        if isinstance(grader, PythonGrader):
+            if not trust_remote_code:
+                load_python_grader(grader, i, roots, trust_remote_code)  # raises: the opt-in is missing
+            path = roots.resolve(grader.file, f"graders[{i}].file")
+            if path.suffix != ".py" or not path.is_file():
+                raise LmtunerError(f"graders[{i}].file: {shown(grader.file)} is not a .py file",
+                                   field=f"graders[{i}].file")  # fmt: skip
+            grader = grader.model_copy(update={"file": str(path)})
+        resolved.append(grader)
+    return resolved
+
+
 class GraderSet:
     """Declared graders made ready to score: python graders imported (with the opt-in), references checked per row."""
 

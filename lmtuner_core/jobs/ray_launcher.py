@@ -533,7 +533,7 @@ def train_worker(loop_config: dict) -> None:
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
     from lmtuner_core.jobs.run_folder import StateFile
-    from lmtuner_core.training.recipe import SFTRecipe
+    from lmtuner_core.stages import recipe_class
 
     run = RunDir(Path(loop_config["run_dir"]))
     rank = ray.train.get_context().get_world_rank()
@@ -550,7 +550,8 @@ def train_worker(loop_config: dict) -> None:
             config = config.model_copy(update={"resume_from": str(saved)})
         record_attempt(run, loop_config["ray_job_id"], rank, config.resume_from)
         try:
-            recipe = SFTRecipe(config, run, state, threading.Event())  # a stop is Ray's: it ends the workers
+            # The stage's recipe (SFT, DPO, ...); a stop is Ray's: it ends the workers.
+            recipe = recipe_class(config.stage)(config, run, state, threading.Event())
             recipe.setup()
             recipe.trainer.add_callback(rank_zero_report_callback())
             recipe.trainer = prepare_trainer(recipe.trainer)

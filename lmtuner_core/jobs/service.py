@@ -20,6 +20,7 @@ import psutil
 from lmtuner_core.config import DatasetSpec, TrainConfig
 from lmtuner_core.data.datasets import LoadedData, held_out_count, load_examples, resolve_dataset
 from lmtuner_core.errors import LmtunerError, NotFoundError, shown
+from lmtuner_core.graders.scoring import resolved_graders
 from lmtuner_core.jobs.distributed import write_deepspeed_config
 from lmtuner_core.jobs.processes import alive, exit_reason, reap, reap_finished, signal_group, spawn_supervised
 from lmtuner_core.jobs.progress import JobProgress, read_progress
@@ -130,6 +131,20 @@ def new_job_id() -> str:
 # ---------------------------------------------------------------------------------------------- checking
 
 
+def checked_prompt_dataset(config: TrainConfig, roots: AllowedRoots):
+    """GRPO's dataset spec with its file resolved, and its prompt rows, every one read and checked here."""
+    from lmtuner_core.data.prompt_rows import load_prompt_rows
+
+    source = resolve_dataset(config.dataset, roots)
+    if source.registry_dir is not None:
+        raise LmtunerError("dataset: stage grpo reads a prompts file by path, not a dataset_info.json entry",
+                           field="dataset")  # fmt: skip
+    loaded = load_prompt_rows(config.dataset, roots, config.graders)
+    return config.dataset.model_copy(
+        update={"path": str(roots.resolve(config.dataset.path or "", "dataset.path"))}
+    ), loaded
+
+
 def check_config(
     config: TrainConfig, roots: AllowedRoots, run_dir: RunDir, *, dry_run: bool = False
 ) -> tuple[TrainConfig, list[str]]:
@@ -157,7 +172,11 @@ def check_config(
         warnings.append(
             f"model {shown(config.model)} is a hub id: the training process downloads it unless it is cached"
         )
-    updates["dataset"], loaded = checked_dataset(config.dataset, roots, "dataset")
+    if config.stage == "grpo":  # prompts-only rows, checked with the graders' reference columns
+        updates["dataset"], loaded = checked_prompt_dataset(config, roots)
+        updates["graders"] = resolved_graders(config.graders, roots, config.trust_remote_code)
+    else:
+        updates["dataset"], loaded = checked_dataset(config.dataset, roots, "dataset")
     if loaded.skipped:
         warnings.append(f"{len(loaded.skipped)} malformed rows will be skipped; first: {loaded.skipped[0]}")
     if config.eval_dataset is not None:
@@ -170,7 +189,7 @@ def check_config(
             )
     else:
         held_out = held_out_count(len(loaded.examples), config.dataset.eval_fraction)
-        if not held_out and config.report.enabled:
+        if not held_out and config.report.enabled and config.stage != "grpo":
             warnings.append(
                 f"no held-out rows ({len(loaded.examples)} rows, eval_fraction {config.dataset.eval_fraction}): the "
                 "report cannot say whether the model got better; give an eval_dataset or more rows"

@@ -341,7 +341,9 @@ class SFTRecipe:
         """About EVALUATIONS_PER_RUN held-out evaluations: enough to find the best step and to stop early."""
         return self.config.eval_steps or max(1, round(self._total_steps(rows) / EVALUATIONS_PER_RUN))
 
-    def _setup_trainer(self) -> None:
+    def _trainer_arguments(self) -> dict:
+        """The TrainingArguments every stage's TRL config shares (steps, schedule, held-out checks, checkpoints,
+        precision, devices, DeepSpeed); a stage adds its own keys (`_setup_trainer`)."""
         config = self.config
         has_eval = self.eval_dataset is not None
         keep_best = has_eval and config.keep_best
@@ -349,7 +351,7 @@ class SFTRecipe:
         deepspeed = str(deepspeed_file) if config.deepspeed is not None else None
         if deepspeed is not None and not deepspeed_file.is_file():
             raise LmtunerError(f"deepspeed: {deepspeed_file} is missing; start the job again", field="deepspeed")
-        args = SFTConfig(
+        return dict(
             output_dir=str(self.run.checkpoints),
             per_device_train_batch_size=config.batch_size,
             per_device_eval_batch_size=config.batch_size,
@@ -381,18 +383,31 @@ class SFTRecipe:
             # gloo for several processes on the CPU; naming a backend for one process would start a process group.
             ddp_backend="gloo" if not torch.cuda.is_available() and process_rank()[2] > 1 else None,
             activation_checkpointing=config.gradient_checkpointing,  # transformers 5.2x: the old name warns
-            use_liger_kernel=self.liger,
             report_to=config.report_to or "none",
+            optim=METHODS[config.method].optimizer or OPTIMIZERS[config.optimizer],
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            save_only_model=False,
+        )
+
+    def _finish_trainer(self) -> None:
+        """What every stage's trainer gets: early stopping on the held-out loss, and one JSON line per logged step."""
+        if self.eval_dataset is not None and self.config.early_stopping_patience:
+            patience = self.config.early_stopping_patience
+            self.trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=patience))
+        self.trainer.remove_callback(PrinterCallback)  # ProgressWriter logs each step as one JSON line
+
+    def _setup_trainer(self) -> None:
+        config = self.config
+        args = SFTConfig(
+            **self._trainer_arguments(),
+            use_liger_kernel=self.liger,
             max_length=config.max_seq_len,
             packing=False,  # rows are flattened per batch by FlatRowsCollator, not packed into fixed-length sequences
             # Packing off: rows of similar length share a batch, so less padding is computed.
             train_sampling_strategy="group_by_length" if config.group_by_length and not self.packing else "random",
             # A flattened batch has no padding at all (and a pad token may double as end of turn): count every token.
             include_num_input_tokens_seen="all" if self.packing else "non_padding",
-            optim=METHODS[config.method].optimizer or OPTIMIZERS[config.optimizer],
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            save_only_model=False,
         )
         self.trainer = SFTTrainer(
             model=self.model,
@@ -402,9 +417,7 @@ class SFTRecipe:
             processing_class=self.tokenizer,
             callbacks=[ProgressWriter(self.run, self.state, self.stop)],
         )
-        if has_eval and config.early_stopping_patience:
-            self.trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
-        self.trainer.remove_callback(PrinterCallback)  # ProgressWriter logs each step as one JSON line
+        self._finish_trainer()
         if self.packing:
             self.trainer.data_collator = FlatRowsCollator()
             if not torch.cuda.is_available():

@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     state.update(phase="loading libraries")
     try:
         from lmtuner_core.config import TrainConfig
-        from lmtuner_core.training.recipe import SFTRecipe
+        from lmtuner_core.stages import recipe_class
 
         config = TrainConfig.model_validate_json(run.config.read_text(encoding="utf-8"))
-        recipe = SFTRecipe(config, run, state, stop)
+        recipe = recipe_class(config.stage)(config, run, state, stop)  # the stage's recipe: SFT, DPO, ... (stages)
         recipe.setup()
         stopped = recipe.train()
         if stopped:
