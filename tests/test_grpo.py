@@ -5,6 +5,7 @@ job_status shows reward_mean / reward_std and whose plot carries the reward curv
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import anyio
 import mcp
@@ -140,6 +141,6 @@ def test_a_grpo_job_shows_its_reward_in_job_status_and_the_plot(lmtuner_home, tm
     assert "bad.jsonl row 1: no `prompt`" in refused[2], refused[2]
     assert final["status"] == "completed", final
     assert final["reward_mean"] is not None and 0 <= final["reward_mean"] <= 1 and final["reward_std"] is not None
-    records = [json.loads(line) for line in open(f"{final['run_dir']}/metrics.jsonl")]
+    records = [json.loads(line) for line in Path(final["run_dir"], "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "reward_mean" in r] == [1, 2, 3]
     assert any(c.type == "image" for c in plotted.content)
