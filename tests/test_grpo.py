@@ -211,3 +211,39 @@ def test_real_model_grpo_raises_the_held_out_grader_score(tmp_path, lmtuner_home
     assert len(seen) >= 2, f"job_status showed the reward only {len(seen)} times while the job ran"
     assert len(curve) >= GRPO_STEPS // 2 - 1
     assert tuned["grader_score"] - base["grader_score"] >= 0.20, figures
+
+
+SMOLLM2_SHAPE = {
+    "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
+}  # fmt: skip
+
+
+def test_the_memory_plan_counts_the_reference_model_only_when_grpo_needs_a_copy_and_the_generations():
+    from lmtuner_core.config import parse_train_config
+    from lmtuner_core.planning.memory import GIB, shape_from_config
+    from lmtuner_core.planning.planner import HardwareSpec, check_fits
+
+    shape = shape_from_config(SMOLLM2_SHAPE)
+    cpu = HardwareSpec(memory_total_mib=24_000, memory_available_mib=20_000)
+    base = {"model": "m", "dataset": "d.jsonl", "batch_size": 4, "gradient_accumulation_steps": 2, "max_seq_len": 256}
+    graded = {**base, "stage": "grpo", "graders": [{"type": "length", "max_chars": 9}]}
+
+    def plan(**extra):
+        return check_fits(shape, parse_train_config({**graded, **extra}), cpu)[1]
+
+    sft = check_fits(shape, parse_train_config(base), cpu)[1]
+    lora_kl = plan(grpo={"beta": 0.04})
+    full_kl, full_free = plan(method="full", grpo={"beta": 0.04}), plan(method="full")
+    assert lora_kl.reference_gib == 0 and full_free.reference_gib == 0  # adapter off = the reference; beta 0 = none
+    assert full_kl.reference_gib * GIB == shape.param_count * 4  # a second fp32 copy on the CPU
+    assert full_kl.per_gpu_gib == pytest.approx(full_free.per_gpu_gib + full_kl.reference_gib)
+    # 8 answers sampled at once, each with 256 tokens of K and V in 30 layers × 3 KV heads × 64 dims, fp32
+    kv = 8 * (256 * 2 * 30 * 3 * 64 * 4 + 49152 * 4)
+    assert lora_kl.generation_gib * GIB == kv and sft.generation_gib == 0
+    assert any("no reference model" in note for note in full_free.notes)
+    h100 = HardwareSpec(gpus=[{"index": 0, "name": "H100", "memory_total_mib": 81920, "memory_free_mib": 81920,
+                               "compute_capability": "9.0", "bf16_supported": True}])  # fmt: skip
+    vllm = check_fits(shape, parse_train_config({**graded, "grpo": {"engine": "vllm"}}), h100)[1]
+    assert vllm.vllm_gib == pytest.approx(0.3 * 80) and vllm.generation_gib == 0  # vLLM samples inside its share

@@ -34,6 +34,7 @@ from lmtuner_core.jobs.distributed import DEEPSPEED_FILE, process_rank
 from lmtuner_core.jobs.run_folder import RunDir, StateFile
 from lmtuner_core.methods import METHODS
 from lmtuner_core.paths import AllowedRoots
+from lmtuner_core.planning.grpo_memory import VLLM_GPU_SHARE
 from lmtuner_core.training.model_setup import apply_method, count_parameters, load_base_model, resolve_precision
 from lmtuner_core.training.recipe import OPTIMIZERS, ProgressWriter, SFTRecipe
 
@@ -203,6 +204,7 @@ class GRPORecipe:
             beta=settings.beta,
             use_vllm=vllm,
             vllm_mode="colocate",  # in the training process: no second server to start and watch
+            vllm_gpu_memory_utilization=VLLM_GPU_SHARE,  # what the memory plan counts (planning/grpo_memory.py)
             remove_unused_columns=False,  # the graders read the rows' reference columns
             log_completions=False,
         )
