@@ -112,7 +112,6 @@ class GRPORecipe:
             raise LmtunerError(f"model: cannot load the tokenizer of {shown(self.config.model)} ({exc})") from None
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "left"  # prompts are left-padded for generation
         if ensure_chat_template(tokenizer):
             print(
                 "[lmtuner] the model has no chat template; using ChatML (<|im_start|>role ... <|im_end|>)", flush=True
