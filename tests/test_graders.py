@@ -134,3 +134,6 @@ def test_graders_belong_to_stage_grpo_and_grpo_needs_them():
         parse_train_config({"model": "m", "dataset": "d.jsonl", "graders": [{"type": "length", "max_chars": 3}]})
     with pytest.raises(LmtunerError, match="graders: stage 'grpo' rewards sampled answers with graders"):
         parse_train_config({"model": "m", "dataset": "d.jsonl", "stage": "grpo"})
+    with pytest.raises(LmtunerError, match="eval_dataset: stage grpo measures nothing on held-out rows"):
+        parse_train_config({"model": "m", "dataset": "d.jsonl", "stage": "grpo", "eval_dataset": "e.jsonl",
+                            "graders": [{"type": "length", "max_chars": 3}]})  # fmt: skip
