@@ -525,8 +525,10 @@ class TrainConfig(StrictModel):
                              "set stage 'grpo' or remove graders")  # fmt: skip
         check_python_opt_in(self.graders, self.trust_remote_code)
         if self.stage == "grpo" and self.eval_dataset is not None:
-            raise ValueError("eval_dataset: stage grpo measures nothing on held-out rows while it trains; remove it and "
-                             "score them before and after with evaluate(dataset=…, graders=…)")  # fmt: skip
+            raise ValueError(
+                "eval_dataset: stage grpo measures nothing on held-out rows while it trains; remove it and score "
+                "them before and after with evaluate(dataset=…, graders=…)"
+            )
         per_step = self.batch_size * self.gradient_accumulation_steps
         if self.stage == "grpo" and per_step % self.grpo.num_generations:
             raise ValueError(
