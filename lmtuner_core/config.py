@@ -22,7 +22,9 @@ from lmtuner_core.stages import STAGE_NAMES, STAGES, stage_refusal
 Method = Literal[METHOD_NAMES]  # the schema lists exactly the registry's methods
 Stage = Literal[STAGE_NAMES]  # and exactly the registry's stages
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
-DatasetFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text"]
+DatasetFormat = Literal[
+    "auto", "alpaca", "sharegpt", "messages", "text", "preference", "alpaca-ranking", "sharegpt-ranking", "kto"
+]
 RopeType = Literal["linear", "dynamic", "ntk", "yarn", "llama3", "xpos"]
 Tracker = Literal["wandb", "tensorboard"]
 
@@ -236,12 +238,14 @@ class DatasetSpec(StrictModel):
     format: DatasetFormat = Field(
         "auto",
         description="alpaca (instruction/input/output), sharegpt (conversations with from/value), messages "
-        "(OpenAI role/content), text (plain text, loss on every token), or auto (detected from the rows).",
+        "(OpenAI role/content), text (plain text, loss on every token); preference pairs: preference (TRL's prompt/"
+        "chosen/rejected, text or role/content turns), alpaca-ranking and sharegpt-ranking (LLaMA-Factory's chosen/"
+        "rejected); kto (prompt/completion/label); or auto (detected from the rows).",
     )
     columns: dict[str, str] | None = Field(
         None,
         description="Column mapping as in LLaMA-Factory: {'prompt': 'question', 'response': 'answer'}; keys: "
-        "prompt, query, response, system, history, messages, tools, text.",
+        "prompt, query, response, system, history, messages, tools, text, chosen, rejected.",
     )
     eval_fraction: Annotated[float, Field(ge=0.0, le=0.5)] | Literal["auto"] = Field(
         "auto",
@@ -309,6 +313,45 @@ class GRPOSettings(StrictModel):
     )  # fmt: skip
 
 
+DpoLoss = Literal[
+    "sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down", "sigmoid_norm"
+]
+
+
+class PreferenceSettings(StrictModel):
+    """The preference stages' own knobs (TRL's names); unset = the stage's usual value."""
+
+    beta: float | None = Field(
+        None, gt=0.0, le=100.0,
+        description="dpo / kto: how strongly the model is held near the reference (lower = moves further), usually "
+        "0.1; orpo: weight of the odds-ratio term, usually 0.1; simpo: reward scale, usually 2.0. Example: 0.1.",
+    )  # fmt: skip
+    loss_type: DpoLoss | None = Field(
+        None,
+        description="dpo only: TRL's DPO loss variant: sigmoid (DPO, the default), ipo, hinge (SLiC), robust, "
+        "bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, sigmoid_norm. Example: 'ipo'.",
+    )
+    simpo_gamma: float | None = Field(
+        None, ge=0.0, le=10.0, description="simpo only: the target reward margin (TRL default 0.5). Example: 0.5."
+    )
+    desirable_weight: float | None = Field(
+        None, gt=0.0, le=100.0, description="kto only: weight of desirable answers' loss (default 1). Example: 1.0."
+    )
+    undesirable_weight: float | None = Field(
+        None, gt=0.0, le=100.0, description="kto only: weight of undesirable answers' loss (default 1). Example: 1.0."
+    )
+
+
+# Which preference settings a stage reads; any other set field is refused, naming the stages that read it.
+PREFERENCE_FIELDS = {
+    "beta": ("dpo", "orpo", "simpo", "kto"),
+    "loss_type": ("dpo",),
+    "simpo_gamma": ("simpo",),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+}
+
+
 class TrainConfig(StrictModel):
     """A complete fine-tuning job. Only `model` and `dataset` are required; the rest have practitioners' defaults."""
 
@@ -333,6 +376,11 @@ class TrainConfig(StrictModel):
         description="What the model learns from: sft (demonstrations), dpo / orpo / simpo (preference pairs: prompt, "
         "chosen, rejected), kto (single answers with a desirable label), reward (a reward model scoring chosen above "
         "rejected), grpo (prompts whose sampled answers graders score). Example: 'dpo'.",
+    )
+    preference: PreferenceSettings | None = Field(
+        None,
+        description="Knobs of the preference stages, e.g. {'beta': 0.1} for dpo, {'loss_type': 'ipo'}, "
+        "{'simpo_gamma': 0.5}; omit for the stage's usual values.",
     )
     method: Method = Field(
         "lora",
@@ -536,6 +584,18 @@ class TrainConfig(StrictModel):
                 f"({self.grpo.num_generations}): a prompt's answers are compared within one step; e.g. batch_size "
                 f"{self.grpo.num_generations * max(1, round(self.batch_size / self.grpo.num_generations))}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _preference_fits_stage(self) -> TrainConfig:
+        if self.preference is None:
+            return self
+        for name, stages in PREFERENCE_FIELDS.items():
+            if getattr(self.preference, name) is not None and self.stage not in stages:
+                raise ValueError(
+                    f"preference.{name} applies to stage {' / '.join(stages)}, not {self.stage!r}; remove it or set "
+                    f"stage to {stages[0]!r}"
+                )
         return self
 
     @model_validator(mode="after")

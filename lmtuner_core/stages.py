@@ -34,6 +34,7 @@ class StageSpec:
     scalar_head: bool = False
     # Methods refused for this stage, with why and what to use instead.
     refused_methods: dict[str, str] = field(default_factory=dict)
+    beta: float | None = None  # the usual `preference.beta` (DPO/KTO: pull to the reference; ORPO: odds-ratio weight)
     # Keys of metrics.jsonl records that job_status shows while this stage runs.
     progress_keys: tuple[str, ...] = ()
     not_yet: str | None = None  # why this version cannot run it, with what to use instead
@@ -45,8 +46,9 @@ class StageSpec:
 
 
 _FUSED = "updates weights inside the backward pass, which the preference trainers' loss does not go through"
-_BUILDING = "this stage's recipe is being built; use sft meanwhile"
 _PAIR_METRICS = ("rewards_margin", "rewards_accuracy", "rewards_chosen", "rewards_rejected")
+_PREFERENCE = "lmtuner_core.training.preference:PreferenceRecipe"
+_NOT_FUSED = {"lomo": _FUSED, "adalomo": _FUSED}
 
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
@@ -54,24 +56,22 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("sft", "supervised fine-tuning on demonstrations (TRL SFTTrainer)", "sft",
                   "lmtuner_core.training.recipe:SFTRecipe"),
         StageSpec("dpo", "direct preference optimization on chosen/rejected pairs (TRL DPOTrainer)", "pairs",
-                  "lmtuner_core.training.preference:PreferenceRecipe", 5e-6, 5e-5, reference_model=True,
-                  refused_methods={"lomo": _FUSED, "adalomo": _FUSED}, progress_keys=_PAIR_METRICS, not_yet=_BUILDING),
+                  _PREFERENCE, 5e-6, 5e-5, reference_model=True, beta=0.1, refused_methods=_NOT_FUSED,
+                  progress_keys=_PAIR_METRICS),
         StageSpec("orpo", "odds-ratio preference optimization: SFT and preference in one loss, no reference model "
-                  "(TRL ORPOTrainer)", "pairs", "lmtuner_core.training.preference:PreferenceRecipe", 8e-6, 8e-5,
-                  refused_methods={"lomo": _FUSED, "adalomo": _FUSED}, progress_keys=_PAIR_METRICS, not_yet=_BUILDING),
+                  "(TRL ORPOTrainer)", "pairs", _PREFERENCE, 8e-6, 8e-5, beta=0.1, refused_methods=_NOT_FUSED,
+                  progress_keys=_PAIR_METRICS),
         StageSpec("simpo", "simple preference optimization: length-normalized reward with a margin, no reference "
-                  "model (TRL CPOTrainer, loss_type 'simpo')", "pairs",
-                  "lmtuner_core.training.preference:PreferenceRecipe", 1e-6, 1e-5,
-                  refused_methods={"lomo": _FUSED, "adalomo": _FUSED}, progress_keys=_PAIR_METRICS, not_yet=_BUILDING),
+                  "model (TRL CPOTrainer, loss_type 'simpo')", "pairs", _PREFERENCE, 1e-6, 1e-5, beta=2.0,
+                  refused_methods=_NOT_FUSED, progress_keys=_PAIR_METRICS),
         StageSpec("kto", "Kahneman-Tversky optimization on single answers marked desirable or not (TRL KTOTrainer)",
-                  "unpaired", "lmtuner_core.training.preference:PreferenceRecipe", 5e-6, 5e-5, reference_model=True,
-                  refused_methods={"lomo": _FUSED, "adalomo": _FUSED}, progress_keys=_PAIR_METRICS, not_yet=_BUILDING),
+                  "unpaired", _PREFERENCE, 5e-6, 5e-5, reference_model=True, beta=0.1, refused_methods=_NOT_FUSED,
+                  progress_keys=("rewards_margin", "rewards_chosen", "rewards_rejected")),  # KTO logs no accuracy
         StageSpec("reward", "a reward model: a scalar head trained to score chosen above rejected (TRL "
-                  "RewardTrainer)", "pairs", "lmtuner_core.training.preference:PreferenceRecipe", 1e-5, 1e-4,
-                  scalar_head=True, progress_keys=("rewards_accuracy", "rewards_margin"),
-                  refused_methods={"lomo": _FUSED, "adalomo": _FUSED,
-                                   "freeze": "trains the last layers of a causal LM; the reward head is new and must "
-                                             "train: use lora or full"}, not_yet=_BUILDING),
+                  "RewardTrainer)", "pairs", _PREFERENCE, 1e-5, 1e-4, scalar_head=True,
+                  progress_keys=("rewards_accuracy", "rewards_margin"),
+                  refused_methods={**_NOT_FUSED, "freeze": "trains the last layers of a causal LM; the reward head is "
+                                   "new and must train: use lora or full"}),
         StageSpec("grpo", "group relative policy optimization: sampled answers scored by graders (TRL GRPOTrainer)",
                   "prompts", "lmtuner_core.training.grpo:GRPORecipe", 1e-6, 1e-5,
                   progress_keys=("reward_mean", "reward_std"),
@@ -103,3 +103,22 @@ def recipe_class(stage: str) -> type:
     """The recipe class that runs `stage` (imported here, in the training child: it brings torch and TRL)."""
     module, _, name = STAGES[stage].recipe.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def stage_data_refusal(stage: str, fmt: str) -> str | None:
+    """Why rows of format `fmt` cannot train `stage` (naming the stages they can train), or None when they can."""
+    from lmtuner_core.data.preference import data_shape
+
+    shape = data_shape(fmt)
+    wanted = STAGES[stage].data
+    if shape == wanted or (wanted == "unpaired" and shape == "pairs"):  # KTO takes each pair as two labelled answers
+        return None
+    fits = [name for name, spec in STAGES.items() if spec.data == shape and not spec.not_yet]
+    if shape == "pairs":
+        fits.append("kto")
+    described = {"sft": "demonstrations (prompt and answer)", "pairs": "preference pairs (chosen / rejected)",
+                 "unpaired": "single answers labelled desirable or not (KTO)", "prompts": "prompts only"}  # fmt: skip
+    return (
+        f"stage {stage!r} trains on {described[wanted]}, but the dataset holds {described[shape]} ({fmt}); set "
+        f"stage to one of {', '.join(repr(f) for f in fits) or 'none available'}, or give {described[wanted]}"
+    )

@@ -19,6 +19,7 @@ import psutil
 
 from lmtuner_core.config import DatasetSpec, TrainConfig
 from lmtuner_core.data.datasets import LoadedData, held_out_count, load_examples, resolve_dataset
+from lmtuner_core.data.preference import data_shape
 from lmtuner_core.errors import LmtunerError, NotFoundError, shown
 from lmtuner_core.graders.scoring import resolved_graders
 from lmtuner_core.jobs.distributed import write_deepspeed_config
@@ -32,6 +33,7 @@ from lmtuner_core.models.gguf_import import gguf_source
 from lmtuner_core.models.reference import resolve_model
 from lmtuner_core.paths import AllowedRoots, check_job_id, check_outside_state, check_writable
 from lmtuner_core.secrets import child_environment
+from lmtuner_core.stages import stage_data_refusal
 
 # A job claimed for starting but still without a process after this long lost its starter: queue it again.
 CLAIM_TIMEOUT_SECONDS = 60.0
@@ -177,10 +179,19 @@ def check_config(
         updates["graders"] = resolved_graders(config.graders, roots, config.trust_remote_code)
     else:
         updates["dataset"], loaded = checked_dataset(config.dataset, roots, "dataset")
+        refusal = stage_data_refusal(config.stage, loaded.format)
+        if refusal:
+            raise LmtunerError(f"dataset: {refusal}", field="dataset")
     if loaded.skipped:
         warnings.append(f"{len(loaded.skipped)} malformed rows will be skipped; first: {loaded.skipped[0]}")
     if config.eval_dataset is not None:
         updates["eval_dataset"], held_out = checked_dataset(config.eval_dataset, roots, "eval_dataset")
+        if data_shape(held_out.format) != data_shape(loaded.format):
+            raise LmtunerError(
+                f"eval_dataset: it holds {held_out.format} rows and the dataset {loaded.format} rows; held-out rows "
+                "must be of the same kind",
+                field="eval_dataset",
+            )
         if updates["eval_dataset"] == updates["dataset"]:
             raise LmtunerError(
                 "eval_dataset: it names the training data itself; held-out rows must be rows the model never trains "

@@ -74,6 +74,18 @@ OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit"}
 PACKING_ATTENTION = (VARLEN_ATTENTION, "sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 
+# What the stages' TRL trainers log, under the names metrics.jsonl and job_status use (TRL name -> ours). The held-out
+# versions carry TRL's "eval_" prefix on both sides. A stage adds its trainer's names here.
+LOGGED_METRICS = {
+    "rewards/margins": "rewards_margin",  # DPO, ORPO, SimPO (CPO), KTO: mean reward(chosen) - reward(rejected)
+    "rewards/accuracies": "rewards_accuracy",  # share of pairs with reward(chosen) > reward(rejected)
+    "rewards/chosen": "rewards_chosen",
+    "rewards/rejected": "rewards_rejected",
+    "margin": "rewards_margin",  # RewardTrainer: score(chosen) - score(rejected)
+    "accuracy": "rewards_accuracy",
+}
+
+
 class ProgressWriter(TrainerCallback):
     """Writes each logged step to metrics.jsonl, keeps state.json current, and stops on request."""
 
@@ -130,7 +142,7 @@ class ProgressWriter(TrainerCallback):
         now = time.monotonic()
         record: dict = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "time": round(time.time(), 2)}
         if "loss" in logs:
-            tokens = state.num_input_tokens_seen or 0
+            tokens = state.num_input_tokens_seen or int(logs.get("num_tokens") or 0)  # TRL's preference trainers
             rate = (tokens - self.last_tokens) / (now - self.last_time) if now > self.last_time else None
             self.last_time, self.last_tokens = now, tokens
             record.update(
@@ -141,6 +153,10 @@ class ProgressWriter(TrainerCallback):
             record["eval_loss"] = logs["eval_loss"]
         else:
             return
+        prefix = "" if "loss" in logs else "eval_"
+        for logged, ours in LOGGED_METRICS.items():
+            if logs.get(prefix + logged) is not None:
+                record[prefix + ours] = round(float(logs[prefix + logged]), 6)
         self._append(record)
         print(f"[lmtuner] {json.dumps(record)}", flush=True)
 
@@ -482,6 +498,7 @@ class SFTRecipe:
         artifact = {
             "base_model": self.config.model,
             "method": self.config.method,
+            "stage": self.config.stage,  # a reward model loads as a sequence classifier (evaluate, generate)
             "adapter": METHODS[self.config.method].adapter,
             "job_run_dir": str(self.run.root),
         }
