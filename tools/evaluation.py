@@ -158,7 +158,7 @@ def evaluate(
         base_outputs = run_generation(
             model_ref, conversations, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code
         )
-        base = scored([o.text for o in base_outputs.outputs], prompts)
+        base = GradedScores(**scored([o.text for o in base_outputs.outputs], prompts).model_dump())
     samples = [
         Sample(prompt=prompts[i], reference=references[i], prediction=texts[i]) for i in range(min(3, len(texts)))
     ]
