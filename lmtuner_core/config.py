@@ -15,11 +15,16 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmtuner_core.errors import LmtunerError, format_validation_error, shown
-from lmtuner_core.methods import METHOD_NAMES, default_learning_rate, method_description
+from lmtuner_core.graders.specs import GraderList, check_python_opt_in
+from lmtuner_core.methods import METHOD_NAMES, METHODS, default_learning_rate, method_description
+from lmtuner_core.stages import STAGE_NAMES, STAGES, stage_refusal
 
 Method = Literal[METHOD_NAMES]  # the schema lists exactly the registry's methods
+Stage = Literal[STAGE_NAMES]  # and exactly the registry's stages
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
-DatasetFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text"]
+DatasetFormat = Literal[
+    "auto", "alpaca", "sharegpt", "messages", "text", "preference", "alpaca-ranking", "sharegpt-ranking", "kto"
+]
 RopeType = Literal["linear", "dynamic", "ntk", "yarn", "llama3", "xpos"]
 Tracker = Literal["wandb", "tensorboard"]
 
@@ -233,12 +238,14 @@ class DatasetSpec(StrictModel):
     format: DatasetFormat = Field(
         "auto",
         description="alpaca (instruction/input/output), sharegpt (conversations with from/value), messages "
-        "(OpenAI role/content), text (plain text, loss on every token), or auto (detected from the rows).",
+        "(OpenAI role/content), text (plain text, loss on every token); preference pairs: preference (TRL's prompt/"
+        "chosen/rejected, text or role/content turns), alpaca-ranking and sharegpt-ranking (LLaMA-Factory's chosen/"
+        "rejected); kto (prompt/completion/label); or auto (detected from the rows).",
     )
     columns: dict[str, str] | None = Field(
         None,
         description="Column mapping as in LLaMA-Factory: {'prompt': 'question', 'response': 'answer'}; keys: "
-        "prompt, query, response, system, history, messages, tools, text.",
+        "prompt, query, response, system, history, messages, tools, text, chosen, rejected.",
     )
     eval_fraction: Annotated[float, Field(ge=0.0, le=0.5)] | Literal["auto"] = Field(
         "auto",
@@ -291,6 +298,66 @@ class ReportSettings(StrictModel):
     samples: int = Field(5, ge=0, le=50, description="Answers shown side by side in the report. Example: 5.")
 
 
+class GRPOSettings(StrictModel):
+    """How GRPO samples and weighs answers (TRL GRPOConfig's names)."""
+
+    num_generations: int = Field(
+        4, ge=2, le=256, description="Answers sampled per prompt; each is scored against the others of its group. "
+        "batch_size × gradient_accumulation_steps must be a multiple of it. Example: 4.",
+    )  # fmt: skip
+    max_completion_length: int = Field(
+        64, ge=1, le=131_072, description="Longest sampled answer, in tokens (keep it short on CPU). Example: 64."
+    )
+    temperature: float = Field(1.0, gt=0.0, le=5.0, description="Sampling temperature of the answers. Example: 1.0.")
+    beta: float = Field(
+        0.0, ge=0.0, le=10.0, description="KL penalty towards the starting model; 0 loads no reference model (less "
+        "memory, TRL's default). Example: 0.04.",
+    )  # fmt: skip
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="Who samples the answers: vllm (colocated in the training process, CUDA only), "
+        "transformers, or auto (vllm on CUDA when installed, else transformers). Example: 'auto'.",
+    )  # fmt: skip
+
+
+DpoLoss = Literal[
+    "sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down", "sigmoid_norm"
+]
+
+
+class PreferenceSettings(StrictModel):
+    """The preference stages' own knobs (TRL's names); unset = the stage's usual value."""
+
+    beta: float | None = Field(
+        None, gt=0.0, le=100.0,
+        description="dpo / kto: how strongly the model is held near the reference (lower = moves further), usually "
+        "0.1; orpo: weight of the odds-ratio term, usually 0.1; simpo: reward scale, usually 2.0. Example: 0.1.",
+    )  # fmt: skip
+    loss_type: DpoLoss | None = Field(
+        None,
+        description="dpo only: TRL's DPO loss variant: sigmoid (DPO, the default), ipo, hinge (SLiC), robust, "
+        "bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, sigmoid_norm. Example: 'ipo'.",
+    )
+    simpo_gamma: float | None = Field(
+        None, ge=0.0, le=10.0, description="simpo only: the target reward margin (TRL default 0.5). Example: 0.5."
+    )
+    desirable_weight: float | None = Field(
+        None, gt=0.0, le=100.0, description="kto only: weight of desirable answers' loss (default 1). Example: 1.0."
+    )
+    undesirable_weight: float | None = Field(
+        None, gt=0.0, le=100.0, description="kto only: weight of undesirable answers' loss (default 1). Example: 1.0."
+    )
+
+
+# Which preference settings a stage reads; any other set field is refused, naming the stages that read it.
+PREFERENCE_FIELDS = {
+    "beta": ("dpo", "orpo", "simpo", "kto"),
+    "loss_type": ("dpo",),
+    "simpo_gamma": ("simpo",),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+}
+
+
 class TrainConfig(StrictModel):
     """A complete fine-tuning job. Only `model` and `dataset` are required; the rest have practitioners' defaults."""
 
@@ -309,6 +376,17 @@ class TrainConfig(StrictModel):
     dataset: DatasetSpec = Field(
         description="Path to a data file (format detected), a dataset_info.json entry name, or an object. Example: "
         "'data/train.jsonl' or {'path': 'data/train.jsonl', 'format': 'alpaca', 'eval_fraction': 0.05}."
+    )
+    stage: Stage = Field(
+        "sft",
+        description="What the model learns from: sft (demonstrations), dpo / orpo / simpo (preference pairs: prompt, "
+        "chosen, rejected), kto (single answers with a desirable label), reward (a reward model scoring chosen above "
+        "rejected), grpo (prompts whose sampled answers graders score). Example: 'dpo'.",
+    )
+    preference: PreferenceSettings | None = Field(
+        None,
+        description="Knobs of the preference stages, e.g. {'beta': 0.1} for dpo, {'loss_type': 'ipo'}, "
+        "{'simpo_gamma': 0.5}; omit for the stage's usual values.",
     )
     method: Method = Field("lora", description=method_description())
     output_dir: str | None = Field(
@@ -430,6 +508,18 @@ class TrainConfig(StrictModel):
         "A job whose devices are busy waits as 'queued'.",
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder/hub (only if trusted).")
+    graders: GraderList | None = Field(
+        None,
+        description="Stage grpo: how each sampled answer is scored, 0-1 (a row's score is the weighted mean). Types: "
+        "string_check {reference (a column), operation eq|contains|icontains}, regex {pattern}, json {schema, "
+        "reference}, text_similarity {reference, metric rouge_l|bleu}, length {min_chars, max_chars}, python {file, "
+        "function} (needs trust_remote_code); each with weight (default 1). Example: [{'type': 'string_check', "
+        "'reference': 'answer', 'operation': 'eq'}, {'type': 'length', 'max_chars': 20, 'weight': 0.5}].",
+    )
+    grpo: GRPOSettings = Field(
+        default_factory=GRPOSettings,
+        description="Stage grpo: sampling settings. Example: {'num_generations': 4, 'max_completion_length': 32}.",
+    )
 
     @field_validator("dataset", mode="before")
     @classmethod
@@ -461,8 +551,53 @@ class TrainConfig(StrictModel):
     @model_validator(mode="after")
     def _fill_method_defaults(self) -> TrainConfig:
         if self.learning_rate is None:
+            rate = STAGES[self.stage].learning_rate(default_learning_rate(self.method), METHODS[self.method].adapter)
             # object.__setattr__: validate_assignment would re-enter this validator.
-            object.__setattr__(self, "learning_rate", default_learning_rate(self.method))
+            object.__setattr__(self, "learning_rate", rate)
+        return self
+
+    @model_validator(mode="after")
+    def _stage_accepts_method(self) -> TrainConfig:
+        refusal = stage_refusal(self.stage, self.method)
+        if refusal:
+            raise ValueError(f"stage: {refusal}")
+        return self
+
+    @model_validator(mode="after")
+    def _python_graders_opted_in(self) -> TrainConfig:
+        if self.stage == "grpo" and not self.graders:
+            raise ValueError(
+                "graders: stage 'grpo' rewards sampled answers with graders; declare at least one, e.g. "
+                "[{'type': 'string_check', 'reference': 'answer', 'operation': 'eq'}] (test_grader tries them)"
+            )
+        if self.graders and self.stage != "grpo":
+            raise ValueError(f"graders: only stage 'grpo' trains with graders (this job's stage is {self.stage!r}); "
+                             "set stage 'grpo' or remove graders")  # fmt: skip
+        check_python_opt_in(self.graders, self.trust_remote_code)
+        if self.stage == "grpo" and self.eval_dataset is not None:
+            raise ValueError(
+                "eval_dataset: stage grpo measures nothing on held-out rows while it trains; remove it and score "
+                "them before and after with evaluate(dataset=…, graders=…)"
+            )
+        per_step = self.batch_size * self.gradient_accumulation_steps
+        if self.stage == "grpo" and per_step % self.grpo.num_generations:
+            raise ValueError(
+                f"grpo.num_generations: batch_size × gradient_accumulation_steps ({per_step}) must be a multiple of it "
+                f"({self.grpo.num_generations}): a prompt's answers are compared within one step; e.g. batch_size "
+                f"{self.grpo.num_generations * max(1, round(self.batch_size / self.grpo.num_generations))}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _preference_fits_stage(self) -> TrainConfig:
+        if self.preference is None:
+            return self
+        for name, stages in PREFERENCE_FIELDS.items():
+            if getattr(self.preference, name) is not None and self.stage not in stages:
+                raise ValueError(
+                    f"preference.{name} applies to stage {' / '.join(stages)}, not {self.stage!r}; remove it or set "
+                    f"stage to {stages[0]!r}"
+                )
         return self
 
     @model_validator(mode="after")

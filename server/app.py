@@ -33,7 +33,7 @@ from server.icons import server_icons, tool_icons
 from server.logs import report_unexpected, server_logger
 from server.prompts import register_prompts
 from server.resources import register_resources
-from tools import data, evaluation, export, hardware, inference, planning, quantize, serving, training
+from tools import data, evaluation, export, graders, hardware, inference, planning, quantize, serving, training
 from tools.context import ToolContext
 
 # pydantic's validation messages (which the SDK shows for schema violations) without documentation URLs.
@@ -44,7 +44,8 @@ lmtuner fine-tunes language models on the user's machine. The usual flow:
 1. inspect_gpus — what hardware there is.
 2. Agree with the user on the base model, the data file and the goal; propose_config builds a TrainConfig that
    fits the hardware and says why — explain that to the user.
-3. analyze_dataset (with the model) to see row lengths and problems; max_seq_len ≈ its p95.
+3. analyze_dataset (with the model) to see row lengths and problems; max_seq_len ≈ its p95. For stage grpo,
+   try the graders on sample answers with test_grader first.
    start_training with dry_run: true — checks every path and every data row; show the user the resolved config.
 4. After the user confirms (training spends their GPU time), start_training — it returns a job_id at once.
 5. job_status with wait_seconds (e.g. 30) to follow loss and ETA without busy polling; list_jobs to see all.
@@ -77,6 +78,7 @@ class ToolSpec:
 TOOLS = (
     ToolSpec(hardware.inspect_gpus, "Inspect GPUs and machine", read_only=True, idempotent=True),
     ToolSpec(data.analyze_dataset, "Analyze a dataset", read_only=True, idempotent=True),
+    ToolSpec(graders.test_grader, "Score sample answers with graders", read_only=True, idempotent=True),
     ToolSpec(planning.propose_config, "Propose a training config that fits", read_only=True, idempotent=True),
     ToolSpec(training.start_training, "Start a fine-tuning job", read_only=False),
     ToolSpec(training.job_status, "Job status and progress", read_only=True, idempotent=True, inline=True),

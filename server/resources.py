@@ -11,8 +11,8 @@ from mcp.server.mcpserver.exceptions import ResourceError
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.jobs.plots import loss_curve_png
 from lmtuner_core.jobs.progress import tail_lines
-from lmtuner_core.jobs.run_folder import RunDir
 from lmtuner_core.report.result import REPORT_FILE
+from lmtuner_core.run import RunDir
 from lmtuner_core.secrets import redact
 from tools.context import ToolContext
 

@@ -249,8 +249,10 @@ def test_hub_only_entries_are_refused(llamafactory, shared_roots, name):
         resolve_dataset(DatasetSpec(name=name, dataset_dir=str(llamafactory)), shared_roots)
 
 
-def test_preference_entries_are_refused(llamafactory, shared_roots):
-    with pytest.raises(DatasetError, match=r"preference data \(ranking: true\)"):
+def test_preference_entries_are_read_as_ranking_pairs(llamafactory, shared_roots):
+    # ranking: true entries are preference pairs now (tests/test_preference_data.py reads them); this one's file is
+    # not in the shared folder, and that is what is said.
+    with pytest.raises(DatasetError, match=r"names 'dpo_en_demo.json', which is not in"):
         resolve_dataset(DatasetSpec(name="dpo_en_demo", dataset_dir=str(llamafactory)), shared_roots)
 
 

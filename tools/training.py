@@ -11,8 +11,8 @@ from pydantic import BaseModel, Field
 from lmtuner_core.config import TrainConfig
 from lmtuner_core.jobs.plots import loss_curve_png
 from lmtuner_core.jobs.progress import JobProgress
-from lmtuner_core.jobs.run_folder import RunDir
 from lmtuner_core.jobs.store import TERMINAL, JobStatus
+from lmtuner_core.run import RunDir
 from tools.context import ToolContext
 
 JobId = Annotated[str, Field(description="The id start_training returned. Example: '20261128-215012-a3f9'.")]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtuner_core.config import DatasetSpec
+from lmtuner_core.data import preference
 from lmtuner_core.errors import LmtunerError, shown
 from lmtuner_core.paths import AllowedRoots
 
@@ -64,7 +65,7 @@ class DataSource:
     """A resolved dataset: which files, which format, and how columns/roles map."""
 
     files: list[Path]
-    format: str  # alpaca | sharegpt | messages | text | auto
+    format: str  # alpaca | sharegpt | messages | text | preference | alpaca-ranking | sharegpt-ranking | kto | auto
     columns: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     label: str = ""  # how to name it in messages
@@ -73,7 +74,8 @@ class DataSource:
 
 @dataclass
 class LoadedData:
-    """Examples in one normal form: {'messages': [...], 'tools': [...]|None} or {'text': str}."""
+    """Examples in one normal form: {'messages': [...], 'tools': [...]|None} or {'text': str}; preference data in
+    TRL's {'prompt', 'chosen', 'rejected', 'tools'} or {'prompt', 'completion', 'label', 'tools'} (`preference`)."""
 
     examples: list[dict[str, Any]]
     format: str
@@ -159,12 +161,6 @@ def _resolve_entry(name: str, spec: DatasetSpec, roots: AllowedRoots) -> DataSou
             '{"file_name": "data.json", "formatting": "alpaca"}',
             field="dataset.name",
         )
-    if entry.get("ranking"):
-        raise DatasetError(
-            f"dataset: entry {shown(name)} is preference data (ranking: true); supervised fine-tuning needs "
-            "instruction or chat data",
-            field="dataset.name",
-        )
     file_path = roots.resolve(str(info_path.parent / entry["file_name"]), "dataset.file_name")
     if not file_path.exists():
         raise DatasetError(
@@ -180,6 +176,10 @@ def _resolve_entry(name: str, spec: DatasetSpec, roots: AllowedRoots) -> DataSou
     columns = dict(entry.get("columns") or {})
     columns.update(spec.columns or {})
     fmt = formatting if spec.format == "auto" else spec.format
+    if entry.get("ranking") and fmt in ("alpaca", "sharegpt"):  # LLaMA-Factory's preference pairs
+        fmt = f"{fmt}-ranking"
+    elif "kto_tag" in columns and fmt == "sharegpt":  # LLaMA-Factory's KTO: a conversation and a desirable flag
+        fmt = "kto"
     # LLaMA-Factory's pre-training entries are alpaca with a prompt column and no response: plain text.
     if fmt == "alpaca" and "prompt" in columns and "response" not in columns and "query" not in columns:
         fmt, columns = "text", {"text": columns["prompt"]}
@@ -357,6 +357,9 @@ def detect_format(row: Any, columns: dict[str, str]) -> str:
     if not isinstance(row, dict):
         raise RowError(f"a row must be an object, got {type(row).__name__}")
     keys = set(row)
+    paired = preference.detect_preference_format(row, columns)
+    if paired:
+        return paired
     if columns.get("messages") in keys or "messages" in keys or "conversations" in keys:
         turns = row.get(columns.get("messages") or ("messages" if "messages" in keys else "conversations"))
         if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" in turns[0]:
@@ -368,8 +371,8 @@ def detect_format(row: Any, columns: dict[str, str]) -> str:
         return "alpaca"
     raise RowError(
         f"cannot tell the format from the keys {sorted(keys)}; expected alpaca (instruction/input/output), sharegpt "
-        "(conversations with from/value), messages (role/content) or text — or set dataset.format and "
-        "dataset.columns"
+        "(conversations with from/value), messages (role/content), text, preference pairs (prompt/chosen/rejected) "
+        "or KTO rows (prompt/completion/label) — or set dataset.format and dataset.columns"
     )
 
 
@@ -391,13 +394,19 @@ def alpaca_to_example(row: dict, columns: dict[str, str]) -> dict:
     if {"prompt", "completion"} <= set(row) and not columns:
         columns = {"prompt": "prompt", "response": "completion"}
     cols = {**ALPACA_COLUMNS, **columns}
+    response = _text(row, cols["response"], "output", required=True)
+    messages = _alpaca_prompt(row, cols)
+    if not response.strip():
+        raise RowError(f"{shown(cols['response'])} is empty; there is nothing to learn from this row")
+    return {"messages": [*messages, {"role": "assistant", "content": response}], "tools": None}
+
+
+def _alpaca_prompt(row: dict, cols: dict[str, str]) -> list[dict]:
+    """An alpaca row's turns up to the answer: system, history pairs, then instruction (+ input) as the user's."""
     prompt = _text(row, cols["prompt"], "instruction")
     query = _text(row, cols["query"], "input")
     if not prompt and not query:
         raise RowError(f"both {shown(cols['prompt'])} and {shown(cols['query'])} are empty; one must hold the prompt")
-    response = _text(row, cols["response"], "output", required=True)
-    if not response.strip():
-        raise RowError(f"{shown(cols['response'])} is empty; there is nothing to learn from this row")
     messages: list[dict] = []
     system = _text(row, cols["system"], "system")
     if system:
@@ -410,8 +419,7 @@ def alpaca_to_example(row: dict, columns: dict[str, str]) -> dict:
             raise RowError(f"{shown(cols['history'])} must be a list of [prompt, response] pairs of text")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     user = f"{prompt}\n\n{query}" if prompt and query else (prompt or query)
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
-    return {"messages": messages, "tools": None}
+    return [*messages, {"role": "user", "content": user}]
 
 
 def _tools(row: dict, key: str | None) -> list | None:
@@ -455,6 +463,10 @@ def _function_call(content: str) -> list[dict]:
 def sharegpt_to_example(row: dict, columns: dict[str, str], tags: dict[str, str]) -> dict:
     """sharegpt turns (from/value, LLaMA-Factory tags) → OpenAI-style messages with tool calls and results."""
     cols = {**SHAREGPT_COLUMNS, **columns}
+    return _checked({"messages": _sharegpt_turns(row, cols, tags), "tools": _tools(row, cols["tools"])})
+
+
+def _sharegpt_turns(row: dict, cols: dict[str, str], tags: dict[str, str]) -> list[dict]:
     tag = {**SHAREGPT_TAGS, **tags}
     turns = row.get(cols["messages"])
     if not isinstance(turns, list) or not turns:
@@ -484,7 +496,7 @@ def sharegpt_to_example(row: dict, columns: dict[str, str], tags: dict[str, str]
             messages.append({"role": "assistant", "content": "", "tool_calls": _function_call(content)})
         else:
             messages.append({"role": role, "content": content})
-    return _checked({"messages": messages, "tools": _tools(row, cols["tools"])})
+    return messages
 
 
 def messages_to_example(row: dict, columns: dict[str, str]) -> dict:
@@ -531,6 +543,11 @@ def text_to_example(row: dict, columns: dict[str, str]) -> dict:
 def to_example(row: Any, fmt: str, source: DataSource) -> dict:
     if not isinstance(row, dict):
         raise RowError(f"a row must be an object, got {type(row).__name__}")
+    if fmt in preference.PAIR_FORMATS + preference.UNPAIRED_FORMATS:
+        try:
+            return _preference_example(row, fmt, source)
+        except preference.PreferenceRowError as exc:
+            raise RowError(str(exc)) from None
     if fmt == "alpaca":
         return alpaca_to_example(row, source.columns)
     if fmt == "sharegpt":
@@ -538,6 +555,23 @@ def to_example(row: Any, fmt: str, source: DataSource) -> dict:
     if fmt == "messages":
         return messages_to_example(row, source.columns)
     return text_to_example(row, source.columns)
+
+
+def _preference_example(row: dict, fmt: str, source: DataSource) -> dict:
+    columns = source.columns
+    if fmt == "preference":
+        return preference.trl_pair(row, columns)
+    if fmt == "kto" and "kto_tag" in columns:  # LLaMA-Factory: the conversation's last turn is the answer
+        cols, tags = {**SHAREGPT_COLUMNS, **columns}, {**SHAREGPT_TAGS, **source.tags}
+        return preference.kto_conversation(_sharegpt_turns(row, cols, tags), row.get(columns["kto_tag"]))
+    if fmt == "kto":
+        return preference.kto_row(row, columns)
+    if fmt == "alpaca-ranking":
+        cols = {**ALPACA_COLUMNS, **columns}
+        return preference.alpaca_ranking_pair(row, columns, _alpaca_prompt(row, cols))
+    cols, tags = {**SHAREGPT_COLUMNS, **columns}, {**SHAREGPT_TAGS, **source.tags}
+    pair = preference.sharegpt_ranking_pair(row, columns, tags, _sharegpt_turns(row, cols, tags))
+    return {**pair, "tools": _tools(row, cols["tools"])}
 
 
 def load_examples(
@@ -590,6 +624,8 @@ def example_chars(example: dict) -> int:
     """Characters in an example as the tokenizer will see them (text, turns, tool calls and tool schemas)."""
     if "text" in example:
         return len(example["text"])
+    if "prompt" in example:
+        return preference.preference_chars(example) + (len(json.dumps(example["tools"])) if example.get("tools") else 0)
     chars = sum(len(m["content"]) for m in example["messages"])
     chars += sum(len(json.dumps(m["tool_calls"])) for m in example["messages"] if m.get("tool_calls"))
     return chars + (len(json.dumps(example["tools"])) if example.get("tools") else 0)

@@ -9,14 +9,14 @@ from lmtuner_core.run import RunDir
 
 
 def loss_curve_png(run: RunDir, title: str = "") -> bytes:
-    """Training loss (and eval loss, if any) against step, from metrics.jsonl. An empty run gives a plot that
-    says so, not an error: the agent asked for a picture and gets one."""
+    """Training loss (and eval loss, and GRPO's reward on a right-hand axis, if any) against step, from
+    metrics.jsonl. An empty run gives a plot that says so, not an error: the agent asked for a picture and gets one."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: render to memory
     from matplotlib import pyplot as plt
 
-    train, evaluation = [], []
+    train, evaluation, reward = [], [], []
     if run.metrics.exists():
         for line in run.metrics.read_text(encoding="utf-8").splitlines():
             try:
@@ -27,20 +27,32 @@ def loss_curve_png(run: RunDir, title: str = "") -> bytes:
                 train.append((record["step"], record["loss"]))
             if record.get("eval_loss") is not None:
                 evaluation.append((record["step"], record["eval_loss"]))
+            if record.get("reward_mean") is not None:
+                reward.append((record["step"], record["reward_mean"], record.get("reward_std") or 0.0))
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     try:
         if train:
             ax.plot(*zip(*train, strict=True), label="training loss", color="#1f77b4")
         if evaluation:
             ax.plot(*zip(*evaluation, strict=True), "o-", label="eval loss", color="#d62728")
-        if not train and not evaluation:
+        if not train and not evaluation and not reward:
             ax.text(0.5, 0.5, "no loss logged yet", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_title(title or run.root.name)
         ax.grid(alpha=0.3)
-        if train or evaluation:
-            ax.legend()
+        handles = ax.get_legend_handles_labels()[0]
+        if reward:  # GRPO: the graders' reward (mean, ± its spread) on a 0-1 axis of its own
+            steps, means, spreads = zip(*reward, strict=True)
+            right = ax.twinx()
+            handles += right.plot(steps, means, label="reward (graders, mean)", color="#2ca02c")
+            low = [max(0.0, m - s) for m, s in zip(means, spreads, strict=True)]
+            high = [min(1.0, m + s) for m, s in zip(means, spreads, strict=True)]
+            right.fill_between(steps, low, high, color="#2ca02c", alpha=0.15)
+            right.set_ylim(0, 1)
+            right.set_ylabel("reward")
+        if handles:
+            ax.legend(handles=handles, loc="best")
         fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png")

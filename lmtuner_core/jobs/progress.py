@@ -31,6 +31,12 @@ class JobProgress(BaseModel):
     elapsed_seconds: float | None = Field(None, description="Seconds since the job started running.")
     eta_seconds: float | None = Field(None, description="Estimated seconds to finish, from the step rate so far.")
     eval_loss: float | None = Field(None, description="Latest loss on the held-out rows, if any.")
+    reward_mean: float | None = Field(
+        None, description="Stage grpo: the graders' mean score (0-1) of the answers sampled at the latest logged step."
+    )
+    reward_std: float | None = Field(
+        None, description="Stage grpo: the spread (standard deviation) of those scores; near 0 = nothing to learn from."
+    )
     output_dir: str = Field(description="Where the final adapter or model is (or will be) written.")
     checkpoints: list[str] = Field(default_factory=list, description="Checkpoint folders kept so far.")
     error: str | None = Field(None, description="Why the job failed, with what to change.")
@@ -115,6 +121,8 @@ def read_progress(record: JobRecord, log_lines: int | None = 20, with_report: bo
         elapsed_seconds=elapsed,
         eta_seconds=eta,
         eval_loss=evaluation.get("eval_loss"),
+        reward_mean=train.get("reward_mean"),
+        reward_std=train.get("reward_std"),
         output_dir=record.output_dir,
         checkpoints=checkpoints,
         error=redact(error) if error else None,

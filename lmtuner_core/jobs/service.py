@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 
 from lmtuner_core.config import DatasetSpec, TrainConfig
 from lmtuner_core.data.datasets import LoadedData, held_out_count, load_examples, resolve_dataset
+from lmtuner_core.data.preference import data_shape
 from lmtuner_core.errors import LmtunerError, NotFoundError, shown
+from lmtuner_core.graders.scoring import resolved_graders
 from lmtuner_core.jobs.distributed import write_deepspeed_config
 from lmtuner_core.jobs.launcher import LOCAL, Ending, LaunchContext, Launchers, tracker_environment  # noqa: F401
 
@@ -35,6 +37,7 @@ from lmtuner_core.models.gguf_import import gguf_source
 from lmtuner_core.models.reference import resolve_model
 from lmtuner_core.paths import AllowedRoots, check_job_id, check_outside_state, check_writable
 from lmtuner_core.run import RunDir
+from lmtuner_core.stages import stage_data_refusal
 
 if TYPE_CHECKING:
     from lmtuner_core.planning.ray_cluster import RayAddresses
@@ -47,6 +50,20 @@ def new_job_id() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- checking
+
+
+def checked_prompt_dataset(config: TrainConfig, roots: AllowedRoots):
+    """GRPO's dataset spec with its file resolved, and its prompt rows, every one read and checked here."""
+    from lmtuner_core.data.prompt_rows import load_prompt_rows
+
+    source = resolve_dataset(config.dataset, roots)
+    if source.registry_dir is not None:
+        raise LmtunerError("dataset: stage grpo reads a prompts file by path, not a dataset_info.json entry",
+                           field="dataset")  # fmt: skip
+    loaded = load_prompt_rows(config.dataset, roots, config.graders)
+    return config.dataset.model_copy(
+        update={"path": str(roots.resolve(config.dataset.path or "", "dataset.path"))}
+    ), loaded
 
 
 def check_config(
@@ -76,11 +93,24 @@ def check_config(
         warnings.append(
             f"model {shown(config.model)} is a hub id: the training process downloads it unless it is cached"
         )
-    updates["dataset"], loaded = checked_dataset(config.dataset, roots, "dataset")
+    if config.stage == "grpo":  # prompts-only rows, checked with the graders' reference columns
+        updates["dataset"], loaded = checked_prompt_dataset(config, roots)
+        updates["graders"] = resolved_graders(config.graders, roots, config.trust_remote_code)
+    else:
+        updates["dataset"], loaded = checked_dataset(config.dataset, roots, "dataset")
+        refusal = stage_data_refusal(config.stage, loaded.format)
+        if refusal:
+            raise LmtunerError(f"dataset: {refusal}", field="dataset")
     if loaded.skipped:
         warnings.append(f"{len(loaded.skipped)} malformed rows will be skipped; first: {loaded.skipped[0]}")
     if config.eval_dataset is not None:
         updates["eval_dataset"], held_out = checked_dataset(config.eval_dataset, roots, "eval_dataset")
+        if data_shape(held_out.format) != data_shape(loaded.format):
+            raise LmtunerError(
+                f"eval_dataset: it holds {held_out.format} rows and the dataset {loaded.format} rows; held-out rows "
+                "must be of the same kind",
+                field="eval_dataset",
+            )
         if updates["eval_dataset"] == updates["dataset"]:
             raise LmtunerError(
                 "eval_dataset: it names the training data itself; held-out rows must be rows the model never trains "
@@ -89,7 +119,7 @@ def check_config(
             )
     else:
         held_out = held_out_count(len(loaded.examples), config.dataset.eval_fraction)
-        if not held_out and config.report.enabled:
+        if not held_out and config.report.enabled and config.stage != "grpo":
             warnings.append(
                 f"no held-out rows ({len(loaded.examples)} rows, eval_fraction {config.dataset.eval_fraction}): the "
                 "report cannot say whether the model got better; give an eval_dataset or more rows"

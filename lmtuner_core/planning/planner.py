@@ -103,12 +103,13 @@ def _estimate(
     gpus: int,
     on_gpu: bool,
     config: TrainConfig | None = None,
+    gpu_total_gib: float | None = None,
 ) -> MemoryEstimate:
     """The memory of one candidate; `config` supplies the LoRA shape, freeze depth and accumulation (default:
     TrainConfig's defaults and the planner's accumulation for this batch size)."""
     lora = config.lora if config else LoraSettings()
     accumulation = config.gradient_accumulation_steps if config else _accumulation(c.batch_size, gpus)
-    return estimate_memory(
+    estimate = estimate_memory(
         shape, method=c.method, precision=precision, batch_size=c.batch_size, seq_len=seq_len,
         lora_r=lora.r, lora_targets=lora.target_modules, lora_dropout=lora.dropout,
         freeze_trainable_layers=config.freeze_trainable_layers if config else 2,
@@ -117,6 +118,12 @@ def _estimate(
         zero_stage=c.zero_stage, offload_optimizer=c.offload_optimizer, offload_params=c.offload_params,
         on_gpu=on_gpu, packing=config.packing if config else True,
     )  # fmt: skip
+    if config is not None and config.stage == "grpo":
+        from lmtuner_core.planning.grpo_memory import grpo_memory, with_grpo_memory
+
+        terms = grpo_memory(shape, config, precision, on_gpu=on_gpu, gpu_total_gib=gpu_total_gib)
+        estimate = with_grpo_memory(estimate, terms, max(1, gpus))
+    return estimate
 
 
 def _accumulation(batch_size: int, gpus: int) -> int:
@@ -312,5 +319,6 @@ def check_fits(shape: ModelShape, config: TrainConfig, hardware: HardwareSpec) -
         bool(deepspeed and deepspeed.offload_params), config.optimizer,
     )  # fmt: skip
     precision = config.precision if config.precision != "auto" else _precision(hardware)
-    estimate = _estimate(shape, candidate, precision, config.max_seq_len, len(hardware.gpus), on_gpu, config)
+    gpu_total = min((g.memory_total_mib for g in hardware.gpus), default=0) / 1024 or None
+    estimate = _estimate(shape, candidate, precision, config.max_seq_len, len(hardware.gpus), on_gpu, config, gpu_total)
     return estimate.per_gpu_gib <= budget, _breakdown(estimate, budget)

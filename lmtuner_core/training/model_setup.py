@@ -14,6 +14,7 @@ from torch import nn
 from lmtuner_core.config import TrainConfig
 from lmtuner_core.errors import LmtunerError, shown
 from lmtuner_core.methods import METHODS
+from lmtuner_core.stages import STAGES
 from lmtuner_core.training.cpu_dropout import use_cpu_dropout
 
 
@@ -72,8 +73,9 @@ def quantization_config(config: TrainConfig, compute_dtype: torch.dtype) -> Any 
 
 def load_base_model(config: TrainConfig, precision: str, compute_dtype: torch.dtype) -> nn.Module:
     """The causal LM in the dtype its method trains in: fp16 mixed precision keeps fp32 master weights;
-    qlora / lora-8bit load a bitsandbytes-quantized base."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    qlora / lora-8bit load a bitsandbytes-quantized base. A stage with a scalar head (reward) gets the same model as a
+    sequence classifier with one output (a new head on the last token's hidden state)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from lmtuner_core.training.rope import apply_rope_scaling, attention_implementation
 
@@ -91,7 +93,10 @@ def load_base_model(config: TrainConfig, precision: str, compute_dtype: torch.dt
         if attention != "sdpa" and precision == "fp16":
             # xPos key scales grow up to 3.5^(n/512): float16 overflows past ~4500 positions (see xpos.py)
             raise LmtunerError("precision: xPos needs bf16 or fp32, not fp16; set precision 'fp32'", field="precision")
-        return AutoModelForCausalLM.from_pretrained(
+        if STAGES[config.stage].scalar_head:
+            model_config.num_labels = 1  # one output: the reward
+        auto = AutoModelForSequenceClassification if STAGES[config.stage].scalar_head else AutoModelForCausalLM
+        return auto.from_pretrained(
             config.model,
             config=model_config,
             dtype=dtype,
@@ -138,7 +143,8 @@ def lora(model: nn.Module, config: TrainConfig, *, use_dora: bool = False) -> nn
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         use_dora=use_dora,
-        task_type="CAUSAL_LM",
+        # A reward model's new head trains in full beside the adapters (peft keeps `score` in modules_to_save).
+        task_type="SEQ_CLS" if STAGES[config.stage].scalar_head else "CAUSAL_LM",
         bias="none",
     )
     try:

@@ -82,6 +82,18 @@ def peak_memory() -> dict:
     return memory
 
 
+# What the stages' TRL trainers log, under the names metrics.jsonl and job_status use (TRL name -> ours). The held-out
+# versions carry TRL's "eval_" prefix on both sides. A stage adds its trainer's names here.
+LOGGED_METRICS = {
+    "rewards/margins": "rewards_margin",  # DPO, ORPO, SimPO (CPO), KTO: mean reward(chosen) - reward(rejected)
+    "rewards/accuracies": "rewards_accuracy",  # share of pairs with reward(chosen) > reward(rejected)
+    "rewards/chosen": "rewards_chosen",
+    "rewards/rejected": "rewards_rejected",
+    "margin": "rewards_margin",  # RewardTrainer: score(chosen) - score(rejected)
+    "accuracy": "rewards_accuracy",
+}
+
+
 class ProgressWriter(TrainerCallback):
     """Writes each logged step to metrics.jsonl, keeps state.json current, and stops on request."""
 
@@ -138,7 +150,7 @@ class ProgressWriter(TrainerCallback):
         now = time.monotonic()
         record: dict = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "time": round(time.time(), 2)}
         if "loss" in logs:
-            tokens = state.num_input_tokens_seen or 0
+            tokens = state.num_input_tokens_seen or int(logs.get("num_tokens") or 0)  # TRL's preference trainers
             rate = (tokens - self.last_tokens) / (now - self.last_time) if now > self.last_time else None
             self.last_time, self.last_tokens = now, tokens
             record.update(
@@ -149,6 +161,10 @@ class ProgressWriter(TrainerCallback):
             record["eval_loss"] = logs["eval_loss"]
         else:
             return
+        prefix = "" if "loss" in logs else "eval_"
+        for logged, ours in LOGGED_METRICS.items():
+            if logs.get(prefix + logged) is not None:
+                record[prefix + ours] = round(float(logs[prefix + logged]), 6)
         self._append(record)
         print(f"[lmtuner] {json.dumps(record)}", flush=True)
 
@@ -349,7 +365,9 @@ class SFTRecipe:
         """About EVALUATIONS_PER_RUN held-out evaluations: enough to find the best step and to stop early."""
         return self.config.eval_steps or max(1, round(self._total_steps(rows) / EVALUATIONS_PER_RUN))
 
-    def _setup_trainer(self) -> None:
+    def _trainer_arguments(self) -> dict:
+        """The TrainingArguments every stage's TRL config shares (steps, schedule, held-out checks, checkpoints,
+        precision, devices, DeepSpeed); a stage adds its own keys (`_setup_trainer`)."""
         config = self.config
         has_eval = self.eval_dataset is not None
         keep_best = has_eval and config.keep_best
@@ -357,7 +375,7 @@ class SFTRecipe:
         deepspeed = str(deepspeed_file) if config.deepspeed is not None else None
         if deepspeed is not None and not deepspeed_file.is_file():
             raise LmtunerError(f"deepspeed: {deepspeed_file} is missing; start the job again", field="deepspeed")
-        args = SFTConfig(
+        return dict(
             output_dir=str(self.run.checkpoints),
             per_device_train_batch_size=config.batch_size,
             per_device_eval_batch_size=config.batch_size,
@@ -389,18 +407,31 @@ class SFTRecipe:
             # gloo for several processes on the CPU; naming a backend for one process would start a process group.
             ddp_backend="gloo" if not torch.cuda.is_available() and process_rank()[2] > 1 else None,
             activation_checkpointing=config.gradient_checkpointing,  # transformers 5.2x: the old name warns
-            use_liger_kernel=self.liger,
             report_to=config.report_to or "none",
+            optim=METHODS[config.method].optimizer or OPTIMIZERS[config.optimizer],
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            save_only_model=False,
+        )
+
+    def _finish_trainer(self) -> None:
+        """What every stage's trainer gets: early stopping on the held-out loss, and one JSON line per logged step."""
+        if self.eval_dataset is not None and self.config.early_stopping_patience:
+            patience = self.config.early_stopping_patience
+            self.trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=patience))
+        self.trainer.remove_callback(PrinterCallback)  # ProgressWriter logs each step as one JSON line
+
+    def _setup_trainer(self) -> None:
+        config = self.config
+        args = SFTConfig(
+            **self._trainer_arguments(),
+            use_liger_kernel=self.liger,
             max_length=config.max_seq_len,
             packing=False,  # rows are flattened per batch by FlatRowsCollator, not packed into fixed-length sequences
             # Packing off: rows of similar length share a batch, so less padding is computed.
             train_sampling_strategy="group_by_length" if config.group_by_length and not self.packing else "random",
             # A flattened batch has no padding at all (and a pad token may double as end of turn): count every token.
             include_num_input_tokens_seen="all" if self.packing else "non_padding",
-            optim=METHODS[config.method].optimizer or OPTIMIZERS[config.optimizer],
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            save_only_model=False,
         )
         self.trainer = SFTTrainer(
             model=self.model,
@@ -410,9 +441,7 @@ class SFTRecipe:
             processing_class=self.tokenizer,
             callbacks=[ProgressWriter(self.run, self.state, self.stop)],
         )
-        if has_eval and config.early_stopping_patience:
-            self.trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
-        self.trainer.remove_callback(PrinterCallback)  # ProgressWriter logs each step as one JSON line
+        self._finish_trainer()
         if self.packing:
             self.trainer.data_collator = FlatRowsCollator()
             if not torch.cuda.is_available():
@@ -477,6 +506,7 @@ class SFTRecipe:
         artifact = {
             "base_model": self.config.model,
             "method": self.config.method,
+            "stage": self.config.stage,  # a reward model loads as a sequence classifier (evaluate, generate)
             "adapter": METHODS[self.config.method].adapter,
             "job_run_dir": str(self.run.root),
         }

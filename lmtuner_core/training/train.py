@@ -91,11 +91,11 @@ def run_recipe(
     rank, _, world_size = process_rank()
     try:
         from lmtuner_core.config import TrainConfig
-        from lmtuner_core.training.recipe import SFTRecipe
+        from lmtuner_core.stages import recipe_class
 
         if config is None:
             config = TrainConfig.model_validate_json(run.config.read_text(encoding="utf-8"))
-        recipe = SFTRecipe(config, run, state, stop)
+        recipe = recipe_class(config.stage)(config, run, state, stop)  # the stage's recipe: SFT, DPO, ... (stages)
         recipe.setup()
         if prepare is not None:
             prepare(recipe)
