@@ -99,8 +99,8 @@ def slurm_command(*args: str, timeout: float = COMMAND_TIMEOUT_SECONDS, field: s
     program = shutil.which(args[0])
     if program is None:
         raise LmtunerError(
-            f"{field}: the Slurm commands are not installed here ({args[0]} not found on PATH); lmtuner-mcp must run on "
-            "a machine of the cluster (a login node) whose PATH has scontrol, sbatch and scancel",
+            f"{field}: the Slurm commands are not installed here ({args[0]} not found on PATH); lmtuner-mcp must run "
+            "on a machine of the cluster (a login node) whose PATH has scontrol, sbatch and scancel",
             field=field,
         )
     try:
@@ -147,7 +147,7 @@ def parse_minutes(value: str) -> int | None:
     except ValueError:
         return None
     if "-" in value:  # days-hours[:minutes[:seconds]]
-        hours, minutes, seconds = (parts + [0, 0])[:3]
+        hours, minutes, seconds = [*parts, 0, 0][:3]
     elif len(parts) == 3:
         hours, minutes, seconds = parts
     elif len(parts) == 2:
@@ -271,10 +271,14 @@ def pick_partition(report: SlurmClusterReport, name: str | None, field: str = "s
     for partition in report.partitions:
         if partition.name == name:
             return partition
-    raise LmtunerError(f"{field}: {shown(name)} is not a partition of this cluster; its partitions: {have}", field=field)
+    raise LmtunerError(
+        f"{field}: {shown(name)} is not a partition of this cluster; its partitions: {have}", field=field
+    )
 
 
-def check_request(settings: SlurmSettings, report: SlurmClusterReport, method_needs_cuda: str | None = None) -> list[str]:
+def check_request(
+    settings: SlurmSettings, report: SlurmClusterReport, method_needs_cuda: str | None = None
+) -> list[str]:
     """Refuses a job the partition cannot run at all — unknown partition, more nodes than it has, GPUs, CPUs or
     memory no node of it has, a time limit over its maximum, an account or QOS it does not admit — naming what it
     has. A request that fits nodes that are busy or down now is accepted (it waits in the queue), with a warning."""
@@ -309,8 +313,7 @@ def check_request(settings: SlurmSettings, report: SlurmClusterReport, method_ne
         count = sum(1 for n in members if fits(n))
         if count < settings.nodes:
             raise LmtunerError(
-                f"{name}: {settings.nodes} node(s) with {what} each asked, but {where} has {count} such node(s)"
-                f"{have}",
+                f"{name}: {settings.nodes} node(s) with {what} each asked, but {where} has {count} such node(s){have}",
                 field=name,
             )
         fitting = [n for n in fitting if fits(n)]
@@ -402,7 +405,7 @@ def job_view(job_id: str) -> SlurmJobView:
         lines = []
     if not lines:
         return SlurmJobView(job_id=job_id, state="GONE", reason="the Slurm cluster does not know this job")
-    state, nodes, partition, exit_code = (lines[-1].split("|") + ["", "", "", ""])[:4]
+    state, nodes, partition, exit_code = [*lines[-1].split("|"), "", "", ""][:4]
     return SlurmJobView(
         job_id=job_id, state=state.split()[0] if state else "UNKNOWN",
         nodes=expand_hostlist(nodes) if nodes and nodes != "None assigned" else [], partition=partition or None,
