@@ -46,11 +46,10 @@ from lmtuner_core.data.datasets import (
     tokenize_cached,
 )
 from lmtuner_core.errors import LmtunerError, shown
-from lmtuner_core.jobs.distributed import DEEPSPEED_FILE, process_rank
-from lmtuner_core.jobs.run_folder import ARTIFACT_MARKER, RunDir, StateFile, write_json_atomic
 from lmtuner_core.methods import METHODS
 from lmtuner_core.paths import AllowedRoots, lmtuner_home
 from lmtuner_core.report.result import LossComparison, write_report
+from lmtuner_core.run import ARTIFACT_MARKER, DEEPSPEED_FILE, RunDir, StateFile, process_rank, write_json_atomic
 from lmtuner_core.training.label_logits import install as install_label_logits
 from lmtuner_core.training.model_setup import (
     apply_method,
