@@ -19,7 +19,6 @@ data, the model, output_dir and submitit's folder must be on storage every node 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shlex
@@ -33,7 +32,10 @@ from pydantic import BaseModel, Field
 
 from lmtuner_core.config import SlurmSettings, TrainConfig
 from lmtuner_core.errors import LmtunerError, shown
-from lmtuner_core.jobs.run_folder import RunDir
+from lmtuner_core.jobs.launcher import Ending, LaunchContext, Placement, handle_json, read_handle, tracker_environment
+from lmtuner_core.jobs.store import JobRecord
+from lmtuner_core.methods import METHODS
+from lmtuner_core.run import RunDir
 from lmtuner_core.secrets import SERVER_ONLY, redact
 
 COMMAND_TIMEOUT_SECONDS = 10.0  # each scontrol/sacct/scancel call; sbatch gets SUBMIT_TIMEOUT_SECONDS
@@ -425,7 +427,7 @@ def job_environment(home: Path) -> dict[str, str]:
     return {"LMTUNER_HOME": str(home), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def submit_job(run: RunDir, config: TrainConfig, home: Path, time_minutes: int) -> str:
+def submit_job(run: RunDir, config: TrainConfig, home: Path, time_minutes: int, trackers: dict[str, str]) -> str:
     """Submits the job with submitit (one sbatch job of nodes x tasks_per_node tasks) and returns its Slurm job id.
     `time_minutes`: the job's time limit (0: none), which submitit also needs to tell a time limit from preemption."""
     assert config.slurm is not None
@@ -437,7 +439,7 @@ def submit_job(run: RunDir, config: TrainConfig, home: Path, time_minutes: int) 
             "slurm: submitting to Slurm needs the submitit package (pip install 'lmtuner[cluster]')", field="slurm"
         ) from None
 
-    extra = job_environment(home)
+    extra = {**job_environment(home), **trackers}
 
     class Executor(submitit.SlurmExecutor):
         def _make_submission_command(self, submission_file_path: Path) -> list[str]:
@@ -509,56 +511,40 @@ def export_rendezvous() -> tuple[int, int, int]:
     return env.rank, env.local_rank, env.world_size
 
 
-def continue_from_newest_checkpoint(run: RunDir) -> str | None:
-    """When the run folder has a complete checkpoint (an earlier run of this job: Slurm requeued it, or
-    resume_job), config.json is set to continue from the newest one. Every task writes the same content
-    atomically, so each reads a whole file, old or new, and after its own write the new one."""
-    from lmtuner_core.jobs.run_folder import write_json_atomic
-
-    saved = run.latest_checkpoint()
-    if saved is None:
-        return None
-    config = json.loads(run.config.read_text(encoding="utf-8"))
-    if config.get("resume_from") != str(saved):
-        config["resume_from"] = str(saved)
-        write_json_atomic(run.config, config, indent=2)
-    return str(saved)
-
-
 class SlurmTask:
-    """What submitit runs in each Slurm task (pickled by reference: this module must be importable on the nodes).
-    `checkpoint` makes it requeue itself when the job reaches its time limit or is preempted (submitit's
-    protocol); the requeued run continues from the newest checkpoint."""
+    """What submitit runs in each Slurm task (pickled by reference: this module must be importable on the nodes):
+    the rendezvous from Slurm's environment, then the recipe's lifecycle (training.train.run_recipe), continuing
+    from the run folder's newest checkpoint when it has one (Slurm requeued the job after a node failure or a time
+    limit; resume_job). Only global rank 0 writes state.json and train.log: the run folder is shared by every node.
+    `checkpoint` makes submitit requeue the job when it reaches its time limit or is preempted."""
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
 
-    def __call__(self) -> int:
+    def __call__(self) -> str:
+        from lmtuner_core.run import StateFile
+        from lmtuner_core.training.ray_worker import end_tee, tee_output
+        from lmtuner_core.training.train import install_stop_handler, run_recipe
+
         run = RunDir(Path(self.run_dir))
+        stop = install_stop_handler()  # scancel: SIGTERM to every task, which saves a checkpoint and stops
         rank, _, world = export_rendezvous()
-        resumed = continue_from_newest_checkpoint(run)
-        restarts = _int(os.environ.get("SLURM_RESTART_COUNT"))
-        tee = None
-        if rank == 0:
-            from lmtuner_core.jobs.ray_launcher import tee_output
-
-            tee = tee_output(run.log)
-            where = f"{world} task(s) on {os.environ.get('SLURM_JOB_NODELIST', '?')}"
-            again = f", run {restarts + 1} (requeued)" if restarts else ""
-            print(f"[lmtuner] slurm job {os.environ.get('SLURM_JOB_ID')}: {where}{again}"
-                  + (f"; resuming from {resumed}" if resumed else ""), flush=True)  # fmt: skip
-        from lmtuner_core.training import train
-
+        config = TrainConfig.model_validate_json(run.config.read_text(encoding="utf-8"))
+        saved = run.latest_checkpoint()  # the same on every task: the previous run of this job has ended
+        if saved is not None:
+            config = config.model_copy(update={"resume_from": str(saved)})
+        tee = tee_output(run.log) if rank == 0 else None  # train.log reads as a local job's; submitit keeps a copy
         try:
-            code = train.main([str(run.root)])
+            if rank == 0:
+                restarts = _int(os.environ.get("SLURM_RESTART_COUNT"))
+                again = f", run {restarts + 1} (requeued by Slurm)" if restarts else ""
+                resuming = f"; resuming from {saved}" if saved is not None else ""
+                print(f"[lmtuner] slurm job {os.environ.get('SLURM_JOB_ID')}: {world} task(s) on "
+                      f"{os.environ.get('SLURM_JOB_NODELIST', '?')}{again}{resuming}", flush=True)  # fmt: skip
+            return run_recipe(run, StateFile(run, enabled=rank == 0), stop, config=config)
         finally:
             if tee is not None:
-                from lmtuner_core.jobs.ray_launcher import end_tee
-
                 end_tee(tee)
-        if code != 0:
-            raise RuntimeError(f"rank {rank}: training ended with exit code {code} (see train.log)")
-        return code
 
     def checkpoint(self):
         from submitit.helpers import DelayedSubmission
@@ -566,7 +552,7 @@ class SlurmTask:
         return DelayedSubmission(SlurmTask(self.run_dir))
 
 
-# ---------------------------------------------------------------------------------------------- Slurm jobs: local
+# ---------------------------------------------------------------------------------------------- the launcher
 
 
 def wait_until_ended(job_id: str, timeout: float) -> SlurmJobView:
@@ -576,3 +562,111 @@ def wait_until_ended(job_id: str, timeout: float) -> SlurmJobView:
         time.sleep(0.5)
         view = job_view(job_id)
     return view
+
+
+def ending_of(view: SlurmJobView, run: RunDir) -> Ending | None:
+    """The job's ending from Slurm's state; None while it runs or waits (a requeued job waits again)."""
+    if view.state in LIVE_STATES:
+        return None
+    state = run.read_state()
+    if view.state == "COMPLETED":
+        return Ending("completed", None, 0)
+    if view.state == "CANCELLED":
+        return Ending("cancelled")
+    if view.state == "GONE" and state.get("status") in ("completed", "cancelled"):
+        return Ending(state["status"])  # Slurm forgot it (no accounting) after it ended: the run folder says how
+    error = state.get("error") if state.get("status") == "failed" else None
+    error = error or "; ".join(run.failures()) or None
+    why = f" ({view.reason})" if view.reason else ""
+    return Ending("failed", error or f"Slurm job {view.job_id} ended {view.state}{why}; see train.log")
+
+
+class SlurmLauncher:
+    """Jobs on a Slurm cluster (TrainConfig `slurm`), for a server on a machine of the cluster. Handle: {"job_id":
+    the Slurm job id}; the cluster is the one this machine's Slurm commands reach (SLURM_CONF)."""
+
+    name = "slurm"
+
+    def __init__(self, context: LaunchContext):
+        self.context = context
+
+    def confine(self, config: TrainConfig) -> TrainConfig:
+        """slurm.folder (submitit's files) resolved inside the allowed roots, like output_dir."""
+        assert config.slurm is not None
+        if config.slurm.folder is None:
+            return config
+        folder = str(self.context.roots.resolve(config.slurm.folder, "slurm.folder"))
+        return config.model_copy(update={"slurm": config.slurm.model_copy(update={"folder": folder})})
+
+    def check(self, config: TrainConfig, *, force: bool) -> Placement:
+        """The cluster is read and the request compared with the partition's nodes (Slurm places the tasks)."""
+        assert config.slurm is not None
+        warnings = check_request(config.slurm, read_cluster(), METHODS[config.method].needs_cuda)
+        return Placement(devices=self.name, warnings=warnings, on_gpu=config.slurm.gpus_per_node > 0)
+
+    def submit(self, record: JobRecord, run: RunDir, config: TrainConfig) -> str:
+        assert config.slurm is not None
+        limit = time_limit(config.slurm, read_cluster())
+        extra = tracker_environment(run, dict(os.environ))
+        job_id = submit_job(run, config, self.context.home, limit, extra)
+        with run.log.open("a", encoding="utf-8") as log:
+            log.write(f"[lmtuner] submitted to Slurm as job {job_id} ({config.slurm.nodes} node(s) x "
+                      f"{config.slurm.tasks_per_node()} task(s))\n")  # fmt: skip
+        return handle_json(job_id=job_id)
+
+    def start_queued(self) -> list[str]:
+        return []  # Slurm queues its jobs
+
+    def poll(self, record: JobRecord) -> Ending | None:
+        """The job's state, asked of the cluster by its Slurm job id; None while it runs, waits, is requeued, or
+        the controller does not answer."""
+        job_id = read_handle(record).get("job_id")
+        if not job_id:
+            return None
+        try:
+            view = job_view(str(job_id))
+        except LmtunerError:
+            return None
+        return ending_of(view, RunDir(Path(record.run_dir)))
+
+    def stop(self, record: JobRecord, grace_seconds: float) -> Ending | None:
+        """scancel: Slurm sends every task SIGTERM (each saves a checkpoint and stops), then SIGKILL after the
+        cluster's KillWait. Waits up to grace_seconds (at least 5 s) for Slurm to say the job ended."""
+        job_id = read_handle(record).get("job_id")
+        if not job_id:
+            return Ending("cancelled")  # never reached the cluster
+        cancel_job(str(job_id))
+        view = wait_until_ended(str(job_id), max(grace_seconds, 5.0))
+        if view.state in LIVE_STATES:
+            raise LmtunerError(
+                f"job_id: Slurm has not ended job {job_id} yet (it is {view.state}); call cancel_job again",
+                field="job_id",
+            )
+        if view.state == "COMPLETED":
+            return None  # it finished before the cancel reached it: poll says so
+        return Ending("cancelled")
+
+    def resume(self, record: JobRecord, config: TrainConfig, run: RunDir) -> tuple[TrainConfig, str]:
+        """From the newest complete checkpoint of the run folder, in a new Slurm job (checked against the cluster
+        again: it may have changed)."""
+        if config.slurm is None:
+            raise LmtunerError(f"job_id: job {record.job_id}'s config.json has no `slurm` settings", field="job_id")
+        checkpoint = run.latest_checkpoint()
+        if checkpoint is None:
+            raise LmtunerError(
+                f"job_id: job {record.job_id} saved no checkpoint before it stopped, so there is nothing to resume; "
+                "start it again (a smaller save_steps keeps more progress next time)",
+                field="job_id",
+            )
+        check_request(config.slurm, read_cluster(), METHODS[config.method].needs_cuda)
+        config = TrainConfig.model_validate({**config.model_dump(), "resume_from": str(checkpoint)})
+        return config, f"[lmtuner] resuming on the Slurm cluster from {checkpoint}"
+
+    def view(self, record: JobRecord) -> SlurmJobView | None:
+        job_id = read_handle(record).get("job_id")
+        if not job_id:
+            return None
+        try:
+            return job_view(str(job_id))
+        except LmtunerError:
+            return SlurmJobView(job_id=str(job_id), state="UNKNOWN", reason="the Slurm controller did not answer")
