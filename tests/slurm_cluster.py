@@ -217,7 +217,7 @@ def _start(cluster: SlurmCluster, host: str) -> None:
     _wait(lambda: _quiet([*sql, "-e", "select 1"], env), "mariadbd", 60, mariadbd, root / "log" / "mysqld.err")
     password = secrets.token_hex(12)
     subprocess.run(
-        [*sql, "-e", f"CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
+        [*sql, "-e", f"CREATE OR REPLACE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
          "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"],
         env=env, capture_output=True, check=True, timeout=30,
     )  # fmt: skip

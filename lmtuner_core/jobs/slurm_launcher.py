@@ -511,6 +511,33 @@ def export_rendezvous() -> tuple[int, int, int]:
     return env.rank, env.local_rank, env.world_size
 
 
+def slurmd_timeout() -> int:
+    """The cluster's SlurmdTimeout in seconds: how long a silent node takes to be declared down (300 by default)."""
+    with contextlib.suppress(LmtunerError):
+        for line in slurm_command("scontrol", "show", "config").splitlines():
+            if line.startswith("SlurmdTimeout"):
+                return _int(line.split("=", 1)[1].split()[0], 300)
+    return 300
+
+
+def wait_for_node_failure(run: RunDir, rank: int) -> None:
+    """After this task's training failed in a job of several processes: when no other process recorded a failure
+    (failure-rank-N.json), the likeliest cause is a peer whose node crashed, which Slurm declares down only after
+    SlurmdTimeout. Ending now would end the job FAILED before that, and Slurm requeues only a job that is still
+    running when its node fails; so this task waits up to SlurmdTimeout + 60 s (at most 15 min) for Slurm to
+    requeue the job (it then kills this task), and gives up at once if another process records its own failure.
+    Hand-written: neither Slurm nor submitit tells a dead peer from a failing one."""
+    mine = f"rank {rank}:"
+    wait = min(slurmd_timeout() + 60, 900)
+    print(f"[lmtuner] rank {rank}: training stopped on an error; waiting up to {wait} s in case a node of the job "
+          "failed (Slurm then requeues the job, which continues from its newest checkpoint)", flush=True)  # fmt: skip
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if any(not reason.startswith(mine) for reason in run.failures()):
+            return  # another process failed for its own reason: the job failed
+        time.sleep(1.0)
+
+
 class SlurmTask:
     """What submitit runs in each Slurm task (pickled by reference: this module must be importable on the nodes):
     the rendezvous from Slurm's environment, then the recipe's lifecycle (training.train.run_recipe), continuing
@@ -530,6 +557,9 @@ class SlurmTask:
         stop = install_stop_handler()  # scancel: SIGTERM to every task, which saves a checkpoint and stops
         rank, _, world = export_rendezvous()
         config = TrainConfig.model_validate_json(run.config.read_text(encoding="utf-8"))
+        if rank == 0 and _int(os.environ.get("SLURM_RESTART_COUNT")):
+            for stale in run.root.glob("failure-rank-*.json"):  # the run Slurm requeued left them
+                stale.unlink(missing_ok=True)
         saved = run.latest_checkpoint()  # the same on every task: the previous run of this job has ended
         if saved is not None:
             config = config.model_copy(update={"resume_from": str(saved)})
@@ -542,6 +572,10 @@ class SlurmTask:
                 print(f"[lmtuner] slurm job {os.environ.get('SLURM_JOB_ID')}: {world} task(s) on "
                       f"{os.environ.get('SLURM_JOB_NODELIST', '?')}{again}{resuming}", flush=True)  # fmt: skip
             return run_recipe(run, StateFile(run, enabled=rank == 0), stop, config=config)
+        except BaseException:
+            if world > 1 and not stop.is_set():
+                wait_for_node_failure(run, rank)
+            raise
         finally:
             if tee is not None:
                 end_tee(tee)
