@@ -95,29 +95,16 @@ class SlurmCluster:
             found.append(proc)
         return found
 
-    def crash_node(self, node: str, job_id: str) -> list[int]:
-        """A node crash as Slurm sees one: the node's slurmd and every process of the job on it die at once
-        (SIGKILL), so the controller hears nothing until SlurmdTimeout. Returns the pids killed."""
-        victims = [psutil.Process(self.daemons[f"slurmd-{node}"].pid), *self.job_processes(job_id, node)]
-        stepds = [p for p in psutil.process_iter(["name", "cmdline"]) if _is_stepd_of(p, job_id, node)]
-        victims += stepds
-        for proc in victims:
+    def crash_node(self, node: str, victims: list[psutil.Process]) -> list[int]:
+        """A node crash as Slurm sees one: the node's slurmd and the given processes of a job on it (found before,
+        with job_processes, so that the kill is immediate) die at once by SIGKILL; the controller hears nothing
+        until SlurmdTimeout. Returns the pids killed."""
+        procs = [psutil.Process(self.daemons[f"slurmd-{node}"].pid), *victims]
+        for proc in procs:
             with suppress(psutil.Error):
                 proc.kill()
         self.daemons[f"slurmd-{node}"].wait(timeout=10)
-        return [p.pid for p in victims]
-
-
-def _is_stepd_of(proc: psutil.Process, job_id: str, node: str) -> bool:
-    """slurmstepd of `job_id` on `node`: its command line is 'slurmstepd: [JOB.STEP]' and its environment has no job
-    id, but its parent is our slurmd of that node (until that dies) or it shares the spool folder's node name."""
-    try:
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if not cmdline.startswith("slurmstepd: [") or f"[{job_id}." not in cmdline:
-            return False
-        return proc.environ().get("SLURMD_NODENAME") == node
-    except psutil.Error:
-        return False
+        return [p.pid for p in procs]
 
 
 def _daemon(command: list[str], cluster: SlurmCluster, name: str, env: dict | None = None) -> subprocess.Popen:
