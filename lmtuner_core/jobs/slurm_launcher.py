@@ -669,7 +669,11 @@ class SlurmLauncher:
         job_id = read_handle(record).get("job_id")
         if not job_id:
             return Ending("cancelled")  # never reached the cluster
-        cancel_job(str(job_id))
+        try:
+            cancel_job(str(job_id))
+        except LmtunerError:
+            if job_view(str(job_id)).state in LIVE_STATES:
+                raise  # scancel failed on a job that still runs; one that just ended is reported below
         view = wait_until_ended(str(job_id), max(grace_seconds, 5.0))
         if view.state in LIVE_STATES:
             raise LmtunerError(
