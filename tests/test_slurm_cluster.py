@@ -18,10 +18,19 @@ from pathlib import Path
 import anyio
 import pytest
 
-from lmtuner_core.config import parse_train_config
+from lmtuner_core.config import SlurmSettings, parse_train_config
 from lmtuner_core.data.sample_data import write_demo_dataset
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.jobs.slurm_launcher import expand_hostlist, parse_minutes, parse_records
+from lmtuner_core.jobs.slurm_launcher import (
+    SlurmClusterReport,
+    SlurmNode,
+    SlurmPartition,
+    check_request,
+    expand_hostlist,
+    parse_minutes,
+    parse_records,
+    plan_slurm,
+)
 from tests.helpers import call_error, call_ok, quick_config, read_losses, stdio_client, wait_for_end
 from tests.slurm_cluster import INSTALL_HINT, NODE_CPUS, SHORT_MINUTES, missing_programs, slurm_cluster
 
@@ -307,3 +316,40 @@ def test_slurm_refuses_the_local_launch_settings_and_reads_slurm_forms():
     )[0]
     assert node["OS"] == "Linux 6.1.0 #1 SMP" and node["Reason"].startswith("Not responding")
     assert node["Gres"] == "gpu:a100:4(S:0-1)" and node["Partitions"] == "gpu,long"
+
+
+def test_gpu_partitions_are_checked_and_planned_per_gpu():
+    """The check and the plan on a GPU cluster as `scontrol` would describe it (no GPU cluster runs here)."""
+    records = parse_records(
+        "NodeName=g1 CPUTot=64 RealMemory=512000 Gres=gpu:a100:8(S:0-1) State=IDLE Partitions=gpu\n"
+        "NodeName=g2 CPUTot=32 RealMemory=256000 Gres=gpu:a100:4 State=MIXED Partitions=gpu\n"
+        "NodeName=g3 CPUTot=64 RealMemory=512000 Gres=gpu:a100:8 CfgTRES=cpu=64,gres/gpu=8 State=DOWN+NOT_RESPONDING "
+        "Partitions=gpu\n"
+    )
+    nodes = [
+        SlurmNode(name=r["NodeName"], state=r["State"], available="DOWN" not in r["State"],
+                  partitions=r["Partitions"].split(","), cpus=int(r["CPUTot"]), memory_mib=int(r["RealMemory"]),
+                  gpus=int(r["Gres"].split(":")[2].split("(")[0]), gpu_type="a100")
+        for r in records
+    ]  # fmt: skip
+    gpu = SlurmPartition(name="gpu", default=True, state="UP", nodes=["g1", "g2", "g3"], max_time_minutes=2880,
+                         allow_accounts=["lab-nlp"])  # fmt: skip
+    report = SlurmClusterReport(partitions=[gpu], nodes=nodes)
+    settings, why = plan_slurm(report, "gpu")  # the nodes with the most GPUs that take jobs: g1 alone (g3 is down)
+    assert (settings.nodes, settings.gpus_per_node, settings.cpus_per_task) == (1, 8, 8), why
+    assert "global batch is x 8" in why
+    ok = SlurmSettings(partition="gpu", nodes=2, gpus_per_node=8, cpus_per_task=8, account="lab-nlp")
+    assert any("only 1 of the 2 nodes" in w for w in check_request(ok, report))  # g3 is down: it waits
+    for asked, expected in (
+        ({"nodes": 3}, "slurm.gpus_per_node: 3 node(s) with 8 GPU(s) each asked, but partition 'gpu' has 2"),
+        ({"cpus_per_task": 16}, "slurm.cpus_per_task: 2 node(s) with 128 CPUs (8 task(s) x 16) each asked"),
+        ({"account": "lab-vision"}, "slurm.account: partition 'gpu' admits lab-nlp, not 'lab-vision'"),
+        ({"time_minutes": 3000}, "slurm.time_minutes: 3000 min is over the 2880 min limit"),
+    ):
+        with pytest.raises(LmtunerError) as caught:
+            check_request(ok.model_copy(update=asked), report)
+        assert expected in str(caught.value)
+        if "node(s)" in expected:  # a resource no node has: the nodes are listed with theirs
+            assert "g2 (32 CPUs, 250.0 GiB, 4 GPUs a100)" in str(caught.value)
+    with pytest.raises(LmtunerError, match="method: this method needs a CUDA GPU"):
+        check_request(SlurmSettings(partition="gpu"), report, method_needs_cuda="bitsandbytes 4-bit")
