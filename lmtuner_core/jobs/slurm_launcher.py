@@ -573,8 +573,8 @@ class SlurmTask:
                       f"{os.environ.get('SLURM_JOB_NODELIST', '?')}{again}{resuming}", flush=True)  # fmt: skip
             return run_recipe(run, StateFile(run, enabled=rank == 0), stop, config=config)
         except BaseException:
-            if world > 1 and not stop.is_set():
-                wait_for_node_failure(run, rank)
+            if _int(os.environ.get("SLURM_JOB_NUM_NODES"), 1) > 1 and not stop.is_set():
+                wait_for_node_failure(run, rank)  # a peer on another node may have died with its node
             raise
         finally:
             if tee is not None:
