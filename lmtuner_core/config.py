@@ -213,6 +213,72 @@ class RaySettings(StrictModel):
         return {"CPU": 1.0, "GPU": 1.0} if self.use_gpu else {"CPU": 1.0}
 
 
+SLURM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")  # partition, account and QOS names
+
+
+class SlurmSettings(StrictModel):
+    """Run the job on a Slurm cluster: submitted with submitit (sbatch), one task per GPU (or one per node on CPU
+    nodes), torch.distributed set up from Slurm's environment; requeued after a node failure, from the newest
+    checkpoint. The run folder, data, model and output_dir must be on storage every node sees (docs/CLUSTER.md)."""
+
+    partition: str | None = Field(
+        None, max_length=64, description="The partition (queue). Default: the cluster's default one. Example: 'gpu'."
+    )
+    nodes: int = Field(1, ge=1, le=1024, description="Nodes (machines) the job takes. Example: 2.")
+    gpus_per_node: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="GPUs used on each node, one training process (task) each; 0 trains on CPU nodes, one process "
+        "per node. World size = nodes x max(1, gpus_per_node). Example: 4.",
+    )
+    cpus_per_task: int | None = Field(
+        None, ge=1, le=1024, description="CPU cores for each training process. Default: Slurm's (1). Example: 8."
+    )
+    mem_gb: float | None = Field(
+        None, gt=0, le=65536, description="Memory per node in GB (sbatch --mem). Default: the partition's. E.g. 64."
+    )
+    time_minutes: int | None = Field(
+        None,
+        ge=1,
+        le=525_600,
+        description="Time limit of the job in minutes; a job that reaches it saves nothing more, and is requeued to "
+        "continue from its newest checkpoint. Default: the partition's default limit. Example: 240.",
+    )
+    account: str | None = Field(None, max_length=64, description="Account charged (sbatch --account). E.g. 'lab-nlp'.")
+    qos: str | None = Field(None, max_length=64, description="Quality of service (sbatch --qos). Example: 'normal'.")
+    python: str | None = Field(
+        None,
+        max_length=4096,
+        description="Python interpreter on the nodes that has lmtuner[train] and submitit installed. Default: the "
+        "path of this server's interpreter (which then must exist on every node). Example: '/opt/venv/bin/python'.",
+    )
+    folder: str | None = Field(
+        None,
+        max_length=4096,
+        description="Where submitit keeps the job's batch script, pickles and per-task logs: a folder every node "
+        "sees. Default: the run folder's slurm/. Example: '/shared/lmtuner-slurm'.",
+    )
+
+    @field_validator("partition", "account", "qos")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not SLURM_NAME.match(value):
+            raise ValueError(f"{shown(value)} is not a Slurm name (letters, digits, '_', '.', '+', '-'; e.g. 'gpu')")
+        return value
+
+    @field_validator("python")
+    @classmethod
+    def _python(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("/") or any(c.isspace() for c in value)):
+            raise ValueError(f"{value!r} is not an absolute interpreter path such as '/opt/venv/bin/python'")
+        return value
+
+    def tasks_per_node(self) -> int:
+        """Training processes on each node: one per GPU, or one on a CPU node."""
+        return max(1, self.gpus_per_node)
+
+
 class RopeScaling(StrictModel):
     """Extend the context window beyond what the model was trained on."""
 
@@ -447,6 +513,11 @@ class TrainConfig(StrictModel):
         description="Run on a Ray cluster instead of this machine: {'address': 'http://head:8265', 'num_workers': 4,"
         " 'use_gpu': true, 'storage_path': '/shared/ckpt', 'max_failures': 1}. Omit (null) to train here.",
     )
+    slurm: SlurmSettings | None = Field(
+        None,
+        description="Run on a Slurm cluster instead of this machine: {'partition': 'gpu', 'nodes': 2, "
+        "'gpus_per_node': 4, 'cpus_per_task': 8, 'mem_gb': 64, 'time_minutes': 240}. Omit (null) to train here.",
+    )
     rope_scaling: RopeScaling | None = Field(None, description="Context extension, e.g. {'type': 'yarn', 'factor': 4}.")
     report_to: list[Tracker] = Field(default_factory=list, description="Experiment trackers: 'wandb', 'tensorboard'.")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed for init, shuffling and dropout.")
@@ -611,6 +682,23 @@ class TrainConfig(StrictModel):
             raise ValueError("ray: remove `processes_per_node`; ray.num_workers sets the number of training processes")
         if self.deepspeed is not None:
             raise ValueError("ray: DeepSpeed is not available on a Ray cluster in this version; remove `deepspeed`")
+        return self
+
+    @model_validator(mode="after")
+    def _slurm_runs_alone(self) -> TrainConfig:
+        """On a Slurm cluster, Slurm places the processes: the settings for launching them here do not apply."""
+        if self.slurm is None:
+            return self
+        if self.ray is not None:
+            raise ValueError("slurm, ray: a job runs on one cluster; keep either `slurm` or `ray` and remove the other")
+        if self.nodes is not None:
+            raise ValueError("slurm: Slurm places the processes; remove `nodes` (use slurm.nodes)")
+        if self.processes_per_node != "auto":
+            raise ValueError("slurm: remove `processes_per_node`; slurm.gpus_per_node sets the processes per node")
+        if self.devices != "auto":
+            raise ValueError("slurm: remove `devices`; Slurm gives each process its GPU (slurm.gpus_per_node)")
+        if self.deepspeed is not None:
+            raise ValueError("slurm: DeepSpeed is not available on a Slurm cluster in this version; remove `deepspeed`")
         return self
 
     def to_json(self) -> str:

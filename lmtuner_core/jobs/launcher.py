@@ -62,6 +62,7 @@ class Backend:
 BACKENDS: tuple[Backend, ...] = (
     Backend(LOCAL, None, "lmtuner_core.jobs.local_launcher:LocalLauncher"),
     Backend("ray", "ray", "lmtuner_core.jobs.ray_launcher:RayLauncher"),
+    Backend("slurm", "slurm", "lmtuner_core.jobs.slurm_launcher:SlurmLauncher"),
 )
 
 

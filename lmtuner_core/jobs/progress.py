@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, PrivateAttr
 
 from lmtuner_core.jobs.ray_launcher import RayJobView
+from lmtuner_core.jobs.slurm_launcher import SlurmJobView
 from lmtuner_core.jobs.store import JobRecord
 from lmtuner_core.report.result import ResultReport, read_report
 from lmtuner_core.run import RunDir
@@ -46,11 +47,16 @@ class JobProgress(BaseModel):
     method: str = Field(description="Training method of the job.")
     created_at: float = Field(description="When the job was submitted (Unix time).")
     devices: str = Field(
-        "cpu", description="What the job holds: 'cpu', GPU indices such as '0,1', or 'ray' (workers on a Ray cluster)."
+        "cpu",
+        description="What the job holds: 'cpu', GPU indices such as '0,1', 'ray' (workers on a Ray cluster) or "
+        "'slurm' (tasks on a Slurm cluster).",
     )
     queue_position: int | None = Field(None, description="For a queued job: 1 = next to start.")
     ray: RayJobView | None = Field(
         None, description="For a job on a Ray cluster: its Ray job id, workers and their nodes, restarts."
+    )
+    slurm: SlurmJobView | None = Field(
+        None, description="For a job on a Slurm cluster: its Slurm job id, state, nodes and requeues."
     )
     report: ResultReport | None = Field(
         None,
