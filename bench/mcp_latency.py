@@ -40,8 +40,10 @@ def main() -> None:
     runs = parser.parse_args().runs
     home = Path(tempfile.mkdtemp(prefix="lmtuner-bench-"))
     bin_dir = Path(sys.executable).parent
-    ours = StdioServerParameters(command=str(bin_dir / "lmtuner-mcp"), env={"LMTUNER_HOME": str(home)})
-    bare = StdioServerParameters(command=sys.executable, args=["-c", BARE_SERVER])
+    # This checkout's code (PYTHONPATH), through the installed entry point as an agent launches it.
+    env = {"LMTUNER_HOME": str(home), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    ours = StdioServerParameters(command=str(bin_dir / "lmtuner-mcp"), env=env)
+    bare = StdioServerParameters(command=sys.executable, args=["-c", BARE_SERVER], env=env)
     times: dict[str, list[float]] = {"bare SDK server": [], "lmtuner-mcp": []}
     for _ in range(runs):
         times["bare SDK server"].append(anyio.run(time_to_tools_list, bare))

@@ -12,17 +12,20 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import anyio.lowlevel
+from mcp.server.elicitation import AcceptedElicitation, ElicitationResult
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.resolve import Elicit, Resolve
 from mcp.server.mcpserver.tools import Tool
 from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
-from pydantic import BaseModel, create_model, model_validator
+from pydantic import BaseModel, Field, create_model, model_validator
 
 from lmtuner_core import __version__
+from lmtuner_core.config import TrainConfig
 from lmtuner_core.errors import LmtunerError, hide_outside_paths, shown
 from lmtuner_core.jobs.ray_launcher import RayAddresses
 from lmtuner_core.paths import AllowedRoots, lmtuner_home
@@ -59,6 +62,12 @@ Read state (list_jobs, job_status) before starting new work, so two jobs do not 
 Errors name the field to change and the values accepted."""
 
 
+# start_training asks the user before a job estimated to run longer than this, or holding more devices (GPUs, Ray
+# workers) than this; the owner changes them with --confirm-over-minutes / --confirm-over-devices.
+CONFIRM_OVER_MINUTES = 30.0
+CONFIRM_OVER_DEVICES = 1
+
+
 @dataclass(frozen=True)
 class ToolSpec:
     fn: Callable[..., Any]
@@ -70,13 +79,15 @@ class ToolSpec:
     # so that under many concurrent calls no thread hand-off (and GIL contention with the loop) adds latency.
     # A call that asks to wait (wait_seconds > 0) still goes to a worker thread.
     inline: bool = False
+    # Asks the user (elicitation) before a job over the owner's limits spends their devices: start_training.
+    confirms_spending: bool = False
 
 
 TOOLS = (
     ToolSpec(hardware.inspect_gpus, "Inspect GPUs and machine", read_only=True, idempotent=True),
     ToolSpec(data.analyze_dataset, "Analyze a dataset", read_only=True, idempotent=True),
     ToolSpec(planning.propose_config, "Propose a training config that fits", read_only=True, idempotent=True),
-    ToolSpec(training.start_training, "Start a fine-tuning job", read_only=False),
+    ToolSpec(training.start_training, "Start a fine-tuning job", read_only=False, confirms_spending=True),
     ToolSpec(training.job_status, "Job status and progress", read_only=True, idempotent=True, inline=True),
     ToolSpec(training.list_jobs, "List jobs", read_only=True, idempotent=True, inline=True),
     ToolSpec(training.cancel_job, "Cancel a job", read_only=False, destructive=True, idempotent=True),
@@ -92,7 +103,44 @@ TOOLS = (
 )
 
 
-def bind_tool(fn: Callable[..., Any], ctx: ToolContext, inline: bool = False) -> Callable[..., Any]:
+class ConfirmStart(BaseModel):
+    """The form of start_training's question."""
+
+    start: bool = Field(description="Start the job now, spending what is shown above.")
+
+
+NOT_ASKED = "not asked"
+
+
+def spending_resolver(ctx: ToolContext) -> Callable[..., Any]:
+    """start_training's confirmation, asked through the SDK's resolver (`Resolve`/`Elicit`): on the 2026-07-28
+    protocol it rides the call's input_required round, on older ones it is an elicitation request mid-call. Asked
+    only of a client that declared elicitation, for a real start (not a dry run, not already confirmed) over the
+    owner's limits; otherwise the tool runs as called and answers 'needs_confirmation' where the limits apply."""
+
+    async def ask_before_spending(
+        mcp_context: Context, config: TrainConfig, dry_run: bool, force: bool, confirmed: bool
+    ) -> Elicit[ConfirmStart] | str:
+        if dry_run or confirmed or (ctx.confirm_over_minutes is None and ctx.confirm_over_devices is None):
+            return NOT_ASKED
+        capabilities = mcp_context.client_capabilities
+        elicitation = capabilities.elicitation if capabilities is not None else None
+        if elicitation is None or (elicitation.form is None and elicitation.url is not None):
+            return NOT_ASKED  # the tool answers with a preview instead
+        try:
+            _, _, preview = await anyio.to_thread.run_sync(training.job_preview, ctx, config, force)
+        except LmtunerError:
+            return NOT_ASKED  # the tool body refuses the config itself, naming the field
+        if preview is None:
+            return NOT_ASKED
+        return Elicit(training.confirmation_message(preview), ConfirmStart)
+
+    return ask_before_spending
+
+
+def bind_tool(
+    fn: Callable[..., Any], ctx: ToolContext, inline: bool = False, confirms_spending: bool = False
+) -> Callable[..., Any]:
     """The tool function as the SDK registers it: `ctx` filled in, a thread-safe `progress` for tools that take
     one, LmtunerError turned into ToolError, and any other exception into a ToolError that names the tool, the
     exception and the server log holding its traceback. The signature (minus ctx and progress) is kept, with
@@ -102,10 +150,21 @@ def bind_tool(fn: Callable[..., Any], ctx: ToolContext, inline: bool = False) ->
     reports_progress = "progress" in signature.parameters
     # The SDK fills a Context-typed parameter (the request's id, its progress token) and leaves it out of the schema.
     params.append(inspect.Parameter("mcp_context", inspect.Parameter.KEYWORD_ONLY, annotation=Context))
+    if confirms_spending:  # filled by the resolver, not by the caller: left out of the schema by the SDK
+        answer = Annotated[ElicitationResult[ConfirmStart], Resolve(spending_resolver(ctx))]
+        params.append(inspect.Parameter("confirmation", inspect.Parameter.KEYWORD_ONLY, annotation=answer))
     name = fn.__name__
 
-    def call(mcp_context: Context, **kwargs: Any) -> Any:
+    def call(mcp_context: Context, confirmation: ElicitationResult[ConfirmStart] | None = None, **kwargs: Any) -> Any:
         try:
+            if confirmation is not None and not (
+                isinstance(confirmation, AcceptedElicitation) and confirmation.data == NOT_ASKED
+            ):
+                agreed = isinstance(confirmation, AcceptedElicitation) and confirmation.data.start
+                if not agreed:  # declined, cancelled, or accepted with start: false
+                    server_logger(ctx.home).info("tool %s: the user declined the start", name)
+                    return training.declined(ctx, kwargs["config"], kwargs.get("force", False))
+                kwargs["confirmed"] = True
             result = fn(ctx, **kwargs)
         except LmtunerError as exc:
             message = redact(str(exc))
@@ -180,6 +239,8 @@ def build_server(
     read_only: bool = False,
     ray_addresses: list[str] | None = None,
     server_options: dict[str, Any] | None = None,
+    confirm_over_minutes: float | None = CONFIRM_OVER_MINUTES,
+    confirm_over_devices: int | None = CONFIRM_OVER_DEVICES,
 ) -> MCPServer:
     """The lmtuner MCP server. roots=None confines file arguments to the working directory and $LMTUNER_HOME.
     ray_addresses: the Ray clusters callers may name (`--ray-address`), with those of LMTUNER_RAY_ADDRESSES; with
@@ -190,7 +251,10 @@ def build_server(
     # so are the folders it converted .gguf models into, which propose_config puts in its config.
     allowed = AllowedRoots([*roots, home / "runs", home / "models"] if roots is not None else [Path.cwd(), home])
     clusters = RayAddresses.from_settings(ray_addresses, os.environ)
-    ctx = ToolContext(home=home, roots=allowed, read_only=read_only, ray_addresses=clusters)
+    ctx = ToolContext(
+        home=home, roots=allowed, read_only=read_only, ray_addresses=clusters,
+        confirm_over_minutes=confirm_over_minutes, confirm_over_devices=confirm_over_devices,
+    )  # fmt: skip
     tools = [make_tool(spec, ctx) for spec in TOOLS if spec.read_only or not read_only]
     server = MCPServer(
         "lmtuner",
@@ -207,7 +271,7 @@ def build_server(
 
 def make_tool(spec: ToolSpec, ctx: ToolContext) -> Tool:
     tool = Tool.from_function(
-        bind_tool(spec.fn, ctx, inline=spec.inline),
+        bind_tool(spec.fn, ctx, inline=spec.inline, confirms_spending=spec.confirms_spending),
         name=spec.fn.__name__,
         title=spec.title,
         description=inspect.getdoc(spec.fn),

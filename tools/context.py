@@ -32,6 +32,11 @@ class ToolContext:
     read_only: bool = False
     # The Ray clusters callers may name (the owner's --ray-address list); None inside: unconfined, like the roots.
     ray_addresses: RayAddresses = field(default_factory=lambda: RayAddresses(None))
+    # When start_training asks before spending (the owner's --confirm-over-minutes / --confirm-over-devices): a job
+    # estimated to run longer, or holding more devices, waits for the user's yes. None: never asks (the CLI, where
+    # the owner types the command).
+    confirm_over_minutes: float | None = None
+    confirm_over_devices: int | None = None
 
     @cached_property
     def jobs(self) -> JobService:

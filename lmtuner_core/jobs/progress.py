@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, PrivateAttr
 
 from lmtuner_core.jobs.ray_launcher import RayJobView, read_view
-from lmtuner_core.jobs.run_folder import RunDir
+from lmtuner_core.jobs.run_folder import RunDir, read_json
 from lmtuner_core.jobs.store import JobRecord
 from lmtuner_core.report.result import ResultReport, read_report
 from lmtuner_core.secrets import redact
@@ -51,6 +51,17 @@ class JobProgress(BaseModel):
         description="For a completed job: did the model get better? Base vs tuned on the held-out rows (the metric "
         "named), answers side by side, the answers that went from right to wrong, the retention check (what the "
         "model kept of what it knew) and advice for the next run (propose_config(previous_job=...) applies it).",
+    )
+    estimate: dict | None = Field(
+        None,
+        description="The time estimate made when the job started: {wall_seconds, tokens_per_second, basis, ...} "
+        "(as propose_config's `estimate`).",
+    )
+    estimate_error: float | None = Field(
+        None,
+        description="How far the estimate was off: (estimated - measured) / measured wall seconds; measured is the "
+        "job's elapsed time once it completed, elapsed + eta while it trains. -0.2: the job took 25% longer than "
+        "estimated. Example: 0.12.",
     )
     # A loss-curve PNG to send as image content beside the structured result (job_status include_plot).
     _plot_png: bytes | None = PrivateAttr(None)
@@ -120,6 +131,11 @@ def read_progress(record: JobRecord, log_lines: int | None = 20, with_report: bo
             (str(p) for p in run.checkpoints.glob("checkpoint-*") if p.is_dir()),
             key=lambda p: int(p.rsplit("-", 1)[1]) if p.rsplit("-", 1)[1].isdigit() else 0,
         )
+    estimate = (read_json(run.estimate) or {}).get("estimate")
+    estimate_error = None
+    measured = elapsed if record.status == "completed" else (elapsed + eta if elapsed and eta is not None else None)
+    if estimate and measured and estimate.get("wall_seconds"):
+        estimate_error = round((estimate["wall_seconds"] - measured) / measured, 3)
     error = record.error
     if record.status == "failed" and not error:
         error = state.get("error")
@@ -147,4 +163,6 @@ def read_progress(record: JobRecord, log_lines: int | None = 20, with_report: bo
         devices=record.devices,
         ray=read_view(run, record.ray_job_id, record.ray_address or "") if record.ray_job_id else None,
         report=read_report(run.root) if with_report and record.status == "completed" else None,
+        estimate=estimate,
+        estimate_error=estimate_error,
     )

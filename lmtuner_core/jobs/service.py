@@ -13,6 +13,7 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -270,17 +271,24 @@ class JobService:
     # -------------------------------------------------------------------------------------------- submit
 
     def submit(
-        self, config: TrainConfig, *, dry_run: bool = False, force: bool = False
+        self,
+        config: TrainConfig,
+        *,
+        dry_run: bool = False,
+        force: bool = False,
+        gate: Callable[[TrainConfig, str], bool] | None = None,
     ) -> tuple[JobRecord | None, TrainConfig, list[str]]:
         """Checks the config and its memory need and, unless dry_run, records the job and starts it if its
-        devices are free. A job that would not fit its devices is refused unless force."""
+        devices are free. A job that would not fit its devices is refused unless force. `gate(checked, devices)`,
+        called once everything is checked and before anything is written, may hold the start back (False): the
+        answer is then that of a dry run (start_training's confirmation before spending)."""
         job_id = new_job_id()
         run = self.run_dir(job_id)
         if config.ray is not None:  # what the server reaches and writes is checked first, before any connection
             config = self._confine_ray(config)
         checked, warnings = check_config(config, self.roots, run, dry_run=dry_run)
         if checked.ray is not None:
-            return self._submit_to_ray(checked, job_id, warnings, dry_run=dry_run)
+            return self._submit_to_ray(checked, job_id, warnings, dry_run=dry_run, gate=gate)
         devices = resolve_devices(checked.devices)
         check_processes(checked, devices)
         warnings += preflight(checked, devices, refuse=not force)  # a dry run is refused as the real start is
@@ -292,7 +300,7 @@ class JobService:
             raise LmtunerError(
                 f"liger: true cannot run for {why}; use 'auto' (on where it can run) or false", field="liger"
             )
-        if dry_run:
+        if dry_run or (gate is not None and not gate(checked, devices)):
             return None, checked, warnings
         try:
             run.root.mkdir(parents=True)
@@ -311,7 +319,13 @@ class JobService:
         return record, checked, warnings
 
     def _submit_to_ray(
-        self, checked: TrainConfig, job_id: str, warnings: list[str], *, dry_run: bool
+        self,
+        checked: TrainConfig,
+        job_id: str,
+        warnings: list[str],
+        *,
+        dry_run: bool,
+        gate: Callable[[TrainConfig, str], bool] | None = None,
     ) -> tuple[JobRecord | None, TrainConfig, list[str]]:
         """A job for a Ray cluster: the cluster is reached and its resources compared with the request before
         anything is written; then the job is submitted there and recorded with its Ray job id."""
@@ -319,7 +333,7 @@ class JobService:
 
         assert checked.ray is not None
         warnings += ray_launcher.check_cluster(checked.ray, self.ray_addresses)
-        if dry_run:
+        if dry_run or (gate is not None and not gate(checked, "ray")):
             return None, checked, warnings
         run = self.run_dir(job_id)
         try:
