@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         recipe.save()
         recipe.report(time.monotonic() - started)
+        recipe.write_card(time.monotonic() - started)
         if rank == 0:
             peak = peak_rss_mib()
             state.update(status="completed", phase=None, output_dir=config.output_dir, peak_rss_mib=peak)
