@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import difflib
 import functools
+import importlib
 import inspect
 import logging
 import os
@@ -25,16 +26,13 @@ from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, create_model, model_validator
 
 from lmtuner_core import __version__
-from lmtuner_core.config import TrainConfig
 from lmtuner_core.errors import LmtunerError, hide_outside_paths, shown
-from lmtuner_core.jobs.ray_launcher import RayAddresses
 from lmtuner_core.paths import AllowedRoots, lmtuner_home
 from lmtuner_core.reporting import ProgressFn
 from lmtuner_core.secrets import redact
 from server.logs import report_unexpected, server_logger
 from server.prompts import register_prompts
 from server.resources import register_resources
-from tools import data, evaluation, export, hardware, inference, planning, quantize, serving, training
 from tools.context import ToolContext
 
 # pydantic's validation messages (which the SDK shows for schema violations) without documentation URLs.
@@ -70,7 +68,7 @@ CONFIRM_OVER_DEVICES = 1
 
 @dataclass(frozen=True)
 class ToolSpec:
-    fn: Callable[..., Any]
+    target: str  # "module:function" in tools/, imported when the tool is first called (the server starts fast)
     title: str
     read_only: bool
     destructive: bool = False
@@ -82,24 +80,33 @@ class ToolSpec:
     # Asks the user (elicitation) before a job over the owner's limits spends their devices: start_training.
     confirms_spending: bool = False
 
+    @property
+    def name(self) -> str:
+        return self.target.rsplit(":", 1)[1]
+
+    @property
+    def fn(self) -> Callable[..., Any]:
+        module, name = self.target.rsplit(":", 1)
+        return getattr(importlib.import_module(module), name)
+
 
 TOOLS = (
-    ToolSpec(hardware.inspect_gpus, "Inspect GPUs and machine", read_only=True, idempotent=True),
-    ToolSpec(data.analyze_dataset, "Analyze a dataset", read_only=True, idempotent=True),
-    ToolSpec(planning.propose_config, "Propose a training config that fits", read_only=True, idempotent=True),
-    ToolSpec(training.start_training, "Start a fine-tuning job", read_only=False, confirms_spending=True),
-    ToolSpec(training.job_status, "Job status and progress", read_only=True, idempotent=True, inline=True),
-    ToolSpec(training.list_jobs, "List jobs", read_only=True, idempotent=True, inline=True),
-    ToolSpec(training.cancel_job, "Cancel a job", read_only=False, destructive=True, idempotent=True),
-    ToolSpec(training.resume_job, "Resume a failed or cancelled job", read_only=False),
-    ToolSpec(inference.generate, "Generate with a model or adapter", read_only=True),
-    ToolSpec(evaluation.evaluate, "Evaluate a model, adapter or predictions file", read_only=True),
-    ToolSpec(inference.merge_adapter, "Merge an adapter into its base model", read_only=False),
-    ToolSpec(quantize.quantize, "Quantize a model (bnb-nf4, bnb-int8, gptq-w4a16)", read_only=False),
-    ToolSpec(export.export_model, "Export a model or adapter as GGUF (llama.cpp, Ollama)", read_only=False),
-    ToolSpec(serving.serve_model, "Serve a model and adapters with vLLM", read_only=False),
-    ToolSpec(serving.stop_serving, "Stop a vLLM server", read_only=False, destructive=True, idempotent=True),
-    ToolSpec(serving.list_servers, "List vLLM servers", read_only=True, idempotent=True),
+    ToolSpec("tools.hardware:inspect_gpus", "Inspect GPUs and machine", read_only=True, idempotent=True),
+    ToolSpec("tools.data:analyze_dataset", "Analyze a dataset", read_only=True, idempotent=True),
+    ToolSpec("tools.planning:propose_config", "Propose a training config that fits", read_only=True, idempotent=True),
+    ToolSpec("tools.training:start_training", "Start a fine-tuning job", read_only=False, confirms_spending=True),
+    ToolSpec("tools.training:job_status", "Job status and progress", read_only=True, idempotent=True, inline=True),
+    ToolSpec("tools.training:list_jobs", "List jobs", read_only=True, idempotent=True, inline=True),
+    ToolSpec("tools.training:cancel_job", "Cancel a job", read_only=False, destructive=True, idempotent=True),
+    ToolSpec("tools.training:resume_job", "Resume a failed or cancelled job", read_only=False),
+    ToolSpec("tools.inference:generate", "Generate with a model or adapter", read_only=True),
+    ToolSpec("tools.evaluation:evaluate", "Evaluate a model, adapter or predictions file", read_only=True),
+    ToolSpec("tools.inference:merge_adapter", "Merge an adapter into its base model", read_only=False),
+    ToolSpec("tools.quantize:quantize", "Quantize a model (bnb-nf4, bnb-int8, gptq-w4a16)", read_only=False),
+    ToolSpec("tools.export:export_model", "Export a model or adapter as GGUF (llama.cpp, Ollama)", read_only=False),
+    ToolSpec("tools.serving:serve_model", "Serve a model and adapters with vLLM", read_only=False),
+    ToolSpec("tools.serving:stop_serving", "Stop a vLLM server", read_only=False, destructive=True, idempotent=True),
+    ToolSpec("tools.serving:list_servers", "List vLLM servers", read_only=True, idempotent=True),
 )
 
 
@@ -119,8 +126,10 @@ def spending_resolver(ctx: ToolContext) -> Callable[..., Any]:
     owner's limits; otherwise the tool runs as called and answers 'needs_confirmation' where the limits apply."""
 
     async def ask_before_spending(
-        mcp_context: Context, config: TrainConfig, dry_run: bool, force: bool, confirmed: bool
+        mcp_context: Context, config, dry_run, force, confirmed
     ) -> Elicit[ConfirmStart] | str:
+        from tools import training
+
         if dry_run or confirmed or (ctx.confirm_over_minutes is None and ctx.confirm_over_devices is None):
             return NOT_ASKED
         capabilities = mcp_context.client_capabilities
@@ -162,6 +171,8 @@ def bind_tool(
             ):
                 agreed = isinstance(confirmation, AcceptedElicitation) and confirmation.data.start
                 if not agreed:  # declined, cancelled, or accepted with start: false
+                    from tools import training
+
                     server_logger(ctx.home).info("tool %s: the user declined the start", name)
                     return training.declined(ctx, kwargs["config"], kwargs.get("force", False))
                 kwargs["confirmed"] = True
@@ -250,12 +261,16 @@ def build_server(
     # The server's own run folders are always readable: an agent passes a job's output_dir to generate/merge;
     # so are the folders it converted .gguf models into, which propose_config puts in its config.
     allowed = AllowedRoots([*roots, home / "runs", home / "models"] if roots is not None else [Path.cwd(), home])
-    clusters = RayAddresses.from_settings(ray_addresses, os.environ)
+    clusters: Any = ClustersOnFirstUse(ray_addresses, os.environ)
+    if ray_addresses or os.environ.get("LMTUNER_RAY_ADDRESSES"):
+        from lmtuner_core.jobs.ray_launcher import RayAddresses
+
+        clusters = RayAddresses.from_settings(ray_addresses, os.environ)  # a bad entry is refused now
     ctx = ToolContext(
         home=home, roots=allowed, read_only=read_only, ray_addresses=clusters,
         confirm_over_minutes=confirm_over_minutes, confirm_over_devices=confirm_over_devices,
     )  # fmt: skip
-    tools = [make_tool(spec, ctx) for spec in TOOLS if spec.read_only or not read_only]
+    tools = listed_tools([spec for spec in TOOLS if spec.read_only or not read_only], ctx)
     server = MCPServer(
         "lmtuner",
         title="lmtuner — fine-tune LLMs from your agent",
@@ -269,19 +284,58 @@ def build_server(
     return server
 
 
+def listed_tools(specs: list[ToolSpec], ctx: ToolContext) -> list[Tool]:
+    """The tools, from the listing the last start kept when the sources are unchanged (each then built on its
+    first call), else built now and their listing kept (server/tool_cache.py)."""
+    from server import tool_cache
+
+    cached = tool_cache.load(ctx.home)
+    if all(spec.name in cached for spec in specs):
+        return [
+            tool_cache.DeferredTool.listed(
+                spec.name, spec.title, annotations(spec), cached[spec.name], functools.partial(make_tool, spec, ctx)
+            )
+            for spec in specs
+        ]
+    tools = [make_tool(spec, ctx) for spec in specs]
+    tool_cache.save(ctx.home, tools)
+    return tools
+
+
+def annotations(spec: ToolSpec) -> ToolAnnotations:
+    return ToolAnnotations(
+        title=spec.title,
+        readOnlyHint=spec.read_only,
+        destructiveHint=spec.destructive,
+        idempotentHint=spec.idempotent,
+        openWorldHint=False,
+    )
+
+
+class ClustersOnFirstUse:
+    """The owner's Ray clusters (RayAddresses) when none are configured: only 'auto', with nothing to check at
+    start, so the Ray module is imported when a tool first asks (the server starts fast)."""
+
+    def __init__(self, given: list[str] | None, environ: Any) -> None:
+        self._settings, self._made = (given, dict(environ)), None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._made is None:
+            from lmtuner_core.jobs.ray_launcher import RayAddresses
+
+            self._made = RayAddresses.from_settings(*self._settings)
+        return getattr(self._made, name)
+
+
 def make_tool(spec: ToolSpec, ctx: ToolContext) -> Tool:
     tool = Tool.from_function(
         bind_tool(spec.fn, ctx, inline=spec.inline, confirms_spending=spec.confirms_spending),
-        name=spec.fn.__name__,
+        name=spec.name,
         title=spec.title,
         description=inspect.getdoc(spec.fn),
-        annotations=ToolAnnotations(
-            title=spec.title,
-            readOnlyHint=spec.read_only,
-            destructiveHint=spec.destructive,
-            idempotentHint=spec.idempotent,
-            openWorldHint=False,
-        ),
+        annotations=annotations(spec),
     )
     tool.fn_metadata.arg_model = strict_arguments(tool.fn_metadata.arg_model)
     tool.parameters = tool.fn_metadata.arg_model.model_json_schema(by_alias=True)  # now additionalProperties: false

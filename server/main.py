@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         metavar="N",
         default=_env_number("LMTUNER_CONFIRM_OVER_DEVICES", 1),
-        help="start_training asks the user first when a job holds more than N GPUs or Ray workers (also "
+        help="start_training asks the user first when a job holds more than N GPUs or GPU Ray workers (also "
         "LMTUNER_CONFIRM_OVER_DEVICES; default 1).",
     )
     parser.add_argument("--http", action="store_true", help="Serve Streamable HTTP at /mcp instead of stdio.")
@@ -99,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_noise()
     configure_process_logging(lmtuner_home())  # before the SDK's own logging set-up, which it then leaves alone
     try:
-        from lmtuner_core.jobs.ray_launcher import RayAddresses
+        if args.ray_address or os.environ.get("LMTUNER_RAY_ADDRESSES"):  # without either, nothing to check or import
+            from lmtuner_core.jobs.ray_launcher import RayAddresses
 
-        RayAddresses.from_settings(args.ray_address, os.environ)  # a bad entry stops the start, naming its setting
+            RayAddresses.from_settings(args.ray_address, os.environ)  # a bad entry stops the start, naming it
     except LmtunerError as exc:
         print(f"lmtuner-mcp: {exc}", file=sys.stderr)
         return 2

@@ -181,7 +181,7 @@ class JobCost(BaseModel):
     """What starting a job spends: shown before a long or many-device job starts (start_training's confirmation)."""
 
     devices: str = Field(description="What the job holds: 'cpu', GPU indices such as '0,1', or 'ray'. Example: '0,1'.")
-    device_count: int = Field(description="GPUs (or Ray workers) the job holds; 0 for a CPU job. Example: 2.")
+    device_count: int = Field(description="GPUs (or GPU Ray workers) the job holds; 0 for a CPU job. Example: 2.")
     memory_per_device_gib: float | None = Field(
         None, description="Estimated training memory per device (per GPU, or RAM on the CPU), GiB. Example: 21.5."
     )
@@ -201,8 +201,8 @@ def estimate_job(
     from lmtuner_core.planning.memory import load_shape
     from lmtuner_core.planning.planner import HardwareSpec, check_fits
 
-    if devices == "ray":
-        count = config.ray.num_workers if config.ray is not None else 1
+    if devices == "ray":  # GPU workers are devices; CPU workers are the cluster's cores, as a local CPU job
+        count = config.ray.num_workers if config.ray is not None and config.ray.use_gpu else 0
     else:
         count = 0 if devices == "cpu" else len(devices.split(","))
     names = list(gpu_names or [])
