@@ -14,15 +14,18 @@ from lmtuner_core.data.datasets import held_out_count
 from lmtuner_core.methods import METHODS
 from lmtuner_core.planning.memory import ModelShape
 
-# --- CPU, measured with bench/estimate_accuracy.py on the project's 2-core machines (fp32, LoRA, padding-free).
-# Effective training FLOP/s per core on the model's matrix work (SmolLM2-135M LoRA: ~55 real tokens/s on 2 cores).
-CPU_TRAIN_GFLOPS_PER_CORE = 14.0
-# Fixed work per optimizer step beyond the matmuls (Python, the optimizer over the adapter, logging): tiny models.
-CPU_STEP_OVERHEAD_S = 0.03
-# Batched greedy generation (the report's answers, replay rows): forward only, FLOP/s per core.
-CPU_GENERATE_GFLOPS_PER_CORE = 6.0
-# Start of the training process: interpreter, torch/transformers/TRL imports, tokenizing, the first save.
-CPU_START_S = 14.0
+# --- CPU, fitted with bench/estimate_accuracy.py on the project's 2-core machines (fp32, LoRA, padding-free), where
+# other jobs share the cores: the figures are what a user of such a machine sees, not an idle machine's best.
+# Effective training FLOP/s per core on the model's matrix work (forward and backward).
+CPU_TRAIN_GFLOPS_PER_CORE = 16.0
+# Fixed work per micro-batch beyond the matmuls (Python, the Trainer, the optimizer over the adapter): tiny models.
+CPU_MICRO_BATCH_S = 0.3
+# Batched greedy generation (the report's answers, replay rows): forward FLOP/s per core, and the fixed cost of one
+# decoding step of a batch (the generate loop, sampling, the cache).
+CPU_GENERATE_GFLOPS_PER_CORE = 25.0
+CPU_DECODE_STEP_S, CPU_DECODE_LAYER_S = 0.02, 0.004
+# Start of the training process: interpreter, torch/transformers/TRL imports, tokenizing, the final save.
+CPU_START_S = 18.0
 # Loading weights from disk (fp32 safetensors), seconds per GB of parameters.
 LOAD_S_PER_GB = 6.0
 
@@ -51,10 +54,14 @@ GPU_UNKNOWN_TFLOPS = 100.0
 GPU_MFU = 0.35
 GPU_START_S = 30.0
 GPU_LOAD_S_PER_GB = 1.0
+GPU_DECODE_STEP_S = 0.03  # one decoding step of a batch: kernel launches dominate for small models
 QUANTIZED_BASE_SLOWDOWN = 1.3  # 4-/8-bit bases dequantize each matmul's weights on the fly
 
-PROBE_QUESTIONS = 256  # lmtuner_core/report/probe.jsonl: asked of the base and the tuned model when retention is on
-PROBE_NEW_TOKENS = 16
+# How the result report and replay generate (lmtuner_core/report/runner.py, training/recipe.py): batches and lengths.
+PROBE_QUESTIONS, PROBE_BATCH, PROBE_NEW_TOKENS = 256, 32, 16  # lmtuner_core/report/probe.jsonl, asked of both models
+PROBE_ANSWER_TOKENS = 12  # a batch stops when its longest answer ends: a sentence, not the limit
+HELD_OUT_BATCH, REPLAY_BATCH = 16, 16
+EVALUATIONS_PER_RUN = 8  # held-out loss evaluations in a run (recipe.py), plus one before training
 
 
 class TimeEstimate(BaseModel):
@@ -93,14 +100,15 @@ def _gpu_peak(name: str) -> tuple[float, str]:
     return GPU_UNKNOWN_TFLOPS, ""
 
 
-def training_rows(config: TrainConfig, rows: int) -> tuple[int, int]:
-    """(rows trained per epoch including replay rows, rows held out) for a dataset of `rows` rows."""
+def training_rows(config: TrainConfig, rows: int) -> tuple[int, int, int]:
+    """(rows trained per epoch including replay rows, rows held out, replay rows) for a dataset of `rows` rows."""
     fraction = config.dataset.eval_fraction if config.eval_dataset is None else 0.0
     held_out = held_out_count(rows, fraction)
     train = rows - held_out
-    if config.replay is not None:
-        train += round(train * config.replay.share / (1 - config.replay.share))
-    return max(train, 1), held_out
+    replay = 0
+    if config.replay is not None:  # recipe.py: share of the training rows, added to them
+        replay = round(config.replay.share * train / (1 - config.replay.share))
+    return max(train + replay, 1), held_out, replay
 
 
 def estimate_time(
@@ -117,7 +125,7 @@ def estimate_time(
     """The wall time and training throughput of `config` over `rows` rows of `mean_tokens` tokens on the given GPUs
     (all of them train, data-parallel) or, with none, on `cpu_cores` cores."""
     seq = min(mean_tokens, config.max_seq_len or mean_tokens)
-    train_rows, held = training_rows(config, rows)
+    train_rows, held, replay_rows = training_rows(config, rows)
     if held_out_rows is not None:
         held = held_out_rows
     per_step_rows = config.batch_size * config.gradient_accumulation_steps * max(1, len(gpu_names))
@@ -130,14 +138,14 @@ def estimate_time(
         tokens = train_rows * epochs * seq
     fpt = flops_per_token(shape, config, seq)
     quantized = METHODS[config.method].memory.base_quant
-    gen_flops_per_token = 2.0 * compute_params(shape)
+    n = compute_params(shape)
     weights_gb = shape.param_count * 4 / 1e9
     if gpu_names:
         peak, matched = _gpu_peak(gpu_names[0])
         flops = peak * 1e12 * GPU_MFU * len(gpu_names) / (QUANTIZED_BASE_SLOWDOWN if quantized else 1.0)
         gen_flops = flops * 0.3 / len(gpu_names)  # generation is memory-bound: a fraction of the training rate
         start = GPU_START_S + GPU_LOAD_S_PER_GB * weights_gb / 2
-        step_overhead = 0.05
+        micro_overhead, decode_step = 0.02, GPU_DECODE_STEP_S
         what = f"{gpu_names[0]}" if matched else f"unknown GPU {gpu_names[0]!r} (taken as {peak:.0f} TFLOP/s)"
         basis = (
             f"{len(gpu_names)}x {what}: published dense bf16 peak {peak:.0f} TFLOP/s x {GPU_MFU:.0%} utilisation "
@@ -148,24 +156,38 @@ def estimate_time(
         flops = CPU_TRAIN_GFLOPS_PER_CORE * 1e9 * cores / (QUANTIZED_BASE_SLOWDOWN if quantized else 1.0)
         gen_flops = CPU_GENERATE_GFLOPS_PER_CORE * 1e9 * cores
         start = CPU_START_S + LOAD_S_PER_GB * weights_gb
-        step_overhead = CPU_STEP_OVERHEAD_S
+        micro_overhead = CPU_MICRO_BATCH_S
+        decode_step = CPU_DECODE_STEP_S + CPU_DECODE_LAYER_S * shape.num_layers
         basis = (
-            f"CPU, {cores} cores: calibrated on measured CPU runs on this project's machines (bench/"
-            f"estimate_accuracy.py; {CPU_TRAIN_GFLOPS_PER_CORE:.0f} GFLOP/s per core effective)"
+            f"CPU, {cores} cores: fitted on measured CPU jobs on this project's 2-core machines (bench/"
+            f"estimate_accuracy.py: {CPU_TRAIN_GFLOPS_PER_CORE:.0f} GFLOP/s per core training, "
+            f"{CPU_GENERATE_GFLOPS_PER_CORE:.0f} generating); no base answers cached"
         )
-    train_seconds = tokens * fpt / flops + steps * step_overhead
-    # The result report: held-out rows (and the probe) answered by the base and the tuned model; replay rows are
-    # the base model's answers too.
-    generated = 0.0
-    if config.report.enabled and held:
+    micro_batches = steps * config.gradient_accumulation_steps
+    train_seconds = tokens * fpt / flops + micro_batches * micro_overhead
+    if held:  # the held-out loss, evaluated before training and EVALUATIONS_PER_RUN times during it
+        train_seconds += (EVALUATIONS_PER_RUN + 1) * held * seq * 2.0 * n / flops
+
+    def generating(items: int, batch: int, new_tokens: float) -> float:
+        """Seconds to answer `items` prompts greedily in batches that run to `new_tokens` tokens."""
+        if items <= 0:
+            return 0.0
+        batches = math.ceil(items / batch)
+        return batches * new_tokens * (decode_step + 2.0 * n * min(batch, items) / gen_flops)
+
+    generate_seconds = 0.0
+    if config.report.enabled and held:  # the result report: base before training, tuned after
         answers = min(held, config.report.max_rows)
-        generated += 2 * answers * min(384, max(16, seq / 2))
+        # A batch runs until its longest answer ends, within room for the longest reference (runner._new_tokens):
+        # about the answer's length, taken as half the row (the rest is the question and the template).
+        new_tokens = min(384.0, max(16.0, 1.25 * seq / 2 + 8))
+        per_model = generating(answers, HELD_OUT_BATCH, new_tokens)
         if config.report.retention:
-            generated += 2 * PROBE_QUESTIONS * PROBE_NEW_TOKENS
-    if config.replay is not None:
-        generated += (train_rows - (rows - held)) * config.replay.max_new_tokens
-    report_seconds = generated * gen_flops_per_token / gen_flops
-    wall = start + train_seconds + report_seconds
+            per_model += generating(PROBE_QUESTIONS, PROBE_BATCH, min(PROBE_NEW_TOKENS, PROBE_ANSWER_TOKENS))
+        generate_seconds += 2 * per_model
+    if config.replay is not None:  # the base model's own answers, mixed into the training rows
+        generate_seconds += generating(replay_rows, REPLAY_BATCH, config.replay.max_new_tokens)
+    wall = start + train_seconds + generate_seconds
     if tokens_basis:
         basis += f"; {tokens_basis}"
     return TimeEstimate(
