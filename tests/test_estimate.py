@@ -39,4 +39,4 @@ def test_plan_carries_an_estimate_that_says_what_it_rests_on(tmp_path, tiny_mode
     assert "2x NVIDIA H100" in gpu_estimate["basis"] and "published" in gpu_estimate["basis"]
     # two H100s against two CPU cores; on a 0.6M-parameter model the per-step overheads, not FLOPs, set the pace
     assert gpu_estimate["tokens_per_second"] > 10 * cpu_estimate["tokens_per_second"]
-    assert gpu_estimate["wall_seconds"] < cpu_estimate["wall_seconds"]
+    assert gpu_estimate["train_seconds"] < cpu_estimate["train_seconds"]
