@@ -30,6 +30,8 @@ from lmtuner_core.errors import LmtunerError, hide_outside_paths, shown
 from lmtuner_core.paths import AllowedRoots, lmtuner_home
 from lmtuner_core.reporting import ProgressFn
 from lmtuner_core.secrets import redact
+from server.dashboard import DASHBOARD_TOOLS, dashboard_apps, dashboard_meta, hide_apps_from_plain_clients
+from server.icons import server_icons, tool_icons
 from server.logs import report_unexpected, server_logger
 from server.prompts import register_prompts
 from server.resources import register_resources
@@ -271,13 +273,19 @@ def build_server(
         confirm_over_minutes=confirm_over_minutes, confirm_over_devices=confirm_over_devices,
     )  # fmt: skip
     tools = listed_tools([spec for spec in TOOLS if spec.read_only or not read_only], ctx)
+    options = dict(server_options or {})
+    # The job dashboard (MCP Apps): shown by hosts that declared Apps; hidden from the others' lists.
+    middleware = [hide_apps_from_plain_clients, *options.pop("middleware", ())]
     server = MCPServer(
         "lmtuner",
         title="lmtuner — fine-tune LLMs from your agent",
         version=__version__,
         instructions=INSTRUCTIONS,
+        icons=server_icons(),
         tools=tools,
-        **(server_options or {}),
+        extensions=[dashboard_apps()],
+        middleware=middleware,
+        **options,
     )
     register_resources(server, ctx)
     register_prompts(server)
@@ -293,7 +301,13 @@ def listed_tools(specs: list[ToolSpec], ctx: ToolContext) -> list[Tool]:
     if all(spec.name in cached for spec in specs):
         return [
             tool_cache.DeferredTool.listed(
-                spec.name, spec.title, annotations(spec), cached[spec.name], functools.partial(make_tool, spec, ctx)
+                spec.name,
+                spec.title,
+                annotations(spec),
+                cached[spec.name],
+                functools.partial(make_tool, spec, ctx),
+                icons=tool_icons(spec.name),
+                meta=dashboard_meta() if spec.name in DASHBOARD_TOOLS else None,
             )
             for spec in specs
         ]
@@ -336,6 +350,8 @@ def make_tool(spec: ToolSpec, ctx: ToolContext) -> Tool:
         title=spec.title,
         description=inspect.getdoc(spec.fn),
         annotations=annotations(spec),
+        icons=tool_icons(spec.name),
+        meta=dashboard_meta() if spec.name in DASHBOARD_TOOLS else None,
     )
     tool.fn_metadata.arg_model = strict_arguments(tool.fn_metadata.arg_model)
     tool.parameters = tool.fn_metadata.arg_model.model_json_schema(by_alias=True)  # now additionalProperties: false

@@ -88,11 +88,14 @@ class DeferredTool(Tool):
     _built: Tool | None = PrivateAttr(None)
 
     @classmethod
-    def listed(cls, name: str, title: str, annotations: Any, entry: dict[str, Any], build: Callable[[], Tool]):
+    def listed(
+        cls, name: str, title: str, annotations: Any, entry: dict[str, Any], build: Callable[[], Tool], **extra: Any
+    ) -> DeferredTool:
+        """`extra`: the tool's icons and meta, as make_tool gives them."""
         tool = cls.model_construct(
             fn=_unbuilt, name=name, title=title, description=entry["description"], parameters=entry["parameters"],
-            fn_metadata=None, is_async=True, context_kwarg=None, annotations=annotations, icons=None, meta=None,
-            resolved_params={}, resolver_plans={},
+            fn_metadata=None, is_async=True, context_kwarg=None, annotations=annotations, icons=extra.get("icons"),
+            meta=extra.get("meta"), resolved_params={}, resolver_plans={},
         )  # fmt: skip
         tool._build, tool._output = build, entry["output"]
         return tool
