@@ -144,3 +144,32 @@ def test_default_limits_let_small_jobs_start(tmp_path, tiny_model):
         assert status["estimate_error"] == pytest.approx((estimate["wall_seconds"] - measured) / measured, abs=2e-3)
 
     anyio.run(run)
+
+
+def test_over_oauth_the_scope_decides_who_may_start_at_all(tmp_path, tiny_model):
+    """A read-only token is refused before anyone is asked (and confirmed: true does not help); a train token is
+    asked, and starts on yes."""
+    from tests.oauth_helpers import oauth_server, register, tokens_for
+
+    home = tmp_path / "home"
+    home.mkdir()
+    config = quick_config(tiny_model, write_rows(tmp_path), max_steps=200)
+    roots = ["--root", str(tmp_path), "--root", str(tiny_model), "--confirm-over-minutes", "0"]
+    with oauth_server(home, *roots) as (base, url, _):
+        reader = tokens_for(base, register(base, scope="lmtuner:read")["client_id"], scope="lmtuner:read")
+        trainer = tokens_for(base, register(base)["client_id"])
+
+        async def start(token: str, asker: Asker, **extra):
+            http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+            async with http, mcp.Client(streamable_http_client(url, http_client=http), elicitation_callback=asker) as c:
+                result = await c.call_tool("start_training", {"config": config, **extra})
+                if not result.is_error and result.structured_content["job_id"]:
+                    await call_ok(c, "cancel_job", {"job_id": result.structured_content["job_id"], "grace_seconds": 0})
+                return result
+
+        refused_asker, yes = Asker("accept"), Asker("accept")
+        refused = anyio.run(lambda: start(reader["access_token"], refused_asker, confirmed=True))
+        started = anyio.run(lambda: start(trainer["access_token"], yes))
+    assert refused.is_error and "lmtuner:train" in refused.content[0].text and refused_asker.messages == []
+    assert not started.is_error and started.structured_content["status"] in ("running", "queued")
+    assert len(yes.messages) == 1
