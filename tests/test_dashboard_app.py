@@ -154,7 +154,9 @@ def test_dashboard_charts_a_running_job_and_its_cancel_button_cancels_it(tiny_mo
             tools = {t.name: t for t in (await client.list_tools()).tools}
             assert tools["start_training"].meta["ui"]["resourceUri"] == DASHBOARD_URI
             # The agent starts a job that would run for a long time; the host renders the tool's View beside it.
-            arguments = {"config": quick_config(tiny_model, demo_data, max_steps=100_000, save_steps=1_000_000)}
+            # an endless job: over the default 30-minute limit, so confirmed as a user would (test_confirmation.py)
+            config = quick_config(tiny_model, demo_data, max_steps=100_000, save_steps=1_000_000)
+            arguments = {"config": config, "confirmed": True}
             started = await client.call_tool("start_training", arguments)
             assert not started.is_error, started.content[0].text
             job_id = started.structured_content["job_id"]

@@ -19,6 +19,7 @@ from lmtuner_core.planning.hardware import inspect_hardware
 from lmtuner_core.planning.hyperparameters import answer_profile
 from lmtuner_core.planning.memory import load_shape
 from lmtuner_core.planning.planner import HardwareSpec, Proposal, propose
+from lmtuner_core.planning.throughput import estimate_time
 from lmtuner_core.report.result import read_report
 from lmtuner_core.reporting import ProgressFn
 from tools.context import ToolContext
@@ -153,9 +154,10 @@ def propose_config(
         # Each Ray worker is one process on one device: plan the memory of one.
         hardware = hardware or this_machine(ctx)
         hardware = hardware.model_copy(update={"gpus": hardware.gpus[:1]})
+    hardware = hardware or this_machine(ctx)
     profile = answer_profile(load_examples(spec, ctx.roots).examples) if analysis.format != "text" else None
     plan = propose(
-        model=model_ref, shape=shape, dataset=spec, hardware=hardware or this_machine(ctx), rows=analysis.rows,
+        model=model_ref, shape=shape, dataset=spec, hardware=hardware, rows=analysis.rows,
         p95_tokens=analysis.token_lengths.p95, method=method, max_seq_len=max_seq_len, target_context=target_context,
         goal=goal, profile=profile,
     )  # fmt: skip
@@ -167,6 +169,12 @@ def propose_config(
     if not local_model:
         plan.warnings.append(f"Token lengths are estimated ({analysis.tokenizer}): the model's tokenizer is not local.")
     plan.warnings += [f"Data: {p}" for p in analysis.problems]
+    if cluster is None:
+        counted = "tokens counted with the model's tokenizer" if local_model else "token counts estimated"
+        plan.estimate = estimate_time(
+            shape, plan.config, rows=analysis.rows, mean_tokens=analysis.token_lengths.mean,
+            gpu_names=[g.name for g in hardware.gpus], tokens_basis=counted,
+        )  # fmt: skip
     if cluster is not None and slurm_partition is not None:
         slurm, why = cluster
         plan.config = TrainConfig.model_validate({**plan.config.model_dump(), "slurm": slurm.model_dump()})  # type: ignore[union-attr]

@@ -12,7 +12,7 @@ from lmtuner_core.jobs.ray_launcher import RayJobView
 from lmtuner_core.jobs.slurm_launcher import SlurmJobView
 from lmtuner_core.jobs.store import JobRecord
 from lmtuner_core.report.result import ResultReport, read_report
-from lmtuner_core.run import RunDir
+from lmtuner_core.run import RunDir, read_json
 from lmtuner_core.secrets import redact
 from lmtuner_core.system.files import tail_lines
 
@@ -64,6 +64,17 @@ class JobProgress(BaseModel):
         "named), answers side by side, the answers that went from right to wrong, the retention check (what the "
         "model kept of what it knew) and advice for the next run (propose_config(previous_job=...) applies it).",
     )
+    estimate: dict | None = Field(
+        None,
+        description="The time estimate made when the job started: {wall_seconds, tokens_per_second, basis, ...} "
+        "(as propose_config's `estimate`).",
+    )
+    estimate_error: float | None = Field(
+        None,
+        description="How far the estimate was off: (estimated - measured) / measured wall seconds; measured is the "
+        "job's elapsed time once it completed, elapsed + eta while it trains. -0.2: the job took 25% longer than "
+        "estimated. Example: 0.12.",
+    )
     # A loss-curve PNG to send as image content beside the structured result (job_status include_plot).
     _plot_png: bytes | None = PrivateAttr(None)
 
@@ -111,6 +122,11 @@ def read_progress(record: JobRecord, log_lines: int | None = 20, with_report: bo
     if record.status == "running" and total and step and train_elapsed:
         eta = round((total - step) * train_elapsed / step, 1)
     checkpoints = [str(p) for p in run.checkpoint_folders()]
+    estimate = (read_json(run.estimate) or {}).get("estimate")
+    estimate_error = None
+    measured = elapsed if record.status == "completed" else (elapsed + eta if elapsed and eta is not None else None)
+    if estimate and measured and estimate.get("wall_seconds"):
+        estimate_error = round((estimate["wall_seconds"] - measured) / measured, 3)
     error = record.error
     if record.status == "failed" and not error:
         error = state.get("error")
@@ -139,4 +155,6 @@ def read_progress(record: JobRecord, log_lines: int | None = 20, with_report: bo
         created_at=record.created_at,
         devices=record.devices,
         report=read_report(run.root) if with_report and record.status == "completed" else None,
+        estimate=estimate,
+        estimate_error=estimate_error,
     )

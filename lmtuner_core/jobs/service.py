@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -210,10 +211,17 @@ class JobService:
     # -------------------------------------------------------------------------------------------- submit
 
     def submit(
-        self, config: TrainConfig, *, dry_run: bool = False, force: bool = False
+        self,
+        config: TrainConfig,
+        *,
+        dry_run: bool = False,
+        force: bool = False,
+        gate: Callable[[TrainConfig, str], bool] | None = None,
     ) -> tuple[JobRecord | None, TrainConfig, list[str]]:
         """Checks the config, and with its launcher whether it can run there (a job that would not fit its devices
-        is refused unless force); unless dry_run, records the job and hands it to its launcher."""
+        is refused unless force); unless dry_run, records the job and hands it to its launcher. `gate(checked,
+        devices)`, called once everything is checked and before anything is written, may hold the start back
+        (False): the answer is then that of a dry run (start_training's confirmation before spending)."""
         job_id = new_job_id()
         run = self.run_dir(job_id)
         launcher = self.launchers.for_config(config)
@@ -221,7 +229,7 @@ class JobService:
         checked, warnings = check_config(config, self.roots, run, dry_run=dry_run)
         placement = launcher.check(checked, force=force)  # a dry run is refused as the real start is
         warnings += placement.warnings
-        if dry_run:
+        if dry_run or (gate is not None and not gate(checked, placement.devices)):
             return None, checked, warnings
         try:
             run.root.mkdir(parents=True)

@@ -18,6 +18,7 @@ from lmtuner_core.methods import METHODS, default_learning_rate, planner_default
 from lmtuner_core.planning.hardware import GpuInfo
 from lmtuner_core.planning.hyperparameters import AnswerProfile, training_recipe
 from lmtuner_core.planning.memory import MemoryEstimate, ModelShape, estimate_memory
+from lmtuner_core.planning.throughput import TimeEstimate
 
 USABLE_GPU_SHARE = 0.92  # what a job can really use: the rest goes to other processes and the driver
 USABLE_RAM_SHARE = 0.80
@@ -53,6 +54,11 @@ class Proposal(BaseModel):
     rationale: list[str] = Field(description="Why each choice, in plain words.")
     alternatives: list[Alternative] = Field(description="Other options and their memory.")
     warnings: list[str] = Field(description="What the user should know before starting.")
+    estimate: TimeEstimate | None = Field(
+        None,
+        description="Expected wall time and training tokens/s of `config` on the planned hardware, and what the "
+        "figures rest on (`basis`). None for a Ray cluster (its nodes are not measured here).",
+    )
 
 
 @dataclass

@@ -58,6 +58,11 @@ class RunDir:
         return self.root / "metrics.jsonl"
 
     @property
+    def estimate(self) -> Path:
+        """The time estimate made when the job was submitted (JobCost of lmtuner_core.planning.throughput)."""
+        return self.root / "estimate.json"
+
+    @property
     def state(self) -> Path:
         """Status, phase and step, written by the training process (see StateFile)."""
         return self.root / "state.json"

@@ -494,6 +494,23 @@ class SFTRecipe:
         print(f"[lmtuner] result report ({report.seconds:.0f}s): {report.metric} {report.base} -> {report.tuned} on "
               f"{report.held_out_rows} held-out rows{kept}: {report.verdict}", flush=True)  # fmt: skip
 
+    def write_card(self, job_seconds: float) -> None:
+        """Writes README.md, the Hugging Face model card, beside the saved model: how it was trained, the result
+        report's scores, limitations and how to run it. A card that fails must not fail the job."""
+        if not self.trainer.is_world_process_zero():
+            return
+        from lmtuner_core.report.model_card import model_card, write_model_card
+        from lmtuner_core.report.result import read_report
+
+        try:
+            config = json.loads(self.run.config.read_text(encoding="utf-8"))
+            text = model_card(config, read_report(self.run.root), adapter=METHODS[self.config.method].adapter,
+                              job_seconds=job_seconds)  # fmt: skip
+            write_model_card(Path(self.config.output_dir or self.run.default_output), text)
+        except Exception:
+            traceback.print_exc()
+            print("[lmtuner] the model card (README.md) was not written; the model is saved", flush=True)
+
     def save(self) -> None:
         """Writes the adapter (LoRA family) or the full model, with the tokenizer, in Hugging Face layout."""
         self.state.update(phase="saving")

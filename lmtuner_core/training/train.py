@@ -106,6 +106,7 @@ def run_recipe(
             return "cancelled"
         recipe.save()
         recipe.report(time.monotonic() - started)
+        recipe.write_card(time.monotonic() - started)
         if rank == 0:
             peak = peak_rss_mib()
             state.update(status="completed", phase=None, output_dir=config.output_dir, peak_rss_mib=peak)
