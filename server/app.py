@@ -31,7 +31,7 @@ from lmtuner_core.secrets import redact
 from server.logs import report_unexpected, server_logger
 from server.prompts import register_prompts
 from server.resources import register_resources
-from tools import data, evaluation, export, hardware, inference, planning, quantize, serving, training
+from tools import data, evaluation, export, hardware, inference, planning, quantize, serving, training, tuning
 from tools.context import ToolContext
 
 # pydantic's validation messages (which the SDK shows for schema violations) without documentation URLs.
@@ -81,6 +81,7 @@ TOOLS = (
     ToolSpec(training.list_jobs, "List jobs", read_only=True, idempotent=True, inline=True),
     ToolSpec(training.cancel_job, "Cancel a job", read_only=False, destructive=True, idempotent=True),
     ToolSpec(training.resume_job, "Resume a failed or cancelled job", read_only=False),
+    ToolSpec(tuning.tune_config, "Sweep the training recipe (Ray Tune)", read_only=False),
     ToolSpec(inference.generate, "Generate with a model or adapter", read_only=True),
     ToolSpec(evaluation.evaluate, "Evaluate a model, adapter or predictions file", read_only=True),
     ToolSpec(inference.merge_adapter, "Merge an adapter into its base model", read_only=False),

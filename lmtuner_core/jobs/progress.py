@@ -9,11 +9,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, PrivateAttr
 
+from lmtuner_core.config import TrainConfig
 from lmtuner_core.jobs.ray_launcher import RayJobView, read_view
 from lmtuner_core.jobs.run_folder import RunDir
 from lmtuner_core.jobs.store import JobRecord
 from lmtuner_core.report.result import ResultReport, read_report
 from lmtuner_core.secrets import redact
+from lmtuner_core.tuning.sweep import SweepBudget, SweepTrial, read_sweep
 
 
 class JobProgress(BaseModel):
@@ -52,6 +54,16 @@ class JobProgress(BaseModel):
         "named), answers side by side, the answers that went from right to wrong, the retention check (what the "
         "model kept of what it knew) and advice for the next run (propose_config(previous_job=...) applies it).",
     )
+    kind: str = Field("train", description="'train' (start_training) or 'sweep' (tune_config: a search of trials).")
+    trials: list[SweepTrial] | None = Field(
+        None, description="For a sweep: its trials so far, each with the values it tried, its score and status."
+    )
+    best_config: TrainConfig | None = Field(
+        None,
+        description="For a sweep: the best trial's config as a full TrainConfig, ready for start_training (its score "
+        "is in trials[]). None until a trial completes.",
+    )
+    sweep: SweepBudget | None = Field(None, description="For a sweep: its budget (trials, minutes), metric and space.")
     # A loss-curve PNG to send as image content beside the structured result (job_status include_plot).
     _plot_png: bytes | None = PrivateAttr(None)
 
@@ -123,7 +135,7 @@ def read_progress(record: JobRecord, log_lines: int | None = 20, with_report: bo
     error = record.error
     if record.status == "failed" and not error:
         error = state.get("error")
-    return JobProgress(
+    progress = JobProgress(
         job_id=record.job_id,
         status=record.status,
         phase=state.get("phase") if record.status == "running" else None,
@@ -147,4 +159,8 @@ def read_progress(record: JobRecord, log_lines: int | None = 20, with_report: bo
         devices=record.devices,
         ray=read_view(run, record.ray_job_id, record.ray_address or "") if record.ray_job_id else None,
         report=read_report(run.root) if with_report and record.status == "completed" else None,
+        kind=record.kind,
     )
+    if record.kind == "sweep":
+        progress.trials, progress.best_config, progress.sweep = read_sweep(run)
+    return progress

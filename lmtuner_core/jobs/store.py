@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     devices TEXT NOT NULL DEFAULT 'cpu',
     claimed_at REAL,
     ray_job_id TEXT,
-    ray_address TEXT
+    ray_address TEXT,
+    kind TEXT NOT NULL DEFAULT 'train'
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 """
@@ -52,6 +53,7 @@ _ADDED_COLUMNS = {
     "claimed_at": "REAL",
     "ray_job_id": "TEXT",
     "ray_address": "TEXT",
+    "kind": "TEXT NOT NULL DEFAULT 'train'",
 }
 
 
@@ -75,6 +77,7 @@ class JobRecord:
     claimed_at: float | None  # when a scheduler took it off the queue (before its process exists)
     ray_job_id: str | None = None  # a job on a Ray cluster: its submission id there (no local process)
     ray_address: str | None = None  # and the cluster's address
+    kind: str = "train"  # 'train', or 'sweep' (lmtuner_core/tuning: a Ray Tune driver whose trials are trainings)
 
 
 class SqliteTable(Generic[R]):
@@ -157,13 +160,14 @@ class JobStore(SqliteTable[JobRecord]):
                 db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {ddl}")
 
     def create(
-        self, *, job_id: str, run_dir: Path, model: str, method: str, output_dir: Path, devices: str = "cpu"
+        self, *, job_id: str, run_dir: Path, model: str, method: str, output_dir: Path, devices: str = "cpu",
+        kind: str = "train",
     ) -> JobRecord:
         with self._connect() as db:
             db.execute(
-                "INSERT INTO jobs (job_id, status, created_at, run_dir, model, method, output_dir, devices) "
-                "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
-                (job_id, time.time(), str(run_dir), model, method, str(output_dir), devices),
+                "INSERT INTO jobs (job_id, status, created_at, run_dir, model, method, output_dir, devices, kind) "
+                "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, time.time(), str(run_dir), model, method, str(output_dir), devices, kind),
             )
         return self.get(job_id)  # type: ignore[return-value]
 
