@@ -15,7 +15,9 @@ class TuneConfigResult(BaseModel):
     job_id: str | None = Field(description="The sweep's job id, for job_status / cancel_job. None for a dry run.")
     status: str = Field(description="'queued' or 'running' (its driver started), or 'dry_run'.")
     run_dir: str | None = Field(description="The sweep's folder; each trial's run folder is under trials/.")
-    config: TrainConfig = Field(description="The centre of the search as the trials run it: defaults filled, paths absolute.")
+    config: TrainConfig = Field(
+        description="The centre of the search as the trials run it: defaults filled, paths absolute."
+    )
     search: dict[str, Any] = Field(description="The space searched, as checked (default space filled in).")
     trials: int = Field(description="Trials the sweep may run (the first is the centre config itself).")
     budget_minutes: float = Field(description="Minutes the sweep may take, start to end.")
@@ -30,7 +32,7 @@ def tune_config(
         Field(description="The centre of the search: a TrainConfig (e.g. propose_config's), run as the first trial."),
     ],
     search: Annotated[
-        dict[str, list[Any] | dict[str, Any]] | None,
+        dict[str, Any] | None,
         Field(
             description="Setting -> a list of values to draw from, or a range {'min', 'max', 'log'}. Settings: "
             "learning_rate, num_epochs, max_steps, lora.r, lora.alpha (follows lora.r at the centre's ratio unless "
@@ -43,7 +45,11 @@ def tune_config(
     trials: Annotated[int, Field(ge=1, le=1000, description="Most trials to run. Example: 8.")] = 8,
     budget_minutes: Annotated[
         float,
-        Field(gt=0, le=10080, description="Wall-clock minutes for the whole sweep; trials still running then stop. E.g. 30."),
+        Field(
+            gt=0,
+            le=10080,
+            description="Wall-clock minutes for the whole sweep; trials still running then stop. E.g. 30.",
+        ),
     ] = 60,
     metric: Annotated[
         SweepMetric,

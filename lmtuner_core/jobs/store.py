@@ -162,7 +162,7 @@ class JobStore(SqliteTable[JobRecord]):
     def create(
         self, *, job_id: str, run_dir: Path, model: str, method: str, output_dir: Path, devices: str = "cpu",
         kind: str = "train",
-    ) -> JobRecord:
+    ) -> JobRecord:  # fmt: skip
         with self._connect() as db:
             db.execute(
                 "INSERT INTO jobs (job_id, status, created_at, run_dir, model, method, output_dir, devices, kind) "

@@ -25,7 +25,6 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 import psutil
 
@@ -34,7 +33,7 @@ from lmtuner_core.jobs.distributed import TRAIN_MODULE, die_with_parent
 from lmtuner_core.jobs.run_folder import RunDir, StateFile, read_json, run_dir_argument
 from lmtuner_core.report.result import REPORT_FILE
 from lmtuner_core.tuning.search import apply_values, centre_point, ray_space
-from lmtuner_core.tuning.sweep import SWEEP_FILE, TRIALS_DIR, best_trial, SweepTrial, write_trials
+from lmtuner_core.tuning.sweep import SWEEP_FILE, TRIALS_DIR, SweepTrial, best_trial, write_trials
 
 # ASHA: a trial is first compared after this many held-out evaluations (the first is the base model's, at step 0),
 # and half of the trials are stopped at each rung.
@@ -264,7 +263,9 @@ def run_sweep(run: RunDir, state: StateFile, started: float) -> None:
         finished = sum(t.status != "running" for t in trials)
         if best is None:
             errors = [t.error for t in trials if t.error]
-            why = errors[0] if errors else "no trial finished within the budget; give more budget_minutes or fewer steps"
+            why = (
+                errors[0] if errors else "no trial finished within the budget; give more budget_minutes or fewer steps"
+            )
             state.update(status="failed", phase=None, step=finished, error=f"no trial completed: {why}")
         else:
             state.update(status="completed", phase=None, step=finished, best_trial=best.trial_id)

@@ -113,9 +113,7 @@ def check_search(search: dict[str, Any] | None, centre: TrainConfig) -> dict[str
     for key, values in search.items():
         field = f"search.{key}"
         if key not in SEARCHABLE:
-            raise LmtunerError(
-                f"{field}: not a setting a sweep varies; accepted: {accepted_keys()}", field=field
-            )
+            raise LmtunerError(f"{field}: not a setting a sweep varies; accepted: {accepted_keys()}", field=field)
         spec = SEARCHABLE[key]
         if spec.adapter_only and not adapter:
             raise LmtunerError(

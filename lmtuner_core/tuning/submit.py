@@ -9,15 +9,20 @@ from typing import Any
 
 from lmtuner_core.config import TrainConfig
 from lmtuner_core.errors import LmtunerError, shown
-from lmtuner_core.jobs.run_folder import RunDir
 from lmtuner_core.jobs.service import JobService, check_config, new_job_id, preflight, resolve_devices
 from lmtuner_core.jobs.store import JobRecord
 from lmtuner_core.tuning.sweep import SWEEP_FILE, TRIALS_DIR, check_sweep
 
 
 def submit_sweep(
-    service: JobService, config: TrainConfig, *, search: dict[str, Any] | None, trials: int, budget_minutes: float,
-    metric: str, dry_run: bool = False,
+    service: JobService,
+    config: TrainConfig,
+    *,
+    search: dict[str, Any] | None,
+    trials: int,
+    budget_minutes: float,
+    metric: str,
+    dry_run: bool = False,
 ) -> tuple[JobRecord | None, TrainConfig, dict[str, Any], list[str]]:
     """Checks everything a trial would need (paths, every data row, the space against TrainConfig) and, unless
     dry_run, records the sweep and starts its driver when its devices are free. Returns the record, the centre as
@@ -58,5 +63,3 @@ def submit_sweep(
     else:
         service.schedule()
     return service.store.get(job_id), checked, spec, warnings
-
-

@@ -95,7 +95,9 @@ def check_sweep(
             field="config.output_dir",
         )
     if config.resume_from is not None:
-        raise LmtunerError("config.resume_from: a sweep starts every trial afresh; remove it", field="config.resume_from")
+        raise LmtunerError(
+            "config.resume_from: a sweep starts every trial afresh; remove it", field="config.resume_from"
+        )
     return {
         "search": check_search(search, config),
         "trials": trials,
