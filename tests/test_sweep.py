@@ -128,21 +128,25 @@ def test_cancelled_sweep_leaves_no_process_running(tiny_model, lmtuner_home, cap
     async def main():
         async with stdio_client(lmtuner_home, [tmp_path, tiny_model]) as client:
             sweep = await call_ok(client, "tune_config", {"config": config, "trials": 4, "budget_minutes": 30})
-            status = await call_ok(client, "job_status", {"job_id": sweep["job_id"]})
-            supervisor = psutil.Process(json.loads(Path(status["run_dir"], "state.json").read_text())["pid"]).parent()
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:  # until a trial's training process is running
-                descendants = supervisor.children(recursive=True)
-                if any("lmtuner_core.training.train" in " ".join(p.cmdline()) for p in _alive(descendants)):
-                    break
-                await anyio.sleep(1)
-            else:
-                raise AssertionError(
-                    f"no trial started: {await call_ok(client, 'job_status', {'job_id': sweep['job_id']})}"
-                )
-            cancelled = await call_ok(client, "cancel_job", {"job_id": sweep["job_id"]})
+            try:
+                state = Path(sweep["run_dir"], "state.json")
+                deadline = time.monotonic() + 300
+                descendants: list[psutil.Process] = []
+                while time.monotonic() < deadline:  # until a trial's training process is running
+                    if state.is_file():
+                        supervisor = psutil.Process(json.loads(state.read_text())["pid"]).parent()
+                        descendants = [supervisor, *supervisor.children(recursive=True)]
+                        if any("lmtuner_core.training.train" in " ".join(p.cmdline()) for p in _alive(descendants)):
+                            break
+                    await anyio.sleep(1)
+                else:
+                    raise AssertionError(
+                        f"no trial started: {await call_ok(client, 'job_status', {'job_id': sweep['job_id']})}"
+                    )
+            finally:
+                cancelled = await call_ok(client, "cancel_job", {"job_id": sweep["job_id"]})
             after = await call_ok(client, "job_status", {"job_id": sweep["job_id"]})
-            return cancelled, after, [supervisor, *descendants]
+            return cancelled, after, descendants
 
     cancelled, after, processes = anyio.run(main)
     assert cancelled["status"] == "cancelled" and after["status"] == "cancelled"

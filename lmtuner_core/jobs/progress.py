@@ -6,10 +6,10 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field, PrivateAttr
 
-from lmtuner_core.config import TrainConfig
 from lmtuner_core.jobs.ray_launcher import RayJobView, read_view
 from lmtuner_core.jobs.run_folder import RunDir
 from lmtuner_core.jobs.store import JobRecord
@@ -58,10 +58,10 @@ class JobProgress(BaseModel):
     trials: list[SweepTrial] | None = Field(
         None, description="For a sweep: its trials so far, each with the values it tried, its score and status."
     )
-    best_config: TrainConfig | None = Field(
+    best_config: dict[str, Any] | None = Field(
         None,
-        description="For a sweep: the best trial's config as a full TrainConfig, ready for start_training (its score "
-        "is in trials[]). None until a trial completes.",
+        description="For a sweep: the best trial's config, a full TrainConfig ready for start_training (its score is "
+        "in trials[]). None until a trial completes.",
     )
     sweep: SweepBudget | None = Field(None, description="For a sweep: its budget (trials, minutes), metric and space.")
     # A loss-curve PNG to send as image content beside the structured result (job_status include_plot).
@@ -162,5 +162,6 @@ def read_progress(record: JobRecord, log_lines: int | None = 20, with_report: bo
         kind=record.kind,
     )
     if record.kind == "sweep":
-        progress.trials, progress.best_config, progress.sweep = read_sweep(run)
+        progress.trials, best, progress.sweep = read_sweep(run)
+        progress.best_config = best.model_dump(mode="json") if best is not None else None
     return progress
