@@ -58,7 +58,9 @@ def run_trial(params: dict, sweep_dir: str) -> None:
     centre = read_json(RunDir(Path(sweep_dir)).config)
     run = RunDir(Path(sweep_dir) / TRIALS_DIR / trial_id)
     run.root.mkdir(parents=True, exist_ok=True)
-    config = TrainConfig.model_validate({**apply_values(centre, params), "output_dir": str(run.default_output)})
+    # Each trial is one training process on the node Ray placed it on: not a Ray job of its own.
+    values = {**apply_values(centre, params), "output_dir": str(run.default_output), "ray": None}
+    config = TrainConfig.model_validate(values)
     run.config.write_text(config.to_json(), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
     with run.log.open("ab") as log:
@@ -66,6 +68,9 @@ def run_trial(params: dict, sweep_dir: str) -> None:
             [sys.executable, "-m", TRAIN_MODULE, str(run.root)], stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent,
         )  # fmt: skip
+    import ray
+
+    node = ray.util.get_node_ip_address()
     best: float | None = None
     step = 0
     offset = 0
@@ -77,7 +82,7 @@ def run_trial(params: dict, sweep_dir: str) -> None:
                 if "eval_loss" in record:
                     best = record["eval_loss"] if best is None else min(best, record["eval_loss"])
                     step = record.get("step", step)
-                    tune.report({"eval_loss": best, "step": step})
+                    tune.report({"eval_loss": best, "step": step, "node": node})
             if ended:
                 break
             time.sleep(POLL_SECONDS)
@@ -88,7 +93,7 @@ def run_trial(params: dict, sweep_dir: str) -> None:
         if sweep["metric"] == "report":
             report = read_json(run.root / REPORT_FILE) or {}
             score = report.get("tuned")
-        tune.report({"eval_loss": best, "step": step, "score": score, "trial_done": 1})
+        tune.report({"eval_loss": best, "step": step, "node": node, "score": score, "trial_done": 1})
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -138,7 +143,7 @@ class TrialTable:
         entry = self.trials.get(trial.trial_id)
         if entry is None:
             return
-        entry.update(eval_loss=result.get("eval_loss"), step=result.get("step"))
+        entry.update(eval_loss=result.get("eval_loss"), step=result.get("step"), node=result.get("node"))
         if result.get("trial_done"):
             entry["score"] = result.get("score")
             self.done.add(trial.trial_id)

@@ -49,6 +49,7 @@ class SweepTrial(BaseModel):
     step: int | None = Field(None, description="The last step it reported.")
     error: str | None = Field(None, description="Why it failed.")
     run_dir: str | None = Field(None, description="The trial's run folder, inside the sweep's.")
+    node: str | None = Field(None, description="IP address of the Ray node the trial trained on.")
 
 
 class SweepBudget(BaseModel):
