@@ -51,6 +51,8 @@ def test_sweep_completes_with_trials_and_best_config(tiny_model, lmtuner_home, c
                 {"config": centre_config(tiny_model, capitals), "search": search, "trials": 3, "budget_minutes": 10,
                  "metric": "report"},
             )  # fmt: skip
+        # the server that started it has exited: a new one follows the sweep to its end, as it would any job
+        async with stdio_client(lmtuner_home, [tmp_path, tiny_model]) as client:
             listed = await call_ok(client, "list_jobs", {})
             final = await wait_for_end(client, sweep["job_id"], timeout=600)
             # the winner trains as an ordinary job
@@ -75,6 +77,7 @@ def test_sweep_completes_with_trials_and_best_config(tiny_model, lmtuner_home, c
         assert config["lora"]["r"] == trial["config"]["lora.r"]
         assert config["lora"]["alpha"] == 2 * trial["config"]["lora.r"]
         assert (run / "metrics.jsonl").is_file()
+        assert config["ray"] is None and trial["node"]  # a local training process on the node Ray chose
     completed = [t for t in trials if t["status"] == "completed"]
     assert completed and all(0 <= t["score"] <= 1 for t in completed)
     assert all((Path(t["run_dir"]) / "report.json").is_file() for t in completed)
