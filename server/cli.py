@@ -94,7 +94,7 @@ def cmd_tune(ctx: ToolContext, args: argparse.Namespace) -> int:
             score = "-" if trial.score is None else f"{trial.score:.4f}"
             print(f"  {trial.trial_id:<14} {trial.status:<13} score {score:<8} {json.dumps(trial.config)}")
         if final.best_config is not None:
-            print(f"best config: {final.best_config.model_dump_json(exclude_defaults=True)}")
+            print(f"best config: {json.dumps(final.best_config)}")
         return _report_end(final)
     return 0
 

@@ -166,3 +166,29 @@ def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
         except psutil.Error:
             pass
     return out
+
+
+def test_with_a_cluster_address_the_trials_spread_over_its_nodes(
+    tiny_model, lmtuner_home, capitals, tmp_path, monkeypatch
+):
+    """ray.address 'auto' joins the cluster RAY_ADDRESS names (here a two-node cluster of one CPU each): the two
+    trials run at once, one per node."""
+    from tests.ray_cluster import HEAD_IP, WORKER_IP, ray_cluster
+
+    # A Ray token in ~/.ray (`ray get-auth-token --generate`) turns token auth on for every `ray start` here, and the
+    # fixture's dashboard probe sends none: this cluster runs without it, as a fresh machine's does.
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with ray_cluster(tmp_path) as cluster:
+        monkeypatch.setenv("RAY_ADDRESS", cluster.gcs_address)
+        config = centre_config(tiny_model, capitals, ray={"address": "auto"})
+
+        async def main():
+            async with stdio_client(lmtuner_home, [tmp_path, tiny_model]) as client:
+                sweep = await call_ok(client, "tune_config", {"config": config, "trials": 2, "budget_minutes": 10,
+                                                              "search": {"lora.r": [4, 8]}})  # fmt: skip
+                return await wait_for_end(client, sweep["job_id"], timeout=600)
+
+        final = anyio.run(main)
+    assert final["status"] == "completed", final["error"]
+    assert final["devices"] == "ray" and final["sweep"]["cluster"] == "auto"
+    assert {t["node"] for t in final["trials"]} == {HEAD_IP, WORKER_IP}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -226,12 +227,17 @@ def start_ray(sweep: dict, centre: TrainConfig, temp_dir: str) -> dict[str, floa
 
 
 def run_sweep(run: RunDir, state: StateFile, started: float) -> None:
+    sweep = read_json(run.root / SWEEP_FILE)
+    centre = TrainConfig.model_validate_json(run.config.read_text(encoding="utf-8"))
+    if centre.ray is None and "RAY_AUTH_MODE" not in os.environ:
+        # A new local Ray turns token auth on and, lacking a token, writes one to ~/.ray/auth_token, which then turns
+        # it on for every later `ray start` on the machine. This Ray gets a token of its own, in its environment only
+        # (set before Ray is imported: it reads the mode once).
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    sweep = read_json(run.root / SWEEP_FILE)
-    centre = TrainConfig.model_validate_json(run.config.read_text(encoding="utf-8"))
     budget_seconds = sweep["budget_minutes"] * 60
     temp_dir = tempfile.mkdtemp(prefix="lmtr-", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
     try:
