@@ -49,6 +49,8 @@ lmtuner fine-tunes language models on the user's machine. The usual flow:
    include_plot: true returns the loss curve as an image; resources lmtuner://jobs/{job_id}/log, /metrics,
    /config and /loss.png hold the same data.
 6. cancel_job to stop; it saves a checkpoint first. resume_job continues a cancelled or failed job from it.
+   tune_config searches the recipe around a config (learning rate, epochs, LoRA rank, modules…) within a budget
+   of trials and minutes, as one job: job_status shows its trials[] and best_config, ready for start_training.
 7. generate with the base model and with the adapter (the job's output_dir) on the same prompts, to show the
    user what changed.
 8. serve_model serves a model and its adapters through vLLM's OpenAI-compatible API (base_url); while it runs,
