@@ -192,3 +192,18 @@ def test_with_a_cluster_address_the_trials_spread_over_its_nodes(
     assert final["status"] == "completed", final["error"]
     assert final["devices"] == "ray" and final["sweep"]["cluster"] == "auto"
     assert {t["node"] for t in final["trials"]} == {HEAD_IP, WORKER_IP}
+
+
+def test_the_budget_in_minutes_stops_the_trials_still_running(tiny_model, lmtuner_home, capitals, tmp_path):
+    # trials far longer than the budget: the budget ends them, and with nothing completed the sweep says so
+    config = centre_config(tiny_model, capitals, max_steps=100_000, eval_steps=5)
+
+    async def main():
+        async with stdio_client(lmtuner_home, [tmp_path, tiny_model]) as client:
+            sweep = await call_ok(client, "tune_config", {"config": config, "trials": 3, "budget_minutes": 1})
+            return await wait_for_end(client, sweep["job_id"], timeout=600)
+
+    final = anyio.run(main)
+    assert final["status"] == "failed" and "no trial finished within the budget" in final["error"], final["error"]
+    assert final["trials"] and {t["status"] for t in final["trials"]} == {"out_of_budget"}
+    assert final["best_config"] is None

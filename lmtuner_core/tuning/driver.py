@@ -269,6 +269,10 @@ def run_sweep(run: RunDir, state: StateFile, started: float) -> None:
             ),
         )  # fmt: skip
         tuner.fit()
+        for entry in table.trials.values():  # Tune ends the trials still running at the time budget without a callback
+            if entry["status"] == "running":
+                entry["status"] = "out_of_budget"
+        table.write()
         trials = [SweepTrial.model_validate(t) for t in table.trials.values()]
         best = best_trial(trials, sweep["mode"])
         finished = sum(t.status != "running" for t in trials)
