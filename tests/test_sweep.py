@@ -97,6 +97,7 @@ def test_sweep_completes_with_trials_and_best_config(tiny_model, lmtuner_home, c
         ({"assistant_only_loss": {"min": 0, "max": 1}}, "search.assistant_only_loss", "list of values"),
         ({"lora.target_modules": [7]}, "search.lora.target_modules[0]", "refused"),
         ({"learning_rate": "fast"}, "search.learning_rate", "neither a list of values nor a range"),
+        ({"num_epochs": [1, 2]}, "search.num_epochs", "trains by max_steps (8)"),
     ],
 )
 def test_bad_search_is_refused_naming_the_field(tiny_model, lmtuner_home, capitals, tmp_path, search, field, accepted):

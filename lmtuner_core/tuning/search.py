@@ -123,6 +123,12 @@ def check_search(search: dict[str, Any] | None, centre: TrainConfig) -> dict[str
             )
         if key == "max_steps" and "num_epochs" in search:
             raise LmtunerError(f"{field}: search max_steps or num_epochs, not both", field=field)
+        if key == "num_epochs" and centre.max_steps:
+            raise LmtunerError(
+                f"{field}: the config trains by max_steps ({centre.max_steps}), which overrides epochs; search "
+                "max_steps instead, or remove max_steps from the config",
+                field=field,
+            )
         if isinstance(values, list):
             if not values or len(values) > MAX_VALUES:
                 raise LmtunerError(f"{field}: give 1 to {MAX_VALUES} values, e.g. [8, 16, 32]", field=field)
@@ -197,8 +203,5 @@ def centre_point(search: dict[str, Any], centre: TrainConfig) -> dict[str, Any]:
     config = centre.model_dump()
     point = {}
     for key in search:
-        value = centre_value(config, key)
-        if key == "num_epochs" and centre.max_steps:
-            value = centre.num_epochs
-        point[key] = value
+        point[key] = centre_value(config, key)
     return point
