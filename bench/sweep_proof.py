@@ -8,7 +8,7 @@ report's held-out score (exact match). The sweep's first trial is the plan itsel
 measured in the same sweep on the same rows. The retention probe is off in the trials (it does not enter the score
 and costs time); the recipe is the plan's.
 
-    flock /tmp/lmtuner-heavy.lock python -m bench.sweep_proof --trials 8 --budget-minutes 40
+    flock /tmp/lmtuner-heavy.lock python -m bench.sweep_proof --trials 8 --budget-minutes 30
 
 Prints one JSON line (LMTUNER-SWEEP ...) with the figures and writes it to --out.
 """
@@ -93,7 +93,7 @@ def main() -> int:
     parser.add_argument("--task", default="capitals")
     parser.add_argument("--rows", type=int, default=64, help="training rows (the study's medium size for capitals)")
     parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--budget-minutes", type=float, default=40)
+    parser.add_argument("--budget-minutes", type=float, default=30)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     anyio.run(proof, args.task, args.rows, args.trials, args.budget_minutes, args.out)
