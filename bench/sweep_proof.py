@@ -8,7 +8,7 @@ report's held-out score (exact match). The sweep's first trial is the plan itsel
 measured in the same sweep on the same rows. The retention probe is off in the trials (it does not enter the score
 and costs time); the recipe is the plan's.
 
-    flock /tmp/lmtuner-heavy.lock python -m bench.sweep_proof --trials 8 --budget-minutes 30
+    flock /tmp/lmtuner-heavy.lock python -m bench.sweep_proof --rows 32 --trials 8 --budget-minutes 20
 
 Prints one JSON line (LMTUNER-SWEEP ...) with the figures and writes it to --out.
 """
