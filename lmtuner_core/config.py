@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmtuner_core.errors import LmtunerError, format_validation_error, shown
-from lmtuner_core.methods import METHOD_NAMES, default_learning_rate
+from lmtuner_core.methods import METHOD_NAMES, default_learning_rate, method_description
 
 Method = Literal[METHOD_NAMES]  # the schema lists exactly the registry's methods
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -304,11 +304,7 @@ class TrainConfig(StrictModel):
         description="Path to a data file (format detected), a dataset_info.json entry name, or an object. Example: "
         "'data/train.jsonl' or {'path': 'data/train.jsonl', 'format': 'alpaca', 'eval_fraction': 0.05}."
     )
-    method: Method = Field(
-        "lora",
-        description="full (all weights), freeze (last layers only), lora, dora, qlora (4-bit base + LoRA), "
-        "lora-8bit, lomo, adalomo. Example: 'lora'.",
-    )
+    method: Method = Field("lora", description=method_description())
     output_dir: str | None = Field(
         None, description="Where the final adapter/model is written. Default: $LMTUNER_HOME/runs/<job_id>/final."
     )

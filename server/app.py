@@ -28,6 +28,8 @@ from lmtuner_core.jobs.ray_launcher import RayAddresses
 from lmtuner_core.paths import AllowedRoots, lmtuner_home
 from lmtuner_core.reporting import ProgressFn
 from lmtuner_core.secrets import redact
+from server.dashboard import DASHBOARD_TOOLS, dashboard_apps, dashboard_meta, hide_apps_from_plain_clients
+from server.icons import server_icons, tool_icons
 from server.logs import report_unexpected, server_logger
 from server.prompts import register_prompts
 from server.resources import register_resources
@@ -195,13 +197,19 @@ def build_server(
     clusters = RayAddresses.from_settings(ray_addresses, os.environ)
     ctx = ToolContext(home=home, roots=allowed, read_only=read_only, ray_addresses=clusters)
     tools = [make_tool(spec, ctx) for spec in TOOLS if spec.read_only or not read_only]
+    options = dict(server_options or {})
+    # The job dashboard (MCP Apps): shown by hosts that declared Apps; hidden from the others' lists.
+    middleware = [hide_apps_from_plain_clients, *options.pop("middleware", ())]
     server = MCPServer(
         "lmtuner",
         title="lmtuner — fine-tune LLMs from your agent",
         version=__version__,
         instructions=INSTRUCTIONS,
+        icons=server_icons(),
         tools=tools,
-        **(server_options or {}),
+        extensions=[dashboard_apps()],
+        middleware=middleware,
+        **options,
     )
     register_resources(server, ctx)
     register_prompts(server)
@@ -221,6 +229,8 @@ def make_tool(spec: ToolSpec, ctx: ToolContext) -> Tool:
             idempotentHint=spec.idempotent,
             openWorldHint=False,
         ),
+        icons=tool_icons(spec.fn.__name__),
+        meta=dashboard_meta() if spec.fn.__name__ in DASHBOARD_TOOLS else None,
     )
     tool.fn_metadata.arg_model = strict_arguments(tool.fn_metadata.arg_model)
     tool.parameters = tool.fn_metadata.arg_model.model_json_schema(by_alias=True)  # now additionalProperties: false

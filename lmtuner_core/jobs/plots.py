@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 
-from lmtuner_core.jobs.run_folder import RunDir
+from lmtuner_core.run import RunDir
 
 
 def loss_curve_png(run: RunDir, title: str = "") -> bytes:

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, PrivateAttr
 
-from lmtuner_core.jobs.ray_launcher import RayJobView, read_view
-from lmtuner_core.jobs.run_folder import RunDir
+from lmtuner_core.jobs.ray_launcher import RayJobView
 from lmtuner_core.jobs.store import JobRecord
 from lmtuner_core.report.result import ResultReport, read_report
+from lmtuner_core.run import RunDir
 from lmtuner_core.secrets import redact
+from lmtuner_core.system.files import tail_lines
 from lmtuner_core.tuning.sweep import SweepBudget, SweepTrial, read_sweep
 
 
@@ -68,22 +68,6 @@ class JobProgress(BaseModel):
     _plot_png: bytes | None = PrivateAttr(None)
 
 
-def tail_lines(path: Path, n: int, max_bytes: int = 65536) -> list[str]:
-    """The last n lines of a file, reading at most max_bytes from its end."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - max_bytes))
-            data = fh.read()
-    except OSError:
-        return []
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    if size > max_bytes and lines:
-        lines = lines[1:]  # the first line is probably cut
-    return lines[-n:] if n else []
-
-
 def latest_metrics(run: RunDir) -> tuple[dict, dict]:
     """The newest training record and the newest eval record of metrics.jsonl (at most two JSON parses:
     job_status is polled, often by many clients)."""
@@ -126,12 +110,7 @@ def read_progress(record: JobRecord, log_lines: int | None = 20, with_report: bo
     train_elapsed = state.get("train_seconds")
     if record.status == "running" and total and step and train_elapsed:
         eta = round((total - step) * train_elapsed / step, 1)
-    checkpoints = []
-    if run.checkpoints.is_dir():
-        checkpoints = sorted(
-            (str(p) for p in run.checkpoints.glob("checkpoint-*") if p.is_dir()),
-            key=lambda p: int(p.rsplit("-", 1)[1]) if p.rsplit("-", 1)[1].isdigit() else 0,
-        )
+    checkpoints = [str(p) for p in run.checkpoint_folders()]
     error = record.error
     if record.status == "failed" and not error:
         error = state.get("error")
@@ -157,7 +136,6 @@ def read_progress(record: JobRecord, log_lines: int | None = 20, with_report: bo
         method=record.method,
         created_at=record.created_at,
         devices=record.devices,
-        ray=read_view(run, record.ray_job_id, record.ray_address or "") if record.ray_job_id else None,
         report=read_report(run.root) if with_report and record.status == "completed" else None,
         kind=record.kind,
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 from pydantic import BaseModel, Field
 
-from lmtuner_core.jobs.ray_launcher import RayClusterReport
+from lmtuner_core.planning.ray_cluster import RayClusterReport
 
 KEY_PACKAGES = (
     "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed",

@@ -12,8 +12,10 @@ import statistics
 from dataclasses import dataclass
 from typing import Literal
 
+from lmtuner_core.methods import adapter_methods
+
 AnswerKind = Literal["json", "labels", "short", "long"]
-LORA_FAMILY = ("lora", "dora", "qlora", "lora-8bit")
+LORA_FAMILY = adapter_methods()  # lora, dora, qlora, lora-8bit
 
 
 @dataclass(frozen=True)

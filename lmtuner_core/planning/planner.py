@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from lmtuner_core.config import DatasetSpec, LoraSettings, TrainConfig
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.methods import default_learning_rate
+from lmtuner_core.methods import METHODS, default_learning_rate, planner_defaults
 from lmtuner_core.planning.hardware import GpuInfo
 from lmtuner_core.planning.hyperparameters import AnswerProfile, training_recipe
 from lmtuner_core.planning.memory import MemoryEstimate, ModelShape, estimate_memory
@@ -127,19 +127,18 @@ def _accumulation(batch_size: int, gpus: int) -> int:
 def _candidates(method: str | None, gpus: int, params: int) -> list[Candidate]:
     """From the most comfortable to the most frugal. Without a requested method: LoRA first (the usual
     best trade-off), QLoRA when LoRA does not fit; full fine-tuning only when asked for."""
-    methods = [method] if method else ["lora", "qlora"]
+    methods = [method] if method else planner_defaults()
     out: list[Candidate] = []
     for m in methods:
+        plan = METHODS[m].plan
         zero_options = [(0, False, False)]
-        if m in ("full", "freeze") and gpus > 1:
+        if plan.zero_stages and gpus > 1:
             zero_options = [(0, False, False), (2, False, False), (3, False, False), (3, True, False), (3, True, True)]
-        elif m in ("full", "freeze"):
-            zero_options = [(0, False, False)]
         for zero, off_opt, off_par in zero_options:
             for checkpointing in (False, True):
                 for batch in BATCH_SIZES:
                     out.append(Candidate(m, batch, checkpointing, zero, off_opt, off_par))
-        if m == "full":  # last resort for a single device: 8-bit optimizer states
+        if plan.eight_bit_optimizer:  # last resort for a single device: 8-bit optimizer states
             out += [Candidate(m, b, True, optimizer="adamw-8bit") for b in BATCH_SIZES]
     return out
 
@@ -221,16 +220,9 @@ def propose(
             + smallest
         )
     candidate, estimate = chosen
-    if candidate.method in ("lora", "dora"):
-        rationale.append(
-            "LoRA trains small adapter matrices on a frozen model: a fraction of the memory of full fine-tuning, and "
-            "usually as good for teaching a task or style."
-        )
-    elif candidate.method == "qlora":
-        rationale.append(
-            "LoRA alone does not fit, so the frozen model is stored in 4 bits (QLoRA): about a quarter of the "
-            "memory, with little loss in quality."
-        )
+    method_why = METHODS[candidate.method].plan.why
+    if method_why:
+        rationale.append(method_why)
     if candidate.gradient_checkpointing:
         rationale.append("Gradient checkpointing recomputes activations during the backward pass: ~30% slower, "
                          "much less memory.")  # fmt: skip

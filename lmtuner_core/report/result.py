@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from lmtuner_core.jobs.run_folder import read_json, write_json_atomic
+from lmtuner_core.run import read_json, write_json_atomic
 
 REPORT_FILE = "report.json"
 # Forgetting above this share of what the base knew is worth acting on: the retention bar of issue 23 is 95% kept.

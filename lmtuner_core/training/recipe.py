@@ -23,6 +23,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import math
+import resource
 import sys
 import threading
 import time
@@ -46,11 +47,10 @@ from lmtuner_core.data.datasets import (
     tokenize_cached,
 )
 from lmtuner_core.errors import LmtunerError, shown
-from lmtuner_core.jobs.distributed import DEEPSPEED_FILE, process_rank
-from lmtuner_core.jobs.run_folder import ARTIFACT_MARKER, RunDir, StateFile, write_json_atomic
 from lmtuner_core.methods import METHODS
 from lmtuner_core.paths import AllowedRoots, lmtuner_home
 from lmtuner_core.report.result import LossComparison, write_report
+from lmtuner_core.run import ARTIFACT_MARKER, DEEPSPEED_FILE, RunDir, StateFile, process_rank, write_json_atomic
 from lmtuner_core.training.label_logits import install as install_label_logits
 from lmtuner_core.training.model_setup import (
     apply_method,
@@ -72,6 +72,14 @@ OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit"}
 # row bounds (cu_seq_lens), sdpa/eager a block-diagonal mask built from restarting position ids (transformers'
 # masking_utils). Others (remote code, xPos) train on padded batches.
 PACKING_ATTENTION = (VARLEN_ATTENTION, "sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+def peak_memory() -> dict:
+    """Peak memory so far, for the dashboard: this process's resident set and, on a GPU, what torch allocated there."""
+    memory = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}  # Linux reports KiB
+    if torch.cuda.is_available():
+        memory["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    return memory
 
 
 class ProgressWriter(TrainerCallback):
@@ -135,7 +143,7 @@ class ProgressWriter(TrainerCallback):
             self.last_time, self.last_tokens = now, tokens
             record.update(
                 loss=logs["loss"], learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
-                tokens_seen=tokens, tokens_per_second=round(rate, 1) if rate else None,
+                tokens_seen=tokens, tokens_per_second=round(rate, 1) if rate else None, **peak_memory(),
             )  # fmt: skip
         elif "eval_loss" in logs:
             record["eval_loss"] = logs["eval_loss"]

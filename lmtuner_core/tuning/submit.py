@@ -1,15 +1,17 @@
-"""Checks a sweep and records it as one job of kind 'sweep' (see sweep.py): queued for this machine's CPU or GPUs
-like a training job when the trials run on a local Ray, started at once when they go to a Ray cluster."""
+"""Checks a sweep and records it as one job of kind 'sweep' (see sweep.py) on the local launcher: its driver is a
+process of this machine, queued for its CPU or GPUs like a training job. With a cluster (config.ray) the driver
+still runs here, holding one CPU slot, and its trials go to the cluster."""
 
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from lmtuner_core.config import TrainConfig
 from lmtuner_core.errors import LmtunerError, shown
-from lmtuner_core.jobs.service import JobService, check_config, new_job_id, preflight, resolve_devices
+from lmtuner_core.jobs.launcher import LOCAL
+from lmtuner_core.jobs.local_launcher import preflight, resolve_devices
+from lmtuner_core.jobs.service import JobService, check_config, new_job_id
 from lmtuner_core.jobs.store import JobRecord
 from lmtuner_core.tuning.sweep import SWEEP_FILE, TRIALS_DIR, check_sweep
 
@@ -35,11 +37,12 @@ def submit_sweep(
                 "driver: give its Ray Client address 'ray://HOST:10001', or 'auto' on a machine of the cluster",
                 field="ray.address",
             )
-        config = service._confine_ray(config)
+        # the allow-list of clusters and a local storage_path, checked before any connection
+        config = service.launchers.for_config(config).confine(config)
     job_id = new_job_id()
     run = service.run_dir(job_id)
     checked, warnings = check_config(config, service.roots, run, dry_run=dry_run)
-    devices = "ray"
+    devices = "cpu"  # a cluster's driver: it trains nothing here
     if checked.ray is None:
         devices = resolve_devices(checked.devices)
         warnings += preflight(checked, devices, refuse=False)
@@ -55,11 +58,7 @@ def submit_sweep(
         raise LmtunerError(f"cannot write the run folder {run.root}: {exc.strerror}; free disk space") from None
     service.store.create(
         job_id=job_id, run_dir=run.root, model=checked.model, method=checked.method,
-        output_dir=run.root / TRIALS_DIR, devices=devices, kind="sweep",
+        output_dir=run.root / TRIALS_DIR, devices=devices, backend=LOCAL, kind="sweep",
     )  # fmt: skip
-    if devices == "ray":  # the cluster queues the trials: the driver starts now, holding nothing here
-        service.store.update(job_id, status="running", claimed_at=time.time())
-        service._spawn(job_id)
-    else:
-        service.schedule()
+    service.schedule()
     return service.store.get(job_id), checked, spec, warnings
