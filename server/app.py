@@ -53,6 +53,8 @@ lmtuner fine-tunes language models on the user's machine. The usual flow:
    include_plot: true returns the loss curve as an image; resources lmtuner://jobs/{job_id}/log, /metrics,
    /config and /loss.png hold the same data.
 6. cancel_job to stop; it saves a checkpoint first. resume_job continues a cancelled or failed job from it.
+   tune_config searches the recipe around a config (learning rate, epochs, LoRA rank, modules…) within a budget
+   of trials and minutes, as one job: job_status shows its trials[] and best_config, ready for start_training.
 7. generate with the base model and with the adapter (the job's output_dir) on the same prompts, to show the
    user what changed.
 8. serve_model serves a model and its adapters through vLLM's OpenAI-compatible API (base_url); while it runs,
@@ -103,6 +105,7 @@ TOOLS = (
     ToolSpec("tools.training:list_jobs", "List jobs", read_only=True, idempotent=True, inline=True),
     ToolSpec("tools.training:cancel_job", "Cancel a job", read_only=False, destructive=True, idempotent=True),
     ToolSpec("tools.training:resume_job", "Resume a failed or cancelled job", read_only=False),
+    ToolSpec("tools.tuning:tune_config", "Sweep the training recipe (Ray Tune)", read_only=False),
     ToolSpec("tools.inference:generate", "Generate with a model or adapter", read_only=True),
     ToolSpec("tools.evaluation:evaluate", "Evaluate a model, adapter or predictions file", read_only=True),
     ToolSpec("tools.inference:merge_adapter", "Merge an adapter into its base model", read_only=False),

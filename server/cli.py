@@ -19,7 +19,7 @@ from lmtuner_core.library_noise import quiet_library_noise
 from lmtuner_core.paths import lmtuner_home
 from server.cli_args import add_tool_arguments, tool_arguments
 from server.text import printable
-from tools import data, evaluation, export, graders, hardware, inference, planning, quantize, serving, training
+from tools import data, evaluation, export, graders, hardware, inference, planning, quantize, serving, training, tuning
 from tools.context import ToolContext
 
 # Where results go. With --json, main() points sys.stdout at stderr while a command runs, so whatever the
@@ -69,6 +69,32 @@ def cmd_train(ctx: ToolContext, args: argparse.Namespace) -> int:
     _print(result, args.json, f"job {result.job_id} {result.status}; run folder {result.run_dir}")
     if args.follow and result.job_id:
         final = follow(ctx, result.job_id)
+        return _report_end(final)
+    return 0
+
+
+def cmd_tune(ctx: ToolContext, args: argparse.Namespace) -> int:
+    config = load_train_config_file(args.config)
+    search = None
+    if args.search:
+        try:
+            search = json.loads(args.search)
+        except json.JSONDecodeError as exc:
+            raise LmtunerError(f"--search: not JSON ({exc.msg}); e.g. '{{\"lora.r\": [8, 16]}}'") from None
+    # config and search come as a file and JSON; the other options are checked again by check_sweep
+    kwargs = {k: getattr(args, k) for k in ("trials", "budget_minutes", "metric", "dry_run") if hasattr(args, k)}
+    result = tuning.tune_config(ctx, config, search=search, **kwargs)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    _print(result, args.json, f"sweep {result.job_id} {result.status}: up to {result.trials} trials in "
+           f"{result.budget_minutes:g} min; run folder {result.run_dir}")  # fmt: skip
+    if args.follow and result.job_id:
+        final = follow(ctx, result.job_id)
+        for trial in final.trials or []:
+            score = "-" if trial.score is None else f"{trial.score:.4f}"
+            print(f"  {trial.trial_id:<14} {trial.status:<13} score {score:<8} {json.dumps(trial.config)}")
+        if final.best_config is not None:
+            print(f"best config: {json.dumps(final.best_config)}")
         return _report_end(final)
     return 0
 
@@ -297,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="Check everything, start nothing.")
     p.add_argument("--follow", action="store_true", help="Show progress until the job ends.")
     p.add_argument("--force", action="store_true", help="Start even if the memory estimate says it does not fit.")
+
+    p = command("tune", cmd_tune, "Sweep the training recipe around a TrainConfig file (Ray Tune, within a budget).",
+                tuning.tune_config, exclude=("config", "search", "trials", "budget_minutes"))  # fmt: skip
+    p.add_argument("--trials", type=int, help="Most trials to run (the first is the config itself). Default: 8.")
+    p.add_argument("--budget-minutes", type=float, help="Wall-clock minutes for the whole sweep. Default: 60.")
+    p.add_argument("config", type=Path, help="The centre of the search: a JSON/YAML TrainConfig file.")
+    p.add_argument("--search", help="JSON: setting -> values or {min, max, log}, e.g. '{\"lora.r\": [8, 16]}'.")
+    p.add_argument("--follow", action="store_true", help="Show progress until the sweep ends, then its trials.")
 
     p = command("status", cmd_status, "Show a job's progress.", training.job_status, positional=("job_id",),
                 exclude=("include_plot",))  # fmt: skip

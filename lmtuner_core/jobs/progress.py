@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field, PrivateAttr
 
@@ -15,6 +16,7 @@ from lmtuner_core.report.result import ResultReport, read_report
 from lmtuner_core.run import RunDir, read_json
 from lmtuner_core.secrets import redact
 from lmtuner_core.system.files import tail_lines
+from lmtuner_core.tuning.sweep import SweepBudget, SweepTrial, read_sweep
 
 
 class JobProgress(BaseModel):
@@ -75,6 +77,16 @@ class JobProgress(BaseModel):
         "job's elapsed time once it completed, elapsed + eta while it trains. -0.2: the job took 25% longer than "
         "estimated. Example: 0.12.",
     )
+    kind: str = Field("train", description="'train' (start_training) or 'sweep' (tune_config: a search of trials).")
+    trials: list[SweepTrial] | None = Field(
+        None, description="For a sweep: its trials so far, each with the values it tried, its score and status."
+    )
+    best_config: dict[str, Any] | None = Field(
+        None,
+        description="For a sweep: the best trial's config, a full TrainConfig ready for start_training (its score is "
+        "in trials[]). None until a trial completes.",
+    )
+    sweep: SweepBudget | None = Field(None, description="For a sweep: its budget (trials, minutes), metric and space.")
     # A loss-curve PNG to send as image content beside the structured result (job_status include_plot).
     _plot_png: bytes | None = PrivateAttr(None)
 
@@ -130,7 +142,7 @@ def read_progress(record: JobRecord, log_lines: int | None = 20, with_report: bo
     error = record.error
     if record.status == "failed" and not error:
         error = state.get("error")
-    return JobProgress(
+    progress = JobProgress(
         job_id=record.job_id,
         status=record.status,
         phase=state.get("phase") if record.status == "running" else None,
@@ -157,4 +169,9 @@ def read_progress(record: JobRecord, log_lines: int | None = 20, with_report: bo
         report=read_report(run.root) if with_report and record.status == "completed" else None,
         estimate=estimate,
         estimate_error=estimate_error,
+        kind=record.kind,
     )
+    if record.kind == "sweep":
+        progress.trials, best, progress.sweep = read_sweep(run)
+        progress.best_config = best.model_dump(mode="json") if best is not None else None
+    return progress

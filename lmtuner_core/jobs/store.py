@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     devices TEXT NOT NULL DEFAULT 'cpu',
     claimed_at REAL,
     backend TEXT NOT NULL DEFAULT 'local',
-    handle TEXT
+    handle TEXT,
+    kind TEXT NOT NULL DEFAULT 'train'
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 """
@@ -46,6 +47,7 @@ _ADDED_COLUMNS = {
     "claimed_at": "REAL",
     "backend": "TEXT NOT NULL DEFAULT 'local'",
     "handle": "TEXT",
+    "kind": "TEXT NOT NULL DEFAULT 'train'",
 }
 
 
@@ -69,6 +71,7 @@ class JobRecord:
     claimed_at: float | None  # when a scheduler took it off the queue (before its process exists)
     backend: str = "local"  # the launcher that runs it (jobs/launcher.py BACKENDS)
     handle: str | None = None  # that launcher's reference to it, JSON only the launcher reads (e.g. a Ray job id)
+    kind: str = "train"  # 'train', or 'sweep' (lmtuner_core/tuning: a Ray Tune driver whose trials are trainings)
 
 
 class JobStore(SqliteTable[JobRecord]):
@@ -93,13 +96,13 @@ class JobStore(SqliteTable[JobRecord]):
 
     def create(
         self, *, job_id: str, run_dir: Path, model: str, method: str, output_dir: Path, devices: str = "cpu",
-        backend: str = "local",
+        backend: str = "local", kind: str = "train",
     ) -> JobRecord:  # fmt: skip
         with self._connect() as db:
             db.execute(
-                "INSERT INTO jobs (job_id, status, created_at, run_dir, model, method, output_dir, devices, backend) "
-                "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, time.time(), str(run_dir), model, method, str(output_dir), devices, backend),
+                "INSERT INTO jobs (job_id, status, created_at, run_dir, model, method, output_dir, devices, backend, "
+                "kind) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, time.time(), str(run_dir), model, method, str(output_dir), devices, backend, kind),
             )
         return self.get(job_id)  # type: ignore[return-value]
 

@@ -69,6 +69,8 @@ def training_command(run_dir: Path) -> tuple[list[str], dict[str, str]]:
     """The training command (one process, or torchrun for several) and its environment, from config.json."""
     from lmtuner_core.jobs import distributed  # stdlib only at import time
 
+    if (run_dir / "sweep.json").is_file():  # a sweep (lmtuner_core/tuning): its driver starts the trainings
+        return [sys.executable, "-m", "lmtuner_core.tuning.driver", str(run_dir)], dict(os.environ)
     config = read_json(RunDir(run_dir).config) or {}  # the trainer itself reports an unreadable one in state.json
     devices = os.environ.get("LMTUNER_DEVICES", "cpu")
     home = Path(os.environ.get("LMTUNER_HOME") or "~/.lmtuner").expanduser()
