@@ -70,8 +70,8 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("reward", "a reward model: a scalar head trained to score chosen above rejected (TRL "
                   "RewardTrainer)", "pairs", _PREFERENCE, 1e-5, 1e-4, scalar_head=True,
                   progress_keys=("rewards_accuracy", "rewards_margin"),
-                  refused_methods={**_NOT_FUSED, "freeze": "trains the last layers of a causal LM; the reward head is "
-                                   "new and must train: use lora or full"}),
+                  refused_methods={**_NOT_FUSED, "freeze": "trains only the last layers of the causal LM, while the "
+                                   "reward head is new and must train"}),
         StageSpec("grpo", "group relative policy optimization: sampled answers scored by graders (TRL GRPOTrainer)",
                   "prompts", "lmtuner_core.training.grpo:GRPORecipe", 1e-6, 1e-5,
                   progress_keys=("reward_mean", "reward_std"),
