@@ -59,7 +59,7 @@ def test_each_preference_form_reads_into_trl_normal_form(tmp_path, row, fmt, exp
         ({"prompt": USER, "chosen": [{"role": "user", "content": "4"}], "rejected": BAD},
          "'chosen' turn 1 has role 'user'; accepted here: assistant"),
         ({"chosen": "4", "rejected": "5"}, "missing 'prompt'"),
-        ({"chosen": [{"role": "user", "content": "a"}] + GOOD, "rejected": [{"role": "user", "content": "b"}] + BAD},
+        ({"chosen": [{"role": "user", "content": "a"}, *GOOD], "rejected": [{"role": "user", "content": "b"}, *BAD]},
          "do not start with the same user turn"),
         ({"instruction": "2+2?", "chosen": ["4"], "rejected": "5"}, "'chosen' must be the answer's text"),
         ({"conversations": [{"from": "human", "value": "2+2?"}], "chosen": {"from": "human", "value": "4"},
