@@ -128,3 +128,18 @@ def test_evaluate_refuses_a_reward_model_by_name(tiny_model, lmtuner_home, tmp_p
     assert final.status == "completed", final.error
     with pytest.raises(LmtunerError, match=r"adapter: .* is a reward model \(stage 'reward'\): it scores answers"):
         evaluate(ctx, str(tiny_model), str(data), adapter=final.output_dir)
+
+
+@pytest.mark.parametrize("method", ["full", "freeze", "dora", "qlora", "lomo"])
+def test_dpo_trains_with_every_method(method, tiny_model, lmtuner_home, tmp_path):
+    """The registry refuses no method for dpo: each trains (full weights against a frozen reference copy, the LoRA
+    family against the base with the adapter off, LOMO inside the backward pass)."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(16))
+    ctx = ToolContext(home=lmtuner_home, roots=AllowedRoots([tmp_path, tiny_model]))
+    final = run_job(ctx, quick_config(tiny_model, data, stage="dpo", method=method, max_steps=3, learning_rate=1e-3))
+    assert final.status == "completed", f"{final.error}\n" + "\n".join(final.log_tail or [])
+    log = Path(final.run_dir, "train.log").read_text()
+    copy = "a frozen copy of the model" in log
+    assert copy == (method in ("full", "freeze", "lomo")), log[-2000:]
+    assert len([r for r in map(json.loads, Path(final.run_dir, "metrics.jsonl").read_text().splitlines())
+                if "rewards_margin" in r]) == 3  # fmt: skip
