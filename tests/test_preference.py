@@ -143,3 +143,16 @@ def test_dpo_trains_with_every_method(method, tiny_model, lmtuner_home, tmp_path
     assert copy == (method in ("full", "freeze", "lomo")), log[-2000:]
     assert len([r for r in map(json.loads, Path(final.run_dir, "metrics.jsonl").read_text().splitlines())
                 if "rewards_margin" in r]) == 3  # fmt: skip
+
+
+@pytest.mark.parametrize("launch", [{"processes_per_node": 2}, {"deepspeed": {"stage": 2}}], ids=["ddp2", "zero2"])
+def test_dpo_runs_on_two_processes_and_under_deepspeed(launch, tiny_model, lmtuner_home, tmp_path, monkeypatch):
+    """The same recipe under torchrun (two CPU processes, gloo) and under DeepSpeed ZeRO-2 (TRL's DPOTrainer takes
+    both through its TrainingArguments): every step logs its reward metrics, written once by rank 0."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/lmtuner/torch_extensions"))
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(32))
+    ctx = ToolContext(home=lmtuner_home, roots=AllowedRoots([tmp_path, tiny_model]))
+    final = run_job(ctx, quick_config(tiny_model, data, stage="dpo", max_steps=3, **launch), timeout=600)
+    assert final.status == "completed", f"{final.error}\n" + "\n".join(final.log_tail or [])
+    trained = [r for r in map(json.loads, Path(final.run_dir, "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in trained] == [1, 2, 3] and all("rewards_margin" in r for r in trained)
