@@ -40,7 +40,8 @@ def run_planned_job(tmp_path, lmtuner_home, stage: str, **changes) -> tuple[dict
 def test_real_model_dpo_makes_the_model_prefer_the_correct_answer_on_held_out_pairs(tmp_path, lmtuner_home):
     """Pairs over dates_iso ("Write this date in ISO 8601 form: the eleventh of July, 1984"): chosen the ISO date,
     rejected the date copied back as written, which is what the base model does and prefers. After DPO as planned
-    the model prefers the ISO date on held-out dates: +25 points or more, or at least 85%."""
+    (2 epochs, no accumulation, lr 2e-4 for a wide margin) the model prefers the ISO date on held-out dates: +25
+    points or more, or at least 85%. Measured: 0.1875 -> 1.0 (the planner's 5e-5 gives the same, margin 0.75)."""
     plan, final = run_planned_job(tmp_path, lmtuner_home, "dpo", learning_rate=2e-4, num_epochs=2,
                                   gradient_accumulation_steps=1, eval_steps=1000)  # fmt: skip
     assert plan["config"]["stage"] == "dpo" and plan["config"]["preference"]["beta"] == 0.1
@@ -61,7 +62,7 @@ def test_real_model_dpo_makes_the_model_prefer_the_correct_answer_on_held_out_pa
 @pytest.mark.timeout(2400)
 def test_real_model_reward_model_ranks_held_out_pairs_better_than_chance(tmp_path, lmtuner_home):
     """A reward model (SmolLM2 as a sequence classifier with a new one-output head, LoRA) on the same pairs ranks
-    the held-out pairs well above chance (0.5), where its untrained head is a coin toss."""
+    the held-out pairs well above chance (0.5); measured: its untrained head ranked 0 of 32, the trained one 32."""
     plan, final = run_planned_job(tmp_path, lmtuner_home, "reward", learning_rate=2e-4, num_epochs=2,
                                   gradient_accumulation_steps=1, eval_steps=1000)  # fmt: skip
     assert plan["config"]["stage"] == "reward"
