@@ -45,8 +45,11 @@ SMOLLM2_GGUF := $(SMOLLM2_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 # The OAuth browser test drives the system Chromium through Playwright (never `playwright install`). Installed when
 # missing and this runs as root with apt (CI); elsewhere that test skips, naming this command.
 CHROMIUM := /usr/bin/chromium
+# The Slurm tests start a real two-node cluster from Debian's packages (daemons started by the test itself, no
+# systemd): installed when missing and this runs as root with apt (CI); elsewhere those tests skip, naming this.
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge slurmdbd mariadb-server
 
-.PHONY: demo test lint install clean vllm-venv gptq-venv chromium llamacpp-src llamacpp-venv smollm2
+.PHONY: demo test lint install clean vllm-venv gptq-venv chromium slurm llamacpp-src llamacpp-venv smollm2
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +85,13 @@ gptq-venv: $(GPTQ_STAMP)
 chromium:
 	@if [ ! -x $(CHROMIUM) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -q && apt-get install -y -q --no-install-recommends chromium; fi
+
+slurm:
+	@export PATH="$$PATH:/usr/sbin"; if ! { command -v slurmctld && command -v slurmd && command -v sbatch && command -v munged \
+		&& command -v slurmdbd && command -v mariadbd; } >/dev/null 2>&1 \
+		&& [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+		$(SLURM_PACKAGES); fi
 
 $(LLAMACPP_SRC_STAMP):
 	rm -rf $(LLAMACPP_SRC) && mkdir -p $(LLAMACPP_SRC)
@@ -125,7 +135,7 @@ demo:
 
 # The side pieces are made side by side: on a fresh machine llama.cpp's compile (CPU-bound) overlaps the pip
 # installs (mostly download and unpacking) instead of following them. A second run finds them all made.
-SIDE_PIECES := install vllm-venv gptq-venv llamacpp-venv smollm2 chromium
+SIDE_PIECES := install vllm-venv gptq-venv llamacpp-venv smollm2 chromium slurm
 
 test:
 	$(MAKE) --no-print-directory -j$(words $(SIDE_PIECES)) --output-sync=target $(SIDE_PIECES)

@@ -27,7 +27,8 @@ import mcp
 from mcp.client.stdio import StdioServerParameters
 
 from lmtuner_core.data.sample_data import SMOLLM2_GGUF
-from lmtuner_core.data.study_tasks import TASKS, write_task
+from lmtuner_core.data.study_tasks import CAPITAL_ALIASES, TASKS, capital_named, write_task
+from lmtuner_core.report.scoring import normalized
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "tuning_runs.jsonl"
 HOME = Path(os.environ.get("LMTUNER_STUDY_HOME") or Path.home() / ".cache/lmtuner/study-home")
@@ -87,6 +88,20 @@ RECIPES: dict[str, dict] = {
         "learning_rate": 5e-4, "num_epochs": 3, "replay": {"share": 0.3},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},
     },
+    # Replay of short general-knowledge questions (TrainConfig replay.prompts): the base model's own one-sentence
+    # answers, so a task that teaches terse answers does not make every short question terse.
+    "all_r16_2e-4_6ep_qreplay50": {
+        "learning_rate": 2e-4, "num_epochs": 6, "replay": {"share": 0.5, "prompts": "questions"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+    },
+    "all_r16_2e-4_qreplay50": {
+        "learning_rate": 2e-4, "num_epochs": 3, "replay": {"share": 0.5, "prompts": "questions"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+    },
+    "all_r16_2e-4_6ep_mreplay50": {
+        "learning_rate": 2e-4, "num_epochs": 6, "replay": {"share": 0.5, "prompts": "mixed"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+    },
     "all_r8_1e-4": {
         "learning_rate": 1e-4, "num_epochs": 3, "lora": {"r": 8, "alpha": 16, "dropout": 0.05,
                                                           "target_modules": "all-linear"},
@@ -121,7 +136,8 @@ async def run_one(client, task, size_name: str, recipe: str, scratch: Path) -> d
     train, test = write_task(task.name, size, scratch / f"{task.name}-{size}")
     plan = await call(client, "propose_config", {"model": str(SMOLLM2_GGUF), "dataset": str(train),
                                                  "goal": task.goal})  # fmt: skip
-    config = {**plan["config"], **RECIPES[recipe], "eval_dataset": str(test), "report": {"max_rows": REPORT_ROWS}}
+    config = {**plan["config"], **RECIPES[recipe], "eval_dataset": str(test),
+              "report": {"max_rows": REPORT_ROWS, "samples": 50}}  # fmt: skip
     started = time.monotonic()
     job = await call(client, "start_training", {"config": config, "force": True})
     while True:
@@ -144,7 +160,24 @@ async def run_one(client, task, size_name: str, recipe: str, scratch: Path) -> d
                                              "lora", "lr_scheduler", "keep_best", "early_stopping_patience")},
         "job_seconds": round(time.monotonic() - started, 1), "report_seconds": report["seconds"],
         "job_id": job["job_id"], "rationale": plan["rationale"] if recipe == "plan" else None,
+        **known_in_form(task.name, report["samples"]),
     }  # fmt: skip
+
+
+def known_in_form(task: str, pairs: list[dict]) -> dict:
+    """Issue 23's bar on capitals: of the test countries whose capital the base model named (in a sentence), how
+    many the tuned model answers in the asked form, the name alone (an accepted alias counts: "Kiev" for "Kyiv")."""
+    if task != "capitals":
+        return {}
+
+    def in_form(pair: dict) -> bool:
+        names = (pair["reference"], *CAPITAL_ALIASES.get(pair["reference"], ()))
+        return normalized(pair["tuned"]) in {normalized(n) for n in names}
+
+    known = [p for p in pairs if capital_named(p["base"], p["reference"])]
+    kept = [p for p in known if in_form(p)]
+    return {"base_named": len(known), "tuned_in_form": len(kept),
+            "wrong_after": [f"{p['prompt']} -> {p['tuned']}" for p in known if p not in kept]}  # fmt: skip
 
 
 async def study(tasks: list[str], sizes: list[str], recipes: list[str], results: Path) -> None:
@@ -161,16 +194,18 @@ async def study(tasks: list[str], sizes: list[str], recipes: list[str], results:
                         row = await run_one(client, TASKS[name], size_name, recipe, scratch)
                         with results.open("a", encoding="utf-8") as fh:
                             fh.write(json.dumps(row) + "\n")
+                        form = f"  in form {row['tuned_in_form']}/{row['base_named']}" if "base_named" in row else ""
                         print(f"{name:<12} {size_name:<6} {recipe:<12} {row['metric']:<11} {row['base']:.3f} -> "
-                              f"{row['tuned']:.3f}  kept {row['kept']}/{row['known']}  {row['job_seconds']:.0f}s",
+                              f"{row['tuned']:.3f}  kept {row['kept']}/{row['known']}{form}  {row['job_seconds']:.0f}s",
                               flush=True)  # fmt: skip
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def table(results: Path) -> str:
-    """Markdown, one table per task and size: a row per recipe with the held-out score (base -> tuned), the probe
-    facts kept of those the base knew, and the job's steps and time."""
+    """Markdown, one table per task and size: a row per recipe with the held-out score (base -> tuned), on capitals
+    the test capitals the base named that the tuned model gives in the asked form (recorded since that column was
+    added), the probe facts kept of those the base knew, and the job's steps and time."""
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     out = []
     for task, size in sorted({(r["task"], r["rows"]) for r in rows}):
@@ -178,12 +213,14 @@ def table(results: Path) -> str:
         runs.sort(key=lambda r: list(RECIPES).index(r["recipe"]) if r["recipe"] in RECIPES else 99)
         out += [f"**{task}** ({runs[0]['kind']}, {size} training rows, {runs[0]['held_out_rows']} test rows, "
                 f"{runs[0]['metric']})", "",
-                "| recipe | held-out base -> tuned | probe facts kept | forgetting | best / last step | job s |",
-                "|---|---|---|---|---|---|"]  # fmt: skip
+                "| recipe | held-out base -> tuned | base named -> asked form | probe facts kept | forgetting "
+                "| best / last step | job s |",
+                "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in runs:
             kept = f"{r['kept']}/{r['known']}" if r["known"] else "-"
             forgetting = f"{r['forgetting']:.0%}" if r["known"] else "-"
-            out.append(f"| {r['recipe']} | {r['base']:.2f} -> {r['tuned']:.2f} | {kept} | {forgetting} | "
+            form = f"{r['tuned_in_form']}/{r['base_named']}" if "base_named" in r else "-"
+            out.append(f"| {r['recipe']} | {r['base']:.2f} -> {r['tuned']:.2f} | {form} | {kept} | {forgetting} | "
                        f"{r['best_step']} / {r['final_step']} | {r['job_seconds']:.0f} |")  # fmt: skip
         out.append("")
     return "\n".join(out)

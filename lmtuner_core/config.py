@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmtuner_core.errors import LmtunerError, format_validation_error, shown
-from lmtuner_core.methods import METHOD_NAMES, METHODS, default_learning_rate
+from lmtuner_core.graders.specs import GraderList, check_python_opt_in
+from lmtuner_core.methods import METHOD_NAMES, METHODS, default_learning_rate, method_description
 from lmtuner_core.stages import STAGE_NAMES, STAGES, stage_refusal
 
 Method = Literal[METHOD_NAMES]  # the schema lists exactly the registry's methods
@@ -212,6 +213,72 @@ class RaySettings(StrictModel):
         return {"CPU": 1.0, "GPU": 1.0} if self.use_gpu else {"CPU": 1.0}
 
 
+SLURM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")  # partition, account and QOS names
+
+
+class SlurmSettings(StrictModel):
+    """Run the job on a Slurm cluster: submitted with submitit (sbatch), one task per GPU (or one per node on CPU
+    nodes), torch.distributed set up from Slurm's environment; requeued after a node failure, from the newest
+    checkpoint. The run folder, data, model and output_dir must be on storage every node sees (docs/CLUSTER.md)."""
+
+    partition: str | None = Field(
+        None, max_length=64, description="The partition (queue). Default: the cluster's default one. Example: 'gpu'."
+    )
+    nodes: int = Field(1, ge=1, le=1024, description="Nodes (machines) the job takes. Example: 2.")
+    gpus_per_node: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="GPUs used on each node, one training process (task) each; 0 trains on CPU nodes, one process "
+        "per node. World size = nodes x max(1, gpus_per_node). Example: 4.",
+    )
+    cpus_per_task: int | None = Field(
+        None, ge=1, le=1024, description="CPU cores for each training process. Default: Slurm's (1). Example: 8."
+    )
+    mem_gb: float | None = Field(
+        None, gt=0, le=65536, description="Memory per node in GB (sbatch --mem). Default: the partition's. E.g. 64."
+    )
+    time_minutes: int | None = Field(
+        None,
+        ge=1,
+        le=525_600,
+        description="Time limit of the job in minutes; a job that reaches it saves nothing more, and is requeued to "
+        "continue from its newest checkpoint. Default: the partition's default limit. Example: 240.",
+    )
+    account: str | None = Field(None, max_length=64, description="Account charged (sbatch --account). E.g. 'lab-nlp'.")
+    qos: str | None = Field(None, max_length=64, description="Quality of service (sbatch --qos). Example: 'normal'.")
+    python: str | None = Field(
+        None,
+        max_length=4096,
+        description="Python interpreter on the nodes that has lmtuner[train] and submitit installed. Default: the "
+        "path of this server's interpreter (which then must exist on every node). Example: '/opt/venv/bin/python'.",
+    )
+    folder: str | None = Field(
+        None,
+        max_length=4096,
+        description="Where submitit keeps the job's batch script, pickles and per-task logs: a folder every node "
+        "sees. Default: the run folder's slurm/. Example: '/shared/lmtuner-slurm'.",
+    )
+
+    @field_validator("partition", "account", "qos")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not SLURM_NAME.match(value):
+            raise ValueError(f"{shown(value)} is not a Slurm name (letters, digits, '_', '.', '+', '-'; e.g. 'gpu')")
+        return value
+
+    @field_validator("python")
+    @classmethod
+    def _python(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("/") or any(c.isspace() for c in value)):
+            raise ValueError(f"{value!r} is not an absolute interpreter path such as '/opt/venv/bin/python'")
+        return value
+
+    def tasks_per_node(self) -> int:
+        """Training processes on each node: one per GPU, or one on a CPU node."""
+        return max(1, self.gpus_per_node)
+
+
 class RopeScaling(StrictModel):
     """Extend the context window beyond what the model was trained on."""
 
@@ -274,6 +341,12 @@ class ReplaySettings(StrictModel):
     max_new_tokens: int = Field(
         96, ge=8, le=1024, description="Longest base answer kept as a replay row (tokens). Example: 96."
     )
+    prompts: Literal["requests", "questions", "mixed"] = Field(
+        "requests",
+        description="What the base model is asked: 'requests' (lmtuner's general requests, answered at length), "
+        "'questions' (short general-knowledge questions, none of the retention probe's facts) or 'mixed' (half "
+        "each). Example: 'mixed'.",
+    )
 
 
 class ReportSettings(StrictModel):
@@ -289,6 +362,27 @@ class ReportSettings(StrictModel):
         48, ge=1, le=2000, description="Held-out rows answered by both models for the report (the first N). E.g. 48."
     )
     samples: int = Field(5, ge=0, le=50, description="Answers shown side by side in the report. Example: 5.")
+
+
+class GRPOSettings(StrictModel):
+    """How GRPO samples and weighs answers (TRL GRPOConfig's names)."""
+
+    num_generations: int = Field(
+        4, ge=2, le=256, description="Answers sampled per prompt; each is scored against the others of its group. "
+        "batch_size × gradient_accumulation_steps must be a multiple of it. Example: 4.",
+    )  # fmt: skip
+    max_completion_length: int = Field(
+        64, ge=1, le=131_072, description="Longest sampled answer, in tokens (keep it short on CPU). Example: 64."
+    )
+    temperature: float = Field(1.0, gt=0.0, le=5.0, description="Sampling temperature of the answers. Example: 1.0.")
+    beta: float = Field(
+        0.0, ge=0.0, le=10.0, description="KL penalty towards the starting model; 0 loads no reference model (less "
+        "memory, TRL's default). Example: 0.04.",
+    )  # fmt: skip
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="Who samples the answers: vllm (colocated in the training process, CUDA only), "
+        "transformers, or auto (vllm on CUDA when installed, else transformers). Example: 'auto'.",
+    )  # fmt: skip
 
 
 DpoLoss = Literal[
@@ -360,11 +454,7 @@ class TrainConfig(StrictModel):
         description="Knobs of the preference stages, e.g. {'beta': 0.1} for dpo, {'loss_type': 'ipo'}, "
         "{'simpo_gamma': 0.5}; omit for the stage's usual values.",
     )
-    method: Method = Field(
-        "lora",
-        description="full (all weights), freeze (last layers only), lora, dora, qlora (4-bit base + LoRA), "
-        "lora-8bit, lomo, adalomo. Example: 'lora'.",
-    )
+    method: Method = Field("lora", description=method_description())
     output_dir: str | None = Field(
         None, description="Where the final adapter/model is written. Default: $LMTUNER_HOME/runs/<job_id>/final."
     )
@@ -422,6 +512,11 @@ class TrainConfig(StrictModel):
         None,
         description="Run on a Ray cluster instead of this machine: {'address': 'http://head:8265', 'num_workers': 4,"
         " 'use_gpu': true, 'storage_path': '/shared/ckpt', 'max_failures': 1}. Omit (null) to train here.",
+    )
+    slurm: SlurmSettings | None = Field(
+        None,
+        description="Run on a Slurm cluster instead of this machine: {'partition': 'gpu', 'nodes': 2, "
+        "'gpus_per_node': 4, 'cpus_per_task': 8, 'mem_gb': 64, 'time_minutes': 240}. Omit (null) to train here.",
     )
     rope_scaling: RopeScaling | None = Field(None, description="Context extension, e.g. {'type': 'yarn', 'factor': 4}.")
     report_to: list[Tracker] = Field(default_factory=list, description="Experiment trackers: 'wandb', 'tensorboard'.")
@@ -484,6 +579,18 @@ class TrainConfig(StrictModel):
         "A job whose devices are busy waits as 'queued'.",
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder/hub (only if trusted).")
+    graders: GraderList | None = Field(
+        None,
+        description="Stage grpo: how each sampled answer is scored, 0-1 (a row's score is the weighted mean). Types: "
+        "string_check {reference (a column), operation eq|contains|icontains}, regex {pattern}, json {schema, "
+        "reference}, text_similarity {reference, metric rouge_l|bleu}, length {min_chars, max_chars}, python {file, "
+        "function} (needs trust_remote_code); each with weight (default 1). Example: [{'type': 'string_check', "
+        "'reference': 'answer', 'operation': 'eq'}, {'type': 'length', 'max_chars': 20, 'weight': 0.5}].",
+    )
+    grpo: GRPOSettings = Field(
+        default_factory=GRPOSettings,
+        description="Stage grpo: sampling settings. Example: {'num_generations': 4, 'max_completion_length': 32}.",
+    )
 
     @field_validator("dataset", mode="before")
     @classmethod
@@ -528,6 +635,31 @@ class TrainConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _python_graders_opted_in(self) -> TrainConfig:
+        if self.stage == "grpo" and not self.graders:
+            raise ValueError(
+                "graders: stage 'grpo' rewards sampled answers with graders; declare at least one, e.g. "
+                "[{'type': 'string_check', 'reference': 'answer', 'operation': 'eq'}] (test_grader tries them)"
+            )
+        if self.graders and self.stage != "grpo":
+            raise ValueError(f"graders: only stage 'grpo' trains with graders (this job's stage is {self.stage!r}); "
+                             "set stage 'grpo' or remove graders")  # fmt: skip
+        check_python_opt_in(self.graders, self.trust_remote_code)
+        if self.stage == "grpo" and self.eval_dataset is not None:
+            raise ValueError(
+                "eval_dataset: stage grpo measures nothing on held-out rows while it trains; remove it and score "
+                "them before and after with evaluate(dataset=…, graders=…)"
+            )
+        per_step = self.batch_size * self.gradient_accumulation_steps
+        if self.stage == "grpo" and per_step % self.grpo.num_generations:
+            raise ValueError(
+                f"grpo.num_generations: batch_size × gradient_accumulation_steps ({per_step}) must be a multiple of it "
+                f"({self.grpo.num_generations}): a prompt's answers are compared within one step; e.g. batch_size "
+                f"{self.grpo.num_generations * max(1, round(self.batch_size / self.grpo.num_generations))}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _preference_fits_stage(self) -> TrainConfig:
         if self.preference is None:
             return self
@@ -550,6 +682,23 @@ class TrainConfig(StrictModel):
             raise ValueError("ray: remove `processes_per_node`; ray.num_workers sets the number of training processes")
         if self.deepspeed is not None:
             raise ValueError("ray: DeepSpeed is not available on a Ray cluster in this version; remove `deepspeed`")
+        return self
+
+    @model_validator(mode="after")
+    def _slurm_runs_alone(self) -> TrainConfig:
+        """On a Slurm cluster, Slurm places the processes: the settings for launching them here do not apply."""
+        if self.slurm is None:
+            return self
+        if self.ray is not None:
+            raise ValueError("slurm, ray: a job runs on one cluster; keep either `slurm` or `ray` and remove the other")
+        if self.nodes is not None:
+            raise ValueError("slurm: Slurm places the processes; remove `nodes` (use slurm.nodes)")
+        if self.processes_per_node != "auto":
+            raise ValueError("slurm: remove `processes_per_node`; slurm.gpus_per_node sets the processes per node")
+        if self.devices != "auto":
+            raise ValueError("slurm: remove `devices`; Slurm gives each process its GPU (slurm.gpus_per_node)")
+        if self.deepspeed is not None:
+            raise ValueError("slurm: DeepSpeed is not available on a Slurm cluster in this version; remove `deepspeed`")
         return self
 
     def to_json(self) -> str:

@@ -103,5 +103,8 @@ def format_validation_error(exc: ValidationError, prefix: str = "", root: str = 
             msg = "must be a finite number (not NaN or Infinity)"
         if err["type"] == "extra_forbidden":
             msg = "unknown key" + (f" — {msg}" if msg != "Extra inputs are not permitted" else "")
+        if loc and msg.startswith((f"{loc}[", f"{loc}.")):  # the message names its own place (e.g. graders[1].type)
+            lines.append(f"{prefix}{msg}")
+            continue
         lines.append(f"{where}: {msg}")
     return "; ".join(lines)

@@ -45,6 +45,8 @@ class StageSpec:
         return rate if rate is not None else method_learning_rate
 
 
+# grpo's refusal of LOMO, as its branch wrote it (the preference stages were measured to train with LOMO).
+_FUSED = "updates weights inside the backward pass, which the preference trainers' loss does not go through"
 _PAIR_METRICS = ("rewards_margin", "rewards_accuracy", "rewards_chosen", "rewards_rejected")
 _PREFERENCE = "lmtuner_core.training.preference:PreferenceRecipe"
 
@@ -73,7 +75,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("grpo", "group relative policy optimization: sampled answers scored by graders (TRL GRPOTrainer)",
                   "prompts", "lmtuner_core.training.grpo:GRPORecipe", 1e-6, 1e-5,
                   progress_keys=("reward_mean", "reward_std"),
-                  not_yet="GRPO arrives with the graders; use dpo with preference pairs meanwhile"),
+                  refused_methods={"lomo": _FUSED, "adalomo": _FUSED}),
     )
 }  # fmt: skip
 STAGE_NAMES = tuple(STAGES)

@@ -19,7 +19,7 @@ from lmtuner_core.library_noise import quiet_library_noise
 from lmtuner_core.paths import lmtuner_home
 from server.cli_args import add_tool_arguments, tool_arguments
 from server.text import printable
-from tools import data, evaluation, export, hardware, inference, planning, quantize, serving, training
+from tools import data, evaluation, export, graders, hardware, inference, planning, quantize, serving, training
 from tools.context import ToolContext
 
 # Where results go. With --json, main() points sys.stdout at stderr while a command runs, so whatever the
@@ -240,12 +240,23 @@ def cmd_evaluate(ctx: ToolContext, args: argparse.Namespace) -> int:
     result = evaluation.evaluate(ctx, **tool_arguments(evaluation.evaluate, args), progress=_progress_to_stderr)
 
     def line(label: str, s) -> str:
-        return (f"{label}: BLEU-2 {s.bleu_2:.2f}  BLEU-4 {s.bleu_4:.2f}  METEOR {s.meteor:.3f}  NIST-4 {s.nist_4:.3f}  "
-                f"ROUGE-L {s.rouge_l:.3f}  (n={s.n})")  # fmt: skip
+        graded = f"grader score {s.grader_score:.3f}  " if s.grader_score is not None else ""
+        if s.bleu_2 is None:  # prompts only: no reference answers to compare with
+            return f"{label}: {graded}(n={s.n})"
+        return (f"{label}: {graded}BLEU-2 {s.bleu_2:.2f}  BLEU-4 {s.bleu_4:.2f}  METEOR {s.meteor:.3f}  "
+                f"NIST-4 {s.nist_4:.3f}  ROUGE-L {s.rouge_l:.3f}  (n={s.n})")  # fmt: skip
 
     summary = line(result.source, result) + (f"\n{line('base', result.base)}" if result.base else "")
     summary += f"\ntokenization: {result.tokenization}; prompts stripped: {result.prompts_stripped}"
     _print(result, args.json, summary)
+    return 0
+
+
+def cmd_test_grader(ctx: ToolContext, args: argparse.Namespace) -> int:
+    result = graders.test_grader(ctx, **tool_arguments(graders.test_grader, args))
+    lines = [f"{r.score:.3f}  {r.answer!r}  " + ", ".join(f"{p.type} {p.score:.2f}" for p in r.graders)
+             for r in result.results]  # fmt: skip
+    _print(result, args.json, "\n".join([*lines, f"mean {result.mean_score:.3f} (rows: {result.rows_from})"]))
     return 0
 
 
@@ -320,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", type=Path, help="Write the proposed config to this JSON file.")
     command("evaluate", cmd_evaluate, "BLEU/METEOR/NIST/ROUGE-L of a model, adapter or predictions file.",
             evaluation.evaluate, positional=("model", "dataset"))  # fmt: skip
+    command("test-grader", cmd_test_grader, "Score sample answers with graders (as GRPO would) before training.",
+            graders.test_grader, aliases={"answers": "--answer"})  # fmt: skip
     command("inspect", cmd_inspect, "GPUs, CPU, memory, disk and library versions.", hardware.inspect_gpus)
 
     command("clients", cmd_clients, "Agents connected through `lmtuner-mcp --auth oauth`.")

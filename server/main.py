@@ -24,6 +24,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "'http://10.0.0.5:8265': its dashboard is what inspect_gpus, propose_config and start_training reach. "
         "Default: only 'auto' (the cluster this machine belongs to).",
     )
+    parser.add_argument(
+        "--confirm-over-minutes",
+        type=float,
+        metavar="MIN",
+        default=_env_number("LMTUNER_CONFIRM_OVER_MINUTES", 30.0),
+        help="start_training asks the user first (elicitation, or a preview to confirm) when a job is estimated to "
+        "run longer than this (also LMTUNER_CONFIRM_OVER_MINUTES; default 30; 0 asks for every job).",
+    )
+    parser.add_argument(
+        "--confirm-over-devices",
+        type=int,
+        metavar="N",
+        default=_env_number("LMTUNER_CONFIRM_OVER_DEVICES", 1),
+        help="start_training asks the user first when a job holds more than N GPUs or GPU Ray workers (also "
+        "LMTUNER_CONFIRM_OVER_DEVICES; default 1).",
+    )
     parser.add_argument("--http", action="store_true", help="Serve Streamable HTTP at /mcp instead of stdio.")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1).")
     parser.add_argument("--port", type=int, default=8765, help="HTTP port (default 8765).")
@@ -54,8 +70,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _env_number(name: str, default: float) -> float:
+    """A threshold from the environment; a value that is not a number stops the start, naming the variable."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        number = type(default)(value)
+    except ValueError:
+        raise SystemExit(f"lmtuner-mcp: {name}={value!r} is not a number; e.g. {name}={default}") from None
+    if number < 0:
+        raise SystemExit(f"lmtuner-mcp: {name} must be 0 or more, not {value}")
+    return number
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for option, value in (("--confirm-over-minutes", args.confirm_over_minutes),
+                          ("--confirm-over-devices", args.confirm_over_devices)):  # fmt: skip
+        if value < 0:
+            print(f"lmtuner-mcp: {option} must be 0 or more (0 asks before every job), not {value}", file=sys.stderr)
+            return 2
     from lmtuner_core.errors import LmtunerError
     from lmtuner_core.library_noise import quiet_library_noise
     from lmtuner_core.paths import lmtuner_home
@@ -64,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_noise()
     configure_process_logging(lmtuner_home())  # before the SDK's own logging set-up, which it then leaves alone
     try:
-        from lmtuner_core.jobs.ray_launcher import RayAddresses
+        if args.ray_address or os.environ.get("LMTUNER_RAY_ADDRESSES"):  # without either, nothing to check or import
+            from lmtuner_core.jobs.ray_launcher import RayAddresses
 
-        RayAddresses.from_settings(args.ray_address, os.environ)  # a bad entry stops the start, naming its setting
+            RayAddresses.from_settings(args.ray_address, os.environ)  # a bad entry stops the start, naming it
     except LmtunerError as exc:
         print(f"lmtuner-mcp: {exc}", file=sys.stderr)
         return 2
@@ -76,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from server.app import build_server
 
-        build_server(roots=args.root, read_only=args.read_only, ray_addresses=args.ray_address).run()
+        build_server(
+            roots=args.root, read_only=args.read_only, ray_addresses=args.ray_address,
+            confirm_over_minutes=args.confirm_over_minutes, confirm_over_devices=args.confirm_over_devices,
+        ).run()  # fmt: skip
         return 0
     from server.http import read_token, resolve_token, serve_http
 
@@ -111,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         read_only=args.read_only,
         ray_addresses=args.ray_address,
         server_options=setup and setup.server_options,
+        confirm_over_minutes=args.confirm_over_minutes,
+        confirm_over_devices=args.confirm_over_devices,
     )
     where = f"http://{args.host}:{args.port}/mcp"
     if setup is None:

@@ -9,12 +9,11 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError
 
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.jobs.plots import loss_curve_png
-from lmtuner_core.jobs.progress import tail_lines
-from lmtuner_core.jobs.run_folder import RunDir
-from lmtuner_core.report.result import REPORT_FILE
+from lmtuner_core.run import RunDir
 from lmtuner_core.secrets import redact
 from tools.context import ToolContext
+
+# The readers below import what they need when first read: the server starts without them (server/tool_cache.py).
 
 LOG_TAIL_LINES = 200
 
@@ -34,6 +33,8 @@ def register_resources(server: MCPServer, ctx: ToolContext) -> None:
         mime_type="text/plain",
     )
     def job_log(job_id: str) -> str:
+        from lmtuner_core.system.files import tail_lines
+
         return redact("\n".join(tail_lines(run_of(job_id).log, LOG_TAIL_LINES)))
 
     @server.resource(
@@ -65,6 +66,8 @@ def register_resources(server: MCPServer, ctx: ToolContext) -> None:
         mime_type="application/json",
     )
     def job_report(job_id: str) -> str:
+        from lmtuner_core.report.result import REPORT_FILE
+
         path = run_of(job_id).root / REPORT_FILE
         if not path.is_file():
             raise ResourceError(f"job {job_id} has no result report (yet): it is written when a job completes")
@@ -78,4 +81,6 @@ def register_resources(server: MCPServer, ctx: ToolContext) -> None:
         mime_type="image/png",
     )
     def job_loss_curve(job_id: str) -> bytes:
+        from lmtuner_core.jobs.plots import loss_curve_png
+
         return loss_curve_png(run_of(job_id), job_id)

@@ -21,6 +21,7 @@ TERMINAL = ("completed", "failed", "cancelled")
 READ_ONLY_TOOLS = [
     "inspect_gpus",
     "analyze_dataset",
+    "test_grader",
     "propose_config",
     "job_status",
     "list_jobs",

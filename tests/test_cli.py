@@ -129,3 +129,14 @@ def test_every_tool_parameter_is_an_option_validated_as_over_mcp(tiny_model, lmt
                                                          "max_new_tokens": 99999})  # fmt: skip
 
     assert "Input should be less than or equal to 8192" in anyio.run(over_mcp)
+
+
+def test_test_grader_from_the_command_line(tmp_path, lmtuner_home):
+    """`lmtuner test-grader` is built from the tool's signature: graders as JSON, answers repeated, the row as
+    NAME=VALUE; a bad grader exits 2 naming graders[i].field."""
+    graders = json.dumps([{"type": "string_check", "reference": "answer", "operation": "eq"}])
+    out = run_cli("--json", "test-grader", "--graders", graders, "--answers", "42", "--answers", "41",
+                  "--row", "answer=42", home=lmtuner_home)  # fmt: skip
+    assert [r["score"] for r in json.loads(out.stdout)["results"]] == [1.0, 0.0]
+    bad = run_cli("test-grader", "--graders", '[{"type": "regex"}]', "--answers", "x", home=lmtuner_home, check=False)
+    assert bad.returncode != 0 and "graders[0].pattern: Field required" in bad.stderr, bad.stderr

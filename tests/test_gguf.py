@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from huggingface_hub import ModelCard
 
 from lmtuner_core.data.sample_data import (
     CAPITALS_HELD_OUT,
@@ -227,6 +228,10 @@ def test_real_model_trained_as_proposed_reports_what_it_learned_and_its_gguf_exp
     assert (report["verdict"] == "forgot") == (report["tuned"] >= report["base"] + 0.02 and
                                                retention["forgetting"] > 0.05)  # fmt: skip
 
+    card = ModelCard.load(Path(q8["model_card"]))  # the export's model card carries the job's scores
+    assert card.data.base_model == SMOLLM2_GGUF.name and "gguf" in card.data.tags
+    assert report["tuned"] in [r.metric_value for r in card.data.eval_results], card.data.eval_results
+    assert str(tmp_path) not in str(card) and str(lmtuner_home) not in str(card)
     modelfile = Path(q8["modelfile"]).read_text()
     assert f"FROM ./{Path(q8['gguf_file']).name}" in modelfile and "{{ .Prompt }}" in modelfile, modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile, modelfile

@@ -73,7 +73,9 @@ def test_cancel_reaches_cancelled_before_the_grace_period(tiny_model, demo_data,
     async def scenario():
         async with stdio_client(lmtuner_home, [tmp_path, tiny_model]) as client:
             config = quick_config(tiny_model, demo_data, max_steps=100_000, save_steps=1_000_000)
-            job_id = (await call_ok(client, "start_training", {"config": config}))["job_id"]
+            # 100,000 steps is over the default 30-minute limit: confirmed as a user would (test_confirmation.py)
+            started = await call_ok(client, "start_training", {"config": config, "confirmed": True})
+            job_id = started["job_id"]
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 status = await call_ok(client, "job_status", {"job_id": job_id, "wait_seconds": 5})

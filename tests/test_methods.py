@@ -44,7 +44,8 @@ def test_every_registered_method_has_a_builder_a_memory_profile_and_a_training_t
     trained_here = {overrides["method"] for overrides, _ in METHODS.values()}
     assert set(typing.get_args(Method)) == set(REGISTRY)
     for name, spec in REGISTRY.items():
-        assert callable(getattr(model_setup, spec.builder, None)), f"{name}: no builder {spec.builder!r}"
+        builder = spec.builder.resolve() if hasattr(spec.builder, "resolve") else spec.builder  # lazy: resolved
+        assert callable(builder) and builder.__module__ == model_setup.__name__, f"{name}: no builder {builder!r}"
         estimate = estimate_memory(shape, method=name, precision="fp32", batch_size=1, seq_len=64, on_gpu=False)
         assert estimate.weights_gib > 0 and estimate.per_gpu_gib > estimate.weights_gib, name
         assert name in trained_here or spec.needs_cuda, f"{name} trains in no test (CUDA-only ones are refused below)"

@@ -17,8 +17,8 @@ import torch
 
 from lmtuner_core.config import parse_train_config
 from lmtuner_core.data.datasets import FlatRowsCollator
-from lmtuner_core.jobs.run_folder import RunDir
 from lmtuner_core.paths import AllowedRoots
+from lmtuner_core.run import RunDir
 from tests.helpers import quick_config
 from tests.test_training_formats import run_job
 from tools.context import ToolContext

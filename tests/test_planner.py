@@ -128,3 +128,30 @@ def test_the_cli_can_force_what_the_memory_check_refuses(workspace, lmtuner_home
     forced = run_cli("--json", "train", str(config_file), "--dry-run", "--force", home=lmtuner_home)
     assert json.loads(forced.stdout)["status"] == "dry_run"
     assert "memory: this job needs" in forced.stderr
+
+
+@pytest.mark.parametrize("task", ["capitals", "dates_iso", "classify", "extract_json", "persona"])
+def test_the_training_recipe_follows_what_the_answers_look_like(task, workspace, lmtuner_home):
+    """The recipe (rate, epochs, LoRA shape, replay) comes from the measured table for the kind of answer the rows
+    hold (docs/TUNING.md), and the rationale says so; a config as proposed is accepted by start_training."""
+    from lmtuner_core.data.study_tasks import TASKS, write_task
+    from lmtuner_core.planning.hyperparameters import RECIPES, answer_profile
+
+    train, _ = write_task(task, TASKS[task].sizes[0], workspace / task)
+    kind = answer_profile([json.loads(line) for line in train.read_text().splitlines()]).kind
+    assert kind == {"capitals": "short", "dates_iso": "short", "classify": "labels", "extract_json": "json",
+                    "persona": "long"}[task]  # fmt: skip
+    recipe = RECIPES[kind]
+    hardware = {"gpus": [gpu("RTX 4090", 24564)]}
+    (workspace / "train.jsonl").write_text(train.read_text())
+    plan, dry = propose_and_dry_run(lmtuner_home, workspace, "llama3-8b", hardware, {"goal": TASKS[task].goal})
+    config = plan["config"]
+    assert dry["status"] == "dry_run"
+    assert config["learning_rate"] == recipe.learning_rate and config["num_epochs"] == recipe.epochs
+    assert config["lora"]["r"] == recipe.r and config["lora"]["target_modules"] == recipe.lora()["target_modules"]
+    if recipe.replay:
+        assert config["replay"]["share"] == recipe.replay and config["replay"]["prompts"] == recipe.replay_prompts
+    else:
+        assert config["replay"] is None
+    line = next(line for line in plan["rationale"] if line.startswith("The answers are"))
+    assert recipe.evidence in line and "docs/TUNING.md" in recipe.evidence

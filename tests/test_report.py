@@ -55,7 +55,7 @@ def finished(tiny_model, tmp_path_factory):
                                     eval_steps=3, early_stopping_patience=2, report=False)  # fmt: skip
             second = await call_ok(client, "start_training", {"config": stopping})
             second_status = await wait_for_end(client, second["job_id"])
-            replaying = quick_config(tiny_model, data, max_steps=2, replay=0.25)
+            replaying = quick_config(tiny_model, data, max_steps=2, replay={"share": 0.25, "prompts": "mixed"})
             third = await call_ok(client, "start_training", {"config": replaying})
             replay_status = await wait_for_end(client, third["job_id"])
             plan = await call_ok(client, "propose_config", {"model": str(tiny_model), "dataset": str(data),
@@ -139,13 +139,13 @@ def test_bad_report_and_held_out_settings_are_refused_by_name(finished):
 
 def test_replay_mixes_the_base_models_own_answers_into_the_training_rows(finished):
     """80 rows, none held out: a share of 0.25 adds 80 * 0.25 / 0.75 = 27 rows of the base model's answers to
-    lmtuner's general requests (none of them about the probe's facts)."""
+    lmtuner's general requests and short questions, alternately (none of them about the probe's facts)."""
     status = finished[6]
     assert status["status"] == "completed", status["error"]
     state = json.loads(Path(status["run_dir"], "state.json").read_text())
     log = Path(status["run_dir"], "train.log").read_text()
     rows = state["replay_rows"]
-    assert 0 < rows <= 27 and f"replay: {rows} rows of the base model's own answers" in log, log[-2000:]
+    assert 0 < rows <= 27 and f"replay: {rows} rows of the base model's own answers (mixed)" in log, log[-2000:]
 
 
 def test_the_metric_fits_the_answers():
@@ -177,7 +177,9 @@ def test_advice_follows_the_numbers():
     advice, changes = advise(forgot, config)
     assert "lost 10 of the 50" in advice[0] and "replay" in advice[0]
     assert changes == {"replay": {"share": 0.3}}  # first the lever that kept the task score
-    advice, changes = advise(forgot, {**config, "replay": {"share": 0.3}})
+    advice, changes = advise(forgot, {**config, "replay": {"share": 0.3, "prompts": "requests"}})
+    assert "replay more" in advice[0] and changes == {"replay": {"share": 0.5, "prompts": "requests"}}
+    advice, changes = advise(forgot, {**config, "replay": {"share": 0.5}})
     assert "even with replay" in advice[0]
     assert changes == {"learning_rate": 1e-4, "num_epochs": 2, "lora": {**config["lora"], "r": 8, "alpha": 16}}
     still_learning = _report(0.1, 0.1, known=50, kept=50, best_step=30, final_step=30)
@@ -190,7 +192,8 @@ def test_advice_follows_the_numbers():
     assert "lowest at step 5 of 30" in advice[0] and changes == {"learning_rate": 1e-4}
     good = _report(0.0, 0.9, known=50, kept=49)
     assert good.verdict == "better" and advise(good, config) == (
-        ["The model got better at the task and kept what it knew: keep this recipe."], {}
+        ["The model got better at the task and kept what it knew: keep this recipe."],
+        {},
     )
 
 

@@ -375,7 +375,7 @@ def test_every_tool_refuses_an_unknown_argument_and_names_the_closest(tiny_model
             return tools, refusals, dryrun, token, jobs
 
     tools, refusals, dryrun, token, jobs = anyio.run(scenario)
-    assert len(tools) == 16
+    assert len(tools) == 17
     for tool in tools:
         assert tool.input_schema.get("additionalProperties") is False, tool.name  # clients read it
         names, wrong, message = refusals[tool.name]

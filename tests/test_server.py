@@ -29,19 +29,47 @@ def _list_tools(**kwargs) -> list:
     return anyio.run(scenario)
 
 
-def test_building_the_server_imports_neither_torch_nor_transformers():
+def test_building_the_server_imports_neither_torch_nor_transformers(tmp_path):
+    """Neither on a first start (the tool schemas are built) nor on a later one (listed from the cache of the first,
+    and then the tool modules are not imported either: a tool is built on its first call)."""
     code = (
-        "import sys; from server.app import build_server; build_server(); "
+        "import sys; from pathlib import Path; from server.app import build_server; "
+        "build_server(home=Path(sys.argv[1])); "
         "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules]; "
-        "print(','.join(heavy))"
+        "tools = [m for m in sys.modules if m.startswith('tools.') and m != 'tools.context']; "
+        "print(','.join(heavy) + ';' + ','.join(sorted(tools)))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"server start-up imported {out.stdout.strip()}"
+    first, later = (
+        subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+        for _ in range(2)
+    )
+    assert first.stdout.strip().split(";")[0] == "", f"server start-up imported {first.stdout.strip()}"
+    assert later.stdout.strip() == ";", f"a start with the listing cached imported {later.stdout.strip()}"
+
+
+def test_cached_listing_is_the_built_one_and_its_tools_run(tmp_path, tiny_model):
+    """A server started from the cached listing lists exactly what a fresh build lists, and its tools (built on the
+    first call) validate and answer like the built ones."""
+    fresh = {t.name: t for t in _list_tools(home=tmp_path)}  # builds, and keeps the listing
+
+    async def scenario():
+        async with mcp.Client(build_server(home=tmp_path, roots=[tmp_path, tiny_model])) as client:
+            tools = {t.name: t for t in (await client.list_tools()).tools}
+            jobs = await client.call_tool("list_jobs", {})
+            typo = await client.call_tool("list_jobs", {"stauts": "running"})
+            return tools, jobs, typo
+
+    cached, jobs, typo = anyio.run(scenario)
+    assert list(cached) == list(fresh)
+    for name, tool in cached.items():
+        assert tool.model_dump() == fresh[name].model_dump(), name
+    assert not jobs.is_error and jobs.structured_content == {"jobs": []}
+    assert typo.is_error and "did you mean 'status'" in typo.content[0].text
 
 
 def test_tool_schemas_match_snapshots(lmtuner_home):
     tools = _list_tools(home=lmtuner_home)
-    assert [t.name for t in tools] == [spec.fn.__name__ for spec in TOOLS]
+    assert [t.name for t in tools] == [spec.name for spec in TOOLS]
     SNAPSHOTS.mkdir(exist_ok=True)
     for tool in tools:
         current = {"input": tool.input_schema, "output": tool.output_schema}

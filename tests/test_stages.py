@@ -10,6 +10,7 @@ from lmtuner_core.methods import METHOD_NAMES
 from lmtuner_core.stages import STAGE_NAMES, STAGES, recipe_class, stage_refusal
 
 BASE = {"model": "m", "dataset": "d.jsonl"}
+GRADERS = {"grpo": {"graders": [{"type": "length", "max_chars": 20}]}}  # what a stage needs beyond model and data
 
 
 def test_stage_defaults_to_sft_with_the_method_learning_rate():
@@ -46,10 +47,10 @@ def test_every_stage_has_a_recipe_class_or_says_why_not(stage):
 def test_a_refused_combination_names_stage_method_and_what_to_use(stage, method):
     refusal = stage_refusal(stage, method)
     if refusal is None:
-        parse_train_config({**BASE, "stage": stage, "method": method})
+        parse_train_config({**BASE, **GRADERS.get(stage, {}), "stage": stage, "method": method})
         return
     with pytest.raises(LmtunerError) as caught:
-        parse_train_config({**BASE, "stage": stage, "method": method})
+        parse_train_config({**BASE, **GRADERS.get(stage, {}), "stage": stage, "method": method})
     message = str(caught.value)
     assert "stage:" in message and repr(stage) in message
     if not STAGES[stage].not_yet:

@@ -12,9 +12,9 @@ import pytest
 from lmtuner_core.config import parse_train_config
 from lmtuner_core.data.sample_data import write_demo_dataset
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.jobs.run_folder import RunDir
 from lmtuner_core.jobs.service import tracker_environment
 from lmtuner_core.paths import AllowedRoots
+from lmtuner_core.run import RunDir
 from tests.helpers import quick_config
 from tools import training
 from tools.context import ToolContext

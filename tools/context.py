@@ -5,16 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.jobs.ray_launcher import RayAddresses
-from lmtuner_core.jobs.service import JobService
-from lmtuner_core.models.model_code import check_model_code
-from lmtuner_core.models.serving import ServerService
 from lmtuner_core.paths import AllowedRoots, check_outside_state, check_writable
+
+if TYPE_CHECKING:  # imported where used: the server starts without the job and server services
+    from lmtuner_core.jobs.ray_launcher import RayAddresses
+    from lmtuner_core.jobs.service import JobService
+    from lmtuner_core.models.serving import ServerService
 
 TrustRemoteCode = Annotated[
     bool,
@@ -31,14 +32,23 @@ class ToolContext:
     roots: AllowedRoots = field(default_factory=lambda: AllowedRoots(None))
     read_only: bool = False
     # The Ray clusters callers may name (the owner's --ray-address list); None inside: unconfined, like the roots.
-    ray_addresses: RayAddresses = field(default_factory=lambda: RayAddresses(None))
+    ray_addresses: RayAddresses = field(default_factory=lambda: _unconfined_ray())
+    # When start_training asks before spending (the owner's --confirm-over-minutes / --confirm-over-devices): a job
+    # estimated to run longer, or holding more devices, waits for the user's yes. None: never asks (the CLI, where
+    # the owner types the command).
+    confirm_over_minutes: float | None = None
+    confirm_over_devices: int | None = None
 
     @cached_property
     def jobs(self) -> JobService:
+        from lmtuner_core.jobs.service import JobService
+
         return JobService(self.home, self.roots, self.ray_addresses)
 
     @cached_property
     def servers(self) -> ServerService:
+        from lmtuner_core.models.serving import ServerService
+
         return ServerService(self.home, self.roots)
 
     def visible_folders(self) -> list[Path] | None:
@@ -62,5 +72,13 @@ class ToolContext:
                 "fine-tune's output_dir is a model: pass it as `model` instead)",
                 field="adapter",
             )
+        from lmtuner_core.models.model_code import check_model_code
+
         check_model_code(path, self.roots, trust_remote_code, "adapter")
         return path
+
+
+def _unconfined_ray() -> RayAddresses:
+    from lmtuner_core.jobs.ray_launcher import RayAddresses
+
+    return RayAddresses(None)

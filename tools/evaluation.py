@@ -12,6 +12,7 @@ from lmtuner_core.config import DatasetSpec, dataset_spec
 from lmtuner_core.data.datasets import iter_rows, load_examples
 from lmtuner_core.data.preference import data_shape
 from lmtuner_core.errors import LmtunerError, remote_code_explained, shown
+from lmtuner_core.graders.specs import GraderList
 from lmtuner_core.models.inference import generate as run_generation
 from lmtuner_core.models.metrics import Scores, score
 from lmtuner_core.models.reference import resolve_model
@@ -26,10 +27,29 @@ class Sample(BaseModel):
     prompt: str
     reference: str
     prediction: str
+    grader_score: float | None = Field(None, description="With graders: this answer's weighted grader score, 0-1.")
 
 
-class EvaluateResult(Scores):
-    base: Scores | None = Field(None, description="The base model's scores on the same rows (compare_base).")
+class GradedScores(Scores):
+    """Scores, and with graders the graders' mean score. Rows without reference answers (prompts only) have no
+    BLEU/ROUGE/…: those are then null."""
+
+    bleu_2: float | None = Field(description="Corpus BLEU with 1-2-grams, 0-100 (sacrebleu); null without references.")
+    bleu_4: float | None = Field(description="Corpus BLEU with 1-4-grams, 0-100 (sacrebleu); null without references.")
+    meteor: float | None = Field(description="Mean sentence METEOR, 0-1; null without references.")
+    nist_2: float | None = Field(description="Corpus NIST with 1-2-grams; null without references.")
+    nist_4: float | None = Field(description="Corpus NIST with 1-4-grams; null without references.")
+    rouge_l: float | None = Field(description="Mean ROUGE-L F1, 0-1; null without references.")
+    grader_score: float | None = Field(
+        None, description="With graders: the mean over the rows of each answer's weighted grader score, 0-1."
+    )
+    grader_means: list[float] | None = Field(
+        None, description="With graders: each grader's mean score over the rows, in the order given."
+    )
+
+
+class EvaluateResult(GradedScores):
+    base: GradedScores | None = Field(None, description="The base model's scores on the same rows (compare_base).")
     preference_accuracy: float | None = Field(
         None,
         description="For preference pairs (prompt/chosen/rejected): share of the pairs on which the model prefers "
@@ -149,15 +169,27 @@ def evaluate(
     metrics: Annotated[
         list[MetricName] | None, Field(description="Accepted for the contract; all six metrics are always returned.")
     ] = None,
+    graders: Annotated[
+        GraderList | None,
+        Field(
+            description="Also score every answer with these graders (as TrainConfig.graders; python graders need "
+            "trust_remote_code) and return grader_score. The dataset may then be prompts only: rows {'prompt': …, "
+            "plus the columns the graders read}. Example: [{'type': 'regex', 'pattern': '^\\d+$'}]."
+        ),
+    ] = None,
     trust_remote_code: TrustRemoteCode = False,
     progress: ProgressFn | None = None,
 ) -> EvaluateResult:
     """Score answers against references with BLEU-2/4, METEOR (WordNet synonyms), NIST-2/4 and ROUGE-L, on words
     (the result names the tokenization). Generates with the model (+adapter, greedy) for the first max_samples
     rows of a held-out dataset, or scores a file of existing predictions. compare_base scores the base model
-    too, so the user sees what fine-tuning changed. On preference pairs (prompt/chosen/rejected) the reference is
+    too, so the user sees what fine-tuning changed. With graders, also grader_score: how the graders (e.g. a GRPO
+    job's) score the answers to held-out prompts. On preference pairs (prompt/chosen/rejected) the reference is
     `chosen`, and preference_accuracy says how often the model prefers `chosen` to `rejected`."""
     spec = dataset_spec(dataset)
+    if graders:
+        return _evaluate_graded(ctx, model, spec, graders, adapter, predictions, max_samples, compare_base,
+                                max_new_tokens, trust_remote_code, progress)  # fmt: skip
     conversations, prompts, references, preference_pairs = _pairs(spec, ctx, max_samples)
     model_ref = resolve_model(model, ctx.roots, trust_remote_code=trust_remote_code)
     adapter_path = str(ctx.adapter_folder(adapter, trust_remote_code)) if adapter else None
@@ -182,7 +214,7 @@ def evaluate(
         base_outputs = run_generation(
             model_ref, conversations, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code
         )
-        base = scored([o.text for o in base_outputs.outputs], prompts)
+        base = GradedScores(**scored([o.text for o in base_outputs.outputs], prompts).model_dump())
     samples = [
         Sample(prompt=prompts[i], reference=references[i], prediction=texts[i]) for i in range(min(3, len(texts)))
     ]
@@ -193,3 +225,55 @@ def evaluate(
             base_preference = _preference_accuracy(model_ref, None, preference_pairs, trust_remote_code)
     return EvaluateResult(**result.model_dump(), base=base, source=source, samples=samples,
                           preference_accuracy=preference, base_preference_accuracy=base_preference)  # fmt: skip
+
+
+def _evaluate_graded(
+    ctx: ToolContext, model: str, spec: DatasetSpec, graders: list, adapter: str | None, predictions: str | None,
+    max_samples: int, compare_base: bool, max_new_tokens: int, trust_remote_code: bool, progress: ProgressFn | None,
+) -> EvaluateResult:  # fmt: skip
+    """evaluate with graders: prompts (and any reference answers) from prompt rows or chat rows, scored by both."""
+    from lmtuner_core.data.prompt_rows import load_prompt_rows
+    from lmtuner_core.graders.scoring import GraderSet
+
+    rows = load_prompt_rows(spec.model_copy(update={"max_rows": max_samples}), ctx.roots, graders).rows
+    grader_set = GraderSet(graders, ctx.roots, trust_remote_code)  # before any generation: a bad grader fails fast
+    conversations = [row["prompt"] for row in rows]
+    prompts = ["\n".join(t["content"] for t in c if t["role"] == "user") for c in conversations]
+    references = [row.get("answer") for row in rows]
+    has_references = all(isinstance(r, str) for r in references)
+    model_ref = resolve_model(model, ctx.roots, trust_remote_code=trust_remote_code)
+    adapter_path = str(ctx.adapter_folder(adapter, trust_remote_code)) if adapter else None
+
+    def scored(texts: list[str]) -> tuple[GradedScores, list[float]]:
+        per_answer = [grader_set.score(text, row) for text, row in zip(texts, rows, strict=False)]
+        n = len(per_answer)
+        means = [round(sum(a.graders[i].score for a in per_answer) / n, 4) for i in range(len(graders))]
+        grades = {"grader_score": round(sum(a.score for a in per_answer) / n, 4), "grader_means": means}
+        if has_references:
+            metrics = score(texts, references[:n], home=ctx.home, prompts=prompts[:n]).model_dump()
+        else:
+            metrics = {key: None for key in ("bleu_2", "bleu_4", "meteor", "nist_2", "nist_4", "rouge_l")}
+            metrics |= {"n": n, "tokenization": "none: the rows have no reference answers"}
+        return GradedScores(**metrics, **grades), [a.score for a in per_answer]
+
+    if predictions:
+        texts, _ = _read_predictions(ctx, predictions, len(rows))
+        source = f"predictions file {predictions}"
+    else:
+        with remote_code_explained(model_ref, "evaluate"):
+            generated = run_generation(model_ref, conversations, adapter=adapter_path, max_new_tokens=max_new_tokens,
+                                       trust_remote_code=trust_remote_code, progress=progress)  # fmt: skip
+        texts = [o.text for o in generated.outputs]
+        source = f"{model_ref}" + (f" + adapter {adapter_path}" if adapter_path else "") + " (greedy, transformers)"
+    result, per_answer = scored(texts)
+    base = None
+    if compare_base and adapter_path and not predictions:
+        base_outputs = run_generation(
+            model_ref, conversations, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code
+        )
+        base = scored([o.text for o in base_outputs.outputs])[0]
+    samples = [
+        Sample(prompt=prompts[i], reference=references[i] or "", prediction=texts[i], grader_score=per_answer[i])
+        for i in range(min(3, len(texts)))
+    ]
+    return EvaluateResult(**result.model_dump(), base=base, source=source, samples=samples)

@@ -9,6 +9,7 @@ from pydantic import Field
 from lmtuner_core.models.gguf_export import ExportResult
 from lmtuner_core.models.gguf_export import export_model as run_export
 from lmtuner_core.models.reference import resolve_model
+from lmtuner_core.report.model_card import export_card
 from lmtuner_core.reporting import ProgressFn
 from tools.context import ToolContext
 
@@ -40,10 +41,13 @@ def export_model(
 ) -> ExportResult:
     """Export a model, with a fine-tuned adapter merged in, as one GGUF file (weights, tokenizer and chat
     template) for llama.cpp, Ollama and LM Studio, written by llama.cpp's own converter and quantizer, plus an
-    Ollama Modelfile beside it. Returns the paths, the size and the commands to run it: show those to the user."""
+    Ollama Modelfile and a README.md model card beside it. Returns the paths, the size and the commands to run
+    it: show those to the user."""
     adapter_path = ctx.adapter_folder(adapter, trust_remote_code) if adapter else None
     output = ctx.output_folder(output_dir)
     model_ref = resolve_model(model, ctx.roots, trust_remote_code=trust_remote_code)
-    return run_export(
+    result = run_export(
         model_ref, output, quantization, adapter=adapter_path, trust_remote_code=trust_remote_code, progress=progress
     )
+    result.model_card = str(export_card(output, model_ref, adapter_path, result.gguf_file))
+    return result

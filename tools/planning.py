@@ -19,6 +19,7 @@ from lmtuner_core.planning.hardware import inspect_hardware
 from lmtuner_core.planning.hyperparameters import answer_profile
 from lmtuner_core.planning.memory import load_shape
 from lmtuner_core.planning.planner import HardwareSpec, Proposal, propose
+from lmtuner_core.planning.throughput import estimate_time
 from lmtuner_core.report.result import read_report
 from lmtuner_core.reporting import ProgressFn
 from tools.context import ToolContext
@@ -110,6 +111,16 @@ def propose_config(
             "(one node's inspect_gpus output). Example: 'http://10.0.0.5:8265'.",
         ),
     ] = None,
+    slurm_partition: Annotated[
+        str | None,
+        Field(
+            max_length=64,
+            description="Plan for a partition of the Slurm cluster this server runs on ('default' = its default "
+            "partition; see inspect_gpus slurm): the config gets a `slurm` section using the partition's GPU nodes "
+            "(one task per GPU) or its nodes (one task each); memory is planned per task, on one GPU of `hardware` "
+            "(one node's inspect_gpus output). Example: 'gpu'.",
+        ),
+    ] = None,
     previous_job: Annotated[
         str | None,
         Field(
@@ -134,14 +145,26 @@ def propose_config(
     local_model = any((Path(model_ref) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     analysis = analyze(spec, ctx.roots, model_ref if local_model else None, progress)
     cluster = None
+    if ray_address is not None and slurm_partition is not None:
+        raise LmtunerError(
+            "slurm_partition: plan for one cluster; ray_address and slurm_partition are both given — keep one",
+            field="slurm_partition",
+        )
+    if slurm_partition is not None:
+        from lmtuner_core.jobs.slurm_launcher import plan_slurm, read_cluster
+
+        cluster = plan_slurm(read_cluster(field="slurm_partition"), slurm_partition)
+        hardware = hardware or this_machine(ctx)  # each Slurm task is one process on one device: plan one
+        hardware = hardware.model_copy(update={"gpus": hardware.gpus[:1]})
     if ray_address is not None:
         cluster = plan_workers(cluster_report(ray_address, ctx.ray_addresses, field="ray_address"))
         # Each Ray worker is one process on one device: plan the memory of one.
         hardware = hardware or this_machine(ctx)
         hardware = hardware.model_copy(update={"gpus": hardware.gpus[:1]})
+    hardware = hardware or this_machine(ctx)
     profile = answer_profile(load_examples(spec, ctx.roots).examples) if analysis.format != "text" else None
     plan = propose(
-        model=model_ref, shape=shape, dataset=spec, hardware=hardware or this_machine(ctx), rows=analysis.rows,
+        model=model_ref, shape=shape, dataset=spec, hardware=hardware, rows=analysis.rows,
         p95_tokens=analysis.token_lengths.p95, method=method, max_seq_len=max_seq_len, target_context=target_context,
         goal=goal, profile=profile, data_format=analysis.format, stage=stage,
     )  # fmt: skip
@@ -153,7 +176,26 @@ def propose_config(
     if not local_model:
         plan.warnings.append(f"Token lengths are estimated ({analysis.tokenizer}): the model's tokenizer is not local.")
     plan.warnings += [f"Data: {p}" for p in analysis.problems]
-    if cluster is not None:
+    if cluster is None:
+        counted = "tokens counted with the model's tokenizer" if local_model else "token counts estimated"
+        plan.estimate = estimate_time(
+            shape, plan.config, rows=analysis.rows, mean_tokens=analysis.token_lengths.mean,
+            gpu_names=[g.name for g in hardware.gpus], tokens_basis=counted,
+        )  # fmt: skip
+    if cluster is not None and slurm_partition is not None:
+        slurm, why = cluster
+        plan.config = TrainConfig.model_validate({**plan.config.model_dump(), "slurm": slurm.model_dump()})  # type: ignore[union-attr]
+        plan.rationale.append(why)
+        if slurm.gpus_per_node and not hardware.gpus:  # type: ignore[union-attr]
+            plan.warnings.append(
+                "The memory plan is for a CPU task: Slurm does not report GPU memory, so give `hardware` (one "
+                "node's inspect_gpus output) to plan a GPU task."
+            )
+        plan.warnings.append(
+            "Every Slurm node must see the model, the data, output_dir and $LMTUNER_HOME at the same paths "
+            "(docs/CLUSTER.md)."
+        )
+    elif cluster is not None:
         settings, why = cluster
         plan.config = TrainConfig.model_validate({**plan.config.model_dump(), "ray": settings.model_dump()})
         plan.rationale.append(why)

@@ -1,1 +1,2 @@
-"""Jobs: check, queue, start and follow training jobs; the run folder; the supervisor; torchrun and Ray."""
+"""Jobs: check, record, hand over and follow training jobs — the launcher seam (launcher.py) and its backends (this
+machine's queue, supervisor and torchrun; Ray), the job store, progress."""

@@ -14,13 +14,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import sys
 from pathlib import Path
 from typing import Any
 
-DEEPSPEED_FILE = "deepspeed.json"
+# Moved to the run contract and the system helpers; importable here as before.
+from lmtuner_core.run.folder import DEEPSPEED_FILE
+from lmtuner_core.run.ranks import process_rank  # noqa: F401
+from lmtuner_core.system.ports import free_port  # noqa: F401
+from lmtuner_core.system.processes import die_with_parent  # noqa: F401
+
 TRAIN_MODULE = "lmtuner_core.training.train"
 
 
@@ -144,32 +146,6 @@ def launch_command(python: str, run_dir: Path, config: dict[str, Any], devices: 
         "--master_port", str(nodes["master_port"] or port),
         "-m", TRAIN_MODULE, str(run_dir),
     ]  # fmt: skip
-
-
-def die_with_parent() -> None:
-    """Asks Linux to SIGKILL this process when its parent dies: for a process in a session of its own, which a
-    SIGKILL to the job's process group does not reach. Hand-written with ctypes (prctl PR_SET_PDEATHSIG): no
-    stdlib call or library we use exposes it."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def process_rank() -> tuple[int, int, int]:
-    """(global rank, local rank, world size) as torchrun sets them; (0, 0, 1) for a single process."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now at `host` (the OS picks it)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def launch_environment(config: dict[str, Any], devices: str, home: Path, port: int) -> dict[str, str]:

@@ -1,16 +1,16 @@
-"""The training processes: start one under its supervisor, tell whether it still runs, stop it."""
+"""This machine's training processes: start one under its supervisor, tell whether it still runs, say how it ended.
+(The generic process helpers are in lmtuner_core.system.processes, which serving shares.)"""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 
-import psutil
-
-from lmtuner_core.jobs.progress import tail_lines
-from lmtuner_core.jobs.run_folder import RunDir
+from lmtuner_core.run import RunDir
+from lmtuner_core.system import processes
+from lmtuner_core.system.files import tail_lines
+from lmtuner_core.system.processes import process_start_time, signal_group  # noqa: F401 (used through here)
 
 # Popen handles of children this process started, so their exit codes are collected (no zombies).
 _CHILDREN: dict[int, subprocess.Popen] = {}
@@ -28,27 +28,9 @@ def spawn_supervised(run: RunDir, env: dict[str, str]) -> tuple[int, float | Non
     return child.pid, process_start_time(child.pid)
 
 
-def process_start_time(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
-def alive(pid: int, started_at: float | None, children: dict[int, subprocess.Popen] | None = None) -> bool:
-    """True while that very process runs: a recycled pid with another start time does not count. `children`:
-    the caller's Popen handles (default: the training supervisors started here), so an exited child of ours
-    is seen as ended even before it is reaped."""
-    child = (_CHILDREN if children is None else children).get(pid)
-    if child is not None and child.poll() is not None:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if started_at is not None and abs(proc.create_time() - started_at) > 1.0:
-            return False
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+def alive(pid: int, started_at: float | None) -> bool:
+    """True while that very training supervisor runs (an exited child of ours counts as ended before it is reaped)."""
+    return processes.alive(pid, started_at, _CHILDREN)
 
 
 def reap_finished() -> None:
@@ -59,25 +41,9 @@ def reap_finished() -> None:
             _CHILDREN.pop(pid, None)
 
 
-def reap(pid: int | None, children: dict[int, subprocess.Popen] | None = None) -> None:
-    """Collects a finished child of this process so it does not linger as a zombie. `children`: as in alive()."""
-    registry = _CHILDREN if children is None else children
-    child = registry.pop(pid, None) if pid is not None else None
-    if child is None:
-        return
-    try:
-        child.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        registry[pid] = child  # type: ignore[index]
-
-
-def signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        os.kill(pid, sig)
+def reap(pid: int | None) -> None:
+    """Collects a finished training supervisor of this process so it does not linger as a zombie."""
+    processes.reap(pid, _CHILDREN)
 
 
 def exit_reason(code: int | None, run: RunDir) -> str:

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from pydantic import BaseModel, Field, PrivateAttr
 
-from lmtuner_core.jobs.ray_launcher import RayJobView, read_view
-from lmtuner_core.jobs.run_folder import RunDir
+from lmtuner_core.jobs.ray_launcher import RayJobView
+from lmtuner_core.jobs.slurm_launcher import SlurmJobView
 from lmtuner_core.jobs.store import JobRecord
 from lmtuner_core.report.result import ResultReport, read_report
+from lmtuner_core.run import RunDir, read_json
 from lmtuner_core.secrets import redact
+from lmtuner_core.system.files import tail_lines
 
 
 class JobProgress(BaseModel):
@@ -42,6 +43,12 @@ class JobProgress(BaseModel):
         description="dpo, orpo, simpo, reward: latest share of training pairs whose chosen answer gets the higher "
         "reward (0-1; 0.5 = chance). Example: 0.9.",
     )
+    reward_mean: float | None = Field(
+        None, description="Stage grpo: the graders' mean score (0-1) of the answers sampled at the latest logged step."
+    )
+    reward_std: float | None = Field(
+        None, description="Stage grpo: the spread (standard deviation) of those scores; near 0 = nothing to learn from."
+    )
     output_dir: str = Field(description="Where the final adapter or model is (or will be) written.")
     checkpoints: list[str] = Field(default_factory=list, description="Checkpoint folders kept so far.")
     error: str | None = Field(None, description="Why the job failed, with what to change.")
@@ -51,11 +58,16 @@ class JobProgress(BaseModel):
     method: str = Field(description="Training method of the job.")
     created_at: float = Field(description="When the job was submitted (Unix time).")
     devices: str = Field(
-        "cpu", description="What the job holds: 'cpu', GPU indices such as '0,1', or 'ray' (workers on a Ray cluster)."
+        "cpu",
+        description="What the job holds: 'cpu', GPU indices such as '0,1', 'ray' (workers on a Ray cluster) or "
+        "'slurm' (tasks on a Slurm cluster).",
     )
     queue_position: int | None = Field(None, description="For a queued job: 1 = next to start.")
     ray: RayJobView | None = Field(
         None, description="For a job on a Ray cluster: its Ray job id, workers and their nodes, restarts."
+    )
+    slurm: SlurmJobView | None = Field(
+        None, description="For a job on a Slurm cluster: its Slurm job id, state, nodes and requeues."
     )
     report: ResultReport | None = Field(
         None,
@@ -63,24 +75,19 @@ class JobProgress(BaseModel):
         "named), answers side by side, the answers that went from right to wrong, the retention check (what the "
         "model kept of what it knew) and advice for the next run (propose_config(previous_job=...) applies it).",
     )
+    estimate: dict | None = Field(
+        None,
+        description="The time estimate made when the job started: {wall_seconds, tokens_per_second, basis, ...} "
+        "(as propose_config's `estimate`).",
+    )
+    estimate_error: float | None = Field(
+        None,
+        description="How far the estimate was off: (estimated - measured) / measured wall seconds; measured is the "
+        "job's elapsed time once it completed, elapsed + eta while it trains. -0.2: the job took 25% longer than "
+        "estimated. Example: 0.12.",
+    )
     # A loss-curve PNG to send as image content beside the structured result (job_status include_plot).
     _plot_png: bytes | None = PrivateAttr(None)
-
-
-def tail_lines(path: Path, n: int, max_bytes: int = 65536) -> list[str]:
-    """The last n lines of a file, reading at most max_bytes from its end."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - max_bytes))
-            data = fh.read()
-    except OSError:
-        return []
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    if size > max_bytes and lines:
-        lines = lines[1:]  # the first line is probably cut
-    return lines[-n:] if n else []
 
 
 def latest_metrics(run: RunDir) -> tuple[dict, dict]:
@@ -133,12 +140,12 @@ def read_progress(record: JobRecord, log_lines: int | None = 20, with_report: bo
     train_elapsed = state.get("train_seconds")
     if record.status == "running" and total and step and train_elapsed:
         eta = round((total - step) * train_elapsed / step, 1)
-    checkpoints = []
-    if run.checkpoints.is_dir():
-        checkpoints = sorted(
-            (str(p) for p in run.checkpoints.glob("checkpoint-*") if p.is_dir()),
-            key=lambda p: int(p.rsplit("-", 1)[1]) if p.rsplit("-", 1)[1].isdigit() else 0,
-        )
+    checkpoints = [str(p) for p in run.checkpoint_folders()]
+    estimate = (read_json(run.estimate) or {}).get("estimate")
+    estimate_error = None
+    measured = elapsed if record.status == "completed" else (elapsed + eta if elapsed and eta is not None else None)
+    if estimate and measured and estimate.get("wall_seconds"):
+        estimate_error = round((estimate["wall_seconds"] - measured) / measured, 3)
     error = record.error
     if record.status == "failed" and not error:
         error = state.get("error")
@@ -158,6 +165,8 @@ def read_progress(record: JobRecord, log_lines: int | None = 20, with_report: bo
         stage=state.get("stage") or _config_stage(run),
         rewards_margin=train.get("rewards_margin"),
         rewards_accuracy=train.get("rewards_accuracy"),
+        reward_mean=train.get("reward_mean"),
+        reward_std=train.get("reward_std"),
         output_dir=record.output_dir,
         checkpoints=checkpoints,
         error=redact(error) if error else None,
@@ -167,6 +176,7 @@ def read_progress(record: JobRecord, log_lines: int | None = 20, with_report: bo
         method=record.method,
         created_at=record.created_at,
         devices=record.devices,
-        ray=read_view(run, record.ray_job_id, record.ray_address or "") if record.ray_job_id else None,
         report=read_report(run.root) if with_report and record.status == "completed" else None,
+        estimate=estimate,
+        estimate_error=estimate_error,
     )

@@ -1,73 +1,64 @@
-"""Jobs on a Ray cluster: checked and submitted through Ray's Jobs API, trained by Ray Train's TorchTrainer.
+"""The Ray backend: jobs checked against the cluster, submitted through Ray's Jobs API and trained there by Ray
+Train's TorchTrainer (training/ray_worker.py, the cluster side).
 
-Server side (stdlib, httpx and pydantic at import; ray only inside the calls): `check_cluster` reaches the
-cluster's dashboard and compares what the job asks for with what its nodes have, before anything is submitted;
-`submit` hands the job to the Jobs API (JobSubmissionClient) with a runtime_env that ships lmtuner_core;
-`job_info` and `stop` follow and end it by its Ray job id, which the job store keeps, so a restarted server
-reattaches.
-
-Cluster side: the job's entry point, `python -m lmtuner_core.jobs.ray_launcher RUN_DIR RAY_JOB_ID`, runs a
-TorchTrainer whose `train_worker` runs our SFTRecipe on each of num_workers ranks with Ray Train's Transformers
-integration (prepare_trainer, RayTrainReportCallback): checkpoints go to storage_path, and a restarted worker
-group (FailureConfig.max_failures) continues from the newest one. The run folder, the data, the model and
-output_dir must be on storage every node sees at the same path (docs/CLUSTER.md).
+Stdlib, httpx and pydantic at import; ray only inside the calls. `RayLauncher.check` reaches the cluster's dashboard
+and compares what the job asks for with what its nodes have, before anything is submitted (planning/ray_cluster.py
+reads the cluster); `submit` hands the job to the Jobs API (JobSubmissionClient) with a runtime_env that ships
+lmtuner_core; `poll` and `stop` follow and end it by its Ray job id, which the job store keeps in the job's handle,
+so a restarted server reattaches. The run folder, the data, the model and output_dir must be on storage every node
+sees at the same path (docs/CLUSTER.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
+import secrets
 import shlex
 import sys
-import threading
 import time
-import traceback
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, Field
 
-from lmtuner_core.config import RAY_ADDRESS, RAY_RESOURCE_STEP, RaySettings, TrainConfig
+from lmtuner_core.config import TrainConfig
 from lmtuner_core.errors import LmtunerError, shown
-from lmtuner_core.jobs.run_folder import RunDir
+from lmtuner_core.jobs.launcher import Ending, LaunchContext, Placement, handle_json, read_handle, tracker_environment
+from lmtuner_core.jobs.store import JobRecord
 from lmtuner_core.paths import AllowedRoots
-from lmtuner_core.secrets import redact
 
-DASHBOARD_PORT = 8265  # Ray's default; a ray:// address names the client port, the dashboard is here
-REACH_TIMEOUT_SECONDS = 5.0
-ATTEMPTS_FILE = "ray_attempts.jsonl"  # one line per start of the worker group: who ran where, resumed from what
-RAY_STORAGE_DIR = "ray"  # the default storage_path, inside the run folder
+# Cluster inspection and worker planning live in planning/; these names stay importable from here.
+from lmtuner_core.planning.ray_cluster import (  # noqa: F401
+    DASHBOARD_PORT,
+    RAY_ADDRESSES_ENV,
+    REACH_TIMEOUT_SECONDS,
+    RayAddresses,
+    RayClusterReport,
+    RayNode,
+    _no_redirects,
+    _reach,
+    check_cluster,
+    cluster_failure,
+    cluster_report,
+    dashboard_origin,
+    dashboard_url,
+    describe_resources,
+    plan_workers,
+    workers_that_fit,
+)
+from lmtuner_core.run import RunDir
+from lmtuner_core.training.ray_worker import ATTEMPTS_FILE, RAY_STORAGE_DIR, latest_ray_checkpoint, storage_path  # noqa: F401
+
+RAY_WORKER_MODULE = "lmtuner_core.training.ray_worker"  # the Ray job's entry point (its driver)
 TERMINAL_RAY_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
-RAY_ADDRESSES_ENV = "LMTUNER_RAY_ADDRESSES"  # the owner's allow-list of clusters, comma-separated
-VERSION_ANSWER_LIMIT = 64 * 1024  # bytes of /api/version read: Ray answers about 200
-RAY_VERSION = re.compile(r"[0-9][0-9A-Za-z.+-]{0,39}")
 # storage_path schemes of remote storage, passed to Ray as given; file:// and local:// (pyarrow's local disk) and
 # plain paths are folders here, held to the allowed roots; any other scheme is refused.
 REMOTE_STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs")
 LOCAL_STORAGE_SCHEMES = ("file", "local")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-log = logging.getLogger(__name__)
-# Ray resources that are bookkeeping, not capacity: left out of what is reported.
-_INTERNAL_RESOURCE_PREFIXES = ("node:", "accelerator_type:")
-
-
-class RayNode(BaseModel):
-    node_id: str = Field(description="Ray's id of the node.")
-    node_ip: str = Field(description="The node's IP address. Example: '10.0.0.5'.")
-    is_head: bool = Field(description="True for the head node.")
-    alive: bool = Field(description="False for a node that left the cluster.")
-    resources: dict[str, float] = Field(description="Its total resources: CPU, GPU, memory (bytes), custom ones.")
-
-
-class RayClusterReport(BaseModel):
-    address: str = Field(description="The address that was asked.")
-    dashboard: str = Field(description="The dashboard (Jobs API) address used. Example: 'http://10.0.0.5:8265'.")
-    ray_version: str | None = Field(None, description="The cluster's Ray version.")
-    nodes: list[RayNode] = Field(description="The cluster's nodes.")
-    total: dict[str, float] = Field(description="Resources of the live nodes added up.")
 
 
 class RayWorker(BaseModel):
@@ -88,164 +79,6 @@ class RayJobView(BaseModel):
     nodes: list[str] = Field(default_factory=list, description="IP addresses of the nodes the workers run on.")
 
 
-# ---------------------------------------------------------------------------------------------- server side
-
-
-def dashboard_url(address: str, field: str = "ray.address") -> str:
-    """The dashboard (Jobs API) URL of a cluster address; 'auto' stays 'auto' (Ray resolves it locally)."""
-    if not RAY_ADDRESS.match(address):
-        raise LmtunerError(
-            f"{field}: {shown(address)} is not a Ray cluster address; accepted: 'http://HOST:8265', "
-            "'ray://HOST:10001' or 'auto'",
-            field=field,
-        )
-    address = address.rstrip("/")
-    if address.startswith("ray://"):
-        host = urlsplit(address).hostname or ""
-        return f"http://{'[' + host + ']' if ':' in host else host}:{DASHBOARD_PORT}"
-    return address
-
-
-def dashboard_origin(address: str, field: str) -> str:
-    """'scheme://host:port' of the dashboard an address reaches (host lower-cased, default port written out), the
-    form the allow-list compares; 'auto' stays 'auto'."""
-    url = dashboard_url(address, field)
-    if url == "auto":
-        return url
-    parts = urlsplit(url)
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        port = None
-    if not parts.hostname or port is None:
-        raise LmtunerError(
-            f"{field}: {shown(address)} has no valid host and port; e.g. 'http://10.0.0.5:8265'", field=field
-        )
-    host = parts.hostname.lower()
-    return f"{parts.scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
-
-
-class RayAddresses:
-    """The Ray clusters this server may reach, set by its owner: `lmtuner-mcp --ray-address ADDR` (repeatable) and
-    LMTUNER_RAY_ADDRESSES (comma-separated). An address a caller names (inspect_gpus, propose_config, a TrainConfig's
-    ray.address) that is not on the list is refused before any connection: a dashboard address is a URL the server
-    fetches, and the server's network is not the caller's. 'auto' (the cluster this machine belongs to, which Ray
-    finds from the owner's own settings) is always allowed; with no list it is the only one. An entry allows the
-    dashboard it reaches: 'ray://head:10001' allows 'http://head:8265'. None: unconfined (the CLI, whose user is
-    the owner, as for AllowedRoots)."""
-
-    def __init__(self, addresses: list[str] | None, source: str = "--ray-address"):
-        self.addresses = None if addresses is None else list(dict.fromkeys(a.strip().rstrip("/") for a in addresses))
-        self.origins = None
-        if self.addresses is not None:
-            self.origins = {dashboard_origin(a, source) for a in self.addresses}
-
-    @classmethod
-    def from_settings(cls, given: list[str] | None, environ: dict[str, str] | os._Environ) -> RayAddresses:
-        """The owner's list: the --ray-address values and LMTUNER_RAY_ADDRESSES, each entry checked."""
-        listed = [a for a in (environ.get(RAY_ADDRESSES_ENV) or "").split(",") if a.strip()]
-        cls([a.strip() for a in listed], source=RAY_ADDRESSES_ENV)  # an entry that is no address names its setting
-        return cls([*(given or []), *listed])
-
-    def describe(self) -> str:
-        if self.addresses is None:
-            return "any"
-        return ", ".join(["auto", *(a for a in self.addresses if a != "auto")])
-
-    def check(self, address: str, field: str) -> str:
-        """The dashboard URL of `address`, or a refusal naming the setting that would allow it. Connects to nothing."""
-        url = dashboard_url(address, field)
-        if self.origins is None or url == "auto" or dashboard_origin(address, field) in self.origins:
-            return url
-        raise LmtunerError(
-            f"{field}: {shown(address)} is not a Ray cluster this server may reach (allowed: {self.describe()}); "
-            f"its owner allows a cluster by starting it with `lmtuner-mcp --ray-address {address}` (repeatable) or "
-            f"with {RAY_ADDRESSES_ENV}={address} (comma-separated) in its environment",
-            field=field,
-        )
-
-
-def _reach(url: str, field: str) -> str | None:
-    """The cluster's Ray version from its dashboard, or a clear error within REACH_TIMEOUT_SECONDS. No redirect is
-    followed and nothing the address answers is quoted: an error says what kind of failure it was."""
-    if url == "auto":
-        return None  # Ray finds the local cluster itself (and says so when there is none)
-    import httpx
-
-    try:
-        with httpx.stream("GET", f"{url}/api/version", timeout=REACH_TIMEOUT_SECONDS, follow_redirects=False) as answer:
-            if answer.status_code in (401, 403):
-                return None  # it answers and wants Ray's token (RAY_AUTH_MODE=token): Ray's own clients send it
-            if answer.is_redirect:
-                raise LmtunerError(redirect_refusal(url, answer.status_code, field), field=field)
-            if answer.status_code != 200:
-                raise LmtunerError(
-                    f"{field}: {url} is not a Ray dashboard (its /api/version answers HTTP {answer.status_code}); "
-                    "give the dashboard's address, e.g. 'http://HEAD:8265'",
-                    field=field,
-                )
-            body = b""
-            deadline = time.monotonic() + REACH_TIMEOUT_SECONDS  # in all: httpx's timeout is per read
-            for chunk in answer.iter_bytes():
-                body += chunk
-                if len(body) > VERSION_ANSWER_LIMIT or time.monotonic() > deadline:
-                    raise ValueError("answer too long or too slow")
-        version = json.loads(body).get("ray_version")
-    except (httpx.HTTPError, ValueError, AttributeError) as exc:
-        raise LmtunerError(
-            f"{field}: no Ray dashboard answers at {url} ({type(exc).__name__}); start the cluster (`ray start "
-            "--head`) or give its dashboard address, e.g. 'http://HEAD:8265' (a dashboard bound to the head's "
-            "loopback is reached through an SSH tunnel)",
-            field=field,
-        ) from None
-    return version if isinstance(version, str) and RAY_VERSION.fullmatch(version) else None
-
-
-def redirect_refusal(url: str, status: int, field: str) -> str:
-    return (
-        f"{field}: {url} answers with a redirect (HTTP {status}), which lmtuner does not follow; give the Ray "
-        "dashboard's own address, e.g. 'http://HEAD:8265'"
-    )
-
-
-class RedirectRefused(ConnectionError):
-    """A Ray client's request was answered with a redirect, which is not followed."""
-
-    def __init__(self, status: int):
-        super().__init__(f"HTTP {status}")
-        self.status = status
-
-
-def _no_redirects(client_class: type) -> type:
-    """Ray's client class, with redirects refused. Its clients (requests) follow a redirect to any host and quote
-    what they fetched in their errors, so a dashboard address that redirects would make this server fetch a page
-    of the caller's choosing; Ray's dashboard itself never redirects its API."""
-
-    class NoRedirects(client_class):
-        def _do_request(self, method: str, endpoint: str, **kwargs):
-            kwargs["allow_redirects"] = False
-            response = super()._do_request(method, endpoint, **kwargs)
-            if response.is_redirect:
-                raise RedirectRefused(response.status_code)
-            return response
-
-    NoRedirects.__name__ = NoRedirects.__qualname__ = client_class.__name__
-    return NoRedirects
-
-
-def cluster_failure(field: str, doing: str, url: str, exc: BaseException) -> LmtunerError:
-    """The error for a failed call into Ray's client: what failed and the exception's type, never its text (Ray
-    quotes what the address answered, and the paths of this machine); the text goes to the server log."""
-    log.info("Ray: %s at %s failed: %s", doing, url, redact(str(exc))[:2000])
-    if isinstance(exc, RedirectRefused):
-        return LmtunerError(redirect_refusal(url, exc.status, field), field=field)
-    return LmtunerError(
-        f"{field}: {doing} at {url} failed ({type(exc).__name__}); check that it is a Ray dashboard and that the "
-        "cluster is up (Ray's own message is in the server log)",
-        field=field,
-    )
-
-
 _CLIENTS: dict[str, object] = {}  # one JobSubmissionClient per dashboard: making one costs a version check
 
 
@@ -264,105 +97,6 @@ def _client(address: str, field: str = "ray.address"):
     except Exception as exc:  # requests' exceptions, Ray's RuntimeError/ValueError: none is quoted
         raise cluster_failure(field, "reaching the Ray Jobs API", url, exc) from None
     return client
-
-
-def cluster_report(address: str, allowed: RayAddresses, field: str = "ray.address") -> RayClusterReport:
-    """The cluster's nodes and resources (Ray's state API, through the dashboard); an address off the owner's
-    list is refused before any connection."""
-    url = allowed.check(address, field)
-    version = _reach(url, field)
-    from ray.util.state.api import StateApiClient
-    from ray.util.state.common import ListApiOptions, StateResource
-
-    try:
-        nodes = _no_redirects(StateApiClient)(address=url).list(
-            StateResource.NODES,
-            options=ListApiOptions(timeout=int(REACH_TIMEOUT_SECONDS) * 2),
-            raise_on_missing_output=False,
-        )
-    except Exception as exc:  # the state API raises its own exception types, requests' and ConnectionError
-        raise cluster_failure(field, "listing the Ray cluster's nodes", url, exc) from None
-    report = [
-        RayNode(
-            node_id=node.node_id,
-            node_ip=node.node_ip,
-            is_head=bool(node.is_head_node),
-            alive=node.state == "ALIVE",
-            resources={
-                name: amount
-                for name, amount in (node.resources_total or {}).items()
-                if not name.startswith(_INTERNAL_RESOURCE_PREFIXES)
-            },
-        )
-        for node in nodes
-    ]
-    total: dict[str, float] = {}
-    for node in report:
-        if node.alive:
-            for name, amount in node.resources.items():
-                total[name] = total.get(name, 0) + amount
-    return RayClusterReport(address=address, dashboard=url, ray_version=version, nodes=report, total=total)
-
-
-def describe_resources(resources: dict[str, float]) -> str:
-    """'CPU 8, GPU 1, memory 31.2 GiB' — memory amounts in GiB, the rest as counts."""
-    parts = []
-    for name in sorted(resources, key=lambda n: (n not in ("CPU", "GPU"), n)):
-        amount = resources[name]
-        parts.append(f"{name} {amount / 2**30:.1f} GiB" if "memory" in name else f"{name} {amount:g}")
-    return ", ".join(parts) or "nothing"
-
-
-def workers_that_fit(need: dict[str, float], report: RayClusterReport) -> int:
-    """How many workers of this shape the live nodes hold at once (each worker on one node). Counted in Ray's own
-    units of 1/10,000 (RAY_RESOURCE_STEP), so that 10 workers of 0.1 CPU fit one CPU as they do in Ray; a shape
-    that asks for nothing fits nowhere (RaySettings refuses it)."""
-    units = {name: round(amount / RAY_RESOURCE_STEP) for name, amount in need.items()}
-    room = 0
-    for node in report.nodes:
-        if not node.alive:
-            continue
-        counts = [
-            round(node.resources.get(name, 0) / RAY_RESOURCE_STEP) // unit for name, unit in units.items() if unit > 0
-        ]
-        room += min(counts, default=0)
-    return room
-
-
-def check_cluster(settings: RaySettings, allowed: RayAddresses) -> list[str]:
-    """Refuses a job the cluster cannot run, naming what is missing and what it has; returns warnings."""
-    report = cluster_report(settings.address, allowed)
-    need = settings.worker_resources()
-    have = (
-        ", ".join(f"{node.node_ip} ({describe_resources(node.resources)})" for node in report.nodes if node.alive)
-        or "no live node"
-    )
-    unknown = [name for name, amount in need.items() if amount > 0 and not report.total.get(name)]
-    if unknown:
-        field = (
-            "ray.use_gpu"
-            if unknown == ["GPU"] and settings.resources_per_worker is None
-            else "ray.resources_per_worker"
-        )
-        raise LmtunerError(
-            f"{field}: no node of the Ray cluster at {settings.address} has {' or '.join(map(repr, unknown))}; its "
-            f"nodes: {have}. Ask only for what the cluster has, or add such nodes",
-            field=field,
-        )
-    room = workers_that_fit(need, report)
-    if room < settings.num_workers:
-        raise LmtunerError(
-            f"ray.num_workers: {settings.num_workers} workers of {describe_resources(need)} each do not fit the Ray "
-            f"cluster at {settings.address}: its nodes hold {room}; nodes: {have}. Lower ray.num_workers or "
-            "ray.resources_per_worker, or add nodes",
-            field="ray.num_workers",
-        )
-    warnings = []
-    if settings.storage_path is None:
-        warnings.append(
-            "ray.storage_path not set: checkpoints go to the run folder, which every node must see at the same path"
-        )
-    return warnings
 
 
 def confine_storage_path(value: str, roots: AllowedRoots, field: str = "ray.storage_path") -> str:
@@ -392,34 +126,6 @@ def confine_storage_path(value: str, roots: AllowedRoots, field: str = "ray.stor
     return str(roots.resolve(unquote(parts.path), field))
 
 
-def plan_workers(report: RayClusterReport) -> tuple[RaySettings, str]:
-    """Ray settings that use the whole cluster: one worker per GPU (with the CPUs that come with it), or on a
-    CPU-only cluster one worker per node with the CPUs of its smallest node; and the reason, in words."""
-    alive = [node for node in report.nodes if node.alive]
-    if not alive:
-        raise LmtunerError(f"ray_address: the Ray cluster at {report.address} has no live node", field="ray_address")
-    gpu_nodes = [node for node in alive if node.resources.get("GPU", 0) >= 1]
-    if gpu_nodes:
-        workers = sum(int(node.resources["GPU"]) for node in gpu_nodes)
-        cpus = max(1, min(int(node.resources.get("CPU", 1) // node.resources["GPU"]) for node in gpu_nodes))
-        settings = RaySettings(
-            address=report.address, num_workers=workers, use_gpu=True, resources_per_worker={"CPU": cpus, "GPU": 1}
-        )
-        why = f"{workers} workers, one per GPU of the {len(gpu_nodes)} GPU node(s), each with {cpus} CPU(s)"
-    else:
-        cpus = max(1, min(int(node.resources.get("CPU", 1)) for node in alive))
-        workers = len(alive)
-        settings = RaySettings(address=report.address, num_workers=workers, resources_per_worker={"CPU": cpus})
-        why = f"{workers} workers, one per node (no GPU in the cluster), each with {cpus} CPU(s)"
-    return settings, f"Ray cluster at {report.address}: {why}; data parallel, so the global batch is x {workers}."
-
-
-def storage_path(config: TrainConfig, run: RunDir) -> str:
-    """Where Ray Train keeps this job's checkpoints: ray.storage_path, else the run folder's ray/."""
-    assert config.ray is not None
-    return config.ray.storage_path or str(run.root / RAY_STORAGE_DIR)
-
-
 def job_environment(home: Path, extra: dict[str, str]) -> dict[str, str]:
     """The variables the job's driver and workers get through the runtime_env (never secrets: Ray shows them)."""
     return {
@@ -442,7 +148,7 @@ def submit(run: RunDir, config: TrainConfig, ray_job_id: str, env: dict[str, str
     python = config.ray.python or sys.executable  # the job's bare `python` would be whatever PATH `ray start` had
     try:
         client.submit_job(
-            entrypoint=shlex.join([python, "-m", "lmtuner_core.jobs.ray_launcher", str(run.root), ray_job_id]),
+            entrypoint=shlex.join([python, "-m", RAY_WORKER_MODULE, str(run.root), ray_job_id]),
             submission_id=ray_job_id,
             runtime_env={
                 "py_modules": [str(Path(lmtuner_core.__file__).parent)],  # this server's lmtuner_core, on every node
@@ -490,20 +196,6 @@ def stop(address: str, ray_job_id: str, timeout: float) -> str:
     return status
 
 
-def latest_ray_checkpoint(config: TrainConfig, run: RunDir) -> Path | None:
-    """The newest Hugging Face checkpoint Ray Train kept for this job (storage_path/<job>/checkpoint_*/checkpoint),
-    by training step; None when there is none. storage_path must be a folder here (not an object-store URI)."""
-    root = Path(storage_path(config, run))
-    found = []
-    for path in (root / run.root.name).glob("checkpoint_*/checkpoint"):
-        try:
-            state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # not finished
-        found.append((int(state.get("global_step", 0)), str(path)))
-    return Path(max(found)[1]) if found else None
-
-
 def read_view(run: RunDir, ray_job_id: str, address: str) -> RayJobView:
     """The Ray side of job_status: this submission's attempts and the current attempt's workers."""
     attempts = []
@@ -522,185 +214,108 @@ def read_view(run: RunDir, ray_job_id: str, address: str) -> RayJobView:
     )  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------------- cluster side
+class RayLauncher:
+    """Jobs on a Ray cluster (TrainConfig `ray`). Handle: {"address": the cluster, "job_id": the Ray submission id}."""
 
+    name = "ray"
 
-def train_worker(loop_config: dict) -> None:
-    """One Ray Train worker (a torch.distributed rank; Ray has set up the process group): our recipe, with Ray
-    Train reporting each checkpoint to storage_path and resuming from the newest one after a restart."""
-    import ray
-    import ray.train
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    def __init__(self, context: LaunchContext):
+        self.context = context
+        # The Ray clusters a job may be sent to; unconfined by default, as AllowedRoots(None) (the CLI).
+        self.addresses: RayAddresses = context.settings.get("ray") or RayAddresses(None)
 
-    from lmtuner_core.jobs.run_folder import StateFile
-    from lmtuner_core.stages import recipe_class
+    def confine(self, config: TrainConfig) -> TrainConfig:
+        """ray.address checked against the owner's list of clusters and a local storage_path resolved inside the
+        allowed roots (like output_dir); connects to nothing."""
+        assert config.ray is not None
+        self.addresses.check(config.ray.address, "ray.address")
+        if config.ray.storage_path is None:
+            return config
+        storage = confine_storage_path(config.ray.storage_path, self.context.roots)
+        return config.model_copy(update={"ray": config.ray.model_copy(update={"storage_path": storage})})
 
-    run = RunDir(Path(loop_config["run_dir"]))
-    rank = ray.train.get_context().get_world_rank()
-    state = StateFile(run, enabled=rank == 0)  # one state.json per job, on shared storage
-    config = TrainConfig.model_validate_json(run.config.read_text(encoding="utf-8"))
-    with contextlib.ExitStack() as stack:
-        checkpoint = ray.train.get_checkpoint()  # set when the worker group restarts, or a resumed run restores
-        if checkpoint is not None:
-            folder = Path(stack.enter_context(checkpoint.as_directory())) / RayTrainReportCallback.CHECKPOINT_NAME
-            config = config.model_copy(update={"resume_from": str(folder)})
-        elif config.resume_from is None and (saved := run.latest_checkpoint()) is not None:
-            # Ray registers a reported checkpoint when it next polls the workers (every 2 s): a group that died
-            # in between restarts without one, though the Trainer's own complete checkpoint is in the run folder.
-            config = config.model_copy(update={"resume_from": str(saved)})
-        record_attempt(run, loop_config["ray_job_id"], rank, config.resume_from)
-        try:
-            # The stage's recipe (SFT, DPO, ...); a stop is Ray's: it ends the workers.
-            recipe = recipe_class(config.stage)(config, run, state, threading.Event())
-            recipe.setup()
-            recipe.trainer.add_callback(rank_zero_report_callback())
-            recipe.trainer = prepare_trainer(recipe.trainer)
-            recipe.train()
-            recipe.save()
-        except BaseException as exc:
-            from lmtuner_core.training.train import explain
+    def check(self, config: TrainConfig, *, force: bool) -> Placement:
+        """The cluster is reached and its resources compared with the request (Ray places the workers)."""
+        assert config.ray is not None
+        warnings = check_cluster(config.ray, self.addresses)
+        return Placement(devices=self.name, warnings=warnings, on_gpu=config.ray.use_gpu)
 
-            if rank == 0:
-                traceback.print_exc()
-                state.update(status="failed", error=str(exc) if isinstance(exc, LmtunerError) else explain(exc))
-            raise
-    if rank == 0:
-        state.update(status="completed", phase=None, output_dir=config.output_dir)
-        print(f"[lmtuner] completed; output in {config.output_dir}", flush=True)
+    def submit(self, record: JobRecord, run: RunDir, config: TrainConfig) -> str:
+        """Submits to the cluster under `lmtuner-JOB` (a resubmission after resume_job under a new id)."""
+        assert config.ray is not None
+        ray_job_id = f"lmtuner-{record.job_id}"
+        if record.handle is not None:
+            ray_job_id += f"-{secrets.token_hex(3)}"
+        env = job_environment(self.context.home, tracker_environment(run, dict(os.environ)))
+        submit(run, config, ray_job_id, env)
+        return handle_json(address=config.ray.address, job_id=ray_job_id)
 
+    def start_queued(self) -> list[str]:
+        return []  # the cluster queues its jobs
 
-def rank_zero_report_callback():
-    """Ray Train's RayTrainReportCallback, with the checkpoint reported by rank 0 only: the Trainer writes it
-    there, and the Trainer calls on_save without a barrier, so another rank would copy a folder rank 0 may
-    still be writing (into the same Ray checkpoint). The other ranks report the metrics alone."""
-    import ray.train
-    from ray.train.huggingface.transformers import RayTrainReportCallback
-
-    class RankZeroReportCallback(RayTrainReportCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                return super().on_save(args, state, control, **kwargs)
-            metrics: dict = {}
-            for logged in state.log_history:
-                metrics.update(logged)
-            ray.train.report(metrics=metrics, checkpoint=None)
+    def poll(self, record: JobRecord) -> Ending | None:
+        """The job's status, asked of its cluster by its Ray job id; None while the cluster cannot be reached."""
+        handle = read_handle(record)
+        if not handle.get("job_id"):
             return None
+        try:
+            ray_status, message = job_info(handle.get("address") or "", handle["job_id"])
+        except LmtunerError:
+            return None
+        if ray_status == "SUCCEEDED":
+            return Ending("completed", None, 0)
+        if ray_status == "STOPPED":
+            return Ending("cancelled")
+        if ray_status in ("FAILED", "GONE"):
+            state = RunDir(Path(record.run_dir)).read_state()
+            error = state.get("error") if state.get("status") == "failed" else None
+            # Ray's message goes on with the driver's last output (paths of the cluster's machines, tracebacks),
+            # which the driver also wrote into train.log: the job's error keeps Ray's first line.
+            lines = (message or "").strip().splitlines()
+            said = lines[0][:300] if lines else "no message from Ray"
+            return Ending("failed", error or f"Ray job {handle['job_id']}: {said} (the job's output is in train.log)")
+        return None
 
-    return RankZeroReportCallback()
+    def stop(self, record: JobRecord, grace_seconds: float) -> Ending | None:
+        """Ray stops the driver (SIGTERM, then SIGKILL) and with it every worker; the last checkpoint stays."""
+        handle = read_handle(record)
+        if not handle.get("job_id"):
+            return Ending("cancelled")  # never reached the cluster
+        ray_status = stop(handle.get("address") or "", handle["job_id"], grace_seconds)
+        if ray_status not in (*TERMINAL_RAY_STATUSES, "GONE"):
+            raise LmtunerError(
+                f"job_id: the Ray cluster has not stopped job {handle['job_id']} yet (it is {ray_status}); "
+                "call cancel_job again",
+                field="job_id",
+            )
+        if ray_status == "SUCCEEDED":
+            return None  # it finished before the stop reached it: poll says so
+        return Ending("cancelled")
 
+    def resume(self, record: JobRecord, config: TrainConfig, run: RunDir) -> tuple[TrainConfig, str]:
+        """From the newest checkpoint Ray Train kept in storage_path (Ray Train restores the same run from there)."""
+        if config.ray is None:
+            raise LmtunerError(f"job_id: job {record.job_id}'s config.json has no `ray` settings", field="job_id")
+        where = storage_path(config, run)
+        if "://" in where:
+            raise LmtunerError(
+                f"job_id: job {record.job_id} keeps its checkpoints in {where}, and resume_job reads them from a "
+                "folder; start a new job with resume_from set to a downloaded checkpoint",
+                field="job_id",
+            )
+        checkpoint = latest_ray_checkpoint(config, run)
+        if checkpoint is None:
+            raise LmtunerError(
+                f"job_id: job {record.job_id} has no checkpoint in {where}, so "
+                "there is nothing to resume; start it again (a smaller save_steps keeps more progress next time)",
+                field="job_id",
+            )
+        check_cluster(config.ray, self.addresses)
+        config = TrainConfig.model_validate({**config.model_dump(), "resume_from": str(checkpoint)})
+        return config, f"[lmtuner] resuming on the Ray cluster from {checkpoint}"
 
-def record_attempt(run: RunDir, ray_job_id: str, rank: int, resumed_from: str | None) -> None:
-    """Rank 0 appends who runs where to ray_attempts.jsonl (gathered from every rank), so job_status can show
-    the workers, their nodes and how often the group restarted."""
-    import ray
-    import torch.distributed as dist
-
-    me = {"rank": rank, "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
-    workers = [None] * dist.get_world_size() if dist.is_initialized() else [me]
-    if dist.is_initialized():
-        dist.all_gather_object(workers, me)
-    if rank != 0:
-        return
-    line = {"ray_job_id": ray_job_id, "started_at": time.time(), "resumed_from": resumed_from, "workers": workers}
-    with (run.root / ATTEMPTS_FILE).open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(line) + "\n")
-    where = ", ".join(f"rank {w['rank']} pid {w['pid']} on {w['node_ip']}" for w in workers)  # type: ignore[index]
-    resuming = f"; resuming from {resumed_from}" if resumed_from else ""
-    print(f"[lmtuner] ray: worker group started ({where}){resuming}", flush=True)
-
-
-def tee_output(log: Path) -> threading.Thread:
-    """Copies what this process writes to stdout/stderr (Ray prints its workers' lines here too) into train.log
-    as well, so the log tail reads as for a local job while Ray's job log keeps its copy. Hand-written: a pipe
-    on fds 1 and 2 and a thread; no library tees file descriptors."""
-    read_fd, write_fd = os.pipe()
-    console = os.dup(1)
-    sink = log.open("ab")
-
-    def pump() -> None:
-        while chunk := os.read(read_fd, 65536):
-            with contextlib.suppress(OSError):
-                os.write(console, chunk)
-            sink.write(chunk)
-            sink.flush()
-        sink.close()
-
-    thread = threading.Thread(target=pump, name="tee-train-log", daemon=True)
-    thread.start()
-    os.dup2(write_fd, 1)
-    os.dup2(write_fd, 2)
-    os.close(write_fd)
-    return thread
-
-
-def end_tee(thread: threading.Thread) -> None:
-    """Flushes and closes the tee so the last lines reach train.log before the process exits."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    thread.join(timeout=5)
-
-
-def merge_state(run: RunDir, **values) -> None:
-    """Sets final fields of state.json while keeping what rank 0 wrote (step, totals)."""
-    state = run.read_state()
-    state.update(values, updated_at=time.time())
-    run.write_state(state)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The Ray job's driver: a TorchTrainer over train_worker; records how it ended in state.json."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m lmtuner_core.jobs.ray_launcher RUN_DIR RAY_JOB_ID", file=sys.stderr)
-        return 2
-    run = RunDir(Path(argv[0]).resolve())
-    tee = tee_output(run.log)
-    try:
-        config = TrainConfig.model_validate_json(run.config.read_text(encoding="utf-8"))
-        assert config.ray is not None, "config.json has no `ray` settings"
-        merge_state(run, status="running", phase="starting Ray workers")
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-
-        settings = config.ray
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={"run_dir": str(run.root), "ray_job_id": argv[1]},
-            scaling_config=ScalingConfig(
-                num_workers=settings.num_workers, use_gpu=settings.use_gpu,
-                resources_per_worker=settings.worker_resources(),
-                # CPU workers are spread over the nodes (each brings its cores); GPU workers packed (fast NCCL).
-                placement_strategy="PACK" if settings.use_gpu else "SPREAD",
-            ),
-            run_config=RunConfig(
-                name=run.root.name, storage_path=storage_path(config, run),
-                failure_config=FailureConfig(max_failures=settings.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=config.save_total_limit),
-            ),
-        )  # fmt: skip
-        print(
-            f"[lmtuner] ray: {settings.num_workers} workers of {describe_resources(settings.worker_resources())}, "
-            f"checkpoints in {storage_path(config, run)}/{run.root.name}",
-            flush=True,
-        )
-        trainer.fit()
-        merge_state(run, status="completed", phase=None, output_dir=config.output_dir)
-        return 0
-    except BaseException as exc:
-        traceback.print_exc()
-        error = f"{type(exc).__name__}: {exc}"
-        with contextlib.suppress(OSError, ValueError):
-            worker_error = json.loads(run.state.read_text(encoding="utf-8")).get("error")
-            error = worker_error or error
-        merge_state(run, status="failed", phase=None, error=error)
-        print(f"[lmtuner] failed: {error}", flush=True)
-        return 1
-    finally:
-        end_tee(tee)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    def view(self, record: JobRecord) -> RayJobView | None:
+        handle = read_handle(record)
+        if not handle.get("job_id"):
+            return None
+        return read_view(RunDir(Path(record.run_dir)), handle["job_id"], handle.get("address") or "")

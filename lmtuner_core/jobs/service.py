@@ -1,128 +1,49 @@
-"""Jobs: check a config, queue it, start its training process when its devices are free, and reconcile.
+"""Jobs: check a config, record it, hand it to its launcher, and reconcile — the same steps whatever runs it.
 
-The server never trains. A job is recorded `queued`; `schedule` claims queued jobs whose devices are free
-(in one SQLite write transaction, so two servers never start the same job or overbook a GPU) and spawns each
-under `lmtuner_core.jobs.supervisor` in its own session. Whoever looks next — a server, the CLI, or the
-supervisor of a job that just ended — concludes finished jobs from their run folders and starts the next.
+The server never trains. A job's config selects its backend (jobs/launcher.py: this machine's queue, a Ray
+cluster, ...); the job is recorded `queued` with the backend's name, its run folder written, and handed to the
+backend's launcher, whose handle the store keeps. Whoever looks next — a server (restarted or not), the CLI, or
+the supervisor of a local job that just ended — asks the job's launcher whether it ended and starts what waits.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import secrets
-import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-
-import psutil
+from typing import TYPE_CHECKING
 
 from lmtuner_core.config import DatasetSpec, TrainConfig
 from lmtuner_core.data.datasets import LoadedData, held_out_count, load_examples, resolve_dataset
 from lmtuner_core.data.preference import data_shape
 from lmtuner_core.errors import LmtunerError, NotFoundError, shown
+from lmtuner_core.graders.scoring import resolved_graders
 from lmtuner_core.jobs.distributed import write_deepspeed_config
-from lmtuner_core.jobs.processes import alive, exit_reason, reap, reap_finished, signal_group, spawn_supervised
+from lmtuner_core.jobs.launcher import LOCAL, Ending, LaunchContext, Launchers, tracker_environment  # noqa: F401
+
+# Moved to the local backend; importable here as before.
+from lmtuner_core.jobs.local_launcher import (  # noqa: F401
+    CLAIM_TIMEOUT_SECONDS,
+    check_processes,
+    cpu_job_slots,
+    preflight,
+    resolve_devices,
+)
 from lmtuner_core.jobs.progress import JobProgress, read_progress
-from lmtuner_core.jobs.ray_launcher import RayAddresses
-from lmtuner_core.jobs.run_folder import RunDir
 from lmtuner_core.jobs.store import STATUSES, TERMINAL, JobRecord, JobStore
 from lmtuner_core.methods import METHODS
 from lmtuner_core.models.gguf_import import gguf_source
 from lmtuner_core.models.reference import resolve_model
 from lmtuner_core.paths import AllowedRoots, check_job_id, check_outside_state, check_writable
-from lmtuner_core.secrets import child_environment
+from lmtuner_core.run import RunDir
 from lmtuner_core.stages import stage_data_refusal
 
-# A job claimed for starting but still without a process after this long lost its starter: queue it again.
-CLAIM_TIMEOUT_SECONDS = 60.0
+if TYPE_CHECKING:
+    from lmtuner_core.planning.ray_cluster import RayAddresses
+
 TRACKER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
-
-
-def cpu_job_slots() -> int:
-    """How many CPU-only jobs run at once: $LMTUNER_MAX_CPU_JOBS, else one per 8 cores (at least one), since
-    two PyTorch processes on the same few cores each run far slower than half speed."""
-    configured = os.environ.get("LMTUNER_MAX_CPU_JOBS")
-    if configured:
-        try:
-            return max(1, int(configured))
-        except ValueError:
-            raise LmtunerError(f"LMTUNER_MAX_CPU_JOBS={shown(configured)} is not a whole number") from None
-    return max(1, (os.cpu_count() or 1) // 8)
-
-
-def resolve_devices(requested: list[int] | str) -> str:
-    """The devices a job will hold, as the store keeps them: 'cpu' or '0,1'."""
-    from lmtuner_core.planning.hardware import list_gpus
-
-    gpus = [g.index for g in list_gpus()]
-    if requested == "cpu":
-        return "cpu"
-    if requested == "auto":
-        return ",".join(map(str, gpus)) if gpus else "cpu"
-    missing = [i for i in requested if i not in gpus]
-    if missing:
-        have = ", ".join(map(str, gpus)) or "none"
-        raise LmtunerError(f"devices: GPU {missing[0]} does not exist here (GPUs: {have}); use 'auto'", field="devices")
-    return ",".join(map(str, sorted(set(requested))))
-
-
-def preflight(config: TrainConfig, devices: str, *, refuse: bool) -> list[str]:
-    """Estimates the job's memory on the devices it will use; refuses (refuse=True) or warns when it does not
-    fit. A model whose config.json is not local cannot be estimated: that is a warning, not a refusal."""
-    from lmtuner_core.planning.hardware import list_gpus
-    from lmtuner_core.planning.planner import HardwareSpec, check_fits
-
-    try:
-        from lmtuner_core.planning.memory import load_shape
-
-        shape = load_shape(config.model)
-    except LmtunerError as exc:
-        return [f"memory not checked: {exc}"]
-    if devices == "cpu":
-        ram = psutil.virtual_memory()
-        hardware = HardwareSpec(memory_total_mib=ram.total // 2**20, memory_available_mib=ram.available // 2**20)
-    else:
-        wanted = {int(i) for i in devices.split(",")}
-        hardware = HardwareSpec(gpus=[g for g in list_gpus() if g.index in wanted])
-    fits, memory = check_fits(shape, config, hardware)
-    if fits:
-        return []
-    where = "per GPU" if devices != "cpu" else "of RAM"
-    message = (
-        f"needs about {memory.per_gpu_gib:.1f} GiB {where} but {memory.budget_gib:.1f} GiB is usable (weights "
-        f"{memory.weights_gib:.1f}, gradients {memory.gradients_gib:.1f}, optimizer {memory.optimizer_gib:.1f}, "
-        f"activations {memory.activations_gib:.1f}, logits {memory.logits_gib:.1f}, overhead {memory.overhead_gib:.1f}"
-        " GiB); propose_config finds a setting that fits (qlora, a smaller batch_size or max_seq_len, "
-        "gradient_checkpointing)"
-    )
-    if refuse:
-        override = "set force: true (`lmtuner train --force`) to start it anyway"
-        raise LmtunerError(f"memory: this job {message}; or {override}", field="config")
-    return [f"memory: this job {message}"]
-
-
-def tracker_environment(run: RunDir, env: dict[str, str]) -> dict[str, str]:
-    """Settings for the trackers the run's config.json asks for (none for the others): they write inside the run
-    folder, named after the job. wandb runs offline unless the user has a key (or chose a mode); the key itself
-    stays in the environment, never in files we write."""
-    import json
-
-    try:
-        report_to = json.loads(run.config.read_text(encoding="utf-8")).get("report_to") or []
-    except (OSError, ValueError):
-        report_to = []  # no readable config: the child fails on it with its own message
-    extra: dict[str, str] = {}
-    if "tensorboard" in report_to:
-        extra["TENSORBOARD_LOGGING_DIR"] = str(run.root / "tensorboard")
-    if "wandb" in report_to:
-        extra.update(
-            WANDB_DIR=str(run.root), WANDB_NAME=run.root.name, WANDB_PROJECT=env.get("WANDB_PROJECT", "lmtuner"),
-            WANDB_CACHE_DIR=str(run.root / "wandb" / "cache"), WANDB_DATA_DIR=str(run.root / "wandb" / "data"),
-        )  # fmt: skip
-        if "WANDB_MODE" not in env and not env.get("WANDB_API_KEY"):
-            extra["WANDB_MODE"] = "offline"
-    return extra
 
 
 def new_job_id() -> str:
@@ -130,6 +51,20 @@ def new_job_id() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- checking
+
+
+def checked_prompt_dataset(config: TrainConfig, roots: AllowedRoots):
+    """GRPO's dataset spec with its file resolved, and its prompt rows, every one read and checked here."""
+    from lmtuner_core.data.prompt_rows import load_prompt_rows
+
+    source = resolve_dataset(config.dataset, roots)
+    if source.registry_dir is not None:
+        raise LmtunerError("dataset: stage grpo reads a prompts file by path, not a dataset_info.json entry",
+                           field="dataset")  # fmt: skip
+    loaded = load_prompt_rows(config.dataset, roots, config.graders)
+    return config.dataset.model_copy(
+        update={"path": str(roots.resolve(config.dataset.path or "", "dataset.path"))}
+    ), loaded
 
 
 def check_config(
@@ -159,10 +94,14 @@ def check_config(
         warnings.append(
             f"model {shown(config.model)} is a hub id: the training process downloads it unless it is cached"
         )
-    updates["dataset"], loaded = checked_dataset(config.dataset, roots, "dataset")
-    refusal = stage_data_refusal(config.stage, loaded.format)
-    if refusal:
-        raise LmtunerError(f"dataset: {refusal}", field="dataset")
+    if config.stage == "grpo":  # prompts-only rows, checked with the graders' reference columns
+        updates["dataset"], loaded = checked_prompt_dataset(config, roots)
+        updates["graders"] = resolved_graders(config.graders, roots, config.trust_remote_code)
+    else:
+        updates["dataset"], loaded = checked_dataset(config.dataset, roots, "dataset")
+        refusal = stage_data_refusal(config.stage, loaded.format)
+        if refusal:
+            raise LmtunerError(f"dataset: {refusal}", field="dataset")
     if loaded.skipped:
         warnings.append(f"{len(loaded.skipped)} malformed rows will be skipped; first: {loaded.skipped[0]}")
     if config.eval_dataset is not None:
@@ -181,7 +120,7 @@ def check_config(
             )
     else:
         held_out = held_out_count(len(loaded.examples), config.dataset.eval_fraction)
-        if not held_out and config.report.enabled:
+        if not held_out and config.report.enabled and config.stage != "grpo":
             warnings.append(
                 f"no held-out rows ({len(loaded.examples)} rows, eval_fraction {config.dataset.eval_fraction}): the "
                 "report cannot say whether the model got better; give an eval_dataset or more rows"
@@ -248,31 +187,22 @@ def check_deepspeed(config: TrainConfig, roots: AllowedRoots):
     return settings.model_copy(update={"config_file": str(path)})
 
 
-def check_processes(config: TrainConfig, devices: str) -> None:
-    """More processes than GPUs would put two on one GPU: refused, naming what fits."""
-    from lmtuner_core.jobs.distributed import count_devices, processes_per_node
-
-    gpus = count_devices(devices)
-    if gpus and processes_per_node(config.model_dump(), devices) > gpus:
-        raise LmtunerError(
-            f"processes_per_node: {config.processes_per_node} processes but the job has {gpus} GPU(s) ({devices}); "
-            f"use at most {gpus}, or 'auto'",
-            field="processes_per_node",
-        )
-
-
 # ---------------------------------------------------------------------------------------------- running
 
 
 class JobService:
-    """The job operations the tools and the CLI share."""
+    """The job operations the tools and the CLI share. No backend is named here: each job's launcher
+    (jobs/launcher.py) does what differs."""
 
     def __init__(self, home: Path, roots: AllowedRoots, ray_addresses: RayAddresses | None = None):
         self.home = home
         self.roots = roots
-        # The Ray clusters a job may be sent to; unconfined by default, as AllowedRoots(None) (the CLI).
-        self.ray_addresses = ray_addresses or RayAddresses(None)
         self.store = JobStore(home)
+        # The owner's settings per backend: the Ray clusters a job may be sent to (unconfined by default, as
+        # AllowedRoots(None): the CLI).
+        settings = {} if ray_addresses is None else {"ray": ray_addresses}
+        self.launchers = Launchers(LaunchContext(home, roots, self.store, settings))
+        self.launchers[LOCAL]  # this machine's queue is always scheduled
         (home / "runs").mkdir(exist_ok=True)
 
     def run_dir(self, job_id: str) -> RunDir:
@@ -281,206 +211,99 @@ class JobService:
     # -------------------------------------------------------------------------------------------- submit
 
     def submit(
-        self, config: TrainConfig, *, dry_run: bool = False, force: bool = False
+        self,
+        config: TrainConfig,
+        *,
+        dry_run: bool = False,
+        force: bool = False,
+        gate: Callable[[TrainConfig, str], bool] | None = None,
     ) -> tuple[JobRecord | None, TrainConfig, list[str]]:
-        """Checks the config and its memory need and, unless dry_run, records the job and starts it if its
-        devices are free. A job that would not fit its devices is refused unless force."""
+        """Checks the config, and with its launcher whether it can run there (a job that would not fit its devices
+        is refused unless force); unless dry_run, records the job and hands it to its launcher. `gate(checked,
+        devices)`, called once everything is checked and before anything is written, may hold the start back
+        (False): the answer is then that of a dry run (start_training's confirmation before spending)."""
         job_id = new_job_id()
         run = self.run_dir(job_id)
-        if config.ray is not None:  # what the server reaches and writes is checked first, before any connection
-            config = self._confine_ray(config)
+        launcher = self.launchers.for_config(config)
+        config = launcher.confine(config)  # what the server reaches and writes is checked first, before any connection
         checked, warnings = check_config(config, self.roots, run, dry_run=dry_run)
-        if checked.ray is not None:
-            return self._submit_to_ray(checked, job_id, warnings, dry_run=dry_run)
-        devices = resolve_devices(checked.devices)
-        check_processes(checked, devices)
-        warnings += preflight(checked, devices, refuse=not force)  # a dry run is refused as the real start is
-        needs_cuda = METHODS[checked.method].needs_cuda
-        if needs_cuda and devices == "cpu":
-            raise LmtunerError(f"method: {checked.method!r} needs a CUDA GPU ({needs_cuda})", field="method")
-        if checked.liger is True and (devices == "cpu" or importlib.util.find_spec("liger_kernel") is None):
-            why = "a CPU job (Triton has no CPU driver)" if devices == "cpu" else "liger-kernel is not installed"
-            raise LmtunerError(
-                f"liger: true cannot run for {why}; use 'auto' (on where it can run) or false", field="liger"
-            )
-        if dry_run:
+        placement = launcher.check(checked, force=force)  # a dry run is refused as the real start is
+        warnings += placement.warnings
+        if dry_run or (gate is not None and not gate(checked, placement.devices)):
             return None, checked, warnings
         try:
             run.root.mkdir(parents=True)
             run.config.write_text(checked.to_json(), encoding="utf-8")
-            write_deepspeed_config(checked.model_dump(), run.root, on_gpu=devices != "cpu")
+            write_deepspeed_config(checked.model_dump(), run.root, on_gpu=placement.on_gpu)
         except OSError as exc:
             raise LmtunerError(f"cannot write the run folder {run.root}: {exc.strerror}; free disk space") from None
-        self.store.create(
+        record = self.store.create(
             job_id=job_id, run_dir=run.root, model=checked.model, method=checked.method,
-            output_dir=Path(checked.output_dir or run.default_output), devices=devices,
+            output_dir=Path(checked.output_dir or run.default_output), devices=placement.devices,
+            backend=launcher.name,
         )  # fmt: skip
-        self.schedule()
+        self._hand_over(record, run, checked)
         record = self.store.get(job_id)
         if record is not None and record.status == "queued":
-            warnings.append(f"queued: devices {devices} are busy; the job starts when they are free")
+            warnings.append(f"queued: devices {placement.devices} are busy; the job starts when they are free")
         return record, checked, warnings
 
-    def _submit_to_ray(
-        self, checked: TrainConfig, job_id: str, warnings: list[str], *, dry_run: bool
-    ) -> tuple[JobRecord | None, TrainConfig, list[str]]:
-        """A job for a Ray cluster: the cluster is reached and its resources compared with the request before
-        anything is written; then the job is submitted there and recorded with its Ray job id."""
-        from lmtuner_core.jobs import ray_launcher
-
-        assert checked.ray is not None
-        warnings += ray_launcher.check_cluster(checked.ray, self.ray_addresses)
-        if dry_run:
-            return None, checked, warnings
-        run = self.run_dir(job_id)
+    def _hand_over(self, record: JobRecord, run: RunDir, config: TrainConfig) -> None:
+        """Gives a queued job to its launcher: a backend that takes it returns a handle and the job is running
+        there; otherwise it waits on this machine's queue, which is scheduled now. A refusal fails the job."""
         try:
-            run.root.mkdir(parents=True)
-            run.config.write_text(checked.to_json(), encoding="utf-8")
-        except OSError as exc:
-            raise LmtunerError(f"cannot write the run folder {run.root}: {exc.strerror}; free disk space") from None
-        self.store.create(
-            job_id=job_id, run_dir=run.root, model=checked.model, method=checked.method,
-            output_dir=Path(checked.output_dir or run.default_output), devices="ray",
-        )  # fmt: skip
-        self._send_to_ray(job_id, checked, f"lmtuner-{job_id}")
-        return self.store.get(job_id), checked, warnings
-
-    def _confine_ray(self, config: TrainConfig) -> TrainConfig:
-        """The config with ray.address checked against the owner's list of clusters and a local storage_path
-        resolved inside the allowed roots (like output_dir); connects to nothing."""
-        from lmtuner_core.jobs import ray_launcher
-
-        assert config.ray is not None
-        self.ray_addresses.check(config.ray.address, "ray.address")
-        if config.ray.storage_path is None:
-            return config
-        storage = ray_launcher.confine_storage_path(config.ray.storage_path, self.roots)
-        return config.model_copy(update={"ray": config.ray.model_copy(update={"storage_path": storage})})
-
-    def _send_to_ray(self, job_id: str, config: TrainConfig, ray_job_id: str) -> None:
-        """Submits the job to its cluster and marks it running there (failed, with the reason, if refused)."""
-        from lmtuner_core.jobs import ray_launcher
-
-        assert config.ray is not None
-        run = self.run_dir(job_id)
-        env = ray_launcher.job_environment(self.home, tracker_environment(run, dict(os.environ)))
-        try:
-            ray_launcher.submit(run, config, ray_job_id, env)
+            handle = self.launchers.for_record(record).submit(record, run, config)
         except LmtunerError as exc:
-            self.store.update(job_id, status="failed", finished_at=time.time(), error=str(exc))
+            self.store.update(record.job_id, status="failed", finished_at=time.time(), error=str(exc))
             raise
-        self.store.update(
-            job_id, status="running", started_at=time.time(), claimed_at=time.time(), ray_job_id=ray_job_id,
-            ray_address=config.ray.address,
-        )  # fmt: skip
+        if handle is None:
+            self.schedule()
+            return
+        now = time.time()
+        self.store.update(record.job_id, status="running", started_at=now, claimed_at=now, handle=handle)
 
     def schedule(self) -> list[str]:
-        """Starts every queued job whose devices are free; returns their ids."""
-        reap_finished()
+        """Brings the running jobs up to date, then starts every queued job that can start now; returns their ids."""
         for record in self.store.list(statuses=("running",)):
             self.refresh(record, schedule=False)
         started: list[str] = []
-        if not self.store.count("queued"):
-            return started  # the common case: no write transaction needed
-        for job_id in self.store.claim_startable(cpu_slots=cpu_job_slots()):
-            self._spawn(job_id)
-            started.append(job_id)
+        for launcher in self.launchers.built():
+            started += launcher.start_queued()
         return started
-
-    def _spawn(self, job_id: str) -> None:
-        run = self.run_dir(job_id)
-        record = self.store.get(job_id)
-        env = child_environment(
-            {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "LMTUNER_HOME": str(self.home)}
-        )
-        if record is not None and record.devices != "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = record.devices
-        env["LMTUNER_DEVICES"] = record.devices if record is not None else "cpu"  # the supervisor's launch plan
-        env.update(tracker_environment(run, env))
-        try:
-            pid, started_at = spawn_supervised(run, env)
-        except OSError as exc:
-            self.store.update(job_id, status="failed", finished_at=time.time(), error=f"could not start: {exc}")
-            return
-        self.store.update(job_id, started_at=time.time(), pid=pid, pid_started_at=started_at)
 
     # -------------------------------------------------------------------------------------------- reading
 
     def get(self, job_id: str) -> JobRecord:
         check_job_id(job_id)
-        reap_finished()
         record = self.store.get(job_id)
         if record is None:
             raise NotFoundError(f"job_id: no job {shown(job_id)}; list_jobs shows the jobs there are", field="job_id")
         return self.refresh(record)
 
     def refresh(self, record: JobRecord, *, schedule: bool = True) -> JobRecord:
-        """Brings a non-final record up to date with the run folder and the process table; when a job has
-        ended, starts what was waiting for its devices."""
+        """Brings a non-final record up to date through its launcher (any server can: the record holds the
+        backend and its handle); when a job has ended or gone back to the queue, starts what was waiting."""
         if record.status in TERMINAL:
             return record
-        if record.ray_job_id is not None:
-            return self._refresh_ray(record)
-        run = RunDir(Path(record.run_dir))
-        if record.status == "running" and record.pid is None:
-            claimed = record.claimed_at or record.created_at
-            if time.time() - claimed > CLAIM_TIMEOUT_SECONDS:  # its starter died between claim and spawn
-                self.store.update(record.job_id, only_if_status=("running",), status="queued", claimed_at=None)
-                if schedule:
-                    self.schedule()
-            return self.store.get(record.job_id) or record
         if record.status == "queued":
             # Whoever watches only a queued job must still see it start once the job ahead of it has died.
             if schedule and record.job_id in self.schedule():
                 return self.store.get(record.job_id) or record
             return record
-        if run.read_state().get("status") in TERMINAL or not alive(record.pid, record.pid_started_at):  # type: ignore[arg-type]
-            reap(record.pid)
-            self.conclude(record)
-            if schedule:
-                self.schedule()
-        return self.store.get(record.job_id) or record
+        ending = self.launchers.for_record(record).poll(record)
+        if ending is not None:
+            self.finish(record, ending)
+        now = self.store.get(record.job_id) or record
+        if now.status != record.status and schedule:
+            self.schedule()
+            now = self.store.get(record.job_id) or now
+        return now
 
-    def _refresh_ray(self, record: JobRecord) -> JobRecord:
-        """A Ray job's status, asked of its cluster by its Ray job id (so any server, restarted or not, follows
-        it). While the cluster cannot be reached the job stays as last seen."""
-        from lmtuner_core.jobs import ray_launcher
-
-        try:
-            ray_status, message = ray_launcher.job_info(record.ray_address or "", record.ray_job_id or "")
-        except LmtunerError:
-            return record
-        if ray_status == "SUCCEEDED":
-            self._finish(record, "completed", None, 0)
-        elif ray_status == "STOPPED":
-            self._finish(record, "cancelled", None, None)
-        elif ray_status in ("FAILED", "GONE"):
-            state = RunDir(Path(record.run_dir)).read_state()
-            error = state.get("error") if state.get("status") == "failed" else None
-            # Ray's message goes on with the driver's last output (paths of the cluster's machines, tracebacks),
-            # which the driver also wrote into train.log: the job's error keeps Ray's first line.
-            lines = (message or "").strip().splitlines()
-            said = lines[0][:300] if lines else "no message from Ray"
-            error = error or f"Ray job {record.ray_job_id}: {said} (the job's output is in train.log)"
-            self._finish(record, "failed", error, None)
-        return self.store.get(record.job_id) or record
-
-    def conclude(self, record: JobRecord) -> None:
-        """Records how a job whose process has ended (or is ending) finished."""
-        run = RunDir(Path(record.run_dir))
-        state = run.read_state()
-        code = run.read_exit_code()
-        if state.get("status") in TERMINAL:
-            self._finish(record, state["status"], state.get("error"), code)
-        elif record.cancel_requested:
-            self._finish(record, "cancelled", None, code)
-        else:
-            self._finish(record, "failed", exit_reason(code, run), code)
-
-    def _finish(self, record: JobRecord, status: str, error: str | None, code: int | None) -> None:
+    def finish(self, record: JobRecord, ending: Ending) -> None:
+        """Records how a job ended (once: two processes noticing the same ending do not overwrite each other)."""
         self.store.update(
-            record.job_id, only_if_status=("queued", "running"), status=status, error=error,
-            exit_code=code, finished_at=time.time(),
+            record.job_id, only_if_status=("queued", "running"), status=ending.status, error=ending.error,
+            exit_code=ending.exit_code, finished_at=time.time(),
         )  # fmt: skip
 
     def list(self, status: str | None = None) -> list[JobRecord]:
@@ -495,12 +318,15 @@ class JobService:
         progress = read_progress(record, log_lines, with_report)
         if record.status == "queued":
             progress.queue_position = self.store.queue_position(record)
+        view = self.launchers.for_record(record).view(record)
+        if view is not None:
+            setattr(progress, record.backend, view)  # JobProgress has a field of each cluster backend's name
         return progress
 
     # -------------------------------------------------------------------------------------------- resume
 
     def resume(self, job_id: str) -> tuple[JobRecord, TrainConfig]:
-        """Puts a failed or cancelled job back on the queue, to continue from its newest checkpoint with the
+        """Puts a failed or cancelled job back to its backend, to continue from its newest checkpoint with the
         optimizer, scheduler and step count it had. Same job id, same run folder; metrics keep appending."""
         record = self.get(job_id)
         if record.status not in ("failed", "cancelled"):
@@ -512,96 +338,32 @@ class JobService:
             )
         run = RunDir(Path(record.run_dir))
         config = TrainConfig.model_validate_json(run.config.read_text(encoding="utf-8"))
-        if record.ray_job_id is not None and config.ray is not None:
-            return self._resume_on_ray(record, config)
-        checkpoint = run.latest_checkpoint()
-        if checkpoint is None:
-            raise LmtunerError(
-                f"job_id: job {job_id} saved no checkpoint before it stopped, so there is nothing to resume; start "
-                "it again (a smaller save_steps keeps more progress next time)",
-                field="job_id",
-            )
-        config = TrainConfig.model_validate({**config.model_dump(), "resume_from": str(checkpoint)})
+        config, note = self.launchers.for_record(record).resume(record, config, run)
         run.config.write_text(config.to_json(), encoding="utf-8")
         for stale in (run.state, run.exit):
             stale.unlink(missing_ok=True)
         with run.log.open("a", encoding="utf-8") as log:
-            log.write(f"[lmtuner] resuming from {checkpoint}\n")
+            log.write(note + "\n")
         self.store.update(
             job_id, only_if_status=("failed", "cancelled"), status="queued", error=None, exit_code=None,
             finished_at=None, pid=None, pid_started_at=None, cancel_requested=0, claimed_at=None,
         )  # fmt: skip
-        self.schedule()
+        self._hand_over(self.store.get(job_id), run, config)  # type: ignore[arg-type]
         return self.store.get(job_id), config  # type: ignore[return-value]
-
-    def _resume_on_ray(self, record: JobRecord, config: TrainConfig) -> tuple[JobRecord, TrainConfig]:
-        """Submits the job again, under a new Ray job id, from the newest checkpoint Ray Train kept in
-        storage_path (Ray Train restores the same run from there)."""
-        from lmtuner_core.jobs import ray_launcher
-
-        assert config.ray is not None
-        run = RunDir(Path(record.run_dir))
-        where = ray_launcher.storage_path(config, run)
-        if "://" in where:
-            raise LmtunerError(
-                f"job_id: job {record.job_id} keeps its checkpoints in {where}, and resume_job reads them from a "
-                "folder; start a new job with resume_from set to a downloaded checkpoint",
-                field="job_id",
-            )
-        checkpoint = ray_launcher.latest_ray_checkpoint(config, run)
-        if checkpoint is None:
-            raise LmtunerError(
-                f"job_id: job {record.job_id} has no checkpoint in {where}, so "
-                "there is nothing to resume; start it again (a smaller save_steps keeps more progress next time)",
-                field="job_id",
-            )
-        ray_launcher.check_cluster(config.ray, self.ray_addresses)
-        config = TrainConfig.model_validate({**config.model_dump(), "resume_from": str(checkpoint)})
-        run.config.write_text(config.to_json(), encoding="utf-8")
-        run.state.unlink(missing_ok=True)
-        with run.log.open("a", encoding="utf-8") as log:
-            log.write(f"[lmtuner] resuming on the Ray cluster from {checkpoint}\n")
-        self.store.update(
-            record.job_id, only_if_status=("failed", "cancelled"), status="queued", error=None, exit_code=None,
-            finished_at=None, cancel_requested=0,
-        )  # fmt: skip
-        self._send_to_ray(record.job_id, config, f"lmtuner-{record.job_id}-{secrets.token_hex(3)}")
-        return self.store.get(record.job_id), config  # type: ignore[return-value]
 
     # -------------------------------------------------------------------------------------------- cancel
 
     def cancel(self, job_id: str, grace_seconds: float = 20.0) -> JobRecord:
-        """Asks the training process to stop (SIGTERM: it saves a checkpoint and exits), then kills its process
-        group if it has not exited within grace_seconds. A queued job is simply taken off the queue."""
+        """Asks the job's processes to stop (they save a checkpoint and exit), then has them killed if they have
+        not exited within grace_seconds. A queued job is simply taken off the queue."""
         record = self.get(job_id)
         if record.status in TERMINAL:
             return record
         self.store.update(job_id, cancel_requested=1)
-        if record.ray_job_id is not None:
-            from lmtuner_core.jobs import ray_launcher
-
-            # Ray stops the driver (SIGTERM, then SIGKILL) and with it every worker; the last checkpoint stays.
-            ray_status = ray_launcher.stop(record.ray_address or "", record.ray_job_id, grace_seconds)
-            if ray_status not in (*ray_launcher.TERMINAL_RAY_STATUSES, "GONE"):
-                raise LmtunerError(
-                    f"job_id: the Ray cluster has not stopped job {record.ray_job_id} yet (it is {ray_status}); "
-                    "call cancel_job again",
-                    field="job_id",
-                )
-            if ray_status == "SUCCEEDED":
-                return self.refresh(record)  # it finished before the stop reached it
-            self._finish(record, "cancelled", None, None)
+        ending = self.launchers.for_record(record).stop(record, grace_seconds)
+        if ending is not None:
+            self.finish(record, ending)
             return self.get(job_id)
-        if record.pid is None or not alive(record.pid, record.pid_started_at):
-            self._finish(record, "cancelled", None, None)
-            return self.get(job_id)
-        signal_group(record.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_seconds
-        while time.monotonic() < deadline and alive(record.pid, record.pid_started_at):
-            time.sleep(0.1)
-        if alive(record.pid, record.pid_started_at):
-            signal_group(record.pid, signal.SIGKILL)
-            time.sleep(0.2)
         record = self.refresh(self.store.get(job_id))  # type: ignore[arg-type]
         if record.status == "failed":  # killed during cancel: that is what was asked for
             self.store.update(job_id, status="cancelled", error=None)

@@ -1,20 +1,17 @@
-"""JobStore: the SQLite table of jobs under $LMTUNER_HOME. The run folder holds the details; this holds the index.
-
-One connection per thread, kept open (opening one and parsing the schema cost about as much as a job_status
-answer), in autocommit mode with a WAL journal and a busy timeout, so several server processes (stdio and HTTP at
-once) and the CLI can share one file.
+"""JobStore: the SQLite table of jobs under $LMTUNER_HOME (see lmtuner_core.system.sqlite). The run folder holds the
+details; this holds the index: each job's status, the backend that runs it (jobs/launcher.py) and that backend's
+opaque handle, and for this machine's queue the devices booked and the supervisor's pid.
 """
 
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, Literal, TypeVar, get_args
+from typing import Literal, get_args
+
+from lmtuner_core.system.sqlite import SqliteTable
 
 JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 STATUSES = get_args(JobStatus)
@@ -38,20 +35,17 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     devices TEXT NOT NULL DEFAULT 'cpu',
     claimed_at REAL,
-    ray_job_id TEXT,
-    ray_address TEXT
+    backend TEXT NOT NULL DEFAULT 'local',
+    handle TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 """
 
-
-R = TypeVar("R")
-
 _ADDED_COLUMNS = {
     "devices": "TEXT NOT NULL DEFAULT 'cpu'",
     "claimed_at": "REAL",
-    "ray_job_id": "TEXT",
-    "ray_address": "TEXT",
+    "backend": "TEXT NOT NULL DEFAULT 'local'",
+    "handle": "TEXT",
 }
 
 
@@ -71,79 +65,10 @@ class JobRecord:
     error: str | None
     exit_code: int | None
     cancel_requested: int
-    devices: str  # 'cpu' or GPU indices '0,1'
+    devices: str  # 'cpu' or GPU indices '0,1' (booked by this machine's queue), or a cluster backend's name
     claimed_at: float | None  # when a scheduler took it off the queue (before its process exists)
-    ray_job_id: str | None = None  # a job on a Ray cluster: its submission id there (no local process)
-    ray_address: str | None = None  # and the cluster's address
-
-
-class SqliteTable(Generic[R]):
-    """One table of $LMTUNER_HOME/jobs.db, read into `record` dataclasses whose fields are its columns (in order).
-    Subclasses name the table, its key column, record type and schema; JobStore and ServerStore share this."""
-
-    table: str
-    key: str
-    record: type[R]
-    schema: str
-
-    def __init__(self, home: Path):
-        self.path = home / "jobs.db"
-        self._local = threading.local()
-        self.columns = [f.name for f in fields(self.record)]  # type: ignore[arg-type]
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")  # persistent in the file: readers never block the writer
-            db.executescript(self.schema)
-            self._migrate(db)
-
-    def _migrate(self, db: sqlite3.Connection) -> None:
-        """Brings an older database's table up to date (nothing by default)."""
-
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        """This thread's connection. Autocommit: no read holds a snapshot between calls; a failure inside an explicit
-        transaction rolls it back, so the connection is clean for the next caller."""
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._local.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        try:
-            yield db
-        except BaseException:
-            if db.in_transaction:
-                db.rollback()
-            raise
-
-    def get(self, key: str) -> R | None:
-        with self._connect() as db:
-            row = db.execute(
-                f"SELECT {', '.join(self.columns)} FROM {self.table} WHERE {self.key} = ?", (key,)
-            ).fetchone()
-        return self.record(*row) if row else None
-
-    def list(self, statuses: tuple[str, ...] | None = None) -> list[R]:
-        """Rows, newest first, optionally only those in the given statuses."""
-        query = f"SELECT {', '.join(self.columns)} FROM {self.table}"
-        args: tuple = ()
-        if statuses:
-            query += f" WHERE status IN ({', '.join('?' * len(statuses))})"
-            args = statuses
-        with self._connect() as db:
-            rows = db.execute(query + " ORDER BY created_at DESC", args).fetchall()
-        return [self.record(*row) for row in rows]
-
-    def update(self, key: str, *, only_if_status: tuple[str, ...] | None = None, **values) -> bool:
-        """Sets columns; with only_if_status, only while the row is still in one of those states (so two
-        processes noticing the same ending do not overwrite each other). Returns whether a row changed."""
-        unknown = set(values) - set(self.columns)
-        if unknown:
-            raise ValueError(f"unknown {self.table} columns: {unknown}")
-        sets = ", ".join(f"{k} = ?" for k in values)
-        query = f"UPDATE {self.table} SET {sets} WHERE {self.key} = ?"
-        args = [*values.values(), key]
-        if only_if_status:
-            query += f" AND status IN ({', '.join('?' * len(only_if_status))})"
-            args += list(only_if_status)
-        with self._connect() as db:
-            return db.execute(query, args).rowcount > 0
+    backend: str = "local"  # the launcher that runs it (jobs/launcher.py BACKENDS)
+    handle: str | None = None  # that launcher's reference to it, JSON only the launcher reads (e.g. a Ray job id)
 
 
 class JobStore(SqliteTable[JobRecord]):
@@ -155,15 +80,26 @@ class JobStore(SqliteTable[JobRecord]):
         for column, ddl in _ADDED_COLUMNS.items():
             if column not in have:
                 db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {ddl}")
+        if "ray_job_id" in have:
+            # Before the launcher seam a Ray job kept its submission id and cluster in columns of their own, and
+            # devices 'ray': it becomes backend 'ray' with the handle the Ray launcher reads. The old columns stay
+            # (unread) so that an older server sharing the file keeps working.
+            db.execute(
+                "UPDATE jobs SET backend = 'ray', handle = CASE WHEN ray_job_id IS NULL THEN NULL ELSE "
+                "json_object('address', COALESCE(ray_address, ''), 'job_id', ray_job_id) END "
+                "WHERE (backend = 'local' AND (ray_job_id IS NOT NULL OR devices = 'ray')) "
+                "OR (backend = 'ray' AND handle IS NULL AND ray_job_id IS NOT NULL)"
+            )
 
     def create(
-        self, *, job_id: str, run_dir: Path, model: str, method: str, output_dir: Path, devices: str = "cpu"
-    ) -> JobRecord:
+        self, *, job_id: str, run_dir: Path, model: str, method: str, output_dir: Path, devices: str = "cpu",
+        backend: str = "local",
+    ) -> JobRecord:  # fmt: skip
         with self._connect() as db:
             db.execute(
-                "INSERT INTO jobs (job_id, status, created_at, run_dir, model, method, output_dir, devices) "
-                "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
-                (job_id, time.time(), str(run_dir), model, method, str(output_dir), devices),
+                "INSERT INTO jobs (job_id, status, created_at, run_dir, model, method, output_dir, devices, backend) "
+                "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, time.time(), str(run_dir), model, method, str(output_dir), devices, backend),
             )
         return self.get(job_id)  # type: ignore[return-value]
 
@@ -181,24 +117,23 @@ class JobStore(SqliteTable[JobRecord]):
         return ahead + 1
 
     def claim_startable(self, cpu_slots: int) -> list[str]:
-        """Marks as running (not yet spawned) the queued jobs whose devices are free, oldest first, and returns
-        their ids. One IMMEDIATE transaction: concurrent schedulers in other processes wait instead of
-        double-booking a device."""
+        """Marks as running (not yet spawned) this machine's queued jobs (backend 'local') whose devices are free,
+        oldest first, and returns their ids. One IMMEDIATE transaction: concurrent schedulers in other processes
+        wait instead of double-booking a device. A cluster backend's jobs are queued by their cluster."""
         now = time.time()
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 busy_gpus: set[str] = set()
                 cpu_jobs = 0
-                for (devices,) in db.execute("SELECT devices FROM jobs WHERE status = 'running' AND devices != 'ray'"):
+                for (devices,) in db.execute("SELECT devices FROM jobs WHERE status = 'running' AND backend = 'local'"):
                     if devices == "cpu":
                         cpu_jobs += 1
                     else:
                         busy_gpus |= set(devices.split(","))
                 claimed = []
-                # Jobs on a Ray cluster ('ray') are submitted there at once; the cluster does their queueing.
                 queued = db.execute(
-                    "SELECT job_id, devices FROM jobs WHERE status = 'queued' AND devices != 'ray' ORDER BY created_at"
+                    "SELECT job_id, devices FROM jobs WHERE status = 'queued' AND backend = 'local' ORDER BY created_at"
                 )
                 for job_id, devices in queued.fetchall():
                     if devices == "cpu":

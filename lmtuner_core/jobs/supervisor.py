@@ -15,8 +15,8 @@ import time
 import traceback
 from pathlib import Path
 
-from lmtuner_core.jobs.distributed import die_with_parent
-from lmtuner_core.jobs.run_folder import RunDir, read_json, run_dir_argument  # stdlib only, like this module
+from lmtuner_core.run import RunDir, read_json, run_dir_argument  # stdlib only, like this module
+from lmtuner_core.system.processes import die_with_parent
 
 TRAINING_NICENESS = 5
 
@@ -97,13 +97,15 @@ def conclude_and_start_next(run_dir: Path) -> None:
     """Records this job's end and starts whatever was queued for its devices, so a queue advances even when
     no server or CLI is running. Failures here only cost promptness: the next reader does the same."""
     try:
+        from lmtuner_core.jobs.launcher import LOCAL
         from lmtuner_core.jobs.service import JobService
         from lmtuner_core.paths import AllowedRoots, lmtuner_home
 
         service = JobService(lmtuner_home(), AllowedRoots(None))
         record = service.store.get(run_dir.name)
         if record is not None and record.status == "running":
-            service.conclude(record)
+            local = service.launchers[LOCAL]
+            service.finish(record, local.ending(record))  # type: ignore[attr-defined]
         service.schedule()
     except Exception:
         traceback.print_exc()

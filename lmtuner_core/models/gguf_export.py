@@ -54,6 +54,9 @@ class ExportResult(BaseModel):
     run_commands: dict[str, str] = Field(
         description="How to run it: {'ollama': ..., 'llama.cpp': ...}, to show the user."
     )
+    model_card: str | None = Field(
+        None, description="README.md beside it: the Hugging Face model card (training, evaluation, how to run it)."
+    )
 
 
 def converter_script() -> Path:

@@ -122,3 +122,24 @@ def score(
         nist_4=round(nist[4], 4), rouge_l=round(rouge_l, 4), n=len(cleaned), tokenization=TOKENIZATION,
         prompts_stripped=stripped,
     )  # fmt: skip
+
+
+def similarity(prediction: str, reference: str, metric: str) -> float:
+    """One answer against one reference, 0-1, counted as `score` counts: ROUGE-L F1 (rouge-score's tokenizer) or
+    sentence BLEU (sacrebleu, exponential smoothing, on the same lowercased 13a words) / 100."""
+    prediction = _SPECIAL.sub("", prediction).strip()
+    reference = _SPECIAL.sub("", reference).strip()
+    if metric == "rouge_l":
+        from absl import logging as absl_logging
+        from rouge_score import rouge_scorer
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        return rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
+    if metric == "bleu":
+        import sacrebleu
+
+        hypothesis, target = " ".join(words(prediction)), " ".join(words(reference))
+        if not hypothesis or not target:
+            return float(hypothesis == target)
+        return sacrebleu.sentence_bleu(hypothesis, [target], tokenize="none").score / 100
+    raise LmtunerError(f"metric: {metric!r} is not a similarity metric; accepted: rouge_l, bleu", field="metric")

@@ -1,6 +1,6 @@
 """ServerStore: the SQLite table of vLLM servers, in the same $LMTUNER_HOME/jobs.db as the jobs.
 
-Read and written through store.SqliteTable, as the jobs are: one connection per thread, WAL journal, a busy
+Read and written through system.sqlite.SqliteTable, as the jobs are: one connection per thread, WAL journal, a busy
 timeout, so the MCP server, the CLI and tests can share the file.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from lmtuner_core.jobs.store import SqliteTable
+from lmtuner_core.system.sqlite import SqliteTable
 
 ServerStatus = Literal["starting", "running", "stopped", "failed"]
 SERVER_STATUSES = get_args(ServerStatus)

@@ -32,13 +32,13 @@ import psutil
 from pydantic import BaseModel, Field
 
 from lmtuner_core.errors import LmtunerError, NotFoundError, remote_code_refusal, shown
-from lmtuner_core.jobs.distributed import free_port
-from lmtuner_core.jobs.processes import alive, process_start_time, reap
-from lmtuner_core.jobs.progress import tail_lines
 from lmtuner_core.models.model_code import check_model_code
 from lmtuner_core.models.reference import resolve_model
 from lmtuner_core.models.servers_store import LIVE, ServerRecord, ServerStore
 from lmtuner_core.paths import AllowedRoots
+from lmtuner_core.system.files import tail_lines
+from lmtuner_core.system.ports import free_port
+from lmtuner_core.system.processes import alive, process_start_time, reap
 from lmtuner_core.training.xpos import is_xpos_model
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")

@@ -11,11 +11,12 @@ from pathlib import Path
 import psutil
 from pydantic import BaseModel, Field
 
-from lmtuner_core.jobs.ray_launcher import RayClusterReport
+from lmtuner_core.jobs.slurm_launcher import SlurmClusterReport
+from lmtuner_core.planning.ray_cluster import RayClusterReport
 
 KEY_PACKAGES = (
     "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed",
-    "liger-kernel", "lomo-optim", "vllm", "flash-attn", "gguf", "mcp", "ray", "lmtuner",
+    "liger-kernel", "lomo-optim", "vllm", "flash-attn", "gguf", "mcp", "ray", "submitit", "lmtuner",
 )  # fmt: skip
 
 
@@ -46,6 +47,9 @@ class HardwareReport(BaseModel):
     notes: list[str] = Field(default_factory=list, description="Why a GPU might be missing, and similar remarks.")
     cluster: RayClusterReport | None = Field(
         None, description="With ray_address: the Ray cluster's nodes and resources (what ray.num_workers can use)."
+    )
+    slurm: SlurmClusterReport | None = Field(
+        None, description="With slurm: the Slurm cluster's partitions and nodes (what a `slurm` section can ask for)."
     )
 
 

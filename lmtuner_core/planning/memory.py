@@ -88,6 +88,10 @@ class MemoryEstimate(BaseModel):
     allocator_gib: float = 0.0  # held by the allocator beyond live tensors: CUDA fragmentation, glibc's free lists
     overlap_gib: float = 0.0  # gradients and activations never held at once (one micro-batch): not in per_gpu_gib
     cpu_offload_gib: float  # optimizer states / weights moved to CPU RAM, all ranks together
+    # Stage grpo (planning/grpo_memory.py): a reference model, the sampled answers' KV cache, vLLM's reserved share.
+    reference_gib: float = 0.0
+    generation_gib: float = 0.0
+    vllm_gib: float = 0.0
     trainable_params: int
     total_params: int  # the base model plus any adapter
     notes: list[str]

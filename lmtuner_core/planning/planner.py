@@ -14,10 +14,11 @@ from pydantic import BaseModel, Field
 
 from lmtuner_core.config import DatasetSpec, LoraSettings, TrainConfig
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.methods import default_learning_rate
+from lmtuner_core.methods import METHODS, default_learning_rate, planner_defaults
 from lmtuner_core.planning.hardware import GpuInfo
 from lmtuner_core.planning.hyperparameters import AnswerProfile, preference_recipe, training_recipe
 from lmtuner_core.planning.memory import MemoryEstimate, ModelShape, estimate_memory
+from lmtuner_core.planning.throughput import TimeEstimate
 from lmtuner_core.stages import STAGES, stage_data_refusal, stage_refusal
 
 USABLE_GPU_SHARE = 0.92  # what a job can really use: the rest goes to other processes and the driver
@@ -54,6 +55,11 @@ class Proposal(BaseModel):
     rationale: list[str] = Field(description="Why each choice, in plain words.")
     alternatives: list[Alternative] = Field(description="Other options and their memory.")
     warnings: list[str] = Field(description="What the user should know before starting.")
+    estimate: TimeEstimate | None = Field(
+        None,
+        description="Expected wall time and training tokens/s of `config` on the planned hardware, and what the "
+        "figures rest on (`basis`). None for a Ray cluster (its nodes are not measured here).",
+    )
 
 
 @dataclass
@@ -104,13 +110,14 @@ def _estimate(
     gpus: int,
     on_gpu: bool,
     config: TrainConfig | None = None,
+    gpu_total_gib: float | None = None,
     stage: str = "sft",
 ) -> MemoryEstimate:
     """The memory of one candidate; `config` supplies the LoRA shape, freeze depth, accumulation and stage (default:
     TrainConfig's defaults, the planner's accumulation for this batch size, and `stage`)."""
     lora = config.lora if config else LoraSettings()
     accumulation = config.gradient_accumulation_steps if config else _accumulation(c.batch_size, gpus)
-    return estimate_memory(
+    estimate = estimate_memory(
         shape, method=c.method, precision=precision, batch_size=c.batch_size, seq_len=seq_len,
         lora_r=lora.r, lora_targets=lora.target_modules, lora_dropout=lora.dropout,
         freeze_trainable_layers=config.freeze_trainable_layers if config else 2,
@@ -119,6 +126,12 @@ def _estimate(
         zero_stage=c.zero_stage, offload_optimizer=c.offload_optimizer, offload_params=c.offload_params,
         on_gpu=on_gpu, packing=config.packing if config else True, stage=config.stage if config else stage,
     )  # fmt: skip
+    if config is not None and config.stage == "grpo":
+        from lmtuner_core.planning.grpo_memory import grpo_memory, with_grpo_memory
+
+        terms = grpo_memory(shape, config, precision, on_gpu=on_gpu, gpu_total_gib=gpu_total_gib)
+        estimate = with_grpo_memory(estimate, terms, max(1, gpus))
+    return estimate
 
 
 def _accumulation(batch_size: int, gpus: int) -> int:
@@ -130,19 +143,18 @@ def _candidates(method: str | None, gpus: int, params: int, stage: str = "sft") 
     """From the most comfortable to the most frugal. Without a requested method: LoRA first (the usual
     best trade-off), QLoRA when LoRA does not fit; full fine-tuning only when asked for. Methods the stage refuses
     are left out."""
-    methods = [method] if method else [m for m in ("lora", "qlora") if m not in STAGES[stage].refused_methods]
+    methods = [method] if method else [m for m in planner_defaults() if m not in STAGES[stage].refused_methods]
     out: list[Candidate] = []
     for m in methods:
+        plan = METHODS[m].plan
         zero_options = [(0, False, False)]
-        if m in ("full", "freeze") and gpus > 1:
+        if plan.zero_stages and gpus > 1:
             zero_options = [(0, False, False), (2, False, False), (3, False, False), (3, True, False), (3, True, True)]
-        elif m in ("full", "freeze"):
-            zero_options = [(0, False, False)]
         for zero, off_opt, off_par in zero_options:
             for checkpointing in (False, True):
                 for batch in BATCH_SIZES:
                     out.append(Candidate(m, batch, checkpointing, zero, off_opt, off_par))
-        if m == "full":  # last resort for a single device: 8-bit optimizer states
+        if plan.eight_bit_optimizer:  # last resort for a single device: 8-bit optimizer states
             out += [Candidate(m, b, True, optimizer="adamw-8bit") for b in BATCH_SIZES]
     return out
 
@@ -227,16 +239,9 @@ def propose(
             + smallest
         )
     candidate, estimate = chosen
-    if candidate.method in ("lora", "dora"):
-        rationale.append(
-            "LoRA trains small adapter matrices on a frozen model: a fraction of the memory of full fine-tuning, and "
-            "usually as good for teaching a task or style."
-        )
-    elif candidate.method == "qlora":
-        rationale.append(
-            "LoRA alone does not fit, so the frozen model is stored in 4 bits (QLoRA): about a quarter of the "
-            "memory, with little loss in quality."
-        )
+    method_why = METHODS[candidate.method].plan.why
+    if method_why:
+        rationale.append(method_why)
     if candidate.gradient_checkpointing:
         rationale.append("Gradient checkpointing recomputes activations during the backward pass: ~30% slower, "
                          "much less memory.")  # fmt: skip
@@ -356,5 +361,6 @@ def check_fits(shape: ModelShape, config: TrainConfig, hardware: HardwareSpec) -
         bool(deepspeed and deepspeed.offload_params), config.optimizer,
     )  # fmt: skip
     precision = config.precision if config.precision != "auto" else _precision(hardware)
-    estimate = _estimate(shape, candidate, precision, config.max_seq_len, len(hardware.gpus), on_gpu, config)
+    gpu_total = min((g.memory_total_mib for g in hardware.gpus), default=0) / 1024 or None
+    estimate = _estimate(shape, candidate, precision, config.max_seq_len, len(hardware.gpus), on_gpu, config, gpu_total)
     return estimate.per_gpu_gib <= budget, _breakdown(estimate, budget)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from lmtuner_core.config import TrainConfig
-from lmtuner_core.jobs.run_folder import read_json, write_json_atomic
 from lmtuner_core.methods import METHODS
 from lmtuner_core.models.inference import answer
 from lmtuner_core.report.probe import load_probe, probe_correct
@@ -32,6 +31,7 @@ from lmtuner_core.report.result import (
     verdict,
 )
 from lmtuner_core.report.scoring import choose_metric, is_right, score_answer
+from lmtuner_core.run import read_json, write_json_atomic
 
 PROBE_NEW_TOKENS = 16  # a short sentence: the base model answers "The capital of France is Paris." (7 tokens)
 # Rows per generate call: short probe questions batch well; a batch runs until its longest answer ends, so not more.

@@ -181,11 +181,11 @@ def lomo(model: nn.Module, config: TrainConfig) -> nn.Module:
 
 
 def apply_method(model: nn.Module, config: TrainConfig) -> nn.Module:
-    """The model made trainable by its method's builder (named in `methods.METHODS`, defined above)."""
+    """The model made trainable by its method's builder (`methods.METHODS`; the functions above)."""
     spec = METHODS[config.method]
     if spec.needs_cuda and not torch.cuda.is_available():
         raise LmtunerError(f"method: {config.method!r} needs a CUDA GPU ({spec.needs_cuda})", field="method")
-    return globals()[spec.builder](model, config)
+    return spec.builder(model, config)
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

@@ -26,9 +26,9 @@ from lmtuner_core.data.chat_template import ensure_chat_template
 from lmtuner_core.data.datasets import load_examples, split_eval
 from lmtuner_core.data.preference import data_shape, unpaired_from_pairs
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.jobs.distributed import process_rank
 from lmtuner_core.paths import AllowedRoots
 from lmtuner_core.report.result import ResultReport, advise, verdict, write_report
+from lmtuner_core.run import process_rank
 from lmtuner_core.stages import STAGES, stage_data_refusal
 from lmtuner_core.training.model_setup import apply_method, count_parameters, load_base_model
 from lmtuner_core.training.recipe import ProgressWriter, SFTRecipe

@@ -23,6 +23,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import math
+import resource
 import sys
 import threading
 import time
@@ -46,11 +47,10 @@ from lmtuner_core.data.datasets import (
     tokenize_cached,
 )
 from lmtuner_core.errors import LmtunerError, shown
-from lmtuner_core.jobs.distributed import DEEPSPEED_FILE, process_rank
-from lmtuner_core.jobs.run_folder import ARTIFACT_MARKER, RunDir, StateFile, write_json_atomic
 from lmtuner_core.methods import METHODS
 from lmtuner_core.paths import AllowedRoots, lmtuner_home
 from lmtuner_core.report.result import LossComparison, write_report
+from lmtuner_core.run import ARTIFACT_MARKER, DEEPSPEED_FILE, RunDir, StateFile, process_rank, write_json_atomic
 from lmtuner_core.training.label_logits import install as install_label_logits
 from lmtuner_core.training.model_setup import (
     apply_method,
@@ -72,6 +72,14 @@ OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit"}
 # row bounds (cu_seq_lens), sdpa/eager a block-diagonal mask built from restarting position ids (transformers'
 # masking_utils). Others (remote code, xPos) train on padded batches.
 PACKING_ATTENTION = (VARLEN_ATTENTION, "sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+def peak_memory() -> dict:
+    """Peak memory so far, for the dashboard: this process's resident set and, on a GPU, what torch allocated there."""
+    memory = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}  # Linux reports KiB
+    if torch.cuda.is_available():
+        memory["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    return memory
 
 
 # What the stages' TRL trainers log, under the names metrics.jsonl and job_status use (TRL name -> ours). The held-out
@@ -147,7 +155,7 @@ class ProgressWriter(TrainerCallback):
             self.last_time, self.last_tokens = now, tokens
             record.update(
                 loss=logs["loss"], learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
-                tokens_seen=tokens, tokens_per_second=round(rate, 1) if rate else None,
+                tokens_seen=tokens, tokens_per_second=round(rate, 1) if rate else None, **peak_memory(),
             )  # fmt: skip
         elif "eval_loss" in logs:
             record["eval_loss"] = logs["eval_loss"]
@@ -317,7 +325,7 @@ class SFTRecipe:
         self.state.update(phase="asking the base model (replay)")
         started = time.monotonic()
         wanted = round(settings.share * len(self.train_dataset) / (1 - settings.share))
-        prompts = load_replay_prompts(self.config.seed)[:wanted]
+        prompts = load_replay_prompts(self.config.seed, settings.prompts)[:wanted]
         conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
         answers = base_answers(self.model, self.tokenizer, conversations, settings.max_new_tokens, 16, self.config,
                                lmtuner_home(), self.stop)  # fmt: skip
@@ -327,7 +335,7 @@ class SFTRecipe:
         replay = tokenize_cached(rows, self.tokenizer, cache, assistant_only=self.config.assistant_only_loss)[0]
         replay = fit_to_length(replay, self.config.max_seq_len)[0]
         self.train_dataset = datasets.concatenate_datasets([self.train_dataset, replay])
-        print(f"[lmtuner] replay: {len(replay)} rows of the base model's own answers to general requests mixed in "
+        print(f"[lmtuner] replay: {len(replay)} rows of the base model's own answers ({settings.prompts}) mixed in "
               f"(share {settings.share}; {time.monotonic() - started:.0f}s)", flush=True)  # fmt: skip
         self.state.update(replay_rows=len(replay))
 
@@ -485,6 +493,23 @@ class SFTRecipe:
         kept = f"; kept {retention.kept} of {retention.known} probe facts" if retention else ""
         print(f"[lmtuner] result report ({report.seconds:.0f}s): {report.metric} {report.base} -> {report.tuned} on "
               f"{report.held_out_rows} held-out rows{kept}: {report.verdict}", flush=True)  # fmt: skip
+
+    def write_card(self, job_seconds: float) -> None:
+        """Writes README.md, the Hugging Face model card, beside the saved model: how it was trained, the result
+        report's scores, limitations and how to run it. A card that fails must not fail the job."""
+        if not self.trainer.is_world_process_zero():
+            return
+        from lmtuner_core.report.model_card import model_card, write_model_card
+        from lmtuner_core.report.result import read_report
+
+        try:
+            config = json.loads(self.run.config.read_text(encoding="utf-8"))
+            text = model_card(config, read_report(self.run.root), adapter=METHODS[self.config.method].adapter,
+                              job_seconds=job_seconds)  # fmt: skip
+            write_model_card(Path(self.config.output_dir or self.run.default_output), text)
+        except Exception:
+            traceback.print_exc()
+            print("[lmtuner] the model card (README.md) was not written; the model is saved", flush=True)
 
     def save(self) -> None:
         """Writes the adapter (LoRA family) or the full model, with the tokenizer, in Hugging Face layout."""

@@ -1,4 +1,5 @@
-"""The training child: `python -m lmtuner_core.training.train RUN_DIR`.
+"""The training child: `python -m lmtuner_core.training.train RUN_DIR`, and the recipe's lifecycle (`run_recipe`)
+that every backend's entry point calls.
 
 It installs its stop handler before the slow imports, runs the recipe, and always leaves a final state in
 RUN_DIR/state.json — completed, cancelled, or failed with a reason a person can act on.
@@ -12,11 +13,18 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from lmtuner_core.errors import LmtunerError
-from lmtuner_core.jobs.distributed import die_with_parent, process_rank
-from lmtuner_core.jobs.run_folder import StateFile, run_dir_argument
 from lmtuner_core.library_noise import quiet_library_noise
+from lmtuner_core.run import StateFile, process_rank, run_dir_argument
+from lmtuner_core.system.processes import die_with_parent
+
+if TYPE_CHECKING:
+    from lmtuner_core.config import TrainConfig
+    from lmtuner_core.run import RunDir
+    from lmtuner_core.training.recipe import SFTRecipe
 
 
 def install_stop_handler() -> threading.Event:
@@ -64,6 +72,65 @@ def die_with_launcher() -> None:
         die_with_parent()
 
 
+def run_recipe(
+    run: RunDir,
+    state: StateFile,
+    stop: threading.Event,
+    *,
+    config: TrainConfig | None = None,
+    prepare: Callable[[SFTRecipe], None] | None = None,
+    started: float | None = None,
+) -> str:
+    """The recipe's lifecycle, the one every backend's training entry point calls (this module's main for the local
+    backend, training/ray_worker.py on a Ray cluster): reads config.json (unless `config` is given), sets the recipe
+    up, lets the backend `prepare` it (Ray Train wraps the Trainer), trains, saves and writes the result report, and
+    leaves the final state in state.json — completed (with the peak memory), cancelled when `stop` was set (the
+    entry point's signal handler sets it), or failed with a reason a person can act on (with several processes,
+    failure-rank-N.json too). Returns 'completed' or 'cancelled'; re-raises after recording a failure."""
+    started = time.monotonic() if started is None else started
+    rank, _, world_size = process_rank()
+    try:
+        from lmtuner_core.config import TrainConfig
+        from lmtuner_core.stages import recipe_class
+
+        if config is None:
+            config = TrainConfig.model_validate_json(run.config.read_text(encoding="utf-8"))
+        recipe = recipe_class(config.stage)(config, run, state, stop)  # the stage's recipe: SFT, DPO, ... (stages)
+        recipe.setup()
+        if prepare is not None:
+            prepare(recipe)
+        stopped = recipe.train()
+        if stopped:
+            state.update(status="cancelled", phase=None)
+            print("[lmtuner] cancelled; checkpoint saved", flush=True)
+            return "cancelled"
+        recipe.save()
+        recipe.report(time.monotonic() - started)
+        recipe.write_card(time.monotonic() - started)
+        if rank == 0:
+            peak = peak_rss_mib()
+            state.update(status="completed", phase=None, output_dir=config.output_dir, peak_rss_mib=peak)
+            print(f"[lmtuner] completed; output in {config.output_dir}; peak RSS {peak} MiB", flush=True)
+        else:  # another node's first process: the model and metrics are written by node 0's job
+            state.update(status="completed", phase=None, note="the output is written by the job of node rank 0")
+        return "completed"
+    except LmtunerError as exc:
+        print(f"[lmtuner] failed: {exc}", flush=True)
+        state.update(status="failed", error=str(exc))
+        if world_size > 1:
+            run.record_failure(rank, str(exc))
+        raise
+    except BaseException as exc:
+        if stop.is_set():
+            state.update(status="cancelled", phase=None)
+            return "cancelled"
+        traceback.print_exc()
+        state.update(status="failed", error=explain(exc))
+        if world_size > 1:
+            run.record_failure(rank, explain(exc))
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     run = run_dir_argument(sys.argv[1:] if argv is None else argv, "lmtuner_core.training.train")
@@ -72,45 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_noise()
     stop = install_stop_handler()
     die_with_launcher()
-    rank, local_rank, world_size = process_rank()
-    state = StateFile(run, enabled=local_rank == 0)
+    state = StateFile(run, enabled=process_rank()[1] == 0)
     state.update(phase="loading libraries")
     try:
-        from lmtuner_core.config import TrainConfig
-        from lmtuner_core.stages import recipe_class
-
-        config = TrainConfig.model_validate_json(run.config.read_text(encoding="utf-8"))
-        recipe = recipe_class(config.stage)(config, run, state, stop)  # the stage's recipe: SFT, DPO, ... (stages)
-        recipe.setup()
-        stopped = recipe.train()
-        if stopped:
-            state.update(status="cancelled", phase=None)
-            print("[lmtuner] cancelled; checkpoint saved", flush=True)
-            return 0
-        recipe.save()
-        recipe.report(time.monotonic() - started)
-        if rank == 0:
-            peak = peak_rss_mib()
-            state.update(status="completed", phase=None, output_dir=config.output_dir, peak_rss_mib=peak)
-            print(f"[lmtuner] completed; output in {config.output_dir}; peak RSS {peak} MiB", flush=True)
-        else:  # another node's first process: the model and metrics are written by node 0's job
-            state.update(status="completed", phase=None, note="the output is written by the job of node rank 0")
-        return 0
-    except LmtunerError as exc:
-        print(f"[lmtuner] failed: {exc}", flush=True)
-        state.update(status="failed", error=str(exc))
-        if world_size > 1:
-            run.record_failure(rank, str(exc))
-        return 1
-    except BaseException as exc:
-        if stop.is_set():
-            state.update(status="cancelled", phase=None)
-            return 0
-        traceback.print_exc()
-        state.update(status="failed", error=explain(exc))
-        if world_size > 1:
-            run.record_failure(rank, explain(exc))
-        return 1
+        run_recipe(run, state, stop, started=started)
+    except BaseException:
+        return 1  # recorded in state.json by run_recipe
+    return 0
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def tool_scope(name: str) -> str | None:
     from server.app import TOOLS
 
     for spec in TOOLS:
-        if spec.fn.__name__ == name:
+        if spec.name == name:
             return READ_SCOPE if spec.read_only else TRAIN_SCOPE
     return None
 

@@ -1,0 +1,117 @@
+"""tools/list without importing the tools: the listing (descriptions and JSON schemas) of the last start is kept in
+$LMTUNER_HOME/cache, keyed by the source files it was built from, and a tool is built (its module imported, its
+argument model made) on its first call. Building every schema takes about as long as the SDK's own import; a start
+that reuses them answers tools/list nearly as fast as a bare SDK server. Written by hand: the SDK has no schema cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydantic
+from mcp.server.mcpserver.tools import Tool
+from pydantic import PrivateAttr
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCES = ("lmtuner_core", "tools", "server")  # every module a tool's schema can come from
+CACHE_VERSION = 1
+
+
+def source_key() -> str:
+    """A digest of what the schemas depend on: every source file's path, size and modification time (like Python's
+    own .pyc check), the SDK's and pydantic's files, and the interpreter."""
+    import mcp
+    import mcp_types
+
+    entries: list[str] = [str(CACHE_VERSION), sys.version, pydantic.VERSION]
+    for package in (Path(mcp.__file__).parent, Path(mcp_types.__file__).parent):
+        entries.append(_stat(package / "__init__.py"))
+    for folder in SOURCES:
+        for root, dirs, files in os.walk(REPO / folder):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            entries += [_stat(Path(root, f)) for f in sorted(files) if f.endswith(".py")]
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:24]
+
+
+def _stat(path: Path) -> str:
+    try:
+        info = path.stat()
+    except OSError:
+        return f"{path} missing"
+    return f"{path} {info.st_size} {info.st_mtime_ns}"
+
+
+def cache_file(home: Path) -> Path:
+    return home / "cache" / f"tools-{source_key()}.json"
+
+
+def load(home: Path) -> dict[str, dict[str, Any]]:
+    """The cached listing by tool name; empty when there is none for these sources."""
+    try:
+        data = json.loads(cache_file(home).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def save(home: Path, tools: list[Tool]) -> None:
+    """Keeps the listing of `tools` for the next start (merged with what is there: --read-only lists fewer)."""
+    path = cache_file(home)
+    listing = load(home) | {
+        tool.name: {"description": tool.description, "parameters": tool.parameters, "output": tool.output_schema}
+        for tool in tools
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for old in path.parent.glob("tools-*.json"):
+            if old != path:
+                old.unlink(missing_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(listing), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: every start builds the schemas, nothing else changes
+        logging.getLogger(__name__).debug("tool listing not cached", exc_info=True)
+
+
+class DeferredTool(Tool):
+    """A tool listed from the cache; its first call builds the real one (make_tool) and every call runs that."""
+
+    _build: Callable[[], Tool] = PrivateAttr()
+    _output: dict[str, Any] | None = PrivateAttr(None)
+    _built: Tool | None = PrivateAttr(None)
+
+    @classmethod
+    def listed(
+        cls, name: str, title: str, annotations: Any, entry: dict[str, Any], build: Callable[[], Tool], **extra: Any
+    ) -> DeferredTool:
+        """`extra`: the tool's icons and meta, as make_tool gives them."""
+        tool = cls.model_construct(
+            fn=_unbuilt, name=name, title=title, description=entry["description"], parameters=entry["parameters"],
+            fn_metadata=None, is_async=True, context_kwarg=None, annotations=annotations, icons=extra.get("icons"),
+            meta=extra.get("meta"), resolved_params={}, resolver_plans={},
+        )  # fmt: skip
+        tool._build, tool._output = build, entry["output"]
+        return tool
+
+    @property
+    def output_schema(self) -> dict[str, Any] | None:  # type: ignore[override]
+        return self._output
+
+    def built(self) -> Tool:
+        if self._built is None:
+            self._built = self._build()
+        return self._built
+
+    async def run(self, arguments: dict[str, Any], context: Any, convert_result: bool = False) -> Any:
+        return await self.built().run(arguments, context, convert_result=convert_result)
+
+
+def _unbuilt(**_: Any) -> None:
+    raise RuntimeError("a deferred tool runs through DeferredTool.run")
