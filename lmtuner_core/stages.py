@@ -45,10 +45,10 @@ class StageSpec:
         return rate if rate is not None else method_learning_rate
 
 
+# grpo's refusal of LOMO, as its branch wrote it (the preference stages were measured to train with LOMO).
 _FUSED = "updates weights inside the backward pass, which the preference trainers' loss does not go through"
 _PAIR_METRICS = ("rewards_margin", "rewards_accuracy", "rewards_chosen", "rewards_rejected")
 _PREFERENCE = "lmtuner_core.training.preference:PreferenceRecipe"
-_NOT_FUSED = {"lomo": _FUSED, "adalomo": _FUSED}
 
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
@@ -56,22 +56,22 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("sft", "supervised fine-tuning on demonstrations (TRL SFTTrainer)", "sft",
                   "lmtuner_core.training.recipe:SFTRecipe"),
         StageSpec("dpo", "direct preference optimization on chosen/rejected pairs (TRL DPOTrainer)", "pairs",
-                  _PREFERENCE, 5e-6, 5e-5, reference_model=True, beta=0.1, refused_methods=_NOT_FUSED,
+                  _PREFERENCE, 5e-6, 5e-5, reference_model=True, beta=0.1,
                   progress_keys=_PAIR_METRICS),
         StageSpec("orpo", "odds-ratio preference optimization: SFT and preference in one loss, no reference model "
-                  "(TRL ORPOTrainer)", "pairs", _PREFERENCE, 8e-6, 8e-5, beta=0.1, refused_methods=_NOT_FUSED,
+                  "(TRL ORPOTrainer)", "pairs", _PREFERENCE, 8e-6, 8e-5, beta=0.1,
                   progress_keys=_PAIR_METRICS),
         StageSpec("simpo", "simple preference optimization: length-normalized reward with a margin, no reference "
                   "model (TRL CPOTrainer, loss_type 'simpo')", "pairs", _PREFERENCE, 1e-6, 1e-5, beta=2.0,
-                  refused_methods=_NOT_FUSED, progress_keys=_PAIR_METRICS),
+                  progress_keys=_PAIR_METRICS),
         StageSpec("kto", "Kahneman-Tversky optimization on single answers marked desirable or not (TRL KTOTrainer)",
-                  "unpaired", _PREFERENCE, 5e-6, 5e-5, reference_model=True, beta=0.1, refused_methods=_NOT_FUSED,
+                  "unpaired", _PREFERENCE, 5e-6, 5e-5, reference_model=True, beta=0.1,
                   progress_keys=("rewards_margin", "rewards_chosen", "rewards_rejected")),  # KTO logs no accuracy
         StageSpec("reward", "a reward model: a scalar head trained to score chosen above rejected (TRL "
                   "RewardTrainer)", "pairs", _PREFERENCE, 1e-5, 1e-4, scalar_head=True,
                   progress_keys=("rewards_accuracy", "rewards_margin"),
-                  refused_methods={**_NOT_FUSED, "freeze": "trains the last layers of a causal LM; the reward head is "
-                                   "new and must train: use lora or full"}),
+                  refused_methods={"freeze": "trains only the last layers of the causal LM, while the "
+                                   "reward head is new and must train"}),
         StageSpec("grpo", "group relative policy optimization: sampled answers scored by graders (TRL GRPOTrainer)",
                   "prompts", "lmtuner_core.training.grpo:GRPORecipe", 1e-6, 1e-5,
                   progress_keys=("reward_mean", "reward_std"),
@@ -89,7 +89,7 @@ def stage_refusal(stage: str, method: str) -> str | None:
     why = spec.refused_methods.get(method)
     if why:
         usable = [m for m in _method_names() if m not in spec.refused_methods]
-        return f"{stage!r} cannot train with method {method!r}: it {why}; use one of {', '.join(usable)}"
+        return f"{stage!r} cannot train with {method!r}: it {why}; use one of {', '.join(usable)}"
     return None
 
 

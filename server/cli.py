@@ -37,6 +37,10 @@ def _progress_line(p: JobProgress) -> str:
     done = int(width * p.step / total) if total else 0
     bar = "#" * done + "-" * (width - done)
     loss = f"loss {p.loss:.4f}" if p.loss is not None else "loss -"
+    if p.rewards_accuracy is not None or p.rewards_margin is not None:  # preference stages
+        accuracy = f"reward acc {p.rewards_accuracy:.2f} " if p.rewards_accuracy is not None else ""
+        margin = f"margin {p.rewards_margin:.3f}" if p.rewards_margin is not None else ""
+        loss += f" {accuracy}{margin}".rstrip()
     eta = f"eta {p.eta_seconds:.0f}s" if p.eta_seconds is not None else ""
     phase = f"({p.phase})" if p.phase and p.phase != "training" else ""
     return f"{p.job_id} {p.status:<9} [{bar}] {p.step}/{total or '?'} {loss} {eta} {phase}".rstrip()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lmtuner_core.config import parse_train_config
+from lmtuner_core.errors import LmtunerError
 from lmtuner_core.paths import AllowedRoots
 from lmtuner_core.stages import STAGES
 from tests.helpers import quick_config
@@ -68,3 +69,90 @@ def test_each_preference_stage_trains_and_reports(stage, tiny_model, lmtuner_hom
     assert 0.0 <= report["base"] <= 1.0 and 0.0 <= report["tuned"] <= 1.0
     marker = json.loads(Path(final.output_dir, "lmtuner_artifact.json").read_text())
     assert marker["stage"] == stage
+
+
+def test_dpo_through_mcp_from_analysis_to_evaluate(tiny_model, lmtuner_home, tmp_path):
+    """The agent's path through a real MCP client: analyze_dataset names the pairs and the stages, propose_config
+    proposes dpo with its recipe, start_training refuses sft on pairs by name, the dpo job's job_status carries the
+    reward metrics and a plot with the reward panel, and evaluate scores preference accuracy of tuned and base."""
+    import anyio
+
+    from tests.helpers import call_error, call_ok, stdio_client, wait_for_end
+    from tests.test_agent_surface import png_size
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(40))
+    held_out = write_jsonl(tmp_path / "held-out.jsonl", pair_rows(12)[4:])
+
+    async def scenario():
+        async with stdio_client(lmtuner_home, [tmp_path, tiny_model]) as client:
+            analysis = await call_ok(client, "analyze_dataset", {"dataset": str(data), "model": str(tiny_model)})
+            plan = await call_ok(client, "propose_config", {"model": str(tiny_model), "dataset": str(data)})
+            sft = await call_error(
+                client, "start_training", {"config": {**plan["config"], "stage": "sft", "preference": None}}
+            )
+            config = {**plan["config"], "eval_dataset": str(held_out), "max_steps": 6, "eval_steps": 3,
+                      "learning_rate": 3e-3, "logging_steps": 1}  # fmt: skip
+            started = await call_ok(client, "start_training", {"config": config})
+            final = await wait_for_end(client, started["job_id"], timeout=300)
+            plotted = await client.call_tool("job_status", {"job_id": started["job_id"], "include_plot": True})
+            scores = await call_ok(client, "evaluate", {
+                "model": str(tiny_model), "dataset": str(held_out), "adapter": final["output_dir"],
+                "compare_base": True, "max_samples": 8, "max_new_tokens": 4})  # fmt: skip
+            return analysis, plan, sft, final, plotted, scores
+
+    analysis, plan, sft, final, plotted, scores = anyio.run(scenario)
+    assert analysis["format"] == "preference" and analysis["stages"][0] == "dpo"
+    config = plan["config"]
+    assert config["stage"] == "dpo" and config["preference"]["beta"] == 0.1
+    assert config["learning_rate"] == STAGES["dpo"].learning_rate_adapter
+    assert any("stage is 'dpo'" in line for line in plan["rationale"]), plan["rationale"]
+    assert "dataset:" in sft and "stage 'sft' trains on demonstrations" in sft and "'dpo'" in sft, sft
+    assert final["status"] == "completed", final["error"]
+    assert final["stage"] == "dpo"
+    assert final["rewards_margin"] is not None and 0.0 <= final["rewards_accuracy"] <= 1.0
+    assert final["report"]["metric"] == "preference_accuracy" and final["report"]["held_out_rows"] == 8
+    images = [c for c in plotted.content if c.type == "image"]
+    import base64
+
+    assert png_size(base64.b64decode(images[0].data)) == (640, 640)  # the loss and, below it, the reward panel
+    assert 0.0 <= scores["preference_accuracy"] <= 1.0 and 0.0 <= scores["base_preference_accuracy"] <= 1.0
+    assert scores["n"] == 8 and scores["samples"][0]["reference"] in WORDS
+
+
+def test_evaluate_refuses_a_reward_model_by_name(tiny_model, lmtuner_home, tmp_path):
+    from tools.evaluation import evaluate
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(16))
+    ctx = ToolContext(home=lmtuner_home, roots=AllowedRoots([tmp_path, tiny_model]))
+    final = run_job(ctx, quick_config(tiny_model, data, stage="reward", max_steps=2))
+    assert final.status == "completed", final.error
+    with pytest.raises(LmtunerError, match=r"adapter: .* is a reward model \(stage 'reward'\): it scores answers"):
+        evaluate(ctx, str(tiny_model), str(data), adapter=final.output_dir)
+
+
+@pytest.mark.parametrize("method", ["full", "freeze", "dora", "qlora", "lomo"])
+def test_dpo_trains_with_every_method(method, tiny_model, lmtuner_home, tmp_path):
+    """The registry refuses no method for dpo: each trains (full weights against a frozen reference copy, the LoRA
+    family against the base with the adapter off, LOMO inside the backward pass)."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(16))
+    ctx = ToolContext(home=lmtuner_home, roots=AllowedRoots([tmp_path, tiny_model]))
+    final = run_job(ctx, quick_config(tiny_model, data, stage="dpo", method=method, max_steps=3, learning_rate=1e-3))
+    assert final.status == "completed", f"{final.error}\n" + "\n".join(final.log_tail or [])
+    log = Path(final.run_dir, "train.log").read_text()
+    copy = "a frozen copy of the model" in log
+    assert copy == (method in ("full", "freeze", "lomo")), log[-2000:]
+    assert len([r for r in map(json.loads, Path(final.run_dir, "metrics.jsonl").read_text().splitlines())
+                if "rewards_margin" in r]) == 3  # fmt: skip
+
+
+@pytest.mark.parametrize("launch", [{"processes_per_node": 2}, {"deepspeed": {"stage": 2}}], ids=["ddp2", "zero2"])
+def test_dpo_runs_on_two_processes_and_under_deepspeed(launch, tiny_model, lmtuner_home, tmp_path, monkeypatch):
+    """The same recipe under torchrun (two CPU processes, gloo) and under DeepSpeed ZeRO-2 (TRL's DPOTrainer takes
+    both through its TrainingArguments): every step logs its reward metrics, written once by rank 0."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/lmtuner/torch_extensions"))
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(32))
+    ctx = ToolContext(home=lmtuner_home, roots=AllowedRoots([tmp_path, tiny_model]))
+    final = run_job(ctx, quick_config(tiny_model, data, stage="dpo", max_steps=3, **launch), timeout=600)
+    assert final.status == "completed", f"{final.error}\n" + "\n".join(final.log_tail or [])
+    trained = [r for r in map(json.loads, Path(final.run_dir, "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in trained] == [1, 2, 3] and all("rewards_margin" in r for r in trained)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
 from lmtuner_core.config import DatasetSpec, dataset_spec
 from lmtuner_core.data.datasets import iter_rows, load_examples
+from lmtuner_core.data.preference import data_shape
 from lmtuner_core.errors import LmtunerError, remote_code_explained, shown
 from lmtuner_core.graders.specs import GraderList
 from lmtuner_core.models.inference import generate as run_generation
@@ -47,15 +50,41 @@ class GradedScores(Scores):
 
 class EvaluateResult(GradedScores):
     base: GradedScores | None = Field(None, description="The base model's scores on the same rows (compare_base).")
+    preference_accuracy: float | None = Field(
+        None,
+        description="For preference pairs (prompt/chosen/rejected): share of the pairs on which the model prefers "
+        "the chosen answer, by the summed log-probability of the answer given the prompt (0-1; 0.5 = chance). The "
+        "text metrics above compare its generated answers with `chosen`. Example: 0.91.",
+    )
+    base_preference_accuracy: float | None = Field(
+        None, description="The same for the base model without the adapter (compare_base). Example: 0.19."
+    )
     source: str = Field(description="Where predictions came from: the model (+adapter) or a predictions file.")
     samples: list[Sample] = Field(default_factory=list, description="The first three rows, to read side by side.")
 
 
-def _pairs(spec: DatasetSpec, ctx: ToolContext, max_samples: int) -> tuple[list[list[dict]], list[str], list[str]]:
-    """(conversations up to the last answer, prompt texts, reference answers) from a chat-like dataset."""
+def _text(value: str | list[dict]) -> str:
+    return value if isinstance(value, str) else "\n".join(m["content"] for m in value)
+
+
+def _pairs(
+    spec: DatasetSpec, ctx: ToolContext, max_samples: int
+) -> tuple[list[list[dict]], list[str], list[str], list[dict]]:
+    """(conversations up to the last answer, prompt texts, reference answers, preference pairs) from a chat-like
+    dataset; for preference pairs the reference is the chosen answer, and the pairs come back too."""
     loaded = load_examples(spec.model_copy(update={"max_rows": max_samples}), ctx.roots)
     if loaded.format == "text":
         raise LmtunerError("dataset: evaluate needs prompt/answer rows (alpaca, sharegpt, messages), not plain text")
+    if data_shape(loaded.format) == "unpaired":
+        raise LmtunerError("dataset: KTO rows (prompt/completion/label) have no reference answer or pair to score; "
+                           "give held-out preference pairs or prompt/answer rows", field="dataset")  # fmt: skip
+    if data_shape(loaded.format) == "pairs":
+        pairs = loaded.examples
+        # A plain (text) prompt is asked as one user turn: generation goes through the chat template.
+        conversations = [p["prompt"] if isinstance(p["prompt"], list) else [{"role": "user", "content": p["prompt"]}]
+                         for p in pairs]  # fmt: skip
+        prompts = ["\n".join(m["content"] for m in c if m["role"] == "user") for c in conversations]
+        return conversations, prompts, [_text(p["chosen"]) for p in pairs], pairs
     conversations, prompts, references = [], [], []
     for example in loaded.examples:
         messages = example["messages"]
@@ -63,7 +92,32 @@ def _pairs(spec: DatasetSpec, ctx: ToolContext, max_samples: int) -> tuple[list[
         conversations.append(messages[:last])
         prompts.append("\n".join(m["content"] for m in messages[:last] if m["role"] == "user"))
         references.append(messages[last]["content"])
-    return conversations, prompts, references
+    return conversations, prompts, references, []
+
+
+def _refuse_reward_model(model_ref: str, adapter: str | None) -> None:
+    """A reward model (stage 'reward') is a classifier: it has no answers to generate."""
+    for folder in (adapter, model_ref):
+        marker = Path(folder) / "lmtuner_artifact.json" if folder else None
+        if marker is not None and marker.is_file():
+            try:
+                stage = json.loads(marker.read_text(encoding="utf-8")).get("stage")
+            except (OSError, ValueError, AttributeError):
+                stage = None
+            if stage == "reward":
+                raise LmtunerError(
+                    f"{'adapter' if folder == adapter else 'model'}: {folder} is a reward model (stage 'reward'): it "
+                    "scores answers and generates none; its held-out preference accuracy is in its job's report",
+                    field="adapter" if folder == adapter else "model",
+                )
+
+
+def _preference_accuracy(model_ref: str, adapter: str | None, pairs: list[dict], trust_remote_code: bool) -> float:
+    from lmtuner_core.models.inference import loaded_model
+    from lmtuner_core.models.preference_scoring import preference_accuracy
+
+    with loaded_model(model_ref, adapter, trust_remote_code) as (model, tokenizer):
+        return round(preference_accuracy(model, tokenizer, pairs).accuracy, 4)
 
 
 def _read_predictions(ctx: ToolContext, path: str, n: int) -> tuple[list[str], list[str] | None]:
@@ -130,14 +184,16 @@ def evaluate(
     (the result names the tokenization). Generates with the model (+adapter, greedy) for the first max_samples
     rows of a held-out dataset, or scores a file of existing predictions. compare_base scores the base model
     too, so the user sees what fine-tuning changed. With graders, also grader_score: how the graders (e.g. a GRPO
-    job's) score the answers to held-out prompts."""
+    job's) score the answers to held-out prompts. On preference pairs (prompt/chosen/rejected) the reference is
+    `chosen`, and preference_accuracy says how often the model prefers `chosen` to `rejected`."""
     spec = dataset_spec(dataset)
     if graders:
         return _evaluate_graded(ctx, model, spec, graders, adapter, predictions, max_samples, compare_base,
                                 max_new_tokens, trust_remote_code, progress)  # fmt: skip
-    conversations, prompts, references = _pairs(spec, ctx, max_samples)
+    conversations, prompts, references, preference_pairs = _pairs(spec, ctx, max_samples)
     model_ref = resolve_model(model, ctx.roots, trust_remote_code=trust_remote_code)
     adapter_path = str(ctx.adapter_folder(adapter, trust_remote_code)) if adapter else None
+    _refuse_reward_model(model_ref, adapter_path)
 
     def scored(texts: list[str], prompt_texts: list[str] | None) -> Scores:
         return score(texts, references[: len(texts)], home=ctx.home, prompts=prompt_texts, strip_prompt=strip_prompt)
@@ -162,7 +218,13 @@ def evaluate(
     samples = [
         Sample(prompt=prompts[i], reference=references[i], prediction=texts[i]) for i in range(min(3, len(texts)))
     ]
-    return EvaluateResult(**result.model_dump(), base=base, source=source, samples=samples)
+    preference = base_preference = None
+    if preference_pairs:
+        preference = _preference_accuracy(model_ref, adapter_path, preference_pairs, trust_remote_code)
+        if compare_base and adapter_path:
+            base_preference = _preference_accuracy(model_ref, None, preference_pairs, trust_remote_code)
+    return EvaluateResult(**result.model_dump(), base=base, source=source, samples=samples,
+                          preference_accuracy=preference, base_preference_accuracy=base_preference)  # fmt: skip
 
 
 def _evaluate_graded(

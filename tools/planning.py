@@ -8,7 +8,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from lmtuner_core.config import DatasetSpec, Method, TrainConfig, dataset_spec
+from lmtuner_core.config import DatasetSpec, Method, Stage, TrainConfig, dataset_spec
 from lmtuner_core.data.analysis import analyze_dataset as analyze
 from lmtuner_core.data.datasets import load_examples
 from lmtuner_core.errors import LmtunerError
@@ -90,6 +90,13 @@ def propose_config(
         ),
     ] = None,
     method: Annotated[Method | None, Field(description="Force a method; default: the best that fits.")] = None,
+    stage: Annotated[
+        Stage | None,
+        Field(
+            description="Force a training stage (sft, dpo, orpo, simpo, kto, reward, grpo); default: the usual one "
+            "for the data's shape (preference pairs: dpo; KTO rows: kto; demonstrations: sft). Example: 'orpo'."
+        ),
+    ] = None,
     max_seq_len: Annotated[int | None, Field(ge=16, le=1_048_576, description="Force the row length cut.")] = None,
     target_context: Annotated[
         int | None, Field(ge=16, le=4_194_304, description="Context (tokens) the tuned model must handle.")
@@ -159,7 +166,7 @@ def propose_config(
     plan = propose(
         model=model_ref, shape=shape, dataset=spec, hardware=hardware, rows=analysis.rows,
         p95_tokens=analysis.token_lengths.p95, method=method, max_seq_len=max_seq_len, target_context=target_context,
-        goal=goal, profile=profile,
+        goal=goal, profile=profile, data_format=analysis.format, stage=stage,
     )  # fmt: skip
     if eval_dataset is not None:
         held_out = checked_dataset(dataset_spec(eval_dataset), ctx.roots, "eval_dataset")[0]  # refused now, by name

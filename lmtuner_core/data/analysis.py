@@ -19,6 +19,7 @@ from lmtuner_core.data.datasets import (
     tokenize_chat,
     tokenize_text,
 )
+from lmtuner_core.data.preference import as_conversations, data_shape, preference_chars
 from lmtuner_core.errors import LmtunerError, shown
 from lmtuner_core.paths import AllowedRoots
 from lmtuner_core.reporting import ProgressFn
@@ -40,10 +41,21 @@ class TokenLengths(BaseModel):
 
 class DatasetAnalysis(BaseModel):
     rows: int = Field(description="Usable rows.")
-    format: str = Field(description="Detected format: alpaca, sharegpt, messages or text.")
+    format: str = Field(
+        description="Detected format: alpaca, sharegpt, messages or text; preference pairs: preference (TRL), "
+        "alpaca-ranking or sharegpt-ranking (LLaMA-Factory); kto (single answers with a desirable label)."
+    )
+    stages: list[str] = Field(
+        default_factory=list,
+        description="Training stages these rows can train (TrainConfig `stage`), the usual one first. Example: "
+        "['dpo', 'orpo', 'simpo', 'kto', 'reward'] for preference pairs.",
+    )
     source: str = Field(description="Which file(s) were read.")
     tokenizer: str = Field(description="How tokens were counted: the model's tokenizer, or an estimate.")
-    token_lengths: TokenLengths = Field(description="Row lengths in tokens (chat template included).")
+    token_lengths: TokenLengths = Field(
+        description="Row lengths in tokens (chat template included); for a preference row, its longer sequence "
+        "(prompt + chosen or prompt + rejected)."
+    )
     truncated_at: dict[str, int] = Field(
         description="For each candidate max_seq_len, how many rows are longer and would be cut. Example: "
         "{'1024': 12, '2048': 0}."
@@ -114,6 +126,7 @@ def analyze_dataset(
         seen.add(digest)
     if duplicates:
         problems.append(f"{duplicates} rows repeat an earlier row exactly; duplicates weigh those examples double")
+    problems += preference_problems(examples, loaded.format)
 
     # Bounded work per call: at most MAX_TOKENIZED_ROWS rows and MAX_TOKENIZED_CHARS characters, an even sample
     # beyond that; at most ROW_CHARS_TOKENIZED characters of any one row.
@@ -146,15 +159,19 @@ def analyze_dataset(
             if chars > ROW_CHARS_TOKENIZED:
                 example, scale = _clipped(example, chars), chars / ROW_CHARS_TOKENIZED
                 estimated, longest = estimated + 1, max(longest, chars)
-            if "text" in example:
-                ids = tokenize_text(example, tokenizer)["input_ids"]
-                n, trained = len(ids), len(ids)
-            else:
-                out = tokenize_chat(example, tokenizer, True, native)
-                n, trained = len(out["input_ids"]), sum(out["assistant_masks"])
+            n, trained = 0, 0
+            for sequence in as_conversations(example) if "prompt" in example else [example]:
+                if "text" in sequence:
+                    ids = tokenize_text(sequence, tokenizer)["input_ids"]
+                    length, learned = len(ids), len(ids)
+                else:
+                    out = tokenize_chat(sequence, tokenizer, True, native)
+                    length, learned = len(out["input_ids"]), sum(out["assistant_masks"])
+                n, trained = max(n, length), max(trained, learned)  # a pair's longer sequence
             n, trained = round(n * scale), round(trained * scale)
         else:
-            n, trained = _estimate_tokens(example)
+            sequences = as_conversations(example) if "prompt" in example else [example]
+            n, trained = max(_estimate_tokens(sequence) for sequence in sequences)
         lengths.append(n)
         trained_tokens += trained
         if progress and ((i + 1) % step == 0 or i + 1 == len(measured)):
@@ -180,6 +197,7 @@ def analyze_dataset(
     return DatasetAnalysis(
         rows=len(examples),
         format=loaded.format,
+        stages=stages_for(loaded.format),
         source=loaded.source.label,
         tokenizer=label,
         token_lengths=TokenLengths(
@@ -198,13 +216,54 @@ def analyze_dataset(
     )
 
 
+def stages_for(fmt: str) -> list[str]:
+    """The stages rows of this format can train, the usual one first (plain text trains sft only)."""
+    from lmtuner_core.stages import STAGES
+
+    shape = data_shape(fmt)
+    usual = {"pairs": ["dpo", "orpo", "simpo", "kto", "reward"], "unpaired": ["kto"], "sft": ["sft"]}[shape]
+    return [name for name in usual if name in STAGES and not STAGES[name].not_yet]
+
+
+def preference_problems(examples: list[dict], fmt: str) -> list[str]:
+    """What to know about preference pairs before training on them: a length bias, identical prompts, one-sided
+    KTO labels."""
+    problems: list[str] = []
+    if data_shape(fmt) == "pairs" and examples:
+        longer = sum(preference_chars({"chosen": e["chosen"]}) > preference_chars({"rejected": e["rejected"]})
+                     for e in examples)  # fmt: skip
+        share = longer / len(examples)
+        if len(examples) >= 10 and (share >= 0.9 or share <= 0.1):
+            side = "longer" if share >= 0.9 else "shorter"
+            problems.append(
+                f"the chosen answer is {side} than the rejected one in {max(share, 1 - share):.0%} of pairs: DPO may "
+                "learn length rather than quality; add pairs where the better answer is the "
+                f"{'shorter' if side == 'longer' else 'longer'} one, or use stage 'simpo' (length-normalized)"
+            )
+    if data_shape(fmt) == "unpaired" and examples:
+        desirable = sum(bool(e["label"]) for e in examples)
+        if desirable in (0, len(examples)):
+            kind = "desirable" if desirable else "undesirable"
+            problems.append(f"every row is labelled {kind}: KTO needs both desirable and undesirable answers")
+    return problems
+
+
 def _clipped(example: dict, chars: int) -> dict:
     """The example with every text cut in proportion, to about ROW_CHARS_TOKENIZED characters in all."""
     keep = ROW_CHARS_TOKENIZED / chars
+    if "prompt" in example:  # preference rows: each text cut alike
+        return {key: _cut(value, keep) if key in ("prompt", "chosen", "rejected", "completion") else value
+                for key, value in example.items()}  # fmt: skip
     if "text" in example:
         return {"text": example["text"][:ROW_CHARS_TOKENIZED]}
     messages = [{**m, "content": m["content"][: math.ceil(len(m["content"]) * keep)]} for m in example["messages"]]
     return {**example, "messages": messages}
+
+
+def _cut(value, keep: float):
+    if isinstance(value, str):
+        return value[: math.ceil(len(value) * keep)]
+    return [{**m, "content": m["content"][: math.ceil(len(m["content"]) * keep)]} for m in value]
 
 
 def _load_tokenizer(model: str):

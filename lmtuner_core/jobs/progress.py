@@ -34,6 +34,17 @@ class JobProgress(BaseModel):
     elapsed_seconds: float | None = Field(None, description="Seconds since the job started running.")
     eta_seconds: float | None = Field(None, description="Estimated seconds to finish, from the step rate so far.")
     eval_loss: float | None = Field(None, description="Latest loss on the held-out rows, if any.")
+    stage: str = Field("sft", description="The job's training stage: sft, dpo, orpo, simpo, kto, reward, grpo.")
+    rewards_margin: float | None = Field(
+        None,
+        description="Preference stages (dpo, orpo, simpo, kto, reward): latest mean reward of the chosen answer minus "
+        "the rejected one's on the training batches; rising = the model separates them. Example: 0.84.",
+    )
+    rewards_accuracy: float | None = Field(
+        None,
+        description="dpo, orpo, simpo, reward: latest share of training pairs whose chosen answer gets the higher "
+        "reward (0-1; 0.5 = chance). Example: 0.9.",
+    )
     reward_mean: float | None = Field(
         None, description="Stage grpo: the graders' mean score (0-1) of the answers sampled at the latest logged step."
     )
@@ -120,6 +131,14 @@ def redacted_tail(path: Path, n: int) -> list[str]:
     return redact("\n".join(lines)).split("\n") if lines else []
 
 
+def _config_stage(run: RunDir) -> str:
+    """The stage in the job's config.json (a job that has not written state.json yet), 'sft' when absent."""
+    try:
+        return str(json.loads(run.config.read_text(encoding="utf-8")).get("stage") or "sft")
+    except (OSError, ValueError, AttributeError):
+        return "sft"
+
+
 def read_progress(record: JobRecord, log_lines: int | None = 20, with_report: bool = True) -> JobProgress:
     run = RunDir(Path(record.run_dir))
     state = run.read_state()
@@ -155,6 +174,9 @@ def read_progress(record: JobRecord, log_lines: int | None = 20, with_report: bo
         elapsed_seconds=elapsed,
         eta_seconds=eta,
         eval_loss=evaluation.get("eval_loss"),
+        stage=state.get("stage") or _config_stage(run),
+        rewards_margin=train.get("rewards_margin"),
+        rewards_accuracy=train.get("rewards_accuracy"),
         reward_mean=train.get("reward_mean"),
         reward_std=train.get("reward_std"),
         output_dir=record.output_dir,

@@ -82,6 +82,17 @@ def _load(model_ref: str, adapter: str | None, trust_remote_code: bool = False):
     return model, tokenizer
 
 
+@contextlib.contextmanager
+def loaded_model(model_ref: str, adapter: str | None = None, trust_remote_code: bool = False):
+    """(model, tokenizer) as `generate` loads them (the loaded pair is reused), held for the caller's block."""
+    with _LOCK:
+        try:
+            model, tokenizer = _load(model_ref, adapter, trust_remote_code)
+        except OSError as exc:
+            raise LmtunerError(f"model: cannot load {shown(model_ref)} ({exc})", field="model") from None
+        yield model, tokenizer
+
+
 def answer(
     model: Any,
     tokenizer: Any,

@@ -135,3 +135,36 @@ def training_recipe(profile: AnswerProfile | None, method: str, rows: int | None
         why.insert(1, f"{recipe.replay:.0%} of the training rows will be the base model's own answers to {asked} "
                       "(replay), so it keeps answering other questions as it did.")  # fmt: skip
     return fields, why
+
+
+# The preference stages' recipe: the stage's usual learning rate (lower than SFT's: the loss pushes the model away
+# from where it starts, and a high rate wrecks what the base could do), its usual beta, and a few epochs on small
+# sets. Measured for dpo on SmolLM2-135M-Instruct with LoRA (docs/TUNING.md, "Preference stages").
+PREFERENCE_EPOCHS = 3
+
+
+def preference_recipe(stage: str, method: str, rows: int | None) -> tuple[dict, list[str]]:
+    """(config fields, rationale) for a preference stage: learning rate, epochs and the stage's beta."""
+    from lmtuner_core.methods import METHODS, default_learning_rate
+    from lmtuner_core.stages import STAGES
+
+    spec = STAGES[stage]
+    rate = spec.learning_rate(default_learning_rate(method), METHODS[method].adapter)
+    epochs = epochs_for(rows or 0, PREFERENCE_EPOCHS)
+    fields: dict = {"learning_rate": rate, "num_epochs": epochs}
+    knobs = ""
+    if spec.beta is not None:
+        fields["preference"] = {"beta": spec.beta}
+        knobs = f", beta {spec.beta:g}"
+    reference = (
+        "a frozen copy of the model (planned in memory)" if spec.reference_model and not METHODS[method].adapter
+        else "the base with the adapter switched off (no second copy)" if spec.reference_model
+        else "none (the loss needs none)"
+    )  # fmt: skip
+    why = [
+        f"Stage {stage}: {spec.summary}. Its usual recipe: learning rate {rate:g} for {method}{knobs}, "
+        f"{epochs:g} epochs; reference model: {reference}.",
+        "Held-out pairs are kept aside (eval_fraction 'auto'): the job's report compares how often the base and the "
+        "tuned model prefer the chosen answer on them (preference accuracy).",
+    ]
+    return fields, why

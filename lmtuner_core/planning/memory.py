@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from lmtuner_core.errors import LmtunerError, shown
 from lmtuner_core.methods import METHODS
+from lmtuner_core.stages import STAGES
 
 GIB = 2**30
 LOAD_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes per weight as loaded, and per activation element
@@ -385,9 +386,11 @@ def estimate_memory(
     freeze_trainable_layers: int = 2,
     on_gpu: bool = True,
     packing: bool = True,
+    stage: str = "sft",
 ) -> MemoryEstimate:
     """What training `shape` with these settings holds on each GPU, term by term."""
     _check("method", method, METHODS)
+    _check("stage", stage, STAGES)
     _check("precision", precision, LOAD_BYTES)
     _check("optimizer", optimizer, OPTIMIZER_BYTES)
     _check("zero_stage", zero_stage, (0, 1, 2, 3))
@@ -452,6 +455,17 @@ def estimate_memory(
         # frozen weights in the load dtype; trainable ones in their training dtype (fp32 masters under fp16)
         weights = (total - trainable_base) * load + trainable_base * trainable_bytes
     weights += adapter * LORA_BYTES  # adapters live next to the base, in fp32
+    spec = STAGES[stage]
+    if spec.reference_model and m.trains != "adapter":
+        # DPO / KTO with full weights: TRL loads a frozen reference copy of the model in the load dtype.
+        weights += total * load
+        notes.append(f"stage {stage}: a frozen reference copy of the model ({total * load / GIB:.2f} GiB)")
+    elif spec.reference_model:
+        # LoRA family: the reference is the base with the adapter switched off (TRL keeps a copy of the adapter).
+        weights += adapter * LORA_BYTES
+        notes.append(f"stage {stage}: the reference is the base with the adapter off (no second model)")
+    elif stage != "sft" and spec.data != "prompts":
+        notes.append(f"stage {stage}: no reference model (the loss needs none)")
     if m.base_quant and not on_gpu:
         # On CPU, bitsandbytes quantizes at load time from the checkpoint, which transformers memory-maps: those
         # file pages are resident in the process too (measured on the 26M model: +104 MiB for 97 MiB of fp32
@@ -496,7 +510,13 @@ def estimate_memory(
     per_token_block = _activation_bytes_per_token(
         shape, load, base_trains, adapted_linears, lora_r, lora_dropout, on_gpu
     )
-    tokens = batch_size * seq_len
+    # Preference stages put both answers of a row through the model in one batch (chosen and rejected; KTO an
+    # answer and its mismatched KL answer): twice the sequences of an SFT step. TRL pads them (no packing).
+    sequences = 2 if spec.data in ("pairs", "unpaired") else 1
+    if sequences > 1:
+        packing = False
+        notes.append(f"stage {stage}: 2 sequences per row (chosen and rejected) in each forward pass")
+    tokens = batch_size * seq_len * sequences
     # Outside the blocks: when every weight trains, the final norm keeps its fp32 input, its normalized input and
     # its output (lm_head's input, needed for lm_head's gradient). With a frozen embedding (adapters, freeze) the
     # final norm's fp32 input is offset by the first trained block's norm, whose input needs no gradient.
@@ -530,6 +550,9 @@ def estimate_memory(
             tile = min(tokens, HEAD_TILE_TOKENS) * min(V, HEAD_TILE_VOCAB)
             logits = tile * (load + 4 * HEAD_TILE_COPIES_CPU + 1) + head_gradients
             head_tensor = tile * 4
+
+    if spec.scalar_head:  # a reward model's head has one output: no vocabulary-sized logits
+        logits = head_tensor = tokens * 4 * 3
 
     # ZeRO: stage 1 shards optimizer states over the GPUs, stage 2 also gradients, stage 3 also weights.
     # Activations and logits belong to each GPU's own micro-batch and are not sharded.

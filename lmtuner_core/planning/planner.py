@@ -16,9 +16,10 @@ from lmtuner_core.config import DatasetSpec, LoraSettings, TrainConfig
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.methods import METHODS, default_learning_rate, planner_defaults
 from lmtuner_core.planning.hardware import GpuInfo
-from lmtuner_core.planning.hyperparameters import AnswerProfile, training_recipe
+from lmtuner_core.planning.hyperparameters import AnswerProfile, preference_recipe, training_recipe
 from lmtuner_core.planning.memory import MemoryEstimate, ModelShape, estimate_memory
 from lmtuner_core.planning.throughput import TimeEstimate
+from lmtuner_core.stages import STAGES, stage_data_refusal, stage_refusal
 
 USABLE_GPU_SHARE = 0.92  # what a job can really use: the rest goes to other processes and the driver
 USABLE_RAM_SHARE = 0.80
@@ -110,9 +111,10 @@ def _estimate(
     on_gpu: bool,
     config: TrainConfig | None = None,
     gpu_total_gib: float | None = None,
+    stage: str = "sft",
 ) -> MemoryEstimate:
-    """The memory of one candidate; `config` supplies the LoRA shape, freeze depth and accumulation (default:
-    TrainConfig's defaults and the planner's accumulation for this batch size)."""
+    """The memory of one candidate; `config` supplies the LoRA shape, freeze depth, accumulation and stage (default:
+    TrainConfig's defaults, the planner's accumulation for this batch size, and `stage`)."""
     lora = config.lora if config else LoraSettings()
     accumulation = config.gradient_accumulation_steps if config else _accumulation(c.batch_size, gpus)
     estimate = estimate_memory(
@@ -122,7 +124,7 @@ def _estimate(
         gradient_accumulation_steps=accumulation,
         gradient_checkpointing=c.gradient_checkpointing, optimizer=c.optimizer, num_gpus=max(1, gpus),
         zero_stage=c.zero_stage, offload_optimizer=c.offload_optimizer, offload_params=c.offload_params,
-        on_gpu=on_gpu, packing=config.packing if config else True,
+        on_gpu=on_gpu, packing=config.packing if config else True, stage=config.stage if config else stage,
     )  # fmt: skip
     if config is not None and config.stage == "grpo":
         from lmtuner_core.planning.grpo_memory import grpo_memory, with_grpo_memory
@@ -137,10 +139,11 @@ def _accumulation(batch_size: int, gpus: int) -> int:
     return max(1, math.ceil(TARGET_EFFECTIVE_BATCH / (batch_size * max(1, gpus))))
 
 
-def _candidates(method: str | None, gpus: int, params: int) -> list[Candidate]:
+def _candidates(method: str | None, gpus: int, params: int, stage: str = "sft") -> list[Candidate]:
     """From the most comfortable to the most frugal. Without a requested method: LoRA first (the usual
-    best trade-off), QLoRA when LoRA does not fit; full fine-tuning only when asked for."""
-    methods = [method] if method else planner_defaults()
+    best trade-off), QLoRA when LoRA does not fit; full fine-tuning only when asked for. Methods the stage refuses
+    are left out."""
+    methods = [method] if method else [m for m in planner_defaults() if m not in STAGES[stage].refused_methods]
     out: list[Candidate] = []
     for m in methods:
         plan = METHODS[m].plan
@@ -178,6 +181,8 @@ def propose(
     target_context: int | None = None,
     goal: str | None = None,
     profile: AnswerProfile | None = None,
+    data_format: str | None = None,
+    stage: str | None = None,
 ) -> Proposal:
     """Plans a job; not fitting is an answer (fits: false plus the smallest change that would fit)."""
     budget, on_gpu = _budget_gib(hardware)
@@ -188,6 +193,7 @@ def propose(
     if goal and "full" in goal.lower() and method is None:
         method = "full"
         rationale.append("You asked for a full fine-tune, so every weight trains.")
+    stage = _stage(stage, data_format, method, rationale)
     seq_len = _seq_len(p95_tokens, max_seq_len, shape.max_position_embeddings, target_context)
     rope = None
     if target_context and target_context > shape.max_position_embeddings:
@@ -218,8 +224,8 @@ def propose(
 
     tried: list[tuple[Candidate, MemoryEstimate]] = []
     chosen = None
-    for candidate in _candidates(method, gpus, shape.param_count):
-        estimate = _estimate(shape, candidate, precision, seq_len, gpus, on_gpu)
+    for candidate in _candidates(method, gpus, shape.param_count, stage):
+        estimate = _estimate(shape, candidate, precision, seq_len, gpus, on_gpu, stage=stage)
         tried.append((candidate, estimate))
         if estimate.per_gpu_gib <= budget:
             chosen = (candidate, estimate)
@@ -247,7 +253,10 @@ def propose(
         + (f" x {gpus} GPUs" if gpus > 1 else "")
         + f" = {candidate.batch_size * accumulation * max(1, gpus)} rows per update."
     )
-    recipe, why = training_recipe(profile, candidate.method, rows)
+    if stage == "sft":
+        recipe, why = training_recipe(profile, candidate.method, rows)
+    else:
+        recipe, why = preference_recipe(stage, candidate.method, rows)
     rationale += why
     if rows is not None and not why:
         rationale.append(f"{recipe['num_epochs']:g} epochs over {rows} rows: small datasets need a few passes, large "
@@ -255,6 +264,7 @@ def propose(
     config_data: dict = {
         "model": model,
         "dataset": dataset.model_dump(exclude_none=True),
+        "stage": stage,
         "method": candidate.method,
         "learning_rate": default_learning_rate(candidate.method),
         **recipe,
@@ -281,6 +291,32 @@ def propose(
         config=config, memory=_breakdown(estimate, budget), fits=fits, rationale=rationale,
         alternatives=alternatives, warnings=warnings,
     )  # fmt: skip
+
+
+def _stage(stage: str | None, data_format: str | None, method: str | None, rationale: list[str]) -> str:
+    """The stage to plan: the one asked for (refused, with the reason, when the data or the method cannot train it),
+    else the usual stage for the data's shape (preference pairs: dpo; KTO rows: kto; demonstrations: sft)."""
+    from lmtuner_core.data.analysis import stages_for
+
+    fmt = data_format or "messages"
+    if stage is None:
+        stage = stages_for(fmt)[0] if stages_for(fmt) else "sft"
+        if stage != "sft":
+            others = [s for s in stages_for(fmt) if s != stage]
+            rationale.append(
+                f"The rows are {fmt} data, so the stage is {stage!r}"
+                + (f" (they could also train {', '.join(others)}: pass stage to choose)." if others else ".")
+            )
+    else:
+        refusal = stage_data_refusal(stage, fmt)
+        if refusal:
+            raise LmtunerError(f"stage: {refusal}", field="stage")
+        if STAGES[stage].not_yet:
+            raise LmtunerError(f"stage: {stage!r} is not available in this version: {STAGES[stage].not_yet}",
+                               field="stage")  # fmt: skip
+    if method is not None and (refusal := stage_refusal(stage, method)):
+        raise LmtunerError(f"method: {refusal}", field="method")
+    return stage
 
 
 def _breakdown(estimate: MemoryEstimate, budget: float) -> MemoryBreakdown:

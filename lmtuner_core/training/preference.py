@@ -2,7 +2,7 @@
 
 Supports: pairs (prompt / chosen / rejected, plain or conversational) for dpo, orpo, simpo and reward; unpaired
 answers with a desirable label (or pairs, split into two labelled answers) for kto. Methods: every one the stage's
-registry entry does not refuse (full, freeze, lora, dora, qlora, lora-8bit; lomo/adalomo are refused). The
+registry entry does not refuse (all of them; reward refuses freeze, whose frozen head could not learn). The
 reference model of dpo and kto is the base with the adapter switched off for the LoRA family (TRL does this), a
 second copy of the model for full weights; orpo, simpo and reward need none. The reward model is the same network
 as a sequence classifier with a new one-output head (`model_setup`).
