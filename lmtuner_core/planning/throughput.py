@@ -252,7 +252,10 @@ def estimate_job(
 
         hardware = HardwareSpec(gpus=[g for g in list_gpus() if g.name in names][: count or 1])
     memory = check_fits(shape, config, hardware)[1].per_gpu_gib
-    analysis = analyze_dataset(config.dataset, roots, None)
+    try:
+        analysis = analyze_dataset(config.dataset, roots, None)
+    except LmtunerError:  # rows analyze_dataset does not read (GRPO's prompts): memory known, time not estimated
+        return JobCost(devices=devices, device_count=count, memory_per_device_gib=round(memory, 2), writes=writes)
     estimate = estimate_time(
         shape, config, rows=analysis.rows, mean_tokens=analysis.token_lengths.mean, gpu_names=names,
         held_out_rows=config.report.max_rows if config.eval_dataset is not None else None,

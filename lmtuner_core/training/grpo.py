@@ -240,6 +240,7 @@ class GRPORecipe:
         return self.stop.is_set()
 
     save = SFTRecipe.save  # the same artifact: adapter or model, tokenizer, and the marker naming the base
+    write_card = SFTRecipe.write_card  # the same model card (README.md), without a result report
 
     def report(self, job_seconds: float) -> None:
         print("[lmtuner] result report: off for grpo (compare base and tuned with evaluate and the same graders)",
