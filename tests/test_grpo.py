@@ -173,7 +173,7 @@ def iso_date_rows(rows: list[dict]) -> list[dict]:
 
 
 @pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason=f"SmolLM2 GGUF not found at {SMOLLM2_GGUF}: make smollm2")
-@pytest.mark.proof  # `make proofs`: ~10 min of sampling and training on 2 cores, too long for CI (figures: docs/GRPO.md)
+@pytest.mark.proof  # `make proofs`: ~10 min on 2 cores, too long for CI (figures: docs/GRPO.md)
 def test_real_model_grpo_raises_the_held_out_grader_score(tmp_path, lmtuner_home):
     """SmolLM2-135M-Instruct through a real MCP client (stdio): evaluate's grader score on 32 held-out prompts, a
     GRPO job with declared graders whose reward curve job_status shows while it runs, and the tuned adapter's score

@@ -59,7 +59,7 @@ def test_real_model_dpo_makes_the_model_prefer_the_correct_answer_on_held_out_pa
 
 
 @needs_smollm2
-@pytest.mark.proof  # `make proofs`: 3 min of training, kept out of `make test` for CI's budget (figures: docs/PREFERENCE.md)
+@pytest.mark.proof  # `make proofs`: 3 min of training, out of CI for its budget (figures: docs/PREFERENCE.md)
 @pytest.mark.timeout(2400)
 def test_real_model_reward_model_ranks_held_out_pairs_better_than_chance(tmp_path, lmtuner_home):
     """A reward model (SmolLM2 as a sequence classifier with a new one-output head, LoRA) on the same pairs ranks
