@@ -94,11 +94,20 @@ async def run_demo() -> int:
               f"fits={plan['fits']} ({memory['per_gpu_gib']:.2f} of {memory['budget_gib']:.1f} GiB)")  # fmt: skip
         for line in plan["rationale"]:
             print(f"  - {line}")
+        if plan.get("estimate"):
+            estimate = plan["estimate"]
+            print(f"  estimate: {estimate['wall_seconds']:.0f}s at {estimate['tokens_per_second']:.0f} tokens/s "
+                  f"({estimate['basis']})")  # fmt: skip
 
         print(f"\nstart_training as proposed: method {config['method']} r={config['lora']['r']}, batch "
               f"{config['batch_size']} x {config['gradient_accumulation_steps']}, {config['num_epochs']} epochs, "
               f"learning rate {config['learning_rate']}")  # fmt: skip
         result = await client.call_tool("start_training", {"config": config})
+        if not result.is_error and result.structured_content.get("status") == "needs_confirmation":
+            # Over the owner's limit (--confirm-over-minutes): running `make demo` is the consent, so say what it
+            # costs and confirm, as an agent would after asking its user.
+            print(f"  needs confirmation: {result.structured_content.get('preview')}; confirming")
+            result = await client.call_tool("start_training", {"config": config, "confirmed": True})
         if result.is_error:
             print(result.content[0].text, file=sys.stderr)
             return 1
@@ -124,6 +133,8 @@ async def run_demo() -> int:
             print(f"job {s['status']}: {s['error']}", file=sys.stderr)
             return 1
         print(f"completed in {s['elapsed_seconds']:.0f}s: loss {first_loss:.3f} -> {s['loss']:.3f}")
+        if s.get("estimate_error") is not None:
+            print(f"the plan's time estimate was off by {s['estimate_error']:+.0%}")
         print(f"adapter: {s['output_dir']}")
         plot = await client.call_tool("job_status", {"job_id": job_id, "include_plot": True, "log_lines": 0})
         image = next(c for c in plot.content if c.type == "image")
