@@ -22,13 +22,13 @@ import time
 import datasets
 import torch
 import transformers
-from transformers import AutoTokenizer, PrinterCallback
+from transformers import PrinterCallback
 
 from lmtuner_core.config import TrainConfig
 from lmtuner_core.data.chat_template import ensure_chat_template
 from lmtuner_core.data.datasets import split_eval
 from lmtuner_core.data.prompt_rows import load_prompt_rows
-from lmtuner_core.errors import LmtunerError, shown
+from lmtuner_core.errors import LmtunerError
 from lmtuner_core.graders.scoring import GraderSet
 from lmtuner_core.methods import METHODS
 from lmtuner_core.paths import AllowedRoots
@@ -97,25 +97,14 @@ class GRPORecipe:
         self._check_stop()
         self._setup_trainer()
 
-    def _check_stop(self) -> None:
-        if self.stop.is_set():
-            raise InterruptedError("stopped before training began")
+    _check_stop = SFTRecipe._check_stop
 
     def _setup_tokenizer(self) -> None:
-        self.state.update(phase="loading tokenizer")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(
-                self.config.model, trust_remote_code=self.config.trust_remote_code
-            )
-        except (OSError, ValueError) as exc:
-            raise LmtunerError(f"model: cannot load the tokenizer of {shown(self.config.model)} ({exc})") from None
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        if ensure_chat_template(tokenizer):
+        SFTRecipe._setup_tokenizer(self)  # type: ignore[arg-type]  # the same loading; prompts need a chat template
+        if ensure_chat_template(self.tokenizer):
             print(
                 "[lmtuner] the model has no chat template; using ChatML (<|im_start|>role ... <|im_end|>)", flush=True
             )
-        self.tokenizer = tokenizer
 
     def _setup_data(self) -> None:
         self.state.update(phase="reading data")
