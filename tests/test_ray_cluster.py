@@ -196,6 +196,28 @@ def test_two_workers_on_two_nodes_match_a_local_run_and_the_adapter_loads(cluste
     assert checkpoints, "Ray Train kept no checkpoint in storage_path"
 
 
+def test_a_dpo_job_runs_on_two_workers_on_two_nodes(cluster, tiny_model, tmp_path):
+    """Issue 24: a preference stage goes through the same seam — the Ray workers pick the stage's recipe (DPO on
+    TRL's DPOTrainer) and job_status shows its reward metrics as for a local job."""
+    from tests.test_preference import pair_rows, write_jsonl
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(24))
+    config = ray_config(tiny_model, pairs, cluster.dashboard, stage="dpo", learning_rate=5e-4, logging_steps=1)
+
+    async def scenario():
+        async with stdio_client(tmp_path / "home", [tmp_path, tiny_model]) as client:
+            started = await call_ok(client, "start_training", {"config": config})
+            return await wait_for_end(client, started["job_id"])
+
+    final = anyio.run(scenario)
+    assert final["status"] == "completed", f"{final['error']}\n" + "\n".join(final["log_tail"])
+    assert final["devices"] == "ray" and final["ray"]["nodes"] == [HEAD_IP, WORKER_IP]
+    assert final["stage"] == "dpo" and final["step"] == STEPS
+    records = [json.loads(line) for line in Path(final["run_dir"], "metrics.jsonl").read_text().splitlines()]
+    assert any("rewards_accuracy" in r for r in records), records[-3:]  # DPO's own metrics, from the rank-0 worker
+    assert (Path(final["output_dir"]) / "adapter_model.safetensors").is_file()
+
+
 def test_killed_worker_restarts_from_its_checkpoint_then_cancel_and_resume(cluster, tiny_model, data, tmp_path):
     """One job through every fault: the worker on the second node killed (Ray restarts the group from its
     checkpoint), then cancelled (no worker left), then resumed from storage_path to completion. It is started
