@@ -39,7 +39,7 @@ def inspect_gpus(
     if ray_address is not None:
         report.cluster = cluster_report(ray_address, ctx.ray_addresses, field="ray_address")
     if slurm:
-        from lmtuner_core.jobs.slurm_launcher import read_cluster
+        from lmtuner_core.planning.slurm_cluster import read_cluster
 
         report.slurm = read_cluster(field="slurm")
     return report

@@ -151,7 +151,7 @@ def propose_config(
             field="slurm_partition",
         )
     if slurm_partition is not None:
-        from lmtuner_core.jobs.slurm_launcher import plan_slurm, read_cluster
+        from lmtuner_core.planning.slurm_cluster import plan_slurm, read_cluster
 
         cluster = plan_slurm(read_cluster(field="slurm_partition"), slurm_partition)
         hardware = hardware or this_machine(ctx)  # each Slurm task is one process on one device: plan one

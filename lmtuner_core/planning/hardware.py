@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 from pydantic import BaseModel, Field
 
-from lmtuner_core.jobs.slurm_launcher import SlurmClusterReport
 from lmtuner_core.planning.ray_cluster import RayClusterReport
+from lmtuner_core.planning.slurm_cluster import SlurmClusterReport
 
 KEY_PACKAGES = (
     "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed",
