@@ -143,7 +143,8 @@ test:
 	LMTUNER_VLLM_PYTHON=$(VLLM_VENV)/bin/python LMTUNER_GPTQ_PYTHON=$(GPTQ_VENV)/bin/python $(LLAMACPP_ENV) \
 		TORCH_EXTENSIONS_DIR=$(TORCH_EXTENSIONS_CACHE) $(PY) -m pytest -q
 
-# The real-model proofs kept out of `make test` for CI's time budget (GRPO ~10 min, the reward model ~3 min on 2 cores);
+# The real-model proofs kept out of `make test` for CI's time budget (GRPO ~10 min, DPO and the reward model ~3 min each
+# on 2 cores);
 # their measured figures are in docs/GRPO.md and docs/PREFERENCE.md.
 proofs:
 	$(MAKE) --no-print-directory -j2 --output-sync=target install smollm2

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 HOST_PAGE = Path(__file__).with_name("apps_host.html")
 SNAPSHOTS = Path(__file__).with_name("__toolsnaps__")
 APPS = advertise(EXTENSION_ID, {"mimeTypes": [APP_MIME_TYPE]})
-BOUND = {"start_training", "job_status"}
+BOUND = {"start_training", "job_status", "tune_config"}
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ def run_planned_job(tmp_path, lmtuner_home, stage: str, **changes) -> tuple[dict
 
 
 @needs_smollm2
+@pytest.mark.proof  # `make proofs`: 4 min in the full suite, out of `make test` for CI's budget
 @pytest.mark.timeout(2400)  # ≈3 min on an idle 2-core machine; much longer when it is shared
 def test_real_model_dpo_makes_the_model_prefer_the_correct_answer_on_held_out_pairs(tmp_path, lmtuner_home):
     """Pairs over dates_iso ("Write this date in ISO 8601 form: the eleventh of July, 1984"): chosen the ISO date,

@@ -202,7 +202,9 @@ def estimate_time(
 class JobCost(BaseModel):
     """What starting a job spends: shown before a long or many-device job starts (start_training's confirmation)."""
 
-    devices: str = Field(description="What the job holds: 'cpu', GPU indices such as '0,1', or 'ray'. Example: '0,1'.")
+    devices: str = Field(
+        description="What the job holds: 'cpu', GPU indices such as '0,1', 'ray' or 'slurm'. Example: '0,1'."
+    )
     device_count: int = Field(description="GPUs (or GPU Ray workers) the job holds; 0 for a CPU job. Example: 2.")
     memory_per_device_gib: float | None = Field(
         None, description="Estimated training memory per device (per GPU, or RAM on the CPU), GiB. Example: 21.5."
@@ -214,21 +216,24 @@ class JobCost(BaseModel):
 def estimate_job(
     config: TrainConfig, roots, devices: str, gpu_names: list[str] | None = None, output_dir: str | None = None
 ) -> JobCost:
-    """The cost of a checked config on `devices` ('cpu', '0,1', 'ray'): memory per device and time. Token counts are
-    estimated from characters (no tokenizer is loaded in the server); a model without a local config.json gets
-    no memory or time figure. `output_dir`: as the caller gave it (the checked one names the new job's id, which
+    """The cost of a checked config on `devices` ('cpu', '0,1', 'ray', 'slurm'): memory per device and time. Token
+    counts are estimated from characters (no tokenizer is loaded in the server); a model without a local config.json
+    gets no memory or time figure. `output_dir`: as the caller gave it (the checked one names the new job's id, which
     would change the question on every round of a confirmation)."""
     from lmtuner_core.data.analysis import analyze_dataset
     from lmtuner_core.errors import LmtunerError
     from lmtuner_core.planning.memory import load_shape
     from lmtuner_core.planning.planner import HardwareSpec, check_fits
 
+    cluster = devices in ("ray", "slurm")  # a cluster backend's placement, not local device indices
     if devices == "ray":  # GPU workers are devices; CPU workers are the cluster's cores, as a local CPU job
         count = config.ray.num_workers if config.ray is not None and config.ray.use_gpu else 0
+    elif devices == "slurm":  # one task per GPU on each node, or one per CPU node
+        count = config.slurm.nodes * config.slurm.gpus_per_node if config.slurm is not None else 0
     else:
         count = 0 if devices == "cpu" else len(devices.split(","))
     names = list(gpu_names or [])
-    if count and devices != "ray" and not names:
+    if count and not cluster and not names:
         from lmtuner_core.planning.hardware import list_gpus
 
         wanted = {int(i) for i in devices.split(",")}
@@ -243,7 +248,7 @@ def estimate_job(
         shape = load_shape(config.model)
     except LmtunerError:
         return JobCost(devices=devices, device_count=count, writes=writes)
-    if devices in ("cpu", "ray"):
+    if devices == "cpu" or cluster:
         import psutil
 
         hardware = HardwareSpec(memory_total_mib=psutil.virtual_memory().total // 2**20)
