@@ -16,7 +16,6 @@ Read top to bottom: setup() builds tokenizer → data → model → graders → 
 from __future__ import annotations
 
 import importlib.util
-import threading
 import time
 
 import datasets
@@ -24,7 +23,6 @@ import torch
 import transformers
 from transformers import PrinterCallback
 
-from lmtuner_core.config import TrainConfig
 from lmtuner_core.data.chat_template import ensure_chat_template
 from lmtuner_core.data.datasets import split_eval
 from lmtuner_core.data.prompt_rows import load_prompt_rows
@@ -33,7 +31,7 @@ from lmtuner_core.graders.scoring import GraderSet
 from lmtuner_core.methods import METHODS
 from lmtuner_core.paths import AllowedRoots
 from lmtuner_core.planning.grpo_memory import VLLM_GPU_SHARE
-from lmtuner_core.run import DEEPSPEED_FILE, RunDir, StateFile, process_rank
+from lmtuner_core.run import DEEPSPEED_FILE, process_rank
 from lmtuner_core.training.model_setup import apply_method, count_parameters, load_base_model, resolve_precision
 from lmtuner_core.training.recipe import OPTIMIZERS, ProgressWriter, SFTRecipe
 
@@ -71,11 +69,7 @@ def use_vllm(engine: str) -> bool:
 
 
 class GRPORecipe:
-    def __init__(self, config: TrainConfig, run: RunDir, state: StateFile, stop: threading.Event):
-        self.config = config
-        self.run = run
-        self.state = state
-        self.stop = stop
+    __init__ = SFTRecipe.__init__  # the same four things every stage's recipe holds
 
     # -------------------------------------------------------------------------------------------- setup
 
