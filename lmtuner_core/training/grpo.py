@@ -33,7 +33,7 @@ from lmtuner_core.paths import AllowedRoots
 from lmtuner_core.planning.grpo_memory import VLLM_GPU_SHARE
 from lmtuner_core.run import DEEPSPEED_FILE, process_rank
 from lmtuner_core.training.model_setup import apply_method, count_parameters, load_base_model, resolve_precision
-from lmtuner_core.training.recipe import OPTIMIZERS, ProgressWriter, SFTRecipe
+from lmtuner_core.training.recipe import OPTIMIZERS, ProgressWriter, SFTRecipe, device_arguments
 
 # TRL's names for what GRPO logs -> the names metrics.jsonl and job_status use.
 REWARD_KEYS = {"reward": "reward_mean", "reward_std": "reward_std"}
@@ -170,9 +170,7 @@ class GRPORecipe:
             seed=config.seed,
             bf16=self.precision == "bf16",
             fp16=self.precision == "fp16",
-            use_cpu=not torch.cuda.is_available() and deepspeed is None,
-            deepspeed=deepspeed,
-            ddp_backend="gloo" if not torch.cuda.is_available() and world > 1 else None,
+            **device_arguments(deepspeed),
             gradient_checkpointing=config.gradient_checkpointing,
             report_to=config.report_to or "none",
             optim=METHODS[config.method].optimizer or OPTIMIZERS[config.optimizer],

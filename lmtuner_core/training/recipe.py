@@ -169,6 +169,32 @@ class ProgressWriter(TrainerCallback):
         print(f"[lmtuner] {json.dumps(record)}", flush=True)
 
 
+
+def device_arguments(deepspeed: str | None) -> dict:
+    """TrainingArguments' device keys, shared by every stage's TRL config: the CPU, DeepSpeed, and gloo for several
+    processes on the CPU (naming a backend for one process would start a process group)."""
+    several = process_rank()[2] > 1
+    cpu = not torch.cuda.is_available()
+    if deepspeed is not None and cpu and several:
+        # Written by hand: transformers sets up DeepSpeed's devices without naming a backend, and accelerate then sees
+        # one process on a machine without CUDA, so DeepSpeed's "auto" train_batch_size is filled for one process and
+        # DeepSpeed refuses it. Setting the distributed state up first, with gloo, as accelerate's own DeepSpeed
+        # launch does, and telling TrainingArguments to use it, fills it for all of them.
+        import os
+
+        from accelerate import PartialState
+
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
+        return {"use_cpu": False, "deepspeed": deepspeed, "accelerator_config": {"use_configured_state": True}}
+    return {
+        # With DeepSpeed the accelerator is chosen by DeepSpeed (DS_ACCELERATOR=cpu), not by use_cpu.
+        "use_cpu": cpu and deepspeed is None,
+        "deepspeed": deepspeed,
+        "ddp_backend": "gloo" if cpu and several else None,
+    }
+
+
 class SFTRecipe:
     def __init__(self, config: TrainConfig, run: RunDir, state: StateFile, stop: threading.Event):
         self.config = config
@@ -401,11 +427,7 @@ class SFTRecipe:
             seed=config.seed,
             bf16=self.precision == "bf16",
             fp16=self.precision == "fp16",
-            # With DeepSpeed the accelerator is chosen by DeepSpeed (DS_ACCELERATOR=cpu), not by use_cpu.
-            use_cpu=not torch.cuda.is_available() and deepspeed is None,
-            deepspeed=deepspeed,
-            # gloo for several processes on the CPU; naming a backend for one process would start a process group.
-            ddp_backend="gloo" if not torch.cuda.is_available() and process_rank()[2] > 1 else None,
+            **device_arguments(deepspeed),
             activation_checkpointing=config.gradient_checkpointing,  # transformers 5.2x: the old name warns
             report_to=config.report_to or "none",
             optim=METHODS[config.method].optimizer or OPTIMIZERS[config.optimizer],
