@@ -14,18 +14,19 @@ from lmtuner_core.data.datasets import held_out_count
 from lmtuner_core.methods import METHODS
 from lmtuner_core.planning.memory import ModelShape
 
-# --- CPU, fitted with bench/estimate_accuracy.py on the project's 2-core machines (fp32, LoRA, padding-free), where
-# other jobs share the cores: the figures are what a user of such a machine sees, not an idle machine's best.
+# --- CPU, fitted with bench/estimate_accuracy.py on the project's 2-core machine with nothing else running (fp32,
+# LoRA, padding-free; four jobs from a 0.6M-parameter model to SmolLM2-135M, each within 5% of its wall time). A
+# machine shared with other work runs slower: job_status's estimate_error shows by how much.
 # Effective training FLOP/s per core on the model's matrix work (forward and backward).
-CPU_TRAIN_GFLOPS_PER_CORE = 16.0
+CPU_TRAIN_GFLOPS_PER_CORE = 50.0
 # Fixed work per micro-batch beyond the matmuls (Python, the Trainer, the optimizer over the adapter): tiny models.
-CPU_MICRO_BATCH_S = 0.3
+CPU_MICRO_BATCH_S = 0.02
 # Batched greedy generation (the report's answers, replay rows): forward FLOP/s per core, and the fixed cost of one
 # decoding step of a batch (the generate loop, sampling, the cache).
-CPU_GENERATE_GFLOPS_PER_CORE = 25.0
-CPU_DECODE_STEP_S, CPU_DECODE_LAYER_S = 0.02, 0.004
+CPU_GENERATE_GFLOPS_PER_CORE = 80.0
+CPU_DECODE_STEP_S, CPU_DECODE_LAYER_S = 0.005, 0.003
 # Start of the training process: interpreter, torch/transformers/TRL imports, tokenizing, the final save.
-CPU_START_S = 18.0
+CPU_START_S = 4.0
 # Loading weights from disk (fp32 safetensors), seconds per GB of parameters.
 LOAD_S_PER_GB = 6.0
 
@@ -129,6 +130,10 @@ def estimate_time(
     if held_out_rows is not None:
         held = held_out_rows
     per_step_rows = config.batch_size * config.gradient_accumulation_steps * max(1, len(gpu_names))
+    sampled = config.stage == "grpo"  # rows are prompts: each gives num_generations sampled answers to train on
+    if sampled:
+        held, train_rows = 0, train_rows * config.grpo.num_generations
+        seq = seq + config.grpo.max_completion_length
     if config.max_steps:
         steps = config.max_steps
         tokens = steps * per_step_rows * seq
@@ -159,9 +164,9 @@ def estimate_time(
         micro_overhead = CPU_MICRO_BATCH_S
         decode_step = CPU_DECODE_STEP_S + CPU_DECODE_LAYER_S * shape.num_layers
         basis = (
-            f"CPU, {cores} cores: fitted on measured CPU jobs on this project's 2-core machines (bench/"
-            f"estimate_accuracy.py: {CPU_TRAIN_GFLOPS_PER_CORE:.0f} GFLOP/s per core training, "
-            f"{CPU_GENERATE_GFLOPS_PER_CORE:.0f} generating); no base answers cached"
+            f"CPU, {cores} cores: fitted on measured CPU jobs on this project's 2-core machine with nothing else "
+            f"running (bench/estimate_accuracy.py: {CPU_TRAIN_GFLOPS_PER_CORE:.0f} GFLOP/s per core training, "
+            f"{CPU_GENERATE_GFLOPS_PER_CORE:.0f} generating); other work on the cores slows it; no base answers cached"
         )
     micro_batches = steps * config.gradient_accumulation_steps
     train_seconds = tokens * fpt / flops + micro_batches * micro_overhead
@@ -187,6 +192,10 @@ def estimate_time(
         generate_seconds += 2 * per_model
     if config.replay is not None:  # the base model's own answers, mixed into the training rows
         generate_seconds += generating(replay_rows, REPLAY_BATCH, config.replay.max_new_tokens)
+    if sampled:  # each micro-batch's answers are sampled before it trains, to max_completion_length at worst
+        generate_seconds += micro_batches * generating(config.batch_size, config.batch_size,
+                                                       config.grpo.max_completion_length)  # fmt: skip
+        basis += "; grpo's sampling modelled as greedy decoding to max_completion_length (not yet measured)"
     wall = start + train_seconds + generate_seconds
     if tokens_basis:
         basis += f"; {tokens_basis}"
