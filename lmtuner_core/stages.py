@@ -73,7 +73,8 @@ STAGES: dict[str, StageSpec] = {
                   refused_methods={"freeze": "trains only the last layers of the causal LM, while the "
                                    "reward head is new and must train"}),
         StageSpec("grpo", "group relative policy optimization: sampled answers scored by graders (TRL GRPOTrainer)",
-                  "prompts", "lmtuner_core.training.grpo:GRPORecipe", 1e-6, 1e-5,
+                  # adapters: 2e-4, measured (bench/grpo_dates_iso.json: 0.18 -> 0.79 on SmolLM2 in 40 steps)
+                  "prompts", "lmtuner_core.training.grpo:GRPORecipe", 1e-6, 2e-4,
                   progress_keys=("reward_mean", "reward_std"),
                   refused_methods={"lomo": _FUSED, "adalomo": _FUSED}),
     )

@@ -248,3 +248,42 @@ def test_the_memory_plan_counts_the_reference_model_only_when_grpo_needs_a_copy_
                                "compute_capability": "9.0", "bf16_supported": True}])  # fmt: skip
     vllm = check_fits(shape, parse_train_config({**graded, "grpo": {"engine": "vllm"}}), h100)[1]
     assert vllm.vllm_gib == pytest.approx(0.3 * 80) and vllm.generation_gib == 0  # vLLM samples inside its share
+
+
+def test_prompts_only_rows_are_analyzed_and_planned_as_grpo(lmtuner_home, tmp_path, tiny_model):
+    """Issue 24: analyze_dataset recognises GRPO's prompts-only rows (and names a bad one); propose_config plans stage
+    grpo from them with the graders it is given (and asks for them by name when missing), sizing the sampled answers
+    from the reference column; the plan starts as proposed."""
+    rows = [{"prompt": f"Write {d} March 2021 as YYYY-MM-DD", "answer": f"2021-03-{d:02d}"} for d in range(1, 13)]
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*rows[:3], {"prompt": ""}])
+
+    async def scenario():
+        async with mcp.Client(build_server(home=lmtuner_home, roots=[tmp_path, tiny_model])) as client:
+            analysis = await call_ok(client, "analyze_dataset", {"dataset": str(data), "model": str(tiny_model)})
+            flawed = await call_ok(client, "analyze_dataset", {"dataset": str(bad)})
+            asked = {"model": str(tiny_model), "dataset": str(data)}
+            no_graders = await call_error(client, "propose_config", asked)
+            as_sft = await call_error(client, "propose_config", {**asked, "stage": "sft", "graders": DATE_GRADERS})
+            plan = await call_ok(client, "propose_config", {**asked, "graders": DATE_GRADERS})
+            dry = await call_ok(client, "start_training", {"config": plan["config"], "dry_run": True})
+            return analysis, flawed, no_graders, as_sft, plan, dry
+
+    analysis, flawed, no_graders, as_sft, plan, dry = anyio.run(scenario)
+    assert analysis["format"] == "prompts" and analysis["stages"] == ["grpo"] and analysis["rows"] == 12
+    assert 5 < analysis["token_lengths"]["max"] < 64 and "tokenizer of" in analysis["tokenizer"]
+    assert any("columns graders can compare with: answer" in p for p in analysis["problems"]), analysis["problems"]
+    assert flawed["rows"] == 3 and flawed["skipped_rows"] == 1
+    assert any("bad.jsonl row 4: `prompt` is empty" in p for p in flawed["problems"]), flawed["problems"]
+    assert "graders:" in no_graders and "string_check" in no_graders, no_graders
+    assert "stage:" in as_sft and "'grpo'" in as_sft, as_sft
+    config = plan["config"]
+    assert config["stage"] == "grpo" and [g["type"] for g in config["graders"]] == ["regex", "string_check"]
+    assert config["graders"][1]["weight"] == 2 and config["graders"][1]["reference"] == "answer"
+    assert config["grpo"]["num_generations"] == 4 and config["grpo"]["max_completion_length"] == 11  # 10 chars
+    assert (config["batch_size"] * config["gradient_accumulation_steps"]) % 4 == 0
+    assert config["learning_rate"] == 2e-4 and config["lr_scheduler"] == "constant"
+    assert any("Stage grpo" in line and "docs/GRPO.md" in line for line in plan["rationale"]), plan["rationale"]
+    assert plan["memory"]["total_gib"] > 0 and dry["status"] == "dry_run"
+    estimate = plan["estimate"]  # 12 prompts x 4 answers, each sampled before it trains
+    assert "grpo's sampling" in estimate["basis"] and estimate["wall_seconds"] > estimate["train_seconds"] > 0

@@ -196,13 +196,23 @@ def test_two_workers_on_two_nodes_match_a_local_run_and_the_adapter_loads(cluste
     assert checkpoints, "Ray Train kept no checkpoint in storage_path"
 
 
-def test_a_dpo_job_runs_on_two_workers_on_two_nodes(cluster, tiny_model, tmp_path):
-    """Issue 24: a preference stage goes through the same seam — the Ray workers pick the stage's recipe (DPO on
-    TRL's DPOTrainer) and job_status shows its reward metrics as for a local job."""
+@pytest.mark.parametrize("stage", ["dpo", "grpo"])
+def test_a_dpo_or_grpo_job_runs_on_two_workers_on_two_nodes(stage, cluster, tiny_model, tmp_path):
+    """Issue 24: the stages beyond SFT go through the same seam — the Ray workers pick the stage's recipe (TRL's
+    DPOTrainer, GRPOTrainer) and job_status shows its reward metrics as for a local job."""
     from tests.test_preference import pair_rows, write_jsonl
 
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(24))
-    config = ray_config(tiny_model, pairs, cluster.dashboard, stage="dpo", learning_rate=5e-4, logging_steps=1)
+    if stage == "dpo":
+        data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(24))
+        extra: dict = {}
+    else:
+        rows = [{"prompt": f"Say {word}", "answer": word} for word in ("cat", "dog", "sun", "tree") * 4]
+        data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+        extra = {"graders": [{"type": "string_check", "reference": "answer", "operation": "contains"}],
+                 "grpo": {"num_generations": 4, "max_completion_length": 6}, "report": False,
+                 "batch_size": 4}  # fmt: skip
+    config = ray_config(tiny_model, data, cluster.dashboard, stage=stage, learning_rate=5e-4, logging_steps=1,
+                        **extra)  # fmt: skip
 
     async def scenario():
         async with stdio_client(tmp_path / "home", [tmp_path, tiny_model]) as client:
@@ -212,9 +222,10 @@ def test_a_dpo_job_runs_on_two_workers_on_two_nodes(cluster, tiny_model, tmp_pat
     final = anyio.run(scenario)
     assert final["status"] == "completed", f"{final['error']}\n" + "\n".join(final["log_tail"])
     assert final["devices"] == "ray" and final["ray"]["nodes"] == [HEAD_IP, WORKER_IP]
-    assert final["stage"] == "dpo" and final["step"] == STEPS
+    assert final["stage"] == stage and final["step"] == STEPS
     records = [json.loads(line) for line in Path(final["run_dir"], "metrics.jsonl").read_text().splitlines()]
-    assert any("rewards_accuracy" in r for r in records), records[-3:]  # DPO's own metrics, from the rank-0 worker
+    key = "rewards_accuracy" if stage == "dpo" else "reward_mean"
+    assert any(key in r for r in records), records[-3:]  # the stage's own metrics, from the rank-0 worker
     assert (Path(final["output_dir"]) / "adapter_model.safetensors").is_file()
 
 

@@ -11,7 +11,9 @@ from pydantic import Field
 from lmtuner_core.config import DatasetSpec, Method, Stage, TrainConfig, dataset_spec
 from lmtuner_core.data.analysis import analyze_dataset as analyze
 from lmtuner_core.data.datasets import load_examples
+from lmtuner_core.data.prompt_rows import reference_chars
 from lmtuner_core.errors import LmtunerError
+from lmtuner_core.graders.specs import GraderList
 from lmtuner_core.jobs.ray_launcher import cluster_report, plan_workers
 from lmtuner_core.jobs.service import checked_dataset
 from lmtuner_core.models.reference import resolve_model
@@ -97,6 +99,14 @@ def propose_config(
             "for the data's shape (preference pairs: dpo; KTO rows: kto; demonstrations: sft). Example: 'orpo'."
         ),
     ] = None,
+    graders: Annotated[
+        GraderList | None,
+        Field(
+            description="Stage grpo (prompts-only rows): the graders that score its sampled answers, as TrainConfig "
+            "`graders`; the plan carries them. Example: [{'type': 'string_check', 'reference': 'answer', "
+            "'operation': 'eq'}].",
+        ),
+    ] = None,
     max_seq_len: Annotated[int | None, Field(ge=16, le=1_048_576, description="Force the row length cut.")] = None,
     target_context: Annotated[
         int | None, Field(ge=16, le=4_194_304, description="Context (tokens) the tuned model must handle.")
@@ -162,11 +172,17 @@ def propose_config(
         hardware = hardware or this_machine(ctx)
         hardware = hardware.model_copy(update={"gpus": hardware.gpus[:1]})
     hardware = hardware or this_machine(ctx)
-    profile = answer_profile(load_examples(spec, ctx.roots).examples) if analysis.format != "text" else None
+    profile, answer_chars = None, None
+    if analysis.format == "prompts":
+        answer_chars = reference_chars(spec, ctx.roots, graders)
+    elif analysis.format != "text":
+        profile = answer_profile(load_examples(spec, ctx.roots).examples)
     plan = propose(
         model=model_ref, shape=shape, dataset=spec, hardware=hardware, rows=analysis.rows,
         p95_tokens=analysis.token_lengths.p95, method=method, max_seq_len=max_seq_len, target_context=target_context,
         goal=goal, profile=profile, data_format=analysis.format, stage=stage,
+        graders=[g.model_dump() for g in graders] if graders else None,
+        answer_chars=answer_chars,
     )  # fmt: skip
     if eval_dataset is not None:
         held_out = checked_dataset(dataset_spec(eval_dataset), ctx.roots, "eval_dataset")[0]  # refused now, by name

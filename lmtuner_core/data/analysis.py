@@ -14,12 +14,13 @@ from lmtuner_core.data.chat_template import ensure_chat_template
 from lmtuner_core.data.datasets import (
     example_chars,
     has_generation_markers,
+    iter_rows,
     load_examples,
     resolve_dataset,
     tokenize_chat,
     tokenize_text,
 )
-from lmtuner_core.data.preference import as_conversations, data_shape, preference_chars
+from lmtuner_core.data.preference import as_conversations, data_shape, is_prompts_only, preference_chars
 from lmtuner_core.errors import LmtunerError, shown
 from lmtuner_core.paths import AllowedRoots
 from lmtuner_core.reporting import ProgressFn
@@ -43,7 +44,8 @@ class DatasetAnalysis(BaseModel):
     rows: int = Field(description="Usable rows.")
     format: str = Field(
         description="Detected format: alpaca, sharegpt, messages or text; preference pairs: preference (TRL), "
-        "alpaca-ranking or sharegpt-ranking (LLaMA-Factory); kto (single answers with a desirable label)."
+        "alpaca-ranking or sharegpt-ranking (LLaMA-Factory); kto (single answers with a desirable label); prompts "
+        "(prompts only, with the columns graders read: stage grpo)."
     )
     stages: list[str] = Field(
         default_factory=list,
@@ -105,6 +107,8 @@ def analyze_dataset(
     """Reads every row (bad ones counted, not fatal; a file over MAX_READ_CHARS only that far) and measures token
     lengths with the model's tokenizer, on a bounded sample of rows and of each row's characters."""
     source = resolve_dataset(spec, roots)
+    if spec.format == "auto" and not spec.columns and is_prompts_only(_first_row(source.files)):
+        return _analyze_prompt_rows(spec, roots, model, progress)
     loaded = load_examples(spec.model_copy(update={"skip_bad_rows": True}), roots, source, max_chars=MAX_READ_CHARS)
     examples = loaded.examples
     problems: list[str] = []
@@ -216,12 +220,78 @@ def analyze_dataset(
     )
 
 
+def _first_row(files) -> object:
+    for path in files:
+        for _number, row in iter_rows(path):
+            return row
+    return None
+
+
+def _analyze_prompt_rows(
+    spec: DatasetSpec, roots: AllowedRoots, model: str | None, progress: ProgressFn | None
+) -> DatasetAnalysis:
+    """Prompts-only rows (GRPO's): read with the reader GRPO trains from, so a bad row is named as training would name
+    it; lengths are of the prompt as the model sees it (template and generation prompt included), since the answers
+    are sampled while training (their room is grpo.max_completion_length)."""
+    from lmtuner_core.data.prompt_rows import load_prompt_rows
+
+    loaded = load_prompt_rows(spec.model_copy(update={"skip_bad_rows": True}), roots)
+    rows = loaded.rows
+    problems: list[str] = []
+    if loaded.skipped:
+        problems.append(
+            f"{len(loaded.skipped)} malformed rows; training fails on the first unless dataset.skip_bad_rows is "
+            f"true. First: {loaded.skipped[0]}"
+        )
+    columns = sorted({key for row in rows for key in row} - {"prompt"})
+    problems.append(
+        "prompts only: these train stage 'grpo', whose answers are sampled while training and scored by `graders`"
+        + (f"; columns graders can compare with: {', '.join(columns)}" if columns else "; no column besides the prompt"
+           ", so only graders without a reference (regex, length) can score them")
+    )  # fmt: skip
+    measured = rows[:: math.ceil(len(rows) / MAX_TOKENIZED_ROWS)]
+    if model:
+        tokenizer = _load_tokenizer(model)
+        label = f"the tokenizer of {model}"
+
+        def count(prompt: list[dict]) -> int:
+            return len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"])  # fmt: skip
+    else:
+        label = f"estimate: characters / {CHARS_PER_TOKEN:g} (pass model for exact counts)"
+
+        def count(prompt: list[dict]) -> int:
+            return sum(math.ceil(len(turn["content"]) / CHARS_PER_TOKEN) + 4 for turn in prompt) + 3
+
+    lengths = []
+    for i, row in enumerate(measured):
+        lengths.append(count([{**t, "content": t["content"][:ROW_CHARS_TOKENIZED]} for t in row["prompt"]]))
+        if progress and (i + 1) % max(1, len(measured) // 10) == 0:
+            progress(i + 1, len(measured), f"measured {i + 1} of {len(measured)} prompts")
+    ordered = sorted(lengths)
+    digests = [hashlib.sha1(json.dumps(row, sort_keys=True).encode()).hexdigest() for row in rows]
+    duplicates = len(digests) - len(set(digests))
+    if duplicates:
+        problems.append(f"{duplicates} rows repeat an earlier row exactly; duplicates weigh those prompts double")
+    return DatasetAnalysis(
+        rows=len(rows), format="prompts", stages=stages_for("prompts"), source=loaded.label, tokenizer=label,
+        token_lengths=TokenLengths(
+            p50=_percentile(ordered, 0.5), p95=_percentile(ordered, 0.95), max=ordered[-1] if ordered else 0,
+            mean=round(sum(ordered) / len(ordered), 1) if ordered else 0.0,
+        ),
+        truncated_at={str(cut): sum(n > cut for n in ordered) for cut in CUT_POINTS},
+        skipped_rows=len(loaded.skipped), duplicates=duplicates, sampled=len(measured) < len(rows),
+        problems=problems,
+    )  # fmt: skip
+
+
 def stages_for(fmt: str) -> list[str]:
     """The stages rows of this format can train, the usual one first (plain text trains sft only)."""
     from lmtuner_core.stages import STAGES
 
     shape = data_shape(fmt)
-    usual = {"pairs": ["dpo", "orpo", "simpo", "kto", "reward"], "unpaired": ["kto"], "sft": ["sft"]}[shape]
+    usual = {"pairs": ["dpo", "orpo", "simpo", "kto", "reward"], "unpaired": ["kto"], "sft": ["sft"],
+             "prompts": ["grpo"]}[shape]  # fmt: skip
     return [name for name in usual if name in STAGES and not STAGES[name].not_yet]
 
 

@@ -21,6 +21,8 @@ from lmtuner_core.errors import shown
 
 PAIR_FORMATS = ("preference", "alpaca-ranking", "sharegpt-ranking")
 UNPAIRED_FORMATS = ("kto",)
+PROMPTS_FORMAT = "prompts"  # GRPO's rows: a prompt and the columns graders read (data/prompt_rows.py reads them)
+ANSWER_KEYS = ("chosen", "rejected", "completion", "response", "output", "messages", "conversations", "text")
 ROLES = ("system", "user", "assistant", "tool")
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
 
@@ -30,12 +32,19 @@ class PreferenceRowError(ValueError):
 
 
 def data_shape(fmt: str) -> str:
-    """What a format's rows train: 'pairs', 'unpaired' (KTO) or 'sft' (demonstrations and text)."""
+    """What a format's rows train: 'pairs', 'unpaired' (KTO), 'prompts' (GRPO) or 'sft' (demonstrations and text)."""
+    if fmt == PROMPTS_FORMAT:
+        return "prompts"
     if fmt in PAIR_FORMATS:
         return "pairs"
     if fmt in UNPAIRED_FORMATS:
         return "unpaired"
     return "sft"
+
+
+def is_prompts_only(row: Any) -> bool:
+    """A row with a `prompt` and no answer of any known format: GRPO's prompts (answers are sampled in training)."""
+    return isinstance(row, dict) and "prompt" in row and not any(key in row for key in ANSWER_KEYS)
 
 
 def detect_preference_format(row: dict, columns: dict[str, str]) -> str | None:

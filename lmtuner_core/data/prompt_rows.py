@@ -104,3 +104,13 @@ def load_prompt_rows(spec: DatasetSpec, roots: AllowedRoots, graders: list | Non
     if not rows:
         raise DatasetError(f"dataset {shown(source.label)}: no usable prompt rows", field="dataset")
     return PromptRows(rows, source.label, skipped)
+
+
+def reference_chars(spec: DatasetSpec, roots: AllowedRoots, graders: list | None) -> int | None:
+    """The longest reference answer (characters) in the columns the graders compare with, or None when they compare
+    with none: how long the sampled answers need to be."""
+    columns = reference_columns(graders)
+    if not columns:
+        return None
+    rows = load_prompt_rows(spec, roots, graders).rows
+    return max((len(str(row[c])) for row in rows for c in columns if row.get(c) is not None), default=None)

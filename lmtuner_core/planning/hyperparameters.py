@@ -8,6 +8,7 @@ what decides whether the model gets better at the task without losing what it kn
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Literal
@@ -166,5 +167,39 @@ def preference_recipe(stage: str, method: str, rows: int | None) -> tuple[dict, 
         f"{epochs:g} epochs; reference model: {reference}.",
         "Held-out pairs are kept aside (eval_fraction 'auto'): the job's report compares how often the base and the "
         "tuned model prefer the chosen answer on them (preference accuracy).",
+    ]
+    return fields, why
+
+
+# GRPO's recipe, from its proof on SmolLM2-135M-Instruct with LoRA r=16 (bench/grpo_dates_iso.json, docs/GRPO.md:
+# held-out grader score 0.18 -> 0.79 in 40 steps): 4 answers sampled per prompt, a constant learning rate, and room
+# for about twice the reference answer. Full fine-tuning keeps the stage's usual (TRL's) rate.
+GRPO_GENERATIONS = 4
+GRPO_COMPLETION_DEFAULT = 64  # tokens, when no reference column tells the answer's length
+GRPO_CHARS_PER_TOKEN = 3.0  # conservative: digits and punctuation take a token each in most tokenizers
+
+
+def grpo_recipe(method: str, rows: int | None, answer_chars: int | None) -> tuple[dict, list[str]]:
+    """(config fields, rationale) for stage grpo: learning rate, one pass over the prompts, and the sampling."""
+    from lmtuner_core.methods import METHODS, default_learning_rate
+    from lmtuner_core.stages import STAGES
+
+    rate = STAGES["grpo"].learning_rate(default_learning_rate(method), METHODS[method].adapter)
+    if answer_chars:
+        completion = max(8, min(512, math.ceil(2 * answer_chars / GRPO_CHARS_PER_TOKEN) + 4))
+        room = f"{completion} tokens of answer (about twice the longest reference answer, {answer_chars} characters)"
+    else:
+        completion = GRPO_COMPLETION_DEFAULT
+        room = f"{completion} tokens of answer (no reference column tells the answers' length)"
+    fields = {
+        "learning_rate": rate, "num_epochs": 1.0, "lr_scheduler": "constant", "warmup_ratio": 0.0,
+        "grpo": {"num_generations": GRPO_GENERATIONS, "max_completion_length": completion},
+    }  # fmt: skip
+    why = [
+        f"Stage grpo: {STAGES['grpo'].summary}. {GRPO_GENERATIONS} answers are sampled per prompt and scored by your "
+        f"graders against each other; {room}; learning rate {rate:g} for {method}, constant, one pass over the "
+        f"{rows or 'given'} prompts. Measured with LoRA on SmolLM2-135M (docs/GRPO.md): held-out grader score 0.18 "
+        "-> 0.79 in 40 steps.",
+        "Try the graders on a few answers first (test_grader): graders that score every answer alike teach nothing.",
     ]
     return fields, why

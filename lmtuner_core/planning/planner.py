@@ -16,7 +16,13 @@ from lmtuner_core.config import DatasetSpec, LoraSettings, TrainConfig
 from lmtuner_core.errors import LmtunerError
 from lmtuner_core.methods import METHODS, default_learning_rate, planner_defaults
 from lmtuner_core.planning.hardware import GpuInfo
-from lmtuner_core.planning.hyperparameters import AnswerProfile, preference_recipe, training_recipe
+from lmtuner_core.planning.hyperparameters import (
+    GRPO_GENERATIONS,
+    AnswerProfile,
+    grpo_recipe,
+    preference_recipe,
+    training_recipe,
+)
 from lmtuner_core.planning.memory import MemoryEstimate, ModelShape, estimate_memory
 from lmtuner_core.planning.throughput import TimeEstimate
 from lmtuner_core.stages import STAGES, stage_data_refusal, stage_refusal
@@ -134,8 +140,12 @@ def _estimate(
     return estimate
 
 
-def _accumulation(batch_size: int, gpus: int) -> int:
-    """Micro-batches per optimizer step for about TARGET_EFFECTIVE_BATCH rows per update."""
+def _accumulation(batch_size: int, gpus: int, stage: str = "sft") -> int:
+    """Micro-batches per optimizer step for about TARGET_EFFECTIVE_BATCH rows per update; for grpo, sampled answers
+    per update: one prompt's group per device per micro-batch is enough, and the total must hold whole groups."""
+    if stage == "grpo":
+        whole = GRPO_GENERATIONS // math.gcd(batch_size * max(1, gpus), GRPO_GENERATIONS)
+        return whole
     return max(1, math.ceil(TARGET_EFFECTIVE_BATCH / (batch_size * max(1, gpus))))
 
 
@@ -183,8 +193,11 @@ def propose(
     profile: AnswerProfile | None = None,
     data_format: str | None = None,
     stage: str | None = None,
+    graders: list[dict] | None = None,
+    answer_chars: int | None = None,
 ) -> Proposal:
-    """Plans a job; not fitting is an answer (fits: false plus the smallest change that would fit)."""
+    """Plans a job; not fitting is an answer (fits: false plus the smallest change that would fit). Stage grpo needs
+    `graders`; `answer_chars` (its rows' longest reference answer) sizes the sampled answers."""
     budget, on_gpu = _budget_gib(hardware)
     precision = _precision(hardware)
     gpus = len(hardware.gpus)
@@ -194,6 +207,15 @@ def propose(
         method = "full"
         rationale.append("You asked for a full fine-tune, so every weight trains.")
     stage = _stage(stage, data_format, method, rationale)
+    grpo_fields: dict = {}
+    if stage == "grpo":
+        if not graders:
+            raise LmtunerError(
+                "graders: stage 'grpo' learns from graders that score its sampled answers; give them, e.g. "
+                "[{'type': 'string_check', 'reference': 'answer', 'operation': 'eq'}] (try them with test_grader)",
+                field="graders",
+            )
+        grpo_fields = grpo_recipe(method or "lora", rows, answer_chars)[0]
     seq_len = _seq_len(p95_tokens, max_seq_len, shape.max_position_embeddings, target_context)
     rope = None
     if target_context and target_context > shape.max_position_embeddings:
@@ -225,7 +247,15 @@ def propose(
     tried: list[tuple[Candidate, MemoryEstimate]] = []
     chosen = None
     for candidate in _candidates(method, gpus, shape.param_count, stage):
-        estimate = _estimate(shape, candidate, precision, seq_len, gpus, on_gpu, stage=stage)
+        sampled = None  # GRPO's generations, planned on a config of the candidate's shape
+        if stage == "grpo":
+            sampled = TrainConfig.model_validate({
+                "model": model, "dataset": dataset.model_dump(exclude_none=True), "stage": stage,
+                "method": candidate.method, "graders": graders, "grpo": grpo_fields["grpo"],
+                "batch_size": candidate.batch_size,
+                "gradient_accumulation_steps": _accumulation(candidate.batch_size, gpus, stage),
+            })  # fmt: skip
+        estimate = _estimate(shape, candidate, precision, seq_len, gpus, on_gpu, config=sampled, stage=stage)
         tried.append((candidate, estimate))
         if estimate.per_gpu_gib <= budget:
             chosen = (candidate, estimate)
@@ -247,7 +277,7 @@ def propose(
                          "much less memory.")  # fmt: skip
     if candidate.zero_stage:
         rationale.append(f"DeepSpeed ZeRO-{candidate.zero_stage} shares the training state across the {gpus} GPUs.")
-    accumulation = _accumulation(candidate.batch_size, gpus)
+    accumulation = _accumulation(candidate.batch_size, gpus, stage)
     rationale.append(
         f"Batch {candidate.batch_size} per device x {accumulation} accumulation steps"
         + (f" x {gpus} GPUs" if gpus > 1 else "")
@@ -255,6 +285,9 @@ def propose(
     )
     if stage == "sft":
         recipe, why = training_recipe(profile, candidate.method, rows)
+    elif stage == "grpo":
+        recipe, why = grpo_recipe(candidate.method, rows, answer_chars)
+        recipe["graders"] = graders
     else:
         recipe, why = preference_recipe(stage, candidate.method, rows)
     rationale += why
