@@ -38,9 +38,15 @@ def test_completed_job_writes_a_model_card_with_its_report(tmp_path, lmtuner_hom
     async def run():
         async with stdio_client(lmtuner_home, [tmp_path, tiny_model]) as client:
             started = await call_ok(client, "start_training", {"config": config})
-            return await wait_for_end(client, started["job_id"])
+            final = await wait_for_end(client, started["job_id"])
+            derived = {"model": str(tiny_model), "adapter": final["output_dir"]}
+            merged = await call_ok(client, "merge_adapter", {**derived, "output_dir": str(tmp_path / "merged")})
+            quantized = await call_ok(
+                client, "quantize", {**derived, "method": "bnb-nf4", "output_dir": str(tmp_path / "nf4")}
+            )
+            return final, merged, quantized
 
-    final = anyio.run(run)
+    final, merged, quantized = anyio.run(run)
     assert final["status"] == "completed", final["error"]
     report = final["report"]
     card_path = Path(final["output_dir"]) / "README.md"
@@ -70,6 +76,16 @@ def test_completed_job_writes_a_model_card_with_its_report(tmp_path, lmtuner_hom
     assert eval_results(exported)[f"{metric} (tuned model)"] == report["tuned"]
     assert "ollama create my-model -f Modelfile" in exported.text and "tiny-q8_0.gguf" in exported.text
     check_no_absolute_paths(str(exported), tmp_path, lmtuner_home, tiny_model)
+
+    # merge_adapter and quantize write theirs too: a full model (no peft needed), with the job's scores.
+    for result, tags in ((merged, {"merged"}), (quantized, {"bnb-nf4", "quantized"})):
+        card = ModelCard.load(Path(result["model_card"]))
+        assert Path(result["model_card"]).parent == Path(result["output_dir"])
+        assert card.data.library_name == "transformers" and tags <= set(card.data.tags), card.data.tags
+        assert eval_results(card)[f"{metric} (tuned model)"] == report["tuned"]
+        assert "PeftModel" not in card.text and 'AutoModelForCausalLM.from_pretrained(".")' in card.text
+        check_no_absolute_paths(str(card), tmp_path, lmtuner_home, tiny_model)
+    assert "bnb-nf4 quantized model" in ModelCard.load(Path(quantized["model_card"])).text
 
 
 def test_job_without_held_out_rows_says_it_was_not_measured(tmp_path, lmtuner_home, tiny_model):

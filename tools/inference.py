@@ -12,6 +12,7 @@ from lmtuner_core.models.export import merge_adapter as run_merge
 from lmtuner_core.models.inference import GenerateResult, generate_with_server
 from lmtuner_core.models.inference import generate as run_generation
 from lmtuner_core.models.reference import resolve_model
+from lmtuner_core.report.model_card import export_card
 from lmtuner_core.reporting import ProgressFn
 from tools.context import ToolContext, TrustRemoteCode
 
@@ -112,4 +113,7 @@ def merge_adapter(
     output = ctx.output_folder(output_dir)
     model_ref = resolve_model(model, ctx.roots, trust_remote_code=trust_remote_code)
     with remote_code_explained(model_ref, "merge_adapter"):
-        return run_merge(model_ref, adapter_path, output, trust_remote_code=trust_remote_code)
+        result = run_merge(model_ref, adapter_path, output, trust_remote_code=trust_remote_code)
+    what = "a full model: the base with its fine-tuned LoRA adapter merged in"
+    result.model_card = str(export_card(output, model_ref, adapter_path, what=what, tags=["merged"]))
+    return result

@@ -17,6 +17,7 @@ from lmtuner_core.models.quantize import (
 )
 from lmtuner_core.models.quantize import quantize as run_quantize
 from lmtuner_core.models.reference import resolve_model
+from lmtuner_core.report.model_card import export_card
 from lmtuner_core.reporting import ProgressFn
 from tools.context import ToolContext, TrustRemoteCode
 
@@ -119,7 +120,12 @@ def quantize(
         texts = list(BUILTIN_CALIBRATION_TEXTS[:calibration_samples])
         source = f"{len(texts)} built-in sample texts"
     with remote_code_explained(model_ref, "quantize"):
-        return run_quantize(
+        result = run_quantize(
             model_ref, method, output, adapter=adapter_path, calibration_texts=texts, calibration_source=source,
             group_size=group_size, max_seq_len=max_seq_len, trust_remote_code=trust_remote_code, progress=progress,
         )  # fmt: skip
+    what = f"a {method} quantized model ({result.format}; loads with {result.loads_with})" + (
+        ", with its fine-tuned adapter merged in before quantizing" if adapter_path else ""
+    )
+    result.model_card = str(export_card(output, model_ref, adapter_path, what=what, tags=[method, "quantized"]))
+    return result

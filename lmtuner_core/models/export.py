@@ -14,6 +14,9 @@ class MergeResult(BaseModel):
     output_dir: str = Field(description="The merged model folder (config.json, safetensors, tokenizer).")
     size_bytes: int = Field(description="Total size of the files written.")
     base_model: str = Field(description="The base the adapter was merged into.")
+    model_card: str | None = Field(
+        None, description="README.md in output_dir: the Hugging Face model card (training, evaluation, how to run it)."
+    )
 
 
 def folder_size(path: Path) -> int:

@@ -97,6 +97,9 @@ class QuantizeResult(BaseModel):
         None, description="gptq-w4a16: how many calibration texts GPTQ saw (from `dataset`, else a built-in sample)."
     )
     calibration_source: str | None = Field(None, description="gptq-w4a16: where the calibration texts came from.")
+    model_card: str | None = Field(
+        None, description="README.md in output_dir: the Hugging Face model card (training, evaluation, how to run it)."
+    )
 
 
 def _top_level_size(path: Path) -> int:

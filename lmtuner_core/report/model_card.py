@@ -208,15 +208,19 @@ def model_card(
     job_seconds: float | None = None,
     gguf_file: str | None = None,
     name: str | None = None,
+    what: str | None = None,
+    tags: list[str] | None = None,
 ) -> str:
-    """The card's text. `gguf_file`: the file name of an export (the card then describes that file)."""
+    """The card's text. `gguf_file`: the file name of an export (the card then describes that file); `what`: what the
+    folder holds when it is derived from the trained model otherwise (merged, quantized), with its `tags`."""
     from huggingface_hub import ModelCard
 
     base = public_name(config.get("model"))
     name = name or f"{base.split('/')[-1]}-{config.get('method', 'tuned')}"
-    library = "transformers" if gguf_file or not adapter else "peft"
-    data = card_data(config, report, name, library, ["gguf"] if gguf_file else [])
-    what = f"the GGUF file `{gguf_file}`" if gguf_file else ("a LoRA adapter" if adapter else "a full model")
+    library = "transformers" if gguf_file or what or not adapter else "peft"
+    data = card_data(config, report, name, library, (["gguf"] if gguf_file else []) + list(tags or []))
+    loads_as_adapter = adapter and not gguf_file and not what  # else the folder holds a whole model
+    what = what or (f"the GGUF file `{gguf_file}`" if gguf_file else ("a LoRA adapter" if adapter else "a full model"))
     body = [
         f"# {name}",
         "",
@@ -236,7 +240,7 @@ def model_card(
         "",
         "## How to use",
         "",
-        *_usage(base, adapter and not gguf_file, gguf_file, (config.get("lora") or {}).get("r")),
+        *_usage(base, loads_as_adapter, gguf_file, (config.get("lora") or {}).get("r")),
         "",
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)))
@@ -248,9 +252,18 @@ def write_model_card(folder: Path, text: str) -> Path:
     return path
 
 
-def export_card(output: Path, model: str, adapter: Path | None, gguf_file: str) -> Path:
-    """Writes the card of an export into its folder: the training job's config and report when the adapter (or the
-    full model) was trained by lmtuner (its marker names the run folder), else the base model alone."""
+def export_card(
+    output: Path,
+    model: str,
+    adapter: Path | None,
+    gguf_file: str | None = None,
+    *,
+    what: str | None = None,
+    tags: list[str] | None = None,
+) -> Path:
+    """Writes the card of a model derived from a trained one (a GGUF export, a merged or a quantized folder) into its
+    folder: the training job's config and report when the adapter (or the full model) was trained by lmtuner (its
+    marker names the run folder), else the base model alone."""
     trained = adapter if adapter is not None else Path(model)
     marker = read_json(trained / ARTIFACT_MARKER) if trained.is_dir() else None
     config: dict[str, Any] = {}
@@ -261,6 +274,8 @@ def export_card(output: Path, model: str, adapter: Path | None, gguf_file: str) 
         report = read_report(Path(run_dir)) if Path(run_dir, REPORT_FILE).is_file() else None
     if not config:  # not trained here: describe the export of the model as it is
         config = {"model": model, "method": "none", "stage": "export"}
-    name = Path(gguf_file).stem
-    text = model_card(config, report, adapter=adapter is not None, gguf_file=Path(gguf_file).name, name=name)
+    name = Path(gguf_file).stem if gguf_file else output.name
+    shown_file = Path(gguf_file).name if gguf_file else None
+    adapted = adapter is not None
+    text = model_card(config, report, adapter=adapted, gguf_file=shown_file, name=name, what=what, tags=tags)
     return write_model_card(output, text)
