@@ -61,6 +61,7 @@ $(STAMP): $(PY) pyproject.toml constraints-cpu.txt
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)
+	@$(PY) -m server.tool_cache >/dev/null  # the tool listing for a fast first start (server/tool_cache.py)
 
 # No file prerequisites: a fresh clone's files are newer than the cached stamp, whose name already holds the hash.
 $(VLLM_STAMP):

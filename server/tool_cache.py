@@ -1,7 +1,10 @@
 """tools/list without importing the tools: the listing (descriptions and JSON schemas) of the last start is kept in
-$LMTUNER_HOME/cache, keyed by the source files it was built from, and a tool is built (its module imported, its
-argument model made) on its first call. Building every schema takes about as long as the SDK's own import; a start
-that reuses them answers tools/list nearly as fast as a bare SDK server. Written by hand: the SDK has no schema cache.
+$LMTUNER_HOME/cache and in the user's cache folder (so a new $LMTUNER_HOME starts fast too; `make install` fills it),
+keyed by the source files it was built from, and a tool is built (its module imported, its argument model made) on
+its first call. Building every schema takes about as long as the SDK's own import; a start that reuses them answers
+tools/list nearly as fast as a bare SDK server. Written by hand: the SDK has no schema cache.
+
+    python -m server.tool_cache     # build the listing now (make install runs it)
 """
 
 from __future__ import annotations
@@ -48,36 +51,62 @@ def _stat(path: Path) -> str:
     return f"{path} {info.st_size} {info.st_mtime_ns}"
 
 
-def cache_file(home: Path) -> Path:
-    return home / "cache" / f"tools-{source_key()}.json"
+SHARED_KEPT = 8  # listings kept in the user's cache folder: several checkouts (worktrees) may share it
 
 
-def load(home: Path) -> dict[str, dict[str, Any]]:
-    """The cached listing by tool name; empty when there is none for these sources."""
+def shared_folder() -> Path:
+    """The user's cache folder for listings: $LMTUNER_CACHE_DIR, else $XDG_CACHE_HOME/lmtuner, else ~/.cache/lmtuner."""
+    folder = os.environ.get("LMTUNER_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "lmtuner"
+    return Path(folder).expanduser() / "tool-listings"
+
+
+def cache_files(home: Path) -> list[Path]:
+    """Where the listing of these sources is kept: the home's own, then the user's shared one."""
+    name = f"tools-{source_key()}.json"
+    return [home / "cache" / name, shared_folder() / name]
+
+
+def _read(path: Path) -> dict[str, dict[str, Any]]:
     try:
-        data = json.loads(cache_file(home).read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
+def load(home: Path) -> dict[str, dict[str, Any]]:
+    """The cached listing by tool name; empty when there is none for these sources."""
+    for path in cache_files(home):
+        if listing := _read(path):
+            return listing
+    return {}
+
+
 def save(home: Path, tools: list[Tool]) -> None:
     """Keeps the listing of `tools` for the next start (merged with what is there: --read-only lists fewer)."""
-    path = cache_file(home)
     listing = load(home) | {
         tool.name: {"description": tool.description, "parameters": tool.parameters, "output": tool.output_schema}
         for tool in tools
     }
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for old in path.parent.glob("tools-*.json"):
-            if old != path:
+    own, shared = cache_files(home)
+    for path, kept in ((own, 1), (shared, SHARED_KEPT)):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(listing), encoding="utf-8")
+            os.replace(tmp, path)
+            older = sorted((p for p in path.parent.glob("tools-*.json") if p != path), key=_mtime, reverse=True)
+            for old in older[kept - 1 :]:
                 old.unlink(missing_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(listing), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:  # a read-only home: every start builds the schemas, nothing else changes
-        logging.getLogger(__name__).debug("tool listing not cached", exc_info=True)
+        except OSError:  # a read-only folder: starts build the schemas, nothing else changes
+            logging.getLogger(__name__).debug("tool listing not cached in %s", path.parent, exc_info=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 class DeferredTool(Tool):
@@ -115,3 +144,13 @@ class DeferredTool(Tool):
 
 def _unbuilt(**_: Any) -> None:
     raise RuntimeError("a deferred tool runs through DeferredTool.run")
+
+
+if __name__ == "__main__":  # build and keep the listing now, as a first start would (make install)
+    import tempfile
+
+    from server.app import build_server
+
+    with tempfile.TemporaryDirectory() as scratch:
+        build_server(home=Path(scratch))
+    print(f"tool listing kept in {shared_folder()}")

@@ -37,3 +37,8 @@ def shared_data() -> Path:
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("PYDANTIC_ERRORS_INCLUDE_URL", "0")
+    # The tool listing every server start reads (server/tool_cache.py) is kept for this session only: built by the
+    # first start, shared by the servers of every test after it (as by a user's homes), never the user's own.
+    import tempfile
+
+    os.environ["LMTUNER_CACHE_DIR"] = tempfile.mkdtemp(prefix="lmtuner-test-cache-")

@@ -31,7 +31,8 @@ def _list_tools(**kwargs) -> list:
 
 def test_building_the_server_imports_neither_torch_nor_transformers(tmp_path):
     """Neither on a first start (the tool schemas are built) nor on a later one (listed from the cache of the first,
-    and then the tool modules are not imported either: a tool is built on its first call)."""
+    and then the tool modules are not imported either: a tool is built on its first call) — in the same home, or in a
+    new one (the listing is also kept in the user's cache folder)."""
     code = (
         "import sys; from pathlib import Path; from server.app import build_server; "
         "build_server(home=Path(sys.argv[1])); "
@@ -39,12 +40,19 @@ def test_building_the_server_imports_neither_torch_nor_transformers(tmp_path):
         "tools = [m for m in sys.modules if m.startswith('tools.') and m != 'tools.context']; "
         "print(','.join(heavy) + ';' + ','.join(sorted(tools)))"
     )
-    first, later = (
-        subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
-        for _ in range(2)
-    )
-    assert first.stdout.strip().split(";")[0] == "", f"server start-up imported {first.stdout.strip()}"
-    assert later.stdout.strip() == ";", f"a start with the listing cached imported {later.stdout.strip()}"
+    env = {**os.environ, "LMTUNER_CACHE_DIR": str(tmp_path / "user-cache")}  # nothing cached yet
+
+    def start(home: Path) -> str:
+        run = subprocess.run([sys.executable, "-c", code, str(home)], capture_output=True, text=True, check=True,
+                             env=env)  # fmt: skip
+        return run.stdout.strip()
+
+    first, later, new_home = start(tmp_path / "home"), start(tmp_path / "home"), start(tmp_path / "other-home")
+    heavy, built = first.split(";")
+    assert heavy == "" and "tools.training" in built, f"server start-up imported {first}"
+    assert later == ";", f"a start with the listing cached imported {later}"
+    assert new_home == ";", f"a new home's start, the listing in the user's cache, imported {new_home}"
+    assert list((tmp_path / "user-cache" / "tool-listings").glob("tools-*.json"))
 
 
 def test_cached_listing_is_the_built_one_and_its_tools_run(tmp_path, tiny_model):

@@ -169,7 +169,6 @@ class ProgressWriter(TrainerCallback):
         print(f"[lmtuner] {json.dumps(record)}", flush=True)
 
 
-
 def device_arguments(deepspeed: str | None) -> dict:
     """TrainingArguments' device keys, shared by every stage's TRL config: the CPU, DeepSpeed, and gloo for several
     processes on the CPU (naming a backend for one process would start a process group)."""
