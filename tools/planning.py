@@ -184,6 +184,12 @@ def propose_config(
         graders=[g.model_dump() for g in graders] if graders else None,
         answer_chars=answer_chars,
     )  # fmt: skip
+    if eval_dataset is not None and plan.config.stage == "grpo":
+        raise LmtunerError(
+            "eval_dataset: stage grpo measures nothing on held-out rows while it trains; leave it out and score the "
+            "held-out prompts afterwards with evaluate(graders=…, adapter=…)",
+            field="eval_dataset",
+        )
     if eval_dataset is not None:
         held_out = checked_dataset(dataset_spec(eval_dataset), ctx.roots, "eval_dataset")[0]  # refused now, by name
         plan.config = TrainConfig.model_validate({**plan.config.model_dump(), "eval_dataset": held_out.model_dump()})

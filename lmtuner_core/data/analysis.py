@@ -107,7 +107,7 @@ def analyze_dataset(
     """Reads every row (bad ones counted, not fatal; a file over MAX_READ_CHARS only that far) and measures token
     lengths with the model's tokenizer, on a bounded sample of rows and of each row's characters."""
     source = resolve_dataset(spec, roots)
-    if spec.format == "auto" and not spec.columns and is_prompts_only(_first_row(source.files)):
+    if source.format == "auto" and not source.columns and is_prompts_only(_first_row(source.files)):
         return _analyze_prompt_rows(spec, roots, model, progress)
     loaded = load_examples(spec.model_copy(update={"skip_bad_rows": True}), roots, source, max_chars=MAX_READ_CHARS)
     examples = loaded.examples

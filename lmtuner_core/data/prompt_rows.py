@@ -13,7 +13,7 @@ from typing import Any
 
 from lmtuner_core.config import DatasetSpec
 from lmtuner_core.data.datasets import DatasetError, iter_rows, resolve_dataset
-from lmtuner_core.errors import shown
+from lmtuner_core.errors import LmtunerError, shown
 from lmtuner_core.paths import AllowedRoots
 
 ROLES = ("system", "user", "assistant")
@@ -108,9 +108,18 @@ def load_prompt_rows(spec: DatasetSpec, roots: AllowedRoots, graders: list | Non
 
 def reference_chars(spec: DatasetSpec, roots: AllowedRoots, graders: list | None) -> int | None:
     """The longest reference answer (characters) in the columns the graders compare with, or None when they compare
-    with none: how long the sampled answers need to be."""
+    with none: how long the sampled answers need to be. A grader naming a column no row has is refused by name."""
     columns = reference_columns(graders)
     if not columns:
         return None
-    rows = load_prompt_rows(spec, roots, graders).rows
+    rows = load_prompt_rows(spec.model_copy(update={"skip_bad_rows": True}), roots).rows
+    present = {key for row in rows for key in row}
+    for i, grader in enumerate(graders or ()):
+        column = getattr(grader, "reference", None)
+        if column and column not in present:
+            raise LmtunerError(
+                f"graders[{i}].reference: no row has the column {shown(column)} (columns: "
+                f"{', '.join(sorted(present - {'prompt'})) or 'none besides the prompt'})",
+                field=f"graders[{i}].reference",
+            )
     return max((len(str(row[c])) for row in rows for c in columns if row.get(c) is not None), default=None)

@@ -176,6 +176,7 @@ def preference_recipe(stage: str, method: str, rows: int | None) -> tuple[dict, 
 # for about twice the reference answer. Full fine-tuning keeps the stage's usual (TRL's) rate.
 GRPO_GENERATIONS = 4
 GRPO_COMPLETION_DEFAULT = 64  # tokens, when no reference column tells the answer's length
+GRPO_COMPLETION_MAX = 512  # sampled answers this long make every step slow: a longer one is the user's call
 GRPO_CHARS_PER_TOKEN = 3.0  # conservative: digits and punctuation take a token each in most tokenizers
 
 
@@ -186,8 +187,14 @@ def grpo_recipe(method: str, rows: int | None, answer_chars: int | None) -> tupl
 
     rate = STAGES["grpo"].learning_rate(default_learning_rate(method), METHODS[method].adapter)
     if answer_chars:
-        completion = max(8, min(512, math.ceil(2 * answer_chars / GRPO_CHARS_PER_TOKEN) + 4))
-        room = f"{completion} tokens of answer (about twice the longest reference answer, {answer_chars} characters)"
+        wanted = math.ceil(2 * answer_chars / GRPO_CHARS_PER_TOKEN) + 4
+        completion = max(8, min(GRPO_COMPLETION_MAX, wanted))
+        room = (
+            f"{completion} tokens of answer (about twice the longest reference answer, {answer_chars} characters)"
+            if completion == wanted or completion == 8
+            else f"{completion} tokens of answer (the cap: the longest reference answer, {answer_chars} characters, "
+            "would want more; raise grpo.max_completion_length if answers are cut)"
+        )
     else:
         completion = GRPO_COMPLETION_DEFAULT
         room = f"{completion} tokens of answer (no reference column tells the answers' length)"

@@ -143,9 +143,8 @@ def _estimate(
 def _accumulation(batch_size: int, gpus: int, stage: str = "sft") -> int:
     """Micro-batches per optimizer step for about TARGET_EFFECTIVE_BATCH rows per update; for grpo, sampled answers
     per update: one prompt's group per device per micro-batch is enough, and the total must hold whole groups."""
-    if stage == "grpo":
-        whole = GRPO_GENERATIONS // math.gcd(batch_size * max(1, gpus), GRPO_GENERATIONS)
-        return whole
+    if stage == "grpo":  # TrainConfig checks each process's share: batch_size x accumulation holds whole groups
+        return GRPO_GENERATIONS // math.gcd(batch_size, GRPO_GENERATIONS)
     return max(1, math.ceil(TARGET_EFFECTIVE_BATCH / (batch_size * max(1, gpus))))
 
 
@@ -215,6 +214,12 @@ def propose(
                 "[{'type': 'string_check', 'reference': 'answer', 'operation': 'eq'}] (try them with test_grader)",
                 field="graders",
             )
+        if any(g.get("type") == "python" for g in graders):
+            raise LmtunerError(
+                "graders: a python grader runs code from a file, which only the job's own trust_remote_code: true "
+                "allows; plan with the declared graders, then add it and trust_remote_code to the config",
+                field="graders",
+            )
         grpo_fields = grpo_recipe(method or "lora", rows, answer_chars)[0]
     seq_len = _seq_len(p95_tokens, max_seq_len, shape.max_position_embeddings, target_context)
     rope = None
@@ -246,16 +251,15 @@ def propose(
 
     tried: list[tuple[Candidate, MemoryEstimate]] = []
     chosen = None
+    gpu_total = min((g.memory_total_mib for g in hardware.gpus), default=0) / 1024 or None
     for candidate in _candidates(method, gpus, shape.param_count, stage):
-        sampled = None  # GRPO's generations, planned on a config of the candidate's shape
+        sampled = None  # GRPO's generations, planned on the candidate's config as check_fits will see it
         if stage == "grpo":
-            sampled = TrainConfig.model_validate({
-                "model": model, "dataset": dataset.model_dump(exclude_none=True), "stage": stage,
-                "method": candidate.method, "graders": graders, "grpo": grpo_fields["grpo"],
-                "batch_size": candidate.batch_size,
-                "gradient_accumulation_steps": _accumulation(candidate.batch_size, gpus, stage),
+            sampled = _validated({
+                **_candidate_fields(model, dataset, stage, candidate, gpus, seq_len, precision),
+                "graders": graders, "grpo": grpo_fields["grpo"],
             })  # fmt: skip
-        estimate = _estimate(shape, candidate, precision, seq_len, gpus, on_gpu, config=sampled, stage=stage)
+        estimate = _estimate(shape, candidate, precision, seq_len, gpus, on_gpu, sampled, gpu_total, stage=stage)
         tried.append((candidate, estimate))
         if estimate.per_gpu_gib <= budget:
             chosen = (candidate, estimate)
@@ -281,7 +285,9 @@ def propose(
     rationale.append(
         f"Batch {candidate.batch_size} per device x {accumulation} accumulation steps"
         + (f" x {gpus} GPUs" if gpus > 1 else "")
-        + f" = {candidate.batch_size * accumulation * max(1, gpus)} rows per update."
+        + f" = {candidate.batch_size * accumulation * max(1, gpus)} "
+        + ("sampled answers" if stage == "grpo" else "rows")
+        + " per update."
     )
     if stage == "sft":
         recipe, why = training_recipe(profile, candidate.method, rows)
@@ -295,18 +301,9 @@ def propose(
         rationale.append(f"{recipe['num_epochs']:g} epochs over {rows} rows: small datasets need a few passes, large "
                          "ones one.")  # fmt: skip
     config_data: dict = {
-        "model": model,
-        "dataset": dataset.model_dump(exclude_none=True),
-        "stage": stage,
-        "method": candidate.method,
+        **_candidate_fields(model, dataset, stage, candidate, gpus, seq_len, precision),
         "learning_rate": default_learning_rate(candidate.method),
         **recipe,
-        "batch_size": candidate.batch_size,
-        "gradient_accumulation_steps": accumulation,
-        "max_seq_len": seq_len,
-        "precision": precision,
-        "gradient_checkpointing": candidate.gradient_checkpointing,
-        "optimizer": candidate.optimizer,
     }
     if rope:
         config_data["rope_scaling"] = rope
@@ -315,15 +312,32 @@ def propose(
             "stage": candidate.zero_stage, "offload_optimizer": candidate.offload_optimizer,
             "offload_params": candidate.offload_params,
         }  # fmt: skip
-    try:
-        config = TrainConfig.model_validate(config_data)
-    except ValueError as exc:
-        raise LmtunerError(f"the planner built an invalid config ({exc}); please report this") from None
+    config = _validated(config_data)
     alternatives = _alternatives(shape, candidate, precision, seq_len, gpus, on_gpu, budget)
     return Proposal(
         config=config, memory=_breakdown(estimate, budget), fits=fits, rationale=rationale,
         alternatives=alternatives, warnings=warnings,
     )  # fmt: skip
+
+
+def _candidate_fields(
+    model: str, dataset: DatasetSpec, stage: str, candidate: Candidate, gpus: int, seq_len: int, precision: str
+) -> dict:
+    """The config keys a candidate decides: what trains, how much at once, at what length and precision."""
+    accumulation = _accumulation(candidate.batch_size, gpus, stage)
+    return {
+        "model": model, "dataset": dataset.model_dump(exclude_none=True), "stage": stage, "method": candidate.method,
+        "batch_size": candidate.batch_size, "gradient_accumulation_steps": accumulation, "max_seq_len": seq_len,
+        "precision": precision, "gradient_checkpointing": candidate.gradient_checkpointing,
+        "optimizer": candidate.optimizer,
+    }  # fmt: skip
+
+
+def _validated(config_data: dict) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(config_data)
+    except ValueError as exc:
+        raise LmtunerError(f"the planner built an invalid config ({exc}); please report this") from None
 
 
 def _stage(stage: str | None, data_format: str | None, method: str | None, rationale: list[str]) -> str:
