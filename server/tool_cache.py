@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,20 +67,35 @@ def cache_files(home: Path) -> list[Path]:
     return [home / "cache" / name, shared_folder() / name]
 
 
+ENTRY_KEYS = {"description", "parameters", "output"}
+
+
+def _trusted(path: Path) -> bool:
+    """A listing is shown to the agent word for word: read only a file of this user's that no one else can write."""
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    return (not hasattr(os, "getuid") or info.st_uid == os.getuid()) and not info.st_mode & 0o022
+
+
 def _read(path: Path) -> dict[str, dict[str, Any]]:
+    if not _trusted(path):
+        return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {name: entry for name, entry in data.items() if isinstance(entry, dict) and set(entry) == ENTRY_KEYS}
 
 
 def load(home: Path) -> dict[str, dict[str, Any]]:
-    """The cached listing by tool name; empty when there is none for these sources."""
-    for path in cache_files(home):
-        if listing := _read(path):
-            return listing
-    return {}
+    """The cached listing by tool name (the shared one completed by the home's own); empty when there is none for
+    these sources."""
+    own, shared = cache_files(home)
+    return _read(shared) | _read(own)
 
 
 def save(home: Path, tools: list[Tool]) -> None:
@@ -91,9 +107,10 @@ def save(home: Path, tools: list[Tool]) -> None:
     own, shared = cache_files(home)
     for path, kept in ((own, 1), (shared, SHARED_KEPT)):
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(listing), encoding="utf-8")
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+            with os.fdopen(handle, "w", encoding="utf-8") as out:  # mkstemp: this user's alone (0600)
+                json.dump(listing, out)
             os.replace(tmp, path)
             older = sorted((p for p in path.parent.glob("tools-*.json") if p != path), key=_mtime, reverse=True)
             for old in older[kept - 1 :]:
@@ -147,8 +164,6 @@ def _unbuilt(**_: Any) -> None:
 
 
 if __name__ == "__main__":  # build and keep the listing now, as a first start would (make install)
-    import tempfile
-
     from server.app import build_server
 
     with tempfile.TemporaryDirectory() as scratch:

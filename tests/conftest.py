@@ -42,3 +42,9 @@ def pytest_configure(config):
     import tempfile
 
     os.environ["LMTUNER_CACHE_DIR"] = tempfile.mkdtemp(prefix="lmtuner-test-cache-")
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    shutil.rmtree(os.environ.get("LMTUNER_CACHE_DIR", ""), ignore_errors=True)
