@@ -82,6 +82,8 @@ def llamacpp_python() -> Path:
     return Path(os.environ.get(LLAMACPP_PYTHON_ENV) or DEFAULT_LLAMACPP_PYTHON)
 
 
+TRAIN_STEPS = 12  # the real-model run, shortened for CI (see its test)
+
 needs_smollm2 = pytest.mark.skipif(
     not SMOLLM2_GGUF.is_file(), reason=f"SmolLM2 GGUF not found at {SMOLLM2_GGUF}: run `make smollm2`"
 )
@@ -91,8 +93,6 @@ needs_llamacpp = pytest.mark.skipif(
 )
 
 # llama.cpp as the second, independent GGUF reader: it applies the chat template stored in the file itself.
-TRAIN_STEPS = 12  # the real-model run, shortened for CI (see its test)
-
 LLAMACPP_ANSWERS = """
 import json, sys
 from llama_cpp import Llama

@@ -233,6 +233,15 @@ def model_card(
         "## Evaluation",
         "",
         *_evaluation_lines(report),
+        *(
+            [
+                "",
+                "These scores were measured on the fine-tuned model before it became this folder's "
+                f"{'file' if gguf_file else 'model'}; its own answers may differ slightly.",
+            ]
+            if report is not None and (gguf_file or what)
+            else []
+        ),
         "",
         "## Limitations",
         "",
