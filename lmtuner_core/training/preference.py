@@ -31,7 +31,7 @@ from lmtuner_core.report.result import ResultReport, advise, verdict, write_repo
 from lmtuner_core.run import process_rank
 from lmtuner_core.stages import STAGES, stage_data_refusal
 from lmtuner_core.training.model_setup import apply_method, count_parameters, load_base_model
-from lmtuner_core.training.recipe import ProgressWriter, SFTRecipe
+from lmtuner_core.training.recipe import SFTRecipe
 
 REPORT_BATCH = 8
 
@@ -196,15 +196,7 @@ class PreferenceRecipe(SFTRecipe):
         settings = config.preference or PreferenceSettings()
         beta = settings.beta if settings.beta is not None else (stage.beta or 0.1)
         args, trainer_class = TRAINERS[config.stage](self._trainer_arguments(), config, settings, beta)
-        self.trainer = trainer_class(
-            model=self.model,
-            args=args,
-            train_dataset=self.train_dataset,
-            eval_dataset=self.eval_dataset,
-            processing_class=self.tokenizer,
-            callbacks=[ProgressWriter(self.run, self.state, self.stop)],
-        )
-        self._finish_trainer()
+        self._build_trainer(trainer_class, args)
 
     def report(self, job_seconds: float) -> None:
         """Writes report.json: base vs tuned preference accuracy on the held-out pairs."""

@@ -171,7 +171,8 @@ class ProgressWriter(TrainerCallback):
 
 def device_arguments(deepspeed: str | None) -> dict:
     """TrainingArguments' device keys, shared by every stage's TRL config: the CPU, DeepSpeed, and gloo for several
-    processes on the CPU (naming a backend for one process would start a process group)."""
+    processes on the CPU (naming a backend for one process would start a process group). For DeepSpeed on several
+    CPU processes it also sets up accelerate's process-wide distributed state (below), before the config is made."""
     several = process_rank()[2] > 1
     cpu = not torch.cuda.is_available()
     if deepspeed is not None and cpu and several:
@@ -183,8 +184,11 @@ def device_arguments(deepspeed: str | None) -> dict:
 
         from accelerate import PartialState
 
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        PartialState(backend="gloo")
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # as transformers does around its own PartialState
+        try:
+            PartialState(backend="gloo")
+        finally:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
         return {"use_cpu": False, "deepspeed": deepspeed, "accelerator_config": {"use_configured_state": True}}
     return {
         # With DeepSpeed the accelerator is chosen by DeepSpeed (DS_ACCELERATOR=cpu), not by use_cpu.
@@ -435,6 +439,19 @@ class SFTRecipe:
             save_only_model=False,
         )
 
+    def _build_trainer(self, trainer_class: type, args) -> None:
+        """The stage's TRL trainer on the pieces every stage shares: the model, the rows, the tokenizer, one progress
+        line per logged step, and early stopping (`_finish_trainer`)."""
+        self.trainer = trainer_class(
+            model=self.model,
+            args=args,
+            train_dataset=self.train_dataset,
+            eval_dataset=self.eval_dataset,
+            processing_class=self.tokenizer,
+            callbacks=[ProgressWriter(self.run, self.state, self.stop)],
+        )
+        self._finish_trainer()
+
     def _finish_trainer(self) -> None:
         """What every stage's trainer gets: early stopping on the held-out loss, and one JSON line per logged step."""
         if self.eval_dataset is not None and self.config.early_stopping_patience:
@@ -454,15 +471,7 @@ class SFTRecipe:
             # A flattened batch has no padding at all (and a pad token may double as end of turn): count every token.
             include_num_input_tokens_seen="all" if self.packing else "non_padding",
         )
-        self.trainer = SFTTrainer(
-            model=self.model,
-            args=args,
-            train_dataset=self.train_dataset,
-            eval_dataset=self.eval_dataset,
-            processing_class=self.tokenizer,
-            callbacks=[ProgressWriter(self.run, self.state, self.stop)],
-        )
-        self._finish_trainer()
+        self._build_trainer(SFTTrainer, args)
         if self.packing:
             self.trainer.data_collator = FlatRowsCollator()
             if not torch.cuda.is_available():
