@@ -4,6 +4,7 @@ user-facing errors into tool errors the agent can read. Importing this module mu
 from __future__ import annotations
 
 import base64
+import contextlib
 import difflib
 import functools
 import importlib
@@ -265,6 +266,8 @@ def build_server(
     neither, only 'auto'. server_options: more MCPServer arguments (the auth of `--auth oauth|oidc`, see
     server/auth/setup.py)."""
     home = home or lmtuner_home()
+    with contextlib.suppress(OSError):  # its logs, jobs and caches go here from the first call
+        home.mkdir(parents=True, exist_ok=True)
     # The server's own run folders are always readable: an agent passes a job's output_dir to generate/merge;
     # so are the folders it converted .gguf models into, which propose_config puts in its config.
     allowed = AllowedRoots([*roots, home / "runs", home / "models"] if roots is not None else [Path.cwd(), home])

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field
 
 from lmtuner_core.errors import LmtunerError, remote_code_explained
-from lmtuner_core.models.export import MergeResult
+from lmtuner_core.models.export import MergeResult, folder_size
 from lmtuner_core.models.export import merge_adapter as run_merge
 from lmtuner_core.models.inference import GenerateResult, generate_with_server
 from lmtuner_core.models.inference import generate as run_generation
@@ -116,4 +116,5 @@ def merge_adapter(
         result = run_merge(model_ref, adapter_path, output, trust_remote_code=trust_remote_code)
     what = "a full model: the base with its fine-tuned LoRA adapter merged in"
     result.model_card = str(export_card(output, model_ref, adapter_path, what=what, tags=["merged"]))
+    result.size_bytes = folder_size(output)  # the card is one of the files written
     return result

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from lmtuner_core.config import DatasetSpec, dataset_spec
 from lmtuner_core.errors import LmtunerError, remote_code_explained, shown
+from lmtuner_core.models.export import folder_size
 from lmtuner_core.models.quantize import (
     BUILTIN_CALIBRATION_TEXTS,
     GROUP_SIZES,
@@ -128,4 +129,7 @@ def quantize(
         ", with its fine-tuned adapter merged in before quantizing" if adapter_path else ""
     )
     result.model_card = str(export_card(output, model_ref, adapter_path, what=what, tags=[method, "quantized"]))
+    result.size_bytes = folder_size(output)  # the card is one of the files written
+    if result.source_size_bytes:
+        result.ratio = round(result.size_bytes / result.source_size_bytes, 4)
     return result
