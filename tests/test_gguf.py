@@ -169,7 +169,7 @@ def test_real_model_trained_on_the_plan_reports_what_it_learned_and_its_gguf_exp
     tmp_path, lmtuner_home
 ):
     """SmolLM2 (from its .gguf), trained on propose_config's recipe, gets a result report that measures it on held-out
-    countries and on the probe; export_model writes q8_0 and q4_k_m GGUF files that transformers' GGUF loader and
+    countries (the retention probe is make demo's); export_model writes q8_0 and q4_k_m GGUF files that transformers' GGUF loader and
     llama.cpp both read back, answering like the tuned model. The run is cut to TRAIN_STEPS steps for CI's time: the
     plan's whole run, and what it achieves, is `make demo`'s and bench/recipe_study.py's (docs/TUNING.md)."""
     data = write_capitals_dataset(tmp_path / "capitals.jsonl")
@@ -190,7 +190,8 @@ def test_real_model_trained_on_the_plan_reports_what_it_learned_and_its_gguf_exp
                 "model": gguf, "dataset": str(data), "eval_dataset": str(held_out),
                 "goal": "answer with the capital's name alone"})  # fmt: skip
             # the plan's recipe, shortened; every held-out pair shown
-            config = {**plan["config"], "max_steps": TRAIN_STEPS, "report": {"samples": 16}}
+            # the retention probe is left to make demo (it asks 256 questions of both models: a minute of CI)
+            config = {**plan["config"], "max_steps": TRAIN_STEPS, "report": {"samples": 16, "retention": False}}
             started = await call_ok(client, "start_training", {"config": config})
             final = await wait_for_end(client, started["job_id"], timeout=2000)
             assert final["status"] == "completed", final["error"]
@@ -225,13 +226,11 @@ def test_real_model_trained_on_the_plan_reports_what_it_learned_and_its_gguf_exp
     # this model: docs/TUNING.md): the base answers in sentences, so 0-1 of 16 exact; the base knows most probe facts
     # asked; scores, verdict and advice agree with each other.
     assert report["base"] <= 0.125 and len(known) >= 12, report["base"]
-    retention = report["retention"]
-    assert retention["questions"] >= 150 and retention["known"] >= 60, retention
-    assert retention["kept"] == retention["known"] - round(retention["forgetting"] * retention["known"])
+    assert report["retention"] is None
     assert report["tuned"] == round(sum(p["tuned_score"] for p in pairs) / len(pairs), 4)
     assert report["verdict"] in ("better", "forgot", "no gain", "worse") and report["advice"]
-    assert (report["verdict"] == "forgot") == (report["tuned"] >= report["base"] + 0.02 and
-                                               retention["forgetting"] > 0.05)  # fmt: skip
+    assert report["verdict"] != "forgot"  # only the probe can say so
+    assert (report["verdict"] == "better") == (report["tuned"] >= report["base"] + 0.02)
 
     card = ModelCard.load(Path(q8["model_card"]))  # the export's model card carries the job's scores
     assert card.data.base_model == SMOLLM2_GGUF.name and "gguf" in card.data.tags
