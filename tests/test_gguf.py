@@ -169,9 +169,9 @@ def test_real_model_trained_on_the_plan_reports_what_it_learned_and_its_gguf_exp
     tmp_path, lmtuner_home
 ):
     """SmolLM2 (from its .gguf), trained on propose_config's recipe, gets a result report that measures it on held-out
-    countries (the retention probe is make demo's); export_model writes q8_0 and q4_k_m GGUF files that transformers' GGUF loader and
-    llama.cpp both read back, answering like the tuned model. The run is cut to TRAIN_STEPS steps for CI's time: the
-    plan's whole run, and what it achieves, is `make demo`'s and bench/recipe_study.py's (docs/TUNING.md)."""
+    countries (the retention probe is make demo's); export_model writes q8_0 and q4_k_m GGUF files that transformers'
+    GGUF loader and llama.cpp both read back, answering like the tuned model. The run is cut to TRAIN_STEPS steps for
+    CI's time: the plan's whole run, and what it achieves, is `make demo`'s and bench/recipe_study.py's."""
     data = write_capitals_dataset(tmp_path / "capitals.jsonl")
     held_out = write_capitals_dataset(tmp_path / "held-out.jsonl", CAPITALS_HELD_OUT)
     prompts = capital_prompts()
