@@ -122,12 +122,7 @@ def analyze_dataset(
             f"{len(loaded.skipped)} malformed rows; training fails on the first unless dataset.skip_bad_rows is "
             f"true. First: {loaded.skipped[0]}"
         )
-    seen: set[str] = set()
-    duplicates = 0
-    for example in examples:
-        digest = hashlib.sha1(json.dumps(example, sort_keys=True).encode()).hexdigest()
-        duplicates += digest in seen
-        seen.add(digest)
+    duplicates = _repeats(examples)
     if duplicates:
         problems.append(f"{duplicates} rows repeat an earlier row exactly; duplicates weigh those examples double")
     problems += preference_problems(examples, loaded.format)
@@ -186,7 +181,6 @@ def analyze_dataset(
             "lengths are estimated from their start; rows that long are mostly cut away by max_seq_len"
         )
     ordered = sorted(lengths)
-    truncated = {str(cut): sum(n > cut for n in ordered) for cut in CUT_POINTS}
     if ordered and ordered[-1] > 4 * _percentile(ordered, 0.95):
         problems.append(
             f"the longest row ({ordered[-1]} tokens) is over 4x the 95th percentile ({_percentile(ordered, 0.95)}): "
@@ -204,13 +198,8 @@ def analyze_dataset(
         stages=stages_for(loaded.format),
         source=loaded.source.label,
         tokenizer=label,
-        token_lengths=TokenLengths(
-            p50=_percentile(ordered, 0.5),
-            p95=_percentile(ordered, 0.95),
-            max=ordered[-1] if ordered else 0,
-            mean=round(total_tokens / len(ordered), 1) if ordered else 0.0,
-        ),
-        truncated_at=truncated,
+        token_lengths=_token_lengths(ordered),
+        truncated_at=_truncated_at(ordered),
         trained_token_share=share,
         skipped_rows=len(loaded.skipped),
         duplicates=duplicates,
@@ -218,6 +207,31 @@ def analyze_dataset(
         estimated_rows=estimated,
         problems=problems,
     )
+
+
+def _repeats(rows: list[dict]) -> int:
+    """Rows that repeat an earlier row exactly."""
+    seen: set[str] = set()
+    repeats = 0
+    for row in rows:
+        digest = hashlib.sha1(json.dumps(row, sort_keys=True).encode()).hexdigest()
+        repeats += digest in seen
+        seen.add(digest)
+    return repeats
+
+
+def _token_lengths(ordered: list[int]) -> TokenLengths:
+    """The summary of row lengths sorted ascending."""
+    return TokenLengths(
+        p50=_percentile(ordered, 0.5),
+        p95=_percentile(ordered, 0.95),
+        max=ordered[-1] if ordered else 0,
+        mean=round(sum(ordered) / len(ordered), 1) if ordered else 0.0,
+    )
+
+
+def _truncated_at(ordered: list[int]) -> dict[str, int]:
+    return {str(cut): sum(n > cut for n in ordered) for cut in CUT_POINTS}
 
 
 def _first_row(files) -> object:
@@ -269,17 +283,12 @@ def _analyze_prompt_rows(
         if progress and (i + 1) % max(1, len(measured) // 10) == 0:
             progress(i + 1, len(measured), f"measured {i + 1} of {len(measured)} prompts")
     ordered = sorted(lengths)
-    digests = [hashlib.sha1(json.dumps(row, sort_keys=True).encode()).hexdigest() for row in rows]
-    duplicates = len(digests) - len(set(digests))
+    duplicates = _repeats(rows)
     if duplicates:
         problems.append(f"{duplicates} rows repeat an earlier row exactly; duplicates weigh those prompts double")
     return DatasetAnalysis(
         rows=len(rows), format="prompts", stages=stages_for("prompts"), source=loaded.label, tokenizer=label,
-        token_lengths=TokenLengths(
-            p50=_percentile(ordered, 0.5), p95=_percentile(ordered, 0.95), max=ordered[-1] if ordered else 0,
-            mean=round(sum(ordered) / len(ordered), 1) if ordered else 0.0,
-        ),
-        truncated_at={str(cut): sum(n > cut for n in ordered) for cut in CUT_POINTS},
+        token_lengths=_token_lengths(ordered), truncated_at=_truncated_at(ordered),
         skipped_rows=len(loaded.skipped), duplicates=duplicates, sampled=len(measured) < len(rows),
         problems=problems,
     )  # fmt: skip
