@@ -280,7 +280,7 @@ def test_prompts_only_rows_are_analyzed_and_planned_as_grpo(lmtuner_home, tmp_pa
     analysis, flawed, no_graders, as_sft, plan, dry, refused = anyio.run(scenario)
     assert "graders[0].reference: no row has the column 'solution' (columns: answer)" in refused[0], refused[0]
     assert "graders:" in refused[1] and "trust_remote_code" in refused[1], refused[1]
-    assert "eval_dataset:" in refused[2] and "evaluate(graders" in refused[2], refused[2]
+    assert "eval_dataset: stage grpo measures nothing" in refused[2] and "graders=…)" in refused[2], refused[2]
     assert analysis["format"] == "prompts" and analysis["stages"] == ["grpo"] and analysis["rows"] == 12
     assert 5 < analysis["token_lengths"]["max"] < 64 and "tokenizer of" in analysis["tokenizer"]
     assert any("columns graders can compare with: answer" in p for p in analysis["problems"]), analysis["problems"]

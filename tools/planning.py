@@ -8,7 +8,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from lmtuner_core.config import DatasetSpec, Method, Stage, TrainConfig, dataset_spec
+from lmtuner_core.config import DatasetSpec, Method, Stage, TrainConfig, dataset_spec, parse_train_config
 from lmtuner_core.data.analysis import analyze_dataset as analyze
 from lmtuner_core.data.datasets import load_examples
 from lmtuner_core.data.prompt_rows import reference_chars
@@ -184,15 +184,12 @@ def propose_config(
         graders=[g.model_dump() for g in graders] if graders else None,
         answer_chars=answer_chars,
     )  # fmt: skip
-    if eval_dataset is not None and plan.config.stage == "grpo":
-        raise LmtunerError(
-            "eval_dataset: stage grpo measures nothing on held-out rows while it trains; leave it out and score the "
-            "held-out prompts afterwards with evaluate(graders=…, adapter=…)",
-            field="eval_dataset",
-        )
     if eval_dataset is not None:
-        held_out = checked_dataset(dataset_spec(eval_dataset), ctx.roots, "eval_dataset")[0]  # refused now, by name
-        plan.config = TrainConfig.model_validate({**plan.config.model_dump(), "eval_dataset": held_out.model_dump()})
+        # TrainConfig's own checks first (grpo measures nothing on held-out rows), then the rows, refused by name
+        given = {**plan.config.model_dump(), "eval_dataset": dataset_spec(eval_dataset).model_dump()}
+        parse_train_config(given)
+        held_out = checked_dataset(dataset_spec(eval_dataset), ctx.roots, "eval_dataset")[0]
+        plan.config = TrainConfig.model_validate({**given, "eval_dataset": held_out.model_dump()})
     if previous_job is not None:
         follow_report(ctx, plan, previous_job)
     if not local_model:
